@@ -1,0 +1,3 @@
+"""hessian-pipeline: curvature statistics of Keras models over whole datasets, on Ray."""
+
+__version__ = "0.1.0"

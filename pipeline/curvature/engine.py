@@ -1,0 +1,509 @@
+"""One batch in, additive float64 partial sums out: the heart of hessian-pipeline.
+
+Notation (``../shared/CONTRACT.md`` section 1): ``l_i`` the per-example loss, ``s_i`` its
+weight (1 without a weights column), ``w`` the trainable variables flattened into P entries,
+``H_i`` the Hessian of ``l_i``, ``g_i`` its gradient, ``f_i`` the model output handed to the
+loss, ``J_i = df_i/dw``, ``Lambda_i = d2 l_i / d f_i2``.
+
+Every method returns *sums over the batch* (``sum_i s_i * ...``); the reducer divides once by
+``sum_i s_i`` over the whole dataset. The building blocks, and their cost for a batch of B
+examples (one "gradient" = one forward and one backward pass over the batch):
+
+- ``hvp``: ``sum_i s_i H_i v`` for K vectors by reverse-over-reverse (one persistent tape
+  records the gradient, then one backward pass per vector): about 1 + 0.9 K gradients. This
+  ordering measured fastest in TensorFlow (``benchmarks/engine_bench.py``).
+- Hutchinson diagonal: ``z * (H z)`` for K Rademacher probes, built on ``hvp``.
+- exact Hessian diagonal: the rows of ``H`` restricted to one variable, by a vectorised
+  (``pfor``) Jacobian of a block of gradient entries: P Hessian-vector products in all.
+- ``sum_sq_vjp``: ``sum_r w_r (J_r^T u_r)**2`` over rows r with per-example vector-Jacobian
+  products vectorised with ``tf.vectorized_map``. It gives the empirical Fisher
+  (``u = dl_i/df``), the exact GGN (``u`` = columns of a square root of ``Lambda_i``,
+  cost grows with the output size C) and the Monte Carlo GGN (``u = dl(y'_i)/df`` with
+  ``y'`` sampled from the model's predictive distribution).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.partial import Partial
+from pipeline.probes import row_uniforms
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """What to compute for each batch. Vectors are float64 arrays of shape [K, P]."""
+
+    gradient: bool = True
+    hessian_diagonal: str | None = None  # "exact" | "hutchinson"
+    probes: np.ndarray | None = None  # Hutchinson probes z_k
+    hvp_vectors: np.ndarray | None = None
+    ggn_diagonal: str | None = None  # "exact" | "mc"
+    ggn_samples: int = 1
+    fisher_diagonal: bool = False
+    seed: int = 0
+
+
+def _set_threads(threads: int | None) -> None:
+    """TensorFlow's pools can be sized once per process, before any op runs."""
+    import tensorflow as tf
+
+    if not threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(threads))))
+    except RuntimeError:
+        pass  # already initialised in this (reused) process: keep what it has
+
+
+class CurvatureEngine:
+    """Partial sums of curvature quantities of ``loss(y, model(x))`` for one batch at a time.
+
+    Example::
+
+        engine = CurvatureEngine(model, resolve_loss(spec), precision="float64")
+        part = engine.partial(inputs=[x], labels=[y], weights=None, rows=np.arange(len(x)),
+                              work=BatchWork(hessian_diagonal="exact"))
+        diag_h = part.sums["hessian_diagonal"] / part.weight_sum
+
+    Parameters:
+        model: a Keras 3 model (called with ``training=False``).
+        loss: a ``PerExampleLoss``.
+        precision: "float32" or "float64" (a float64 copy of the model is made).
+        hvp_block: vectors per compiled HVP call (they share one forward pass and gradient).
+        diagonal_block: gradient entries per vectorised Jacobian block (exact diagonal).
+        vjp_budget: floats held at once by per-example products (rows x P).
+    """
+
+    def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
+                 diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None):
+        _set_threads(threads)
+        import tensorflow as tf
+
+        from pipeline.curvature.model import model_signature, to_precision
+
+        self.precision = precision
+        self.dtype = tf.float64 if precision == "float64" else tf.float32
+        self.model = to_precision(model, precision)
+        self.loss = loss
+        self.variables = list(self.model.trainable_variables)
+        if not self.variables:
+            raise InputError("the model has no trainable variables: nothing to differentiate")
+        self.signature = model_signature(self.model)
+        self.names = list(self.signature.variables)
+        self.shapes = [tuple(s) for s in self.signature.variable_shapes]
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.parameters = int(sum(self.sizes))
+        self.hvp_block = int(hvp_block)
+        self.diagonal_block = int(diagonal_block)
+        self.vjp_budget = int(vjp_budget)
+        self._functions: dict = {}
+        self._output_names = list(getattr(self.model, "output_names", None) or [])
+
+    # ------------------------------------------------------------------ plumbing
+    def flatten(self, tensors):
+        """Concatenates per-variable tensors (leading dims kept) into [..., P], C order."""
+        import tensorflow as tf
+
+        lead = tensors[0].shape[: tensors[0].shape.rank - len(self.shapes[0])]
+        return tf.concat([tf.reshape(t, list(lead) + [-1]) for t in tensors], axis=-1)
+
+    def unflatten(self, flat):
+        """Splits [..., P] into per-variable tensors of the variables' shapes."""
+        import tensorflow as tf
+
+        lead = list(flat.shape[:-1])
+        parts = tf.split(flat, self.sizes, axis=-1)
+        return [tf.reshape(p, lead + list(s)) for p, s in zip(parts, self.shapes)]
+
+    def _outputs(self, inputs):
+        """The model's outputs as a list in ``model.outputs`` order (inference mode)."""
+        x = inputs[0] if len(inputs) == 1 else list(inputs)
+        out = self.model(x, training=False)
+        if isinstance(out, dict):
+            names = self._output_names or sorted(out)
+            return [out[n] for n in names]
+        if isinstance(out, (list, tuple)):
+            return list(out)
+        return [out]
+
+    def _loss_vector(self, inputs, labels):
+        import tensorflow as tf
+
+        values = self.loss(list(labels), self._outputs(inputs))
+        return tf.cast(values, self.dtype)
+
+    def _objective(self, inputs, labels, weights):
+        import tensorflow as tf
+
+        return tf.reduce_sum(weights * self._loss_vector(inputs, labels))
+
+    def _regularization(self, *_):
+        import tensorflow as tf
+
+        losses = [tf.cast(value, self.dtype) for value in self.model.losses]
+        if not losses:
+            return tf.constant(0.0, self.dtype)
+        return tf.add_n(losses)
+
+    def _gradient_flat(self, tape, value):
+        import tensorflow as tf
+
+        grads = tape.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self.flatten([tf.cast(g, self.dtype) for g in grads])
+
+    def _specs(self, inputs, labels):
+        import tensorflow as tf
+
+        def spec(array, cast):
+            dtype = self.dtype if (cast and np.asarray(array).dtype.kind == "f") else tf.as_dtype(np.asarray(array).dtype)
+            return tf.TensorSpec([None, *np.shape(array)[1:]], dtype)
+
+        return ([spec(a, True) for a in inputs], [spec(a, True) for a in labels],
+                tf.TensorSpec([None], self.dtype))
+
+    def _compiled(self, key, build, signature):
+        """One ``tf.function`` per kind of call, traced once (batch dimension left open)."""
+        import tensorflow as tf
+
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = tf.function(build, input_signature=signature, reduce_retracing=True)
+            self._functions[key] = fn
+        return fn
+
+    def _cast_batch(self, inputs, labels, weights):
+        import tensorflow as tf
+
+        def cast(a):
+            a = np.asarray(a)
+            return tf.constant(a, dtype=self.dtype) if a.dtype.kind == "f" else tf.constant(a)
+
+        n = len(inputs[0])
+        w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        return [cast(a) for a in inputs], [cast(a) for a in labels], tf.constant(w, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ building blocks
+    def _loss_and_gradient(self, objective, inputs, labels, weights):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            value = objective(inputs, labels, weights)
+        return value, self._gradient_flat(tape, value)
+
+    def _hvp(self, objective, inputs, labels, weights, vectors):
+        """(objective, gradient, H v_k for each row of ``vectors`` [K, P]), reverse-over-reverse.
+
+        The forward pass and the gradient are recorded once on a persistent tape; each vector
+        then costs one backward pass through the gradient computation.
+        """
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as outer:
+            with tf.GradientTape() as inner:
+                value = objective(inputs, labels, weights)
+            grads = inner.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        products = []
+        for k in range(vectors.shape[0]):  # K is static: one backward pass each
+            v = self.unflatten(tf.cast(vectors[k], grads[0].dtype))
+            hv = outer.gradient(grads, self.variables, output_gradients=v,
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            products.append(self.flatten([tf.cast(h, self.dtype) for h in hv]))
+        del outer
+        return value, self.flatten([tf.cast(g, self.dtype) for g in grads]), tf.stack(products)
+
+    def _diagonal_block(self, objective, index, size, inputs, labels, weights, start):
+        """diag(H) entries [start, start + size) of variable ``index`` (clamped at its end).
+
+        A vectorised Jacobian of ``size`` gradient entries with respect to that variable only:
+        ``size`` Hessian-vector products with basis vectors, done by ``pfor`` in one call.
+        """
+        import tensorflow as tf
+
+        variable = self.variables[index]
+        n = self.sizes[index]
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = objective(inputs, labels, weights)
+            grad = inner.gradient(value, variable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            positions = tf.minimum(start + tf.range(size), n - 1)
+            entries = tf.gather(tf.reshape(grad, [-1]), positions)
+        rows = outer.jacobian(entries, variable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        rows = tf.reshape(tf.cast(rows, self.dtype), [size, n])
+        return tf.gather(rows, positions, axis=1, batch_dims=1)
+
+    def _sum_sq_vjp(self, inputs, cotangents, row_weights, moments: bool):
+        """sum_r w_r (J_r^T u_r)**2 over rows r (and w^2 q, w^2 q^2 when ``moments``).
+
+        ``inputs`` holds one row per product (an example may repeat), ``cotangents`` [R, C]
+        the vectors u_r in the flattened output space. Vectorised over rows.
+        """
+        import tensorflow as tf
+
+        def one(args):
+            xs, u = args
+            with tf.GradientTape() as tape:
+                outputs = self._outputs([x[None] for x in xs])
+                flat = tf.concat([tf.reshape(tf.cast(o, self.dtype), [1, -1]) for o in outputs], axis=1)
+                value = tf.reduce_sum(flat[0] * u)
+            g = self._gradient_flat(tape, value)
+            return g * g
+
+        squares = tf.vectorized_map(one, (list(inputs), cotangents))  # [R, P]
+        weighted = tf.linalg.matvec(squares, row_weights, transpose_a=True)
+        if not moments:
+            return weighted, weighted, weighted
+        w2 = row_weights * row_weights
+        return (weighted, tf.linalg.matvec(squares, w2, transpose_a=True),
+                tf.linalg.matvec(squares * squares, w2, transpose_a=True))
+
+    def _output_derivatives(self, inputs, labels, hessian: bool):
+        """Flattened outputs f [B, C], dl_i/df_i [B, C] and, if asked, Lambda_i [B, C, C]."""
+        import tensorflow as tf
+
+        outputs = [tf.cast(o, self.dtype) for o in self._outputs(inputs)]
+        shapes = [o.shape[1:] for o in outputs]
+        flat = tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in outputs], axis=1)
+        sizes = [int(np.prod(s)) for s in shapes]
+
+        def loss_of(f):
+            parts = tf.split(f, sizes, axis=1)
+            outs = [tf.reshape(p, [tf.shape(p)[0], *s]) for p, s in zip(parts, shapes)]
+            return tf.reduce_sum(tf.cast(self.loss(list(labels), outs), self.dtype))
+
+        with tf.GradientTape() as second:
+            second.watch(flat)
+            with tf.GradientTape() as first:
+                first.watch(flat)
+                value = loss_of(flat)
+            dl = first.gradient(value, flat)  # per example: l_i depends on f_i only
+        if not hessian:
+            return flat, dl, tf.zeros([0, 0, 0], self.dtype)
+        return flat, dl, second.batch_jacobian(dl, flat)
+
+    # ------------------------------------------------------------------ per batch
+    def partial(self, inputs, labels, weights, rows, work: BatchWork) -> Partial:
+        """Float64 partial sums of every quantity ``work`` asks for, over one batch.
+
+        ``inputs``/``labels``: lists of arrays in ``model.inputs``/``model.outputs`` order;
+        ``weights``: [B] or None; ``rows``: the examples' global row indices (they key the
+        Monte Carlo label draws, so the result does not depend on the sharding).
+        """
+        import tensorflow as tf
+
+        x, y, s = self._cast_batch(inputs, labels, weights)
+        specs = self._specs(inputs, labels)
+        part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
+        self._curvature(part, self._objective, (x, y, s), specs, work, data=True)
+        if work.fisher_diagonal or work.ggn_diagonal:
+            self._outer_products(part, inputs, x, y, s, specs, rows, work)
+        return part
+
+    def regularization_partial(self, work: BatchWork) -> Partial:
+        """The regularization terms (``model.losses``), computed once for the whole dataset.
+
+        Not divided by the example count: the reducer adds them after dividing (the contract
+        adds regularization once to L). Fisher and GGN are defined over the data loss only.
+        """
+        import tensorflow as tf
+
+        inputs = [np.zeros((1, *[d or 1 for d in spec.shape]), dtype=np.float32) for spec in self.signature.inputs]
+        x = [tf.constant(a, dtype=self.dtype) for a in inputs]
+        y = [tf.constant(np.zeros((1,), dtype=np.float32), dtype=self.dtype)]
+        s = tf.constant(np.ones(1), dtype=self.dtype)
+        specs = ([tf.TensorSpec([None, *a.shape[1:]], self.dtype) for a in inputs],
+                 [tf.TensorSpec([None], self.dtype)], tf.TensorSpec([None], self.dtype))
+        part = Partial()
+        self._curvature(part, self._regularization, (x, y, s), specs, work, data=False)
+        return part
+
+    def _curvature(self, part: Partial, objective, batch, specs, work: BatchWork, data: bool):
+        """Loss, gradient, HVPs and Hessian diagonals of ``objective`` on one batch."""
+        blocks = []  # (key, vectors): everything that needs Hessian-vector products
+        if work.hvp_vectors is not None and len(work.hvp_vectors):
+            blocks.append(("hvp", np.asarray(work.hvp_vectors)))
+        if work.hessian_diagonal == "hutchinson":
+            blocks.append(("hessian_probes", np.asarray(work.probes)))
+        tag = "data" if data else "reg"
+        loss_value = gradient = None
+        for key, vectors in blocks:
+            results = []
+            for start in range(0, len(vectors), self.hvp_block):
+                chunk = vectors[start:start + self.hvp_block]
+                fn = self._compiled((tag, "hvp", len(chunk)),
+                                    lambda a, b, c, v: self._hvp(objective, a, b, c, v),
+                                    (*specs, _vector_spec(len(chunk), self.parameters, self.dtype)))
+                value, grad, products = fn(*batch, _as_dtype(chunk, self.dtype))
+                loss_value, gradient = value, grad
+                products = products.numpy().astype(np.float64)
+                if key == "hessian_probes":
+                    products *= chunk  # z * (H z)
+                results.append(products)
+            part.sums[key] = np.concatenate(results, axis=0)
+        if loss_value is None:
+            fn = self._compiled((tag, "gradient"),
+                                lambda a, b, c: self._loss_and_gradient(objective, a, b, c), specs)
+            loss_value, gradient = fn(*batch)
+        part.sums["loss"] = np.asarray(loss_value.numpy(), dtype=np.float64)
+        if work.gradient:
+            part.sums["gradient"] = gradient.numpy().astype(np.float64)
+        if work.hessian_diagonal == "exact":
+            part.sums["hessian_diagonal"] = self._exact_diagonal(objective, batch, specs, tag)
+
+    def _exact_diagonal(self, objective, batch, specs, tag):
+        import tensorflow as tf
+
+        pieces = []
+        for index, n in enumerate(self.sizes):
+            size = min(n, self.diagonal_block)
+            fn = self._compiled(
+                (tag, "diagonal", index),
+                lambda a, b, c, start, index=index, size=size: self._diagonal_block(
+                    objective, index, size, a, b, c, start),
+                (*specs, tf.TensorSpec([], tf.int32)))
+            for start in range(0, n, size):
+                block = fn(*batch, tf.constant(start, tf.int32)).numpy()
+                pieces.append(block[: min(size, n - start)].astype(np.float64))
+        return np.concatenate(pieces)
+
+    # ------------------------------------------------------------------ Fisher and GGN
+    def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
+        import tensorflow as tf
+
+        need_hessian = work.ggn_diagonal == "exact"
+        fn = self._compiled(("outputs", need_hessian),
+                            lambda a, b: self._output_derivatives(a, b, need_hessian), specs[:2])
+        flat, dl, lam = fn(x, y)
+        weights = s.numpy().astype(np.float64)
+        if work.fisher_diagonal:
+            part.sums["fisher_diagonal"] = self._squares(raw_inputs, np.arange(len(weights)), dl.numpy(),
+                                                         weights, moments=False)[0]
+        if work.ggn_diagonal == "exact":
+            values, vectors = np.linalg.eigh(lam.numpy().astype(np.float64))  # [B, C], [B, C, C]
+            scale = np.abs(values).max(initial=0.0)
+            keep = np.abs(values) > 1e-12 * max(scale, 1e-300)
+            example, column = np.nonzero(keep)
+            # u = q_c sqrt|e_c| and sign(e_c): Lambda = sum_c sign_c u_c u_c^T
+            cotangents = vectors[example, :, column] * np.sqrt(np.abs(values[example, column]))[:, None]
+            row_weights = weights[example] * np.sign(values[example, column])
+            part.sums["ggn_diagonal"] = self._squares(raw_inputs, example, cotangents, row_weights,
+                                                      moments=False)[0]
+        elif work.ggn_diagonal == "mc":
+            flat_np = flat.numpy().astype(np.float64)
+            sums = None
+            grad_fn = self._compiled(("outputs", False), lambda a, b: self._output_derivatives(a, b, False),
+                                     specs[:2])
+            for sample in range(work.ggn_samples):
+                sampled = self._sample_labels(flat_np, rows, work.seed, sample)
+                sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
+                _, dl_sampled, _ = grad_fn(x, sampled)
+                got = self._squares(raw_inputs, np.arange(len(weights)), dl_sampled.numpy(),
+                                    weights / work.ggn_samples, moments=True)
+                sums = got if sums is None else [a + b for a, b in zip(sums, got)]
+            part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = sums
+            part.sums["ggn_mc_w2"] = np.asarray(work.ggn_samples * np.sum((weights / work.ggn_samples) ** 2))
+
+    def _squares(self, raw_inputs, example, cotangents, row_weights, moments):
+        """Runs ``_sum_sq_vjp`` over rows in chunks that keep rows x P under the budget."""
+        import tensorflow as tf
+
+        in_specs = [tf.TensorSpec([None, *np.shape(a)[1:]],
+                                  self.dtype if np.asarray(a).dtype.kind == "f" else tf.as_dtype(np.asarray(a).dtype))
+                    for a in raw_inputs]
+        fn = self._compiled(("squares", moments),
+                            lambda a, u, w: self._sum_sq_vjp(a, u, w, moments),
+                            (in_specs, tf.TensorSpec([None, None], self.dtype), tf.TensorSpec([None], self.dtype)))
+        chunk = max(1, self.vjp_budget // max(1, self.parameters))
+        totals = [np.zeros(self.parameters) for _ in range(3)]
+        for start in range(0, len(example), chunk):
+            pick = example[start:start + chunk]
+            rows_in = [tf.constant(np.asarray(a)[pick], dtype=self.dtype if np.asarray(a).dtype.kind == "f" else None)
+                       for a in raw_inputs]
+            out = fn(rows_in, _as_dtype(cotangents[start:start + chunk], self.dtype),
+                     _as_dtype(row_weights[start:start + chunk], self.dtype))
+            for total, value in zip(totals, out):
+                total += value.numpy().astype(np.float64)
+        return totals
+
+    def _sample_labels(self, flat, rows, seed, sample):
+        """Labels y' drawn from the model's predictive distribution, one per output.
+
+        Categorical (softmax of logits, or the probabilities themselves), Bernoulli per unit
+        (sigmoid), Gaussian for MSE with the variance that makes E[g g^T] = Lambda
+        (``f + sqrt(n/2) * N(0, 1)``, n the number of values the loss averages over).
+        Uniforms come from ``(seed, sample, row)``.
+        """
+        family = self.loss.family
+        if family is None:
+            raise InputError(
+                f"ggn_diagonal method 'mc' needs a loss with a known predictive distribution "
+                f"(crossentropy or mse), not {self.loss.name!r}: use method: exact"
+            )
+        labels = []
+        offset = 0
+        for position, spec in enumerate(self.signature.outputs):
+            shape = tuple(spec.shape)
+            size = int(np.prod(shape))
+            f = flat[:, offset:offset + size]
+            offset += size
+            stream_sample = sample * 1024 + position
+            if family.startswith("categorical"):
+                if self.loss.from_logits:
+                    z = f - f.max(axis=1, keepdims=True)
+                    p = np.exp(z)
+                else:
+                    p = np.clip(f, 0.0, None)
+                p = p / p.sum(axis=1, keepdims=True)
+                u = row_uniforms(seed, stream_sample, rows, 1)
+                classes = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), size - 1)
+                if family == "categorical_sparse":
+                    labels.append(classes.astype(np.int64))
+                else:
+                    labels.append(np.eye(size)[classes].reshape((len(f), *shape)))
+            elif family == "bernoulli":
+                p = 1.0 / (1.0 + np.exp(-f)) if self.loss.from_logits else f
+                u = row_uniforms(seed, stream_sample, rows, size)
+                labels.append((u < p).astype(np.float64).reshape((len(f), *shape)))
+            else:  # gaussian
+                u = row_uniforms(seed, stream_sample, rows, 2 * size)
+                normal = np.sqrt(-2.0 * np.log(u[:, :size])) * np.cos(2.0 * np.pi * u[:, size:])
+                labels.append((f + np.sqrt(size / 2.0) * normal).reshape((len(f), *shape)))
+        return labels
+
+    # ------------------------------------------------------------------ costs
+    def cost_per_batch(self, work: BatchWork) -> dict:
+        """Rough cost of one batch in gradient-equivalents, for plans and refusals."""
+        hvps = 0
+        if work.hvp_vectors is not None:
+            hvps += len(work.hvp_vectors)
+        if work.hessian_diagonal == "hutchinson" and work.probes is not None:
+            hvps += len(work.probes)
+        if work.hessian_diagonal == "exact":
+            hvps += self.parameters
+        outputs = sum(int(np.prod(o.shape)) for o in self.signature.outputs)
+        per_example = (1 if work.fisher_diagonal else 0) + (
+            outputs if work.ggn_diagonal == "exact" else work.ggn_samples if work.ggn_diagonal == "mc" else 0)
+        return {"hessian_vector_products": hvps, "per_example_products": per_example}
+
+
+def _vector_spec(count, parameters, dtype):
+    import tensorflow as tf
+
+    return tf.TensorSpec([count, parameters], dtype)
+
+
+def _as_dtype(array, dtype):
+    import tensorflow as tf
+
+    return tf.constant(np.asarray(array), dtype=dtype)
+
+
+def engine_threads() -> int | None:
+    """Threads for TensorFlow's pools in a worker: the CPUs Ray gave it (OMP_NUM_THREADS)."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    return int(value) if value and value.isdigit() else None
