@@ -26,10 +26,10 @@ def _dense(units, activation=None, name=None):
     return keras.layers.Dense(units, activation=activation, name=name)
 
 
-def mlp(dtype="float64", seed=0):
+def mlp(dtype="float64", seed=0, activation=None):
     keras.utils.set_random_seed(seed)
     with _Policy(dtype):
-        return keras.Sequential([keras.Input((6,), dtype=dtype), _dense(5, "tanh", "hidden"), _dense(3, name="out")], name="mlp")
+        return keras.Sequential([keras.Input((6,), dtype=dtype), _dense(5, "tanh", "hidden"), _dense(3, activation, name="out")], name="mlp")
 
 
 def cnn(dtype="float64", seed=0):
@@ -173,3 +173,4 @@ MODELS = {"mlp": mlp, "cnn": cnn, "batchnorm": batchnorm, "two_inputs": two_inpu
 
 def resolved(name, **options):
     return resolve_loss(loss_spec(name, **options))
+MODELS["mlp_softmax"] = lambda dtype="float64", seed=0: mlp(dtype, seed, activation="softmax")

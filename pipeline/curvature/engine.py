@@ -91,7 +91,10 @@ class CurvatureEngine:
         self.dtype = tf.float64 if precision == "float64" else tf.float32
         self.model = to_precision(model, precision)
         self.loss = loss
-        self.variables = list(self.model.trainable_variables)
+        # The backend tf.Variables, not the Keras wrappers: TensorFlow's gradient code reads
+        # ``.dtype`` as a DType (Keras variables give a string, and unconnected gradients or
+        # ForwardAccumulator then fail, see PITFALLS.md).
+        self.variables = [getattr(v, "value", v) for v in self.model.trainable_variables]
         if not self.variables:
             raise InputError("the model has no trainable variables: nothing to differentiate")
         self.signature = model_signature(self.model)
@@ -399,10 +402,10 @@ class CurvatureEngine:
             grad_fn = self._compiled(("outputs", False), lambda a, b: self._output_derivatives(a, b, False),
                                      specs[:2])
             for sample in range(work.ggn_samples):
-                sampled = self._sample_labels(flat_np, rows, work.seed, sample)
+                sampled, scale = self._sample_labels(flat_np, rows, work.seed, sample)
                 sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
                 _, dl_sampled, _ = grad_fn(x, sampled)
-                got = self._squares(raw_inputs, np.arange(len(weights)), dl_sampled.numpy(),
+                got = self._squares(raw_inputs, np.arange(len(weights)), dl_sampled.numpy() * scale,
                                     weights / work.ggn_samples, moments=True)
                 sums = got if sums is None else [a + b for a, b in zip(sums, got)]
             part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = sums
@@ -431,12 +434,15 @@ class CurvatureEngine:
         return totals
 
     def _sample_labels(self, flat, rows, seed, sample):
-        """Labels y' drawn from the model's predictive distribution, one per output.
+        """Labels y' drawn from the model's predictive distribution, one array per output,
+        and a scale per flattened output entry for the sampled loss gradient.
 
-        Categorical (softmax of logits, or the probabilities themselves), Bernoulli per unit
-        (sigmoid), Gaussian for MSE with the variance that makes E[g g^T] = Lambda
-        (``f + sqrt(n/2) * N(0, 1)``, n the number of values the loss averages over).
-        Uniforms come from ``(seed, sample, row)``.
+        Categorical (softmax of logits, or the probabilities themselves) at every position of
+        the last axis, Bernoulli per unit (sigmoid), Gaussian for MSE. Keras averages the loss
+        over the m positions (or units) of an output, so ``Lambda = Lambda_position / m``
+        while ``E[g g^T] = Lambda_position / m**2``: the sampled gradient is scaled by
+        ``sqrt(m)`` to make ``E[g g^T] = Lambda`` (for MSE the noise variance does it:
+        ``y' = f + sqrt(m/2) N(0, 1)``). Uniforms come from ``(seed, sample, row)``.
         """
         family = self.loss.family
         if family is None:
@@ -444,8 +450,9 @@ class CurvatureEngine:
                 f"ggn_diagonal method 'mc' needs a loss with a known predictive distribution "
                 f"(crossentropy or mse), not {self.loss.name!r}: use method: exact"
             )
-        labels = []
+        labels, scales = [], []
         offset = 0
+        n = len(flat)
         for position, spec in enumerate(self.signature.outputs):
             shape = tuple(spec.shape)
             size = int(np.prod(shape))
@@ -453,27 +460,32 @@ class CurvatureEngine:
             offset += size
             stream_sample = sample * 1024 + position
             if family.startswith("categorical"):
+                classes_count = shape[-1]
+                positions = size // classes_count
+                logits = f.reshape(n, positions, classes_count)
                 if self.loss.from_logits:
-                    z = f - f.max(axis=1, keepdims=True)
-                    p = np.exp(z)
+                    p = np.exp(logits - logits.max(axis=2, keepdims=True))
                 else:
-                    p = np.clip(f, 0.0, None)
-                p = p / p.sum(axis=1, keepdims=True)
-                u = row_uniforms(seed, stream_sample, rows, 1)
-                classes = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), size - 1)
+                    p = np.clip(logits, 0.0, None)
+                p = p / p.sum(axis=2, keepdims=True)
+                u = row_uniforms(seed, stream_sample, rows, positions)[:, :, None]
+                classes = np.minimum((np.cumsum(p, axis=2) < u).sum(axis=2), classes_count - 1)
                 if family == "categorical_sparse":
-                    labels.append(classes.astype(np.int64))
+                    labels.append(classes.reshape((n, *shape[:-1])).astype(np.int64))
                 else:
-                    labels.append(np.eye(size)[classes].reshape((len(f), *shape)))
+                    labels.append(np.eye(classes_count)[classes].reshape((n, *shape)))
+                scales.append(np.full(size, np.sqrt(positions)))
             elif family == "bernoulli":
                 p = 1.0 / (1.0 + np.exp(-f)) if self.loss.from_logits else f
                 u = row_uniforms(seed, stream_sample, rows, size)
-                labels.append((u < p).astype(np.float64).reshape((len(f), *shape)))
+                labels.append((u < p).astype(np.float64).reshape((n, *shape)))
+                scales.append(np.full(size, np.sqrt(size)))
             else:  # gaussian
                 u = row_uniforms(seed, stream_sample, rows, 2 * size)
                 normal = np.sqrt(-2.0 * np.log(u[:, :size])) * np.cos(2.0 * np.pi * u[:, size:])
-                labels.append((f + np.sqrt(size / 2.0) * normal).reshape((len(f), *shape)))
-        return labels
+                labels.append((f + np.sqrt(size / 2.0) * normal).reshape((n, *shape)))
+                scales.append(np.ones(size))
+        return labels, np.concatenate(scales)
 
     # ------------------------------------------------------------------ costs
     def cost_per_batch(self, work: BatchWork) -> dict:

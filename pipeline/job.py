@@ -1,0 +1,838 @@
+"""The job file: YAML in, a validated and resolved ``JobSpec`` out.
+
+Everything a user can get wrong in a job file is found here, before Ray starts or TensorFlow
+is imported, so that a typo costs a second and one ``error:`` line instead of a traceback from
+a worker. Every problem raises ``InputError`` with one line that names the dotted key
+(``data.batch_size``) and the way out.
+
+The spec that comes out is *resolved*: every default is filled in and every local path is
+absolute (relative paths are relative to the job file's folder, not to wherever the command
+was started), so workers, the manifest and a later ``load_job(spec.to_dict())`` all see the
+same job. URIs (anything containing ``://``) are kept exactly as written.
+
+This module imports only PyYAML: it is used by ``validate`` and ``--dry-run``, which must stay
+fast, and by tests that must not need TensorFlow or Ray.
+
+Example::
+
+    >>> spec = load_job({"name": "demo", "model": "/m/mlp.keras", "loss": "mse",
+    ...                  "data": {"path": "s3://b/train/", "features": "x", "labels": "y"},
+    ...                  "quantities": {"trace": None}}, overrides=["data.batch_size=64"])
+    >>> spec.data.batch_size, spec.quantities["trace"]
+    (64, {'method': 'hutch++', 'probes': 100})
+
+Extensions to the contract (section 3), documented in README.md:
+
+- ``quantities.hessian_diagonal.force`` (bool, default false): the exact Hessian diagonal costs
+  one HVP per parameter, so the engine refuses it for large models unless ``force: true``.
+- ``quantities.hvp``: a ``null`` ``vectors`` or ``random`` counts as absent, so
+  ``--set quantities.hvp.vectors=null --set quantities.hvp.random=4`` switches a job to
+  random vectors.
+- ``loss`` as a mapping: every key but ``name`` is a keyword argument of the loss; ``reduction``
+  is refused because the pipeline needs per-example losses (reduction "none").
+- ``seed`` is at most 2**31 - 1 so that ``(seed, k)`` fits every RNG the engine may use.
+- YAML is read with ``1e-6`` as a float (YAML 1.2 style; PyYAML alone reads it as a string) and
+  without timestamp conversion, so ``name: 2024-01-01`` stays a string.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from pipeline.errors import InputError
+
+__all__ = [
+    "DEFAULTS",
+    "KEYS",
+    "QUANTITIES",
+    "DataSpec",
+    "JobSpec",
+    "Key",
+    "LossSpec",
+    "ModelSpec",
+    "job_keys",
+    "load_job",
+    "parse_job",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The resolved spec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the model comes from: a ``.keras`` file, or a builder plus optional weights."""
+
+    path: str | None  # absolute local path or URI of a .keras file; None for a builder
+    builder: str | None  # "pkg.module:function"
+    weights: str | None  # absolute path/URI of weights file (with builder)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The per-example loss: a Keras loss (``name`` + ``options``) or a user ``function``."""
+
+    name: str | None  # Keras loss name like "sparse_categorical_crossentropy"; None for a function
+    options: dict  # extra keyword arguments, e.g. {"from_logits": True}
+    function: str | None  # "pkg.module:function" returning per-example losses
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The Parquet dataset and which columns feed the model, the loss and the weights."""
+
+    path: str  # Parquet file, dir or glob; absolute local path or URI as given
+    features: str | tuple[str, ...] | dict[str, str]
+    labels: str | tuple[str, ...]
+    weights: str | None = None
+    batch_size: int = 256
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job, validated, with every default filled in and every path resolved."""
+
+    name: str
+    model: ModelSpec
+    loss: LossSpec
+    data: DataSpec
+    quantities: dict[str, dict]  # name -> options with defaults; order = order in the file
+    shards: int | str = "auto"
+    workers: int | str = "auto"
+    include_regularization: bool = False
+    precision: str = "float32"
+    seed: int = 0
+    output: str = "results"  # absolute local path or URI
+    job_path: str | None = None  # absolute path of the job file, None when built from a dict
+
+    def to_dict(self) -> dict:
+        """The resolved job with the job file's key names, for ``manifest.json``.
+
+        It is JSON-serialisable (tuples become lists) and a valid job itself: dumped to YAML
+        and loaded again it gives an equal spec (``job_path`` aside, which is not a job key).
+        """
+        if self.model.path is not None:
+            model: Any = self.model.path
+        else:
+            model = {"builder": self.model.builder, "weights": self.model.weights}
+        loss = {"name": self.loss.function or self.loss.name, **copy.deepcopy(self.loss.options)}
+        return {
+            "name": self.name,
+            "model": model,
+            "loss": loss,
+            "data": {
+                "path": self.data.path,
+                "features": _plain(self.data.features),
+                "labels": _plain(self.data.labels),
+                "weights": self.data.weights,
+                "batch_size": self.data.batch_size,
+                "limit": self.data.limit,
+            },
+            "shards": self.shards,
+            "workers": self.workers,
+            "include_regularization": self.include_regularization,
+            "precision": self.precision,
+            "seed": self.seed,
+            "quantities": {name: _plain(opts) for name, opts in self.quantities.items()},
+            "output": self.output,
+        }
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy with tuples as lists, so ``json.dumps`` and ``yaml.safe_dump`` accept it."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Small checks shared by every key. Each takes the value and its dotted key, returns the
+# (possibly converted) value, or raises InputError with one line.
+
+
+def _show(value: Any) -> str:
+    """A value as the user would recognise it from YAML, short and on one line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        text = "a list " + repr(list(value))
+    elif isinstance(value, dict):
+        text = "a mapping " + repr(value)
+    elif isinstance(value, (str, int, float)):
+        text = repr(value)
+    else:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(key: str, expected: str, value: Any, fix: str) -> None:
+    raise InputError(f"{key} must be {expected}, got {_show(value)}: {fix}")
+
+
+def _is_int(value: Any) -> bool:
+    # YAML `true` is a bool, and bool is an int subclass: `batch_size: true` must not pass as 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+Check = Callable[[Any, str], Any]
+
+
+def _positive_int(example: int) -> Check:
+    def check(value: Any, key: str) -> int:
+        if not _is_int(value) or value < 1:
+            _fail(key, "a positive integer", value, f"set it to e.g. {example}")
+        return value
+
+    return check
+
+
+def _positive_float(example: float) -> Check:
+    def check(value: Any, key: str) -> float:
+        ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
+        if not ok:
+            _fail(key, "a positive number", value, f"set it to e.g. {example:g}")
+        return float(value)
+
+    return check
+
+
+def _choice(*allowed: str, example: str | None = None) -> Check:
+    def check(value: Any, key: str) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            _fail(key, "one of " + ", ".join(allowed), value,
+                  f"set it to e.g. {example or allowed[0]}")
+        return value
+
+    return check
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(key, "true or false", value, "set it to true or false")
+    return value
+
+
+def _auto_or_positive_int(value: Any, key: str) -> int | str:
+    if isinstance(value, str) and value == "auto":
+        return value
+    if not _is_int(value) or value < 1:
+        _fail(key, "auto or a positive integer", value, "set it to auto or e.g. 8")
+    return value
+
+
+def _seed(value: Any, key: str) -> int:
+    if not _is_int(value) or not 0 <= value <= 2**31 - 1:
+        _fail(key, "an integer from 0 to 2147483647", value, "set it to e.g. 0")
+    return value
+
+
+def _column(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(key, "a column name", value, "name a column of the Parquet data")
+    return value
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _path(base_dir: str, what: str) -> Check:
+    """A checker that resolves a local path against ``base_dir`` and keeps URIs as written."""
+
+    def check(value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            _fail(key, f"a path or URI of {what}", value, f"set it to {what}")
+        if _is_uri(value):
+            return value
+        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(value)))
+
+    return check
+
+
+_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_KERAS_NAME = re.compile(r"^[A-Za-z_]\w*$")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _callable(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _CALLABLE.match(value):
+        _fail(key, 'a "pkg.module:function" reference', value,
+              'write it as "pkg.module:function" with the module importable on the workers')
+    return value
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...] | list[str], where: str) -> None:
+    """Unknown keys are an error: a misspelt key would otherwise silently use the default."""
+    for key in mapping:
+        if key in allowed:
+            continue
+        dotted = f"{where}.{key}" if where else str(key)
+        hint = ""
+        close = difflib.get_close_matches(str(key), list(allowed), n=1)
+        if close:
+            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)"
+        place = f"in {where}" if where else "at the top level"
+        raise InputError(
+            f"unknown key {dotted}{hint}: the keys allowed {place} are {', '.join(allowed)}"
+        )
+
+
+def _mapping(value: Any, key: str, example: str) -> dict:
+    if not isinstance(value, dict):
+        _fail(key, "a mapping", value, f"write it as e.g. {key}: {example}")
+    return value
+
+
+def _required(mapping: dict, key: str, where: str, fix: str) -> Any:
+    dotted = f"{where}.{key}" if where else key
+    if mapping.get(key) is None:
+        raise InputError(f"{dotted} is required: {fix}")
+    return mapping[key]
+
+
+# --------------------------------------------------------------------------------------------
+# The keys of a job file, as one table: used to fill defaults, to check quantity options and to
+# let a test check that README.md documents every key.
+
+_MISSING = object()  # a key without a default: required, or one of a pair (hvp)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One dotted key of a job file: its default (if any) and a one-line description."""
+
+    help: str
+    default: Any = _MISSING
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class _Option:
+    check: Check
+    default: Any
+    help: str
+
+
+# Options of each quantity, in the order they are filled in. hvp is checked by _parse_hvp (its
+# two options exclude each other and vectors is a path), so its entries here only document it.
+QUANTITIES: dict[str, dict[str, _Option]] = {
+    "hessian_diagonal": {
+        "method": _Option(_choice("exact", "hutchinson"), "exact",
+                          "exact (one HVP per parameter) or hutchinson (probes HVPs)"),
+        "probes": _Option(_positive_int(100), 100, "Hutchinson probes (used with hutchinson)"),
+        "force": _Option(_boolean, False,
+                         "extension: allow the exact diagonal of a very large model"),
+    },
+    "ggn_diagonal": {
+        "method": _Option(_choice("exact", "mc"), "exact",
+                          "exact, or mc (Monte Carlo with labels sampled from the model)"),
+        "samples": _Option(_positive_int(1), 1, "Monte Carlo samples per example (with mc)"),
+    },
+    "fisher_diagonal": {},
+    "gradient": {},
+    "hvp": {
+        "vectors": _Option(_column, _MISSING, "Parquet file of vectors (layout of hvp.parquet)"),
+        "random": _Option(_positive_int(4), _MISSING, "number of random Rademacher vectors"),
+    },
+    "trace": {
+        "method": _Option(_choice("exact", "hutchinson", "hutch++", example="hutch++"), "hutch++",
+                          "exact, hutchinson or hutch++"),
+        "probes": _Option(_positive_int(100), 100, "matrix-vector products to spend"),
+    },
+    "eigenvalues": {
+        "top": _Option(_positive_int(5), 5, "how many eigenvalues"),
+        "which": _Option(_choice("largest", "smallest", "magnitude"), "largest",
+                         "largest, smallest or magnitude (largest absolute value)"),
+        "iterations": _Option(_positive_int(100), 100, "Lanczos iterations at most"),
+        "tol": _Option(_positive_float(1e-6), 1e-6, "convergence tolerance on the residual"),
+    },
+    "spectrum": {
+        "runs": _Option(_positive_int(4), 4, "stochastic Lanczos quadrature runs"),
+        "steps": _Option(_positive_int(64), 64, "Lanczos steps per run"),
+    },
+}
+
+_QUANTITY_HELP = {
+    "hessian_diagonal": "diag(H) of the objective",
+    "ggn_diagonal": "diagonal of the generalised Gauss-Newton matrix",
+    "fisher_diagonal": "empirical Fisher diagonal (1/N) sum g_i**2; no options",
+    "gradient": "dL/dw; no options",
+    "hvp": "Hessian-vector products; exactly one of vectors or random",
+    "trace": "trace of H",
+    "eigenvalues": "extreme eigenvalues of H (Lanczos)",
+    "spectrum": "spectral density of H (stochastic Lanczos quadrature)",
+}
+
+_TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regularization",
+             "precision", "seed", "quantities", "output")
+_MODEL_KEYS = ("builder", "weights")
+_DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit")
+
+
+def _keys_table() -> dict[str, Key]:
+    keys = {
+        "name": Key("run name: letters, digits, . _ -", required=True),
+        "model": Key("a .keras file (path or URI), or a mapping with builder and weights",
+                     required=True),
+        "model.builder": Key('"pkg.module:function" returning a Keras model'),
+        "model.weights": Key("weights file loaded into the built model", None),
+        "loss": Key('a Keras loss name, "pkg.module:function", or a mapping with name',
+                    required=True),
+        "loss.name": Key("Keras loss name or function; other keys are keyword arguments"),
+        "data": Key("the Parquet dataset", required=True),
+        "data.path": Key("Parquet file, directory or glob; local path or URI", required=True),
+        "data.features": Key("a column, a list of columns, or {input_name: column}",
+                             required=True),
+        "data.labels": Key("a column or a list of columns", required=True),
+        "data.weights": Key("column of per-example weights", None),
+        "data.batch_size": Key("examples per batch", 256),
+        "data.limit": Key("use only the first N rows", None),
+        "shards": Key("number of shards, or auto", "auto"),
+        "workers": Key("worker actors; auto = one per GPU, else one per CPU slot", "auto"),
+        "include_regularization": Key("add model.losses to the objective", False),
+        "precision": Key("float32 or float64", "float32"),
+        "seed": Key("seed of every stochastic estimator", 0),
+        "quantities": Key("what to compute: any subset, each at most once", required=True),
+    }
+    for quantity, options in QUANTITIES.items():
+        keys[f"quantities.{quantity}"] = Key(_QUANTITY_HELP[quantity])
+        for option, spec in options.items():
+            keys[f"quantities.{quantity}.{option}"] = Key(spec.help, spec.default)
+    keys["output"] = Key("root directory or URI of the published runs", "results")
+    return keys
+
+
+KEYS: dict[str, Key] = _keys_table()
+"""Every dotted key a job file may contain, with its default and a one-line description."""
+
+DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items() if v.default is not _MISSING}
+"""The value each optional key takes when the job file leaves it out."""
+
+
+def job_keys() -> list[str]:
+    """Every dotted key a job file may contain, e.g. ``data.batch_size``, in file order."""
+    return list(KEYS)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading YAML
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+# YAML 1.1 (PyYAML) reads `1e-6` as a string; YAML 1.2 and every user read it as a number.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _JobLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, reads ``1e-6`` as a float, keeps dates as text.
+
+    PyYAML keeps the last of two equal keys without a word: a job with ``trace`` twice would
+    silently compute one of them.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # unhashable key: SafeConstructor reports it below
+                if duplicate:
+                    raise _DuplicateKeyError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+_JobLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, _FLOAT if tag == "tag:yaml.org,2002:float" else regexp)
+        for tag, regexp in resolvers
+        if tag != "tag:yaml.org,2002:timestamp"
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml_problem(error: yaml.YAMLError) -> tuple[str, int | None]:
+    """The problem of a PyYAML error and its 1-based line, for a one-line message.
+
+    An unclosed bracket is reported where the file ends, so the line where the construct
+    started (PyYAML's context) is named too: that is where the fix usually goes.
+    """
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return _one_line(str(error)), None
+    problem = error.problem or error.context or "invalid YAML"
+    mark = error.problem_mark or error.context_mark
+    line = mark.line + 1 if mark is not None else None
+    if error.problem and error.context and error.context_mark is not None:
+        started = error.context_mark.line + 1
+        if started != line:
+            problem += f" ({error.context} from line {started})"
+    return _one_line(problem), line
+
+
+def _read_job_file(job_path: str, shown: str) -> dict:
+    try:
+        with open(job_path, encoding="utf-8") as stream:
+            text = stream.read()
+    except FileNotFoundError:
+        raise InputError(f"job file {shown} not found: check the path") from None
+    except IsADirectoryError:
+        raise InputError(
+            f"job file {shown} is a directory: pass the YAML file inside it"
+        ) from None
+    except UnicodeDecodeError:
+        raise InputError(f"job file {shown} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as error:
+        raise InputError(
+            f"job file {shown} cannot be read ({error.strerror or error}): check its permissions"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - _JobLoader is a SafeLoader
+    except _DuplicateKeyError as error:
+        problem, line = _yaml_problem(error)
+        raise InputError(
+            f"job file {shown} line {line}: {problem}: keep only one of them"
+        ) from None
+    except yaml.YAMLError as error:
+        problem, line = _yaml_problem(error)
+        where = f" line {line}" if line is not None else ""
+        raise InputError(
+            f"job file {shown}{where}: YAML syntax error: {problem}: fix the syntax there "
+            "(quote values that contain ': ' or ' #')"
+        ) from None
+    if raw is None:
+        raise InputError(
+            f"job file {shown} is empty: write a mapping with name, model, loss, data, quantities"
+        )
+    if not isinstance(raw, dict):
+        raise InputError(
+            f"job file {shown} must hold a mapping of keys (name, model, ...), got "
+            f"{_show(raw)}: write one key: value per line at the top level"
+        )
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides (--set KEY=VALUE)
+
+_OVERRIDE_SEGMENT = re.compile(r"^[^\s=.]+$")
+
+
+def _parse_override(text: Any) -> tuple[list[str], Any]:
+    if not isinstance(text, str) or "=" not in text:
+        raise InputError(
+            f"--set {_show(text)} is not KEY=VALUE: write it as e.g. --set data.batch_size=64"
+        )
+    key, value_text = text.split("=", 1)
+    key = key.strip()
+    segments = key.split(".")
+    if not all(_OVERRIDE_SEGMENT.match(s) for s in segments):
+        raise InputError(
+            f"--set {text!r} has no valid dotted KEY before '=': "
+            "write it as e.g. --set quantities.trace.probes=10"
+        )
+    try:
+        value = yaml.load(value_text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKeyError as error:
+        problem, _ = _yaml_problem(error)
+        raise InputError(f"--set {text!r}: {problem}: keep only one of them") from None
+    except yaml.YAMLError as error:
+        problem, _ = _yaml_problem(error)
+        raise InputError(
+            f"--set {text!r}: the value is not valid YAML ({problem}): quote it, "
+            f"e.g. --set '{key}=\"...\"'"
+        ) from None
+    return segments, value
+
+
+def _apply_override(raw: dict, text: Any) -> None:
+    """Set one dotted key in the raw mapping, making the mappings on the way if needed.
+
+    A quantity written as ``trace:`` (null) and a loss written as a name are widened to
+    mappings, so ``quantities.trace.probes=10`` and ``loss.from_logits=true`` just work.
+    """
+    segments, value = _parse_override(text)
+    node = raw
+    for depth, segment in enumerate(segments[:-1]):
+        dotted = ".".join(segments[: depth + 1])
+        child = node.get(segment)
+        if child is None:
+            child = node[segment] = {}
+        elif dotted == "loss" and isinstance(child, str):
+            child = node[segment] = {"name": child}
+        elif not isinstance(child, dict):
+            raise InputError(
+                f"--set {text!r}: {dotted} is {_show(child)}, not a mapping: "
+                f"set {dotted} as a whole instead, e.g. --set '{dotted}={{...}}'"
+            )
+        node = child
+    node[segments[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def load_job(source: Any, overrides: list[str] | tuple = ()) -> JobSpec:
+    """Read a job (a YAML file path, or a mapping), apply ``--set`` overrides, validate it.
+
+    A mapping's relative paths are relative to the current directory; it is not modified.
+    Overrides are applied to the raw mapping before validation, so an override is checked
+    exactly like the key it replaces.
+    """
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+        base_dir, job_path = os.getcwd(), None
+    elif isinstance(source, (str, os.PathLike)):
+        shown = os.fspath(source)
+        job_path = os.path.abspath(os.path.expanduser(shown))
+        raw = _read_job_file(job_path, shown)
+        base_dir = os.path.dirname(job_path)
+    else:
+        raise InputError(
+            f"a job must be a YAML file path or a mapping, got {_show(source)}: pass the path"
+        )
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for text in overrides:
+        _apply_override(raw, text)
+    return parse_job(raw, base_dir, job_path)
+
+
+def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
+    """Validate a raw job mapping and resolve it: defaults filled, paths made absolute.
+
+    ``base_dir`` is the folder relative paths are relative to (the job file's folder).
+    """
+    if not isinstance(raw, dict):
+        raise InputError(
+            f"a job must be a mapping of keys (name, model, ...), got {_show(raw)}: "
+            "write one key: value per line at the top level"
+        )
+    base_dir = os.path.abspath(os.path.expanduser(base_dir))
+    _check_keys(raw, _TOP_KEYS, "")
+
+    name = _required(raw, "name", "", "add e.g. name: digits-mlp")
+    if not isinstance(name, str) or not _JOB_NAME.match(name) or set(name) == {"."}:
+        # The name becomes a folder of the output, hence no spaces, slashes or "..".
+        _fail("name", "a string of letters, digits, '.', '_' and '-' (not only dots)", name,
+              "set it to e.g. digits-mlp (quote it if YAML reads it as a number)")
+
+    def optional(key: str, check: Check) -> Any:
+        value = raw.get(key, DEFAULTS[key])
+        return check(value, key)
+
+    return JobSpec(
+        name=name,
+        model=_parse_model(raw, base_dir),
+        loss=_parse_loss(raw),
+        data=_parse_data(raw, base_dir),
+        quantities=_parse_quantities(raw, base_dir),
+        shards=optional("shards", _auto_or_positive_int),
+        workers=optional("workers", _auto_or_positive_int),
+        include_regularization=optional("include_regularization", _boolean),
+        precision=optional("precision", _choice("float32", "float64")),
+        seed=optional("seed", _seed),
+        output=optional("output", _path(base_dir, "a results directory")),
+        job_path=job_path,
+    )
+
+
+def _parse_model(raw: dict, base_dir: str) -> ModelSpec:
+    model = _required(raw, "model", "",
+                      'set it to a .keras file or {builder: "pkg.module:function"}')
+    if isinstance(model, str):
+        if model.endswith(".keras"):
+            return ModelSpec(path=_path(base_dir, "a .keras file")(model, "model"),
+                             builder=None, weights=None)
+        if _CALLABLE.match(model):
+            fix = f'write model: {{builder: "{model}"}}'
+        else:
+            fix = ('save the model with model.save("model.keras") '
+                   'or use {builder: "pkg.module:function"}')
+        _fail("model", "a .keras file or a mapping with builder", model, fix)
+    if not isinstance(model, dict):
+        _fail("model", "a .keras file or a mapping with builder", model,
+              'set it to e.g. models/mlp.keras or {builder: "pkg.module:function"}')
+    _check_keys(model, _MODEL_KEYS, "model")
+    builder = _callable(
+        _required(model, "builder", "model", 'add builder: "pkg.module:function"'),
+        "model.builder",
+    )
+    weights = model.get("weights")
+    if weights is not None:
+        weights = _path(base_dir, "a weights file")(weights, "model.weights")
+    return ModelSpec(path=None, builder=builder, weights=weights)
+
+
+def _check_plain_data(value: Any, key: str) -> None:
+    """Loss options go to the manifest (JSON) and to the loss as keyword arguments."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_plain_data(item, key)
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for item in value.values():
+            _check_plain_data(item, key)
+        return
+    _fail(key, "plain YAML data (numbers, strings, booleans, lists, mappings)", value,
+          "write it as a plain YAML value")
+
+
+def _parse_loss(raw: dict) -> LossSpec:
+    loss = _required(raw, "loss", "",
+                     "set it to a Keras loss name like sparse_categorical_crossentropy")
+    if isinstance(loss, str):
+        name, options = loss, {}
+    elif isinstance(loss, dict):
+        name = _required(loss, "name", "loss",
+                         "add name: a Keras loss name or \"pkg.module:function\"")
+        options = {k: v for k, v in loss.items() if k != "name"}
+        for option, value in options.items():
+            if not isinstance(option, str) or not option.isidentifier():
+                raise InputError(
+                    f"unknown key loss.{option}: the keys allowed in loss are name and "
+                    "keyword arguments of the loss (identifiers such as from_logits)"
+                )
+            if option == "reduction":
+                raise InputError(
+                    "loss.reduction cannot be set: the pipeline needs per-example losses "
+                    "(reduction none); remove it"
+                )
+            _check_plain_data(value, f"loss.{option}")
+        options = copy.deepcopy(options)
+    else:
+        _fail("loss", "a loss name or a mapping with name", loss,
+              "set it to e.g. sparse_categorical_crossentropy or {name: ..., from_logits: true}")
+    key = "loss.name" if isinstance(loss, dict) else "loss"
+    if isinstance(name, str) and ":" in name:
+        return LossSpec(name=None, options=options, function=_callable(name, key))
+    if not isinstance(name, str) or not _KERAS_NAME.match(name):
+        _fail(key, 'a Keras loss name or "pkg.module:function"', name,
+              "set it to e.g. sparse_categorical_crossentropy or mse")
+    return LossSpec(name=name, options=options, function=None)
+
+
+def _parse_columns(value: Any, key: str, allow_mapping: bool) -> str | tuple | dict:
+    """A column, a non-empty list of distinct columns, or (features) {input_name: column}."""
+    if isinstance(value, str):
+        return _column(value, key)
+    if isinstance(value, (list, tuple)) and value:
+        columns = tuple(_column(column, key) for column in value)
+        if len(set(columns)) != len(columns):
+            _fail(key, "a list of distinct columns", value, "list each column once")
+        return columns
+    if allow_mapping and isinstance(value, dict) and value:
+        for input_name, column in value.items():
+            if not isinstance(input_name, str) or not input_name.strip():
+                _fail(key, "a mapping of model input names to columns", value,
+                      "use the names of model.inputs as keys")
+            _column(column, f"{key}.{input_name}")
+        return dict(value)
+    what = "a column, a non-empty list of columns or a mapping {input_name: column}"
+    if not allow_mapping:
+        what = "a column or a non-empty list of columns"
+    _fail(key, what, value, "name the Parquet column(s) to use")
+
+
+def _parse_data(raw: dict, base_dir: str) -> DataSpec:
+    data = _required(raw, "data", "", "add data: {path: ..., features: ..., labels: ...}")
+    data = _mapping(data, "data", "{path: data/train/, features: x, labels: y}")
+    _check_keys(data, _DATA_KEYS, "data")
+    path = _required(data, "path", "data", "set it to a Parquet file, directory or glob")
+    features = _required(data, "features", "data", "name the column(s) that feed the model")
+    labels = _required(data, "labels", "data", "name the column(s) of the labels")
+    weights = data.get("weights", DEFAULTS["data.weights"])
+    limit = data.get("limit", DEFAULTS["data.limit"])
+    return DataSpec(
+        path=_path(base_dir, "the Parquet data")(path, "data.path"),
+        features=_parse_columns(features, "data.features", allow_mapping=True),
+        labels=_parse_columns(labels, "data.labels", allow_mapping=False),
+        weights=None if weights is None else _column(weights, "data.weights"),
+        batch_size=_positive_int(256)(data.get("batch_size", DEFAULTS["data.batch_size"]),
+                                      "data.batch_size"),
+        limit=None if limit is None else _positive_int(1000)(limit, "data.limit"),
+    )
+
+
+def _parse_quantities(raw: dict, base_dir: str) -> dict[str, dict]:
+    quantities = _required(raw, "quantities", "",
+                           "add e.g. quantities: {hessian_diagonal: {method: exact}}")
+    if not isinstance(quantities, dict) or not quantities:
+        _fail("quantities", "a non-empty mapping", quantities,
+              "write e.g. quantities: {hessian_diagonal: {}, trace: {}}")
+    _check_keys(quantities, tuple(QUANTITIES), "quantities")
+    resolved = {}
+    for quantity, options in quantities.items():
+        where = f"quantities.{quantity}"
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            _fail(where, "a mapping of options (or {})", options,
+                  f"write e.g. {quantity}: {{}}")
+        schema = QUANTITIES[quantity]
+        if not schema and options:
+            raise InputError(f"{where} takes no options, got {_show(options)}: "
+                             f"write {quantity}: {{}}")
+        _check_keys(options, tuple(schema), where)
+        if quantity == "hvp":
+            resolved[quantity] = _parse_hvp(options, where, base_dir)
+            continue
+        resolved[quantity] = {
+            option: spec.check(options.get(option, spec.default), f"{where}.{option}")
+            for option, spec in schema.items()
+        }
+    return resolved
+
+
+def _parse_hvp(options: dict, where: str, base_dir: str) -> dict:
+    given = [k for k in ("vectors", "random") if options.get(k) is not None]
+    if len(given) != 1:
+        problem = "takes either vectors or random, not both" if given else "needs vectors or random"
+        raise InputError(f"{where} {problem}: write e.g. hvp: {{vectors: vectors.parquet}} "
+                         "or hvp: {random: 4}")
+    if given == ["vectors"]:
+        return {"vectors": _path(base_dir, "a Parquet file of vectors")(
+            options["vectors"], f"{where}.vectors")}
+    return {"random": QUANTITIES["hvp"]["random"].check(options["random"], f"{where}.random")}
+

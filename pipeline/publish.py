@@ -1,0 +1,241 @@
+"""Atomic publication of a run: nobody ever sees half a result.
+
+Tables are written to a staging directory; ``manifest.json`` is written last and only then
+does the run appear at ``OUTPUT/NAME/date=YYYY-MM-DD/run=RUN_ID/``. On a local filesystem
+that is one ``os.rename`` of the staging directory (a hidden ``.staging-run=ID-<random>``
+sibling, so Hive-style readers skip it). Object stores have no atomic rename: the tables
+are copied into the final directory and ``manifest.json`` is written after them, which is
+the contract's definition of a complete run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import secrets
+import shutil
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.data import resolve_filesystem
+from pipeline.errors import InputError
+
+MANIFEST = "manifest.json"
+PROVENANCE_KEY = b"hessian_pipeline"
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _is_uri(path: str) -> bool:
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
+def _root(output_root: str) -> str:
+    """Output root as shown to users: URIs as given, local paths absolute; no trailing slash."""
+    if _is_uri(output_root):
+        stripped = output_root.rstrip("/")
+        return output_root if stripped.endswith(":") else stripped
+    return os.path.abspath(os.path.expanduser(output_root))
+
+
+def run_dir(output_root: str, name: str, date: str, run_id: str) -> str:
+    """Where a run is published (the contract's Hive-style layout)."""
+    root = output_root.rstrip("/") if output_root.rstrip("/") else ""
+    return f"{root}/{name}/date={date}/run={run_id}"
+
+
+def _plain(value: str, what: str, flag: str) -> None:
+    if not isinstance(value, str) or not _PLAIN_NAME.match(value) or value in (".", ".."):
+        raise InputError(f"{what} {value!r} is not a plain name (letters, digits, . _ -): fix {flag}")
+
+
+def _json_default(value: Any) -> Any:
+    # Counts and statistics often arrive as numpy scalars; JSON has no such types.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: dict, **kwargs) -> str:
+    return json.dumps(value, default=_json_default, allow_nan=True, **kwargs)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+class RunPublisher:
+    """Stage a run's tables, then publish them all at once with their manifest.
+
+    >>> publisher = RunPublisher("results", "digits-mlp", "r1", "2025-01-31")  # doctest: +SKIP
+    >>> publisher.write_table("trace.parquet", table, provenance)              # doctest: +SKIP
+    >>> publisher.publish(manifest)  # -> ".../digits-mlp/date=2025-01-31/run=r1"   # doctest: +SKIP
+    """
+
+    def __init__(self, output_root: str, name: str, run_id: str, date: str):
+        _plain(run_id, "run id", "--run-id")
+        _plain(name, "job name", "name in the job file")
+        if not isinstance(date, str) or not _DATE.match(date):
+            raise InputError(f"date {date!r} is not YYYY-MM-DD: pass the run's UTC start date")
+        root = _root(output_root)
+        self.run_id = run_id
+        self.final_dir = run_dir(root, name, date, run_id)
+        self._fs, fs_root = resolve_filesystem(root)
+        self._local = isinstance(self._fs, pafs.LocalFileSystem)
+        self._date_path = run_dir(fs_root, name, date, run_id).rsplit("/", 1)[0]
+        self._final_path = f"{self._date_path}/run={run_id}"
+        if self._exists(f"{self._final_path}/{MANIFEST}"):
+            raise InputError(f"run {run_id} already published at {self.final_dir}: choose another --run-id "
+                             f"or delete it")
+        self._probe_writable(root)
+        self._staging_path = f"{self._date_path}/.staging-run={run_id}-{secrets.token_hex(6)}"
+        self._written: set[str] = set()
+        self._published = False
+        self._created_staging = False
+
+    # ------------------------------------------------------------------------ helpers
+
+    def _exists(self, path: str) -> bool:
+        try:
+            return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot read output {self.final_dir}: {_first_line(err)}: check --output and "
+                             f"credentials") from err
+
+    def _probe_writable(self, root: str) -> None:
+        """Fail now, as an input error, rather than after hours of compute."""
+        probe = f"{self._date_path}/.probe-{secrets.token_hex(6)}"
+        try:
+            self._fs.create_dir(self._date_path, recursive=True)
+            with self._fs.open_output_stream(probe) as stream:
+                stream.write(b"probe")
+            self._fs.delete_file(probe)
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot write to output {root}: {_first_line(err)}: choose a writable --output") from err
+
+    def _ensure_staging(self) -> None:
+        if not self._created_staging:
+            self._fs.create_dir(self._staging_path, recursive=True)
+            self._created_staging = True
+
+    def _check_open(self, filename: str) -> None:
+        if self._published:
+            raise RuntimeError(f"run {self.run_id} is already published; cannot write {filename}")
+        if "/" in filename or "\\" in filename or not _PLAIN_NAME.match(filename) or filename in (".", ".."):
+            raise ValueError(f"file name {filename!r} must be a plain name")
+
+    # ------------------------------------------------------------------------- public
+
+    def write_table(self, filename: str, table: pa.Table, provenance: dict) -> None:
+        """Write one Parquet table into staging, carrying the provenance in its schema metadata."""
+        self._check_open(filename)
+        if filename == MANIFEST:
+            raise ValueError(f"{MANIFEST} is written by publish()")
+        metadata = dict(table.schema.metadata or {})
+        metadata[PROVENANCE_KEY] = _dumps(provenance, sort_keys=True).encode()
+        self._ensure_staging()
+        pq.write_table(table.replace_schema_metadata(metadata), f"{self._staging_path}/{filename}",
+                       filesystem=self._fs)
+        self._written.add(filename)
+
+    def publish(self, manifest: dict) -> str:
+        """Write ``manifest.json`` last and make the run visible; returns ``final_dir``."""
+        self._check_open(MANIFEST)
+        manifest = dict(manifest)
+        manifest["files"] = sorted(self._written)
+        text = _dumps(manifest, indent=2) + "\n"
+        self._ensure_staging()
+        if self._local:
+            self._publish_local(text)
+        else:
+            self._publish_copy(text)
+        self._published = True
+        self._created_staging = False
+        return self.final_dir
+
+    def _publish_local(self, text: str) -> None:
+        staging_manifest = f"{self._staging_path}/{MANIFEST}"
+        with open(staging_manifest, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._remove_stale()
+        try:
+            os.rename(self._staging_path, self._final_path)
+        except OSError as err:
+            # Another process published the same run id between our check and now.
+            if os.path.exists(f"{self._final_path}/{MANIFEST}"):
+                raise InputError(f"run {self.run_id} already published at {self.final_dir}: choose another "
+                                 f"--run-id or delete it") from err
+            raise
+
+    def _publish_copy(self, text: str) -> None:
+        self._remove_stale()
+        self._fs.create_dir(self._final_path, recursive=True)
+        for filename in sorted(self._written):
+            self._fs.copy_file(f"{self._staging_path}/{filename}", f"{self._final_path}/{filename}")
+        with self._fs.open_output_stream(f"{self._final_path}/{MANIFEST}") as stream:
+            stream.write(text.encode())
+        self.abort()
+
+    def _remove_stale(self) -> None:
+        """A final directory without manifest.json is the leftover of a crash, never a result."""
+        if self._exists(f"{self._final_path}/{MANIFEST}"):
+            raise InputError(f"run {self.run_id} already published at {self.final_dir}: choose another --run-id "
+                             f"or delete it")
+        if self._exists(self._final_path):
+            if self._local:
+                shutil.rmtree(self._final_path)
+            else:
+                self._fs.delete_dir(self._final_path)
+
+    def abort(self) -> None:
+        """Remove the staging directory (best effort: called while something else failed)."""
+        if not self._created_staging:
+            return
+        try:
+            self._fs.delete_dir(self._staging_path)
+        except (pa.ArrowException, OSError):
+            pass
+        self._created_staging = False
+
+    def __enter__(self) -> "RunPublisher":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if not self._published:
+            self.abort()
+
+
+def read_manifest(run_dir: str) -> dict:
+    """The manifest of a complete run; a directory without one is not a result."""
+    fs, path = resolve_filesystem(run_dir)
+    target = posixpath.join(path.rstrip("/") or path, MANIFEST)
+    try:
+        with fs.open_input_stream(target) as stream:
+            text = stream.read().decode("utf-8")
+    except FileNotFoundError as err:
+        raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
+    except (pa.ArrowException, OSError) as err:
+        if not fs.get_file_info(target).type == pafs.FileType.File:
+            raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
+        raise InputError(f"cannot read {target}: {_first_line(err)}: check the path and credentials") from err
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:
+        raise InputError(f"{run_dir}/{MANIFEST} is not valid JSON ({err}): the run is damaged, run it again") from err
+    if not isinstance(manifest, dict):
+        raise InputError(f"{run_dir}/{MANIFEST} is not a JSON object: the run is damaged, run it again")
+    return manifest

@@ -1,0 +1,268 @@
+"""Results <-> Arrow tables, in the layouts of the contract's section 4.
+
+Parameters are flattened variable by variable in the order of ``signature.variables``, each
+in C order; ``P`` is the total count. Every builder is vectorised (``np.repeat`` and Arrow
+``take``), so a table of millions of parameters costs a few array passes, not a Python loop
+per parameter. Storage only: PyArrow and numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+VECTOR_COLUMNS = ("vector", "variable", "index", "value")
+
+
+def _sizes(variables: Sequence[str], shapes: Sequence[Sequence[int]]) -> np.ndarray:
+    if len(variables) != len(shapes):
+        raise ValueError(f"{len(variables)} variables but {len(shapes)} shapes")
+    return np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], dtype=np.int64)
+
+
+def _parameter_columns(variables: Sequence[str], sizes: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """``variable`` (string) and ``index`` (int64, C order inside the variable), length P."""
+    owner = np.repeat(np.arange(len(variables), dtype=np.int64), sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    index = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
+    names = pc.take(pa.array(list(variables), pa.string()), pa.array(owner))
+    return names, pa.array(index, pa.int64())
+
+
+def diagonals_table(variables: Sequence[str], shapes: Sequence[Sequence[int]],
+                    columns: dict[str, np.ndarray]) -> pa.Table:
+    """One row per parameter: ``variable``, ``index``, then each column (float64 [P]) in order."""
+    sizes = _sizes(variables, shapes)
+    total = int(sizes.sum())
+    names, index = _parameter_columns(variables, sizes)
+    data = {"variable": names, "index": index}
+    for name, values in columns.items():
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if values.shape != (total,):
+            raise ValueError(f"column {name!r} has {values.size} values, expected {total}")
+        data[name] = pa.array(values, pa.float64())
+    return pa.table(data)
+
+
+SUMMARY_STATS = ("size", "mean", "std", "min", "max", "abs_mean", "sum", "l2_norm")
+
+
+def _segment_stats(values: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """Statistics of consecutive segments of ``values`` with the given sizes (all > 0)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    total = np.add.reduceat(values, starts)
+    mean = total / sizes
+    # Two passes: the naive E[x^2] - E[x]^2 cancels badly for curvature values of one sign.
+    centred = values - np.repeat(mean, sizes)
+    return {
+        "size": sizes.astype(np.int64),
+        "mean": mean,
+        "std": np.sqrt(np.add.reduceat(centred * centred, starts) / sizes),
+        "min": np.minimum.reduceat(values, starts),
+        "max": np.maximum.reduceat(values, starts),
+        "abs_mean": np.add.reduceat(np.abs(values), starts) / sizes,
+        "sum": total,
+        "l2_norm": np.sqrt(np.add.reduceat(values * values, starts)),
+    }
+
+
+def summary_table(variables: Sequence[str], shapes: Sequence[Sequence[int]],
+                  quantities: dict[str, np.ndarray]) -> pa.Table:
+    """Per (quantity, variable) statistics, plus ``variable = "__all__"`` for each quantity.
+
+    Rows are quantity-major: for each quantity in the given order, its variables in
+    parameter order, then ``__all__``. ``std`` is the population one (ddof=0). A variable
+    with no parameters gets size 0 and NaN statistics.
+    """
+    sizes = _sizes(variables, shapes)
+    total = int(sizes.sum())
+    nonempty = sizes > 0
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_STATS}
+    variable_column: list[str] = []
+    quantity_column: list[str] = []
+    for quantity, values in quantities.items():
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if values.shape != (total,):
+            raise ValueError(f"quantity {quantity!r} has {values.size} values, expected {total}")
+        per_variable = {k: np.full(len(sizes), np.nan) for k in SUMMARY_STATS}
+        per_variable["size"] = sizes.copy()
+        if nonempty.any():
+            for key, stat in _segment_stats(values, sizes[nonempty]).items():
+                per_variable[key][nonempty] = stat
+        everything = {k: np.array([np.nan]) for k in SUMMARY_STATS}
+        everything["size"] = np.array([total], dtype=np.int64)
+        if total:
+            everything = _segment_stats(values, np.array([total], dtype=np.int64))
+        for key in SUMMARY_STATS:
+            parts[key].extend([per_variable[key], everything[key]])
+        variable_column.extend(list(variables) + ["__all__"])
+        quantity_column.extend([quantity] * (len(variables) + 1))
+    data = {
+        "variable": pa.array(variable_column, pa.string()),
+        "quantity": pa.array(quantity_column, pa.string()),
+    }
+    for key in SUMMARY_STATS:
+        joined = np.concatenate(parts[key]) if parts[key] else np.array([])
+        data[key] = pa.array(joined.astype(np.int64 if key == "size" else np.float64),
+                             pa.int64() if key == "size" else pa.float64())
+    return pa.table(data)
+
+
+def vectors_table(variables: Sequence[str], shapes: Sequence[Sequence[int]], vectors: np.ndarray) -> pa.Table:
+    """``[K, P]`` vectors in the long layout of ``hvp.parquet``: one row per (vector, parameter)."""
+    sizes = _sizes(variables, shapes)
+    total = int(sizes.sum())
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.ndim != 2 or vectors.shape[1] != total:
+        raise ValueError(f"vectors have shape {vectors.shape}, expected (K, {total})")
+    count = vectors.shape[0]
+    names, index = _parameter_columns(variables, sizes)
+    repeat = pa.array(np.tile(np.arange(total, dtype=np.int64), count))
+    return pa.table({
+        "vector": pa.array(np.repeat(np.arange(count, dtype=np.int32), total), pa.int32()),
+        "variable": pc.take(names, repeat),
+        "index": pc.take(index, repeat),
+        "value": pa.array(vectors.reshape(-1), pa.float64()),
+    })
+
+
+def _describe(position: int, ids: np.ndarray, variables: Sequence[str], starts: np.ndarray,
+              total: int) -> str:
+    k, flat = divmod(int(position), total)
+    v = int(np.searchsorted(starts, flat, side="right")) - 1
+    return f"vector {int(ids[k])}, variable '{variables[v]}', index {flat - int(starts[v])}"
+
+
+def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[int]]) -> np.ndarray:
+    """Read an HVP vectors file (``vectors_table`` layout) into float64 ``[K, P]``.
+
+    Rows are ordered by vector id (sorted; ids need not be contiguous). Every parameter of
+    every vector must appear exactly once: anything else is an input error that names the
+    entry, since a silently zero-filled vector would give a wrong HVP.
+    """
+    from pipeline.data import resolve_filesystem  # storage helper; PyArrow only
+
+    fix = "fix the vectors file (quantities.hvp.vectors)"
+    sizes = _sizes(variables, shapes)
+    total = int(sizes.sum())
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    fs, inner = resolve_filesystem(path)
+    try:
+        schema = pq.read_schema(inner, filesystem=fs)
+    except FileNotFoundError as err:
+        raise InputError(f"vectors file {path} not found: check quantities.hvp.vectors") from err
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"cannot read vectors file {path} as Parquet ({str(err).splitlines()[0]}): {fix}") from err
+    missing = [c for c in VECTOR_COLUMNS if c not in schema.names]
+    if missing:
+        raise InputError(f"vectors file {path} lacks column(s) {', '.join(missing)} (needs "
+                         f"{', '.join(VECTOR_COLUMNS)}): {fix}")
+    try:
+        table = pq.read_table(inner, filesystem=fs, columns=list(VECTOR_COLUMNS))
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"cannot read vectors file {path} ({str(err).splitlines()[0]}): {fix}") from err
+    if table.num_rows == 0:
+        raise InputError(f"vectors file {path} has no rows: {fix}")
+
+    expected = {"vector": pa.types.is_integer, "index": pa.types.is_integer,
+                "value": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
+                "variable": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))}
+    columns = {}
+    for name, accepts in expected.items():
+        column = table.column(name).combine_chunks()
+        if not accepts(column.type):
+            raise InputError(f"vectors file {path}: column '{name}' has type {column.type}: {fix}")
+        if column.null_count:
+            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"vectors file {path}: column '{name}' is null at row {row}: {fix}")
+        columns[name] = column
+
+    vector = columns["vector"].to_numpy().astype(np.int64)
+    index = columns["index"].to_numpy().astype(np.int64)
+    value = columns["value"].to_numpy(zero_copy_only=False).astype(np.float64)
+    variable = columns["variable"]
+    if pa.types.is_dictionary(variable.type):
+        variable = variable.cast(pa.string())
+    owner = pc.index_in(variable, value_set=pa.array(list(variables), pa.string()))
+    if owner.null_count:
+        row = int(np.flatnonzero(pc.is_null(owner).to_numpy(zero_copy_only=False))[0])
+        shown = ", ".join(list(variables)[:10]) + (", ..." if len(variables) > 10 else "")
+        raise InputError(f"vectors file {path}: vector {int(vector[row])} names unknown variable "
+                         f"'{variable[row].as_py()}' (model variables: {shown}): {fix}")
+    owner = owner.to_numpy().astype(np.int64)
+
+    bad = np.flatnonzero((index < 0) | (index >= sizes[owner]))
+    if len(bad):
+        row = int(bad[0])
+        raise InputError(f"vectors file {path}: vector {int(vector[row])}, variable '{variables[owner[row]]}': "
+                         f"index {int(index[row])} out of range (size {int(sizes[owner[row]])}): {fix}")
+    bad = np.flatnonzero(~np.isfinite(value))
+    if len(bad):
+        row = int(bad[0])
+        raise InputError(f"vectors file {path}: vector {int(vector[row])}, variable '{variables[owner[row]]}', "
+                         f"index {int(index[row])} is {value[row]}: {fix} (values must be finite)")
+
+    ids, k = np.unique(vector, return_inverse=True)
+    position = k.reshape(-1) * total + starts[owner] + index
+    result = np.zeros(len(ids) * total, dtype=np.float64)
+    seen = np.zeros(len(ids) * total, dtype=bool)
+    seen[position] = True
+    if int(seen.sum()) != len(position):
+        ordered = np.sort(position)
+        duplicate = int(ordered[np.flatnonzero(ordered[1:] == ordered[:-1])[0]])
+        raise InputError(f"vectors file {path}: {_describe(duplicate, ids, variables, starts, total)} "
+                         f"appears more than once: {fix}")
+    if len(position) != len(seen):
+        absent = int(np.flatnonzero(~seen)[0])
+        raise InputError(f"vectors file {path}: {_describe(absent, ids, variables, starts, total)} is missing "
+                         f"(every parameter of every vector is needed): {fix}")
+    result[position] = value
+    return result.reshape(len(ids), total)
+
+
+def eigenvalues_table(eigenvalues: Sequence[float], residuals: Sequence[float]) -> pa.Table:
+    """``rank`` (1 first, in the order given), ``eigenvalue``, ``residual`` = ||Hv - lambda v||."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    residuals = np.asarray(residuals, dtype=np.float64).reshape(-1)
+    if eigenvalues.shape != residuals.shape:
+        raise ValueError(f"{eigenvalues.size} eigenvalues but {residuals.size} residuals")
+    return pa.table({
+        "rank": pa.array(np.arange(1, eigenvalues.size + 1, dtype=np.int32), pa.int32()),
+        "eigenvalue": pa.array(eigenvalues, pa.float64()),
+        "residual": pa.array(residuals, pa.float64()),
+    })
+
+
+def trace_table(method: str, estimate: float, stderr: float, matvecs: int) -> pa.Table:
+    """One row: the trace estimate, its standard error (0 for exact) and the HVPs it cost."""
+    return pa.table({
+        "method": pa.array([str(method)], pa.string()),
+        "estimate": pa.array([float(estimate)], pa.float64()),
+        "stderr": pa.array([float(stderr)], pa.float64()),
+        "matvecs": pa.array([int(matvecs)], pa.int64()),
+    })
+
+
+def spectrum_table(nodes: Sequence[np.ndarray], weights: Sequence[np.ndarray]) -> pa.Table:
+    """Stochastic Lanczos quadrature: one row per node of each run (a run's weights sum to 1)."""
+    if len(nodes) != len(weights):
+        raise ValueError(f"{len(nodes)} runs of nodes but {len(weights)} of weights")
+    nodes = [np.asarray(n, dtype=np.float64).reshape(-1) for n in nodes]
+    weights = [np.asarray(w, dtype=np.float64).reshape(-1) for w in weights]
+    for run, (n, w) in enumerate(zip(nodes, weights)):
+        if n.shape != w.shape:
+            raise ValueError(f"run {run}: {n.size} nodes but {w.size} weights")
+    lengths = np.array([n.size for n in nodes], dtype=np.int64)
+    empty = np.array([], dtype=np.float64)
+    return pa.table({
+        "run": pa.array(np.repeat(np.arange(len(nodes), dtype=np.int32), lengths), pa.int32()),
+        "node": pa.array(np.concatenate(nodes) if nodes else empty, pa.float64()),
+        "weight": pa.array(np.concatenate(weights) if weights else empty, pa.float64()),
+    })

@@ -1,0 +1,253 @@
+"""The curvature engine against a dense float64 reference and closed forms."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import cases
+import keras
+from pipeline.curvature import BatchWork, CurvatureEngine, resolve_loss
+from pipeline.errors import InputError
+from pipeline.reduce import finalize
+
+EVERYTHING = dict(hessian_diagonal="exact", ggn_diagonal="exact", fisher_diagonal=True)
+
+# (model, loss name, loss options, label kind)
+COMBINATIONS = [
+    ("mlp", "sparse_categorical_crossentropy", {"from_logits": True}, None),
+    ("mlp", "categorical_crossentropy", {"from_logits": True}, "onehot"),
+    ("mlp_softmax", "sparse_categorical_crossentropy", {}, None),
+    ("mlp", "binary_crossentropy", {"from_logits": True}, "binary"),
+    ("mlp", "mse", {}, "regression"),
+    ("mlp", "huber", {}, "regression"),
+    ("cnn", "sparse_categorical_crossentropy", {"from_logits": True}, None),
+    ("batchnorm", "sparse_categorical_crossentropy", {"from_logits": True}, None),
+    ("two_inputs", "mse", {}, "regression"),
+    ("two_outputs", "mse", {}, "regression"),
+    ("two_outputs", "binary_crossentropy", {"from_logits": True}, "binary"),
+]
+
+
+def _batch(model, kind, n=7, seed=1):
+    if kind == "regression":
+        return cases.batch_for(model, n=n, seed=seed, regression=True)
+    return cases.batch_for(model, n=n, seed=seed, classes=kind)
+
+
+@pytest.mark.parametrize("model_name,loss_name,options,kind", COMBINATIONS,
+                         ids=[f"{c[0]}-{c[1]}{'-logits' if c[2] else ''}" for c in COMBINATIONS])
+def test_every_quantity_matches_dense_reference(model_name, loss_name, options, kind):
+    model = cases.MODELS[model_name]()
+    loss = cases.resolved(loss_name, **options)
+    inputs, labels, weights = _batch(model, kind)
+    ref = cases.reference(model, loss, inputs, labels, weights)
+    engine = CurvatureEngine(model, loss, precision="float64", hvp_block=2, diagonal_block=8)
+    vectors = np.random.default_rng(5).normal(size=(3, engine.parameters))
+    part = engine.partial(inputs, labels, weights, np.arange(len(weights)),
+                          BatchWork(hvp_vectors=vectors, **EVERYTHING))
+
+    scale = max(1.0, np.abs(ref.hessian).max())
+    assert part.weight_sum == pytest.approx(ref.weight_sum)
+    assert part.sums["loss"] == pytest.approx(ref.loss, rel=1e-12)
+    np.testing.assert_allclose(part.sums["gradient"], ref.gradient, atol=1e-12 * scale)
+    np.testing.assert_allclose(part.sums["hessian_diagonal"], np.diag(ref.hessian), atol=1e-11 * scale)
+    np.testing.assert_allclose(part.sums["hvp"], vectors @ ref.hessian, atol=1e-10 * scale)
+    np.testing.assert_allclose(part.sums["fisher_diagonal"], ref.fisher, atol=1e-11 * scale)
+    np.testing.assert_allclose(part.sums["ggn_diagonal"], np.diag(ref.ggn), atol=1e-11 * scale)
+    # The checks above must be able to fail: the Hessian diagonal is not its row sums
+    # (the popular broken recipe), and the GGN differs from the Hessian for non-linear models.
+    assert not np.allclose(np.diag(ref.hessian), ref.hessian.sum(axis=1))
+
+
+def test_linear_regression_closed_form():
+    """l_i = (w.x_i + b - y_i)^2: H = 2/N sum x~ x~^T = GGN, gradient 2/N sum r_i x~_i."""
+    keras.utils.set_random_seed(3)
+    with cases._Policy("float64"):
+        model = keras.Sequential([keras.Input((4,), dtype="float64"), keras.layers.Dense(1)])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    y = rng.normal(size=(50, 1))
+    engine = CurvatureEngine(model, cases.resolved("mse"), precision="float64")
+    part = engine.partial([x], [y], None, np.arange(50), BatchWork(**EVERYTHING))
+    result = finalize(part)
+    kernel, bias = (v.numpy() for v in model.trainable_variables)
+    xt = np.hstack([x, np.ones((50, 1))])
+    residual = (x @ kernel + bias - y)[:, 0]
+    hessian = 2.0 / 50 * xt.T @ xt
+    np.testing.assert_allclose(result["loss"], np.mean(residual**2), rtol=1e-12)
+    np.testing.assert_allclose(result["gradient"], 2.0 / 50 * xt.T @ residual, atol=1e-12)
+    np.testing.assert_allclose(result["hessian_diagonal"], np.diag(hessian), rtol=1e-12)
+    np.testing.assert_allclose(result["ggn_diagonal"], np.diag(hessian), rtol=1e-12)
+    np.testing.assert_allclose(result["fisher_diagonal"], np.mean((2 * residual[:, None] * xt) ** 2, axis=0),
+                               rtol=1e-12)
+
+
+def test_logistic_regression_closed_form():
+    """Binary cross-entropy on logits: H = GGN = 1/N sum p(1-p) x~ x~^T."""
+    keras.utils.set_random_seed(4)
+    with cases._Policy("float64"):
+        model = keras.Sequential([keras.Input((3,), dtype="float64"), keras.layers.Dense(1)])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3))
+    y = rng.integers(0, 2, size=(40, 1)).astype(np.float64)
+    engine = CurvatureEngine(model, cases.resolved("binary_crossentropy", from_logits=True), precision="float64")
+    vectors = rng.normal(size=(2, 4))
+    result = finalize(engine.partial([x], [y], None, np.arange(40), BatchWork(hvp_vectors=vectors, **EVERYTHING)))
+    kernel, bias = (v.numpy() for v in model.trainable_variables)
+    p = 1 / (1 + np.exp(-(x @ kernel + bias)[:, 0]))
+    xt = np.hstack([x, np.ones((40, 1))])
+    hessian = (xt * (p * (1 - p))[:, None]).T @ xt / 40
+    np.testing.assert_allclose(result["hessian_diagonal"], np.diag(hessian), rtol=1e-10)
+    np.testing.assert_allclose(result["ggn_diagonal"], np.diag(hessian), rtol=1e-10)
+    np.testing.assert_allclose(result["hvp"], vectors @ hessian, rtol=1e-10)
+    np.testing.assert_allclose(result["gradient"], xt.T @ (p - y[:, 0]) / 40, atol=1e-12)
+
+
+def test_sums_are_additive_over_any_split():
+    model = cases.cnn()
+    loss = cases.resolved("sparse_categorical_crossentropy", from_logits=True)
+    inputs, labels, weights = cases.batch_for(model, n=11, seed=2)
+    engine = CurvatureEngine(model, loss, precision="float64")
+    probes = np.sign(np.random.default_rng(0).normal(size=(3, engine.parameters)))
+    work = BatchWork(hessian_diagonal="hutchinson", probes=probes, ggn_diagonal="mc", ggn_samples=2,
+                     fisher_diagonal=True, hvp_vectors=probes[:2])
+    rows = np.arange(100, 111)
+    whole = engine.partial(inputs, labels, weights, rows, work)
+    pieces = None
+    for a, b in [(0, 1), (1, 5), (5, 11)]:
+        part = engine.partial([x[a:b] for x in inputs], [y[a:b] for y in labels], weights[a:b], rows[a:b], work)
+        pieces = part if pieces is None else pieces.add(part)
+    assert pieces.examples == whole.examples == 11
+    assert set(pieces.sums) == set(whole.sums)
+    for key in whole.sums:
+        np.testing.assert_allclose(pieces.sums[key], whole.sums[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def _hutchinson_result(engine, inputs, labels, probes_count, seed=0):
+    from pipeline.probes import rademacher
+
+    probes = rademacher(seed, range(probes_count), engine.parameters)
+    work = BatchWork(hessian_diagonal="hutchinson", probes=probes)
+    return finalize(engine.partial(inputs, labels, None, np.arange(len(inputs[0])), work))
+
+
+def test_hutchinson_is_calibrated_and_converges():
+    model = cases.mlp()
+    loss = cases.resolved("sparse_categorical_crossentropy", from_logits=True)
+    inputs, labels, _ = cases.batch_for(model, n=20, seed=3)
+    engine = CurvatureEngine(model, loss, precision="float64", hvp_block=16)
+    exact = finalize(engine.partial(inputs, labels, None, np.arange(20), BatchWork(hessian_diagonal="exact")))
+    exact = exact["hessian_diagonal"]
+    few = _hutchinson_result(engine, inputs, labels, 40)
+    many = _hutchinson_result(engine, inputs, labels, 400)
+    inside = np.abs(few["hessian_diagonal"] - exact) <= 3 * few["hessian_diagonal_stderr"] + 1e-12
+    assert inside.mean() >= 0.9
+    # More probes, smaller error, and the reported error shrinks like 1/sqrt(K).
+    err_few = np.linalg.norm(few["hessian_diagonal"] - exact)
+    err_many = np.linalg.norm(many["hessian_diagonal"] - exact)
+    assert err_many < err_few
+    ratio = np.median(few["hessian_diagonal_stderr"] / np.maximum(many["hessian_diagonal_stderr"], 1e-300))
+    assert 2.0 < ratio < 4.5  # sqrt(10) ~ 3.2
+    # Probes are a function of (seed, k) alone: the same call gives the same numbers.
+    again = _hutchinson_result(engine, inputs, labels, 40)
+    np.testing.assert_array_equal(again["hessian_diagonal"], few["hessian_diagonal"])
+
+
+def test_monte_carlo_ggn_converges_within_its_error():
+    model = cases.mlp()
+    loss = cases.resolved("sparse_categorical_crossentropy", from_logits=True)
+    inputs, labels, weights = cases.batch_for(model, n=30, seed=4)
+    engine = CurvatureEngine(model, loss, precision="float64")
+    rows = np.arange(30)
+    exact = finalize(engine.partial(inputs, labels, weights, rows, BatchWork(ggn_diagonal="exact")))["ggn_diagonal"]
+    mc = finalize(engine.partial(inputs, labels, weights, rows,
+                                 BatchWork(ggn_diagonal="mc", ggn_samples=64, seed=7)))
+    stderr = mc["ggn_diagonal_stderr"]
+    assert np.all(stderr > 0)
+    assert (np.abs(mc["ggn_diagonal"] - exact) <= 3 * stderr).mean() >= 0.9
+    assert np.linalg.norm(mc["ggn_diagonal"] - exact) < 0.2 * np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("loss_name,kind,options", [
+    ("mse", "regression", {}),
+    ("binary_crossentropy", "binary", {"from_logits": True}),
+    ("categorical_crossentropy", "onehot", {"from_logits": True}),
+])
+def test_monte_carlo_ggn_other_families(loss_name, kind, options):
+    model = cases.mlp()
+    loss = cases.resolved(loss_name, **options)
+    inputs, labels, _ = _batch(model, kind, n=25, seed=5)
+    engine = CurvatureEngine(model, loss, precision="float64")
+    rows = np.arange(25)
+    exact = finalize(engine.partial(inputs, labels, None, rows, BatchWork(ggn_diagonal="exact")))["ggn_diagonal"]
+    mc = finalize(engine.partial(inputs, labels, None, rows, BatchWork(ggn_diagonal="mc", ggn_samples=200)))
+    assert np.linalg.norm(mc["ggn_diagonal"] - exact) < 0.15 * np.linalg.norm(exact)
+
+
+def test_float32_precision_is_close_to_float64():
+    model = cases.mlp(dtype="float32")
+    loss = cases.resolved("sparse_categorical_crossentropy", from_logits=True)
+    inputs, labels, weights = cases.batch_for(model, n=9)
+    work = BatchWork(**EVERYTHING)
+    single = CurvatureEngine(model, loss, precision="float32").partial(inputs, labels, weights, np.arange(9), work)
+    double = CurvatureEngine(model, loss, precision="float64").partial(inputs, labels, weights, np.arange(9), work)
+    assert single.sums["gradient"].dtype == np.float64
+    for key in ("gradient", "hessian_diagonal", "ggn_diagonal", "fisher_diagonal"):
+        np.testing.assert_allclose(single.sums[key], double.sums[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert not np.array_equal(single.sums["hessian_diagonal"], double.sums["hessian_diagonal"])
+
+
+def test_regularization_terms_added_once():
+    keras.utils.set_random_seed(0)
+    with cases._Policy("float64"):
+        model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                                  keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.1))])
+    engine = CurvatureEngine(model, cases.resolved("mse"), precision="float64")
+    reg = engine.regularization_partial(BatchWork(hessian_diagonal="exact"))
+    kernel = model.trainable_variables[0].numpy().ravel()
+    assert reg.sums["loss"] == pytest.approx(0.1 * np.sum(kernel**2))
+    np.testing.assert_allclose(reg.sums["gradient"][:6], 0.2 * kernel)
+    np.testing.assert_allclose(reg.sums["gradient"][6:], 0.0)
+    np.testing.assert_allclose(reg.sums["hessian_diagonal"], [0.2] * 6 + [0.0] * 2)
+
+
+def test_user_loss_function(tmp_path, monkeypatch):
+    (tmp_path / "myloss.py").write_text(
+        "import tensorflow as tf\n"
+        "def squared(y_true, y_pred):\n"
+        "    return tf.reduce_sum((tf.cast(y_true, y_pred.dtype) - y_pred) ** 2, axis=-1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from types import SimpleNamespace
+
+    loss = resolve_loss(SimpleNamespace(name=None, options={}, function="myloss:squared"))
+    model = cases.mlp()
+    inputs, labels, weights = cases.batch_for(model, regression=True)
+    ref = cases.reference(model, loss, inputs, labels, weights)
+    mse = cases.reference(model, cases.resolved("mse"), inputs, labels, weights)
+    np.testing.assert_allclose(ref.hessian, 3 * mse.hessian, rtol=1e-10)  # sum = 3 x mean over 3 outputs
+    part = CurvatureEngine(model, loss, precision="float64").partial(
+        inputs, labels, weights, np.arange(7), BatchWork(hessian_diagonal="exact"))
+    np.testing.assert_allclose(part.sums["hessian_diagonal"], np.diag(ref.hessian), rtol=1e-10)
+
+
+def test_loss_errors_and_warnings():
+    with pytest.raises(InputError, match="unknown loss 'nope'"):
+        cases.resolved("nope")
+    with pytest.raises(InputError, match="does not take option"):
+        cases.resolved("mse", from_logit=True)
+    with pytest.warns(UserWarning, match="piecewise linear"):
+        cases.resolved("mae")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cases.resolved("huber")
+
+
+def test_mc_ggn_refuses_loss_without_predictive_distribution():
+    model = cases.mlp()
+    engine = CurvatureEngine(model, cases.resolved("huber"), precision="float64")
+    inputs, labels, _ = cases.batch_for(model, regression=True)
+    with pytest.raises(InputError, match="use method: exact"):
+        engine.partial(inputs, labels, None, np.arange(7), BatchWork(ggn_diagonal="mc"))
