@@ -1,0 +1,1 @@
+"""Bundled, deterministic example: a small "digits" MLP and its Parquet dataset."""

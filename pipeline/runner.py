@@ -1,0 +1,528 @@
+"""A run from job to published results: plan -> workers -> reduce -> publish.
+
+The driver holds only small things: the plan, one running ``Partial`` (the reducer), and the
+Krylov state of the spectral algorithms. Each product with the Hessian over the whole dataset
+is one *pass*: every shard goes to a worker, partial sums come back and are added as they
+arrive. Workers are pulled: a worker that finishes a shard gets the next one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import secrets
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import ComputeError, InputError
+from pipeline.partial import Partial
+from pipeline.reduce import Reducer, finalize
+
+DIAGONAL_COLUMNS = ("hessian_diagonal", "hessian_diagonal_stderr", "ggn_diagonal", "ggn_diagonal_stderr",
+                    "fisher_diagonal", "gradient")
+SUMMARY_QUANTITIES = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gradient")
+# An exact Hessian diagonal costs one HVP per parameter and batch: refused above this many
+# gradient-equivalents in total unless ``force: true`` (about a day on one CPU core for a
+# small model).
+EXACT_DIAGONAL_LIMIT = 5e7
+
+
+@dataclass
+class Plan:
+    """Everything decided before computing: printed by ``--dry-run``."""
+
+    job: object
+    data: object
+    signature: object
+    workers: int
+    gpus: int
+    run_id: str
+    date: str
+    output: str
+    model_sha256: str
+    passes: int
+    hvp_vectors: np.ndarray | None = None
+    hvp_random: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> int:
+        return self.signature.parameters
+
+    def describe(self) -> str:
+        batches = sum(-(-s.rows // self.job.data.batch_size) for s in self.data.shards)
+        lines = [
+            f"job          {self.job.name}",
+            f"run          {self.run_id} ({self.date})",
+            f"output       {self.output}",
+            f"model        {self.job.model.path or self.job.model.builder} (sha256 {self.model_sha256[:12]})",
+            f"parameters   {self.parameters:,} in {len(self.signature.variables)} variables",
+            f"data         {self.data.uri}: {len(self.data.files)} files, {self.data.rows:,} rows, "
+            f"{batches:,} batches of <= {self.job.data.batch_size}",
+            f"shards       {len(self.data.shards)} (rows {min(s.rows for s in self.data.shards):,}-"
+            f"{max(s.rows for s in self.data.shards):,})",
+            f"workers      {self.workers}" + (f" (one per GPU, {self.gpus} GPUs)" if self.gpus else " (CPU)"),
+            f"quantities   {', '.join(self.job.quantities)}",
+            f"passes       {self.passes} over the data (estimated)",
+        ]
+        lines += [f"note         {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- planning
+def _sha256(path: str) -> str:
+    from pipeline.data import resolve_filesystem
+
+    digest = hashlib.sha256()
+    filesystem, inner = resolve_filesystem(path)
+    with filesystem.open_input_stream(inner) as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_spec) -> str:
+    """sha256 of the model file (or of the builder name and its weights file)."""
+    if model_spec.path:
+        return _sha256(model_spec.path)
+    digest = hashlib.sha256(model_spec.builder.encode())
+    if model_spec.weights:
+        digest.update(_sha256(model_spec.weights).encode())
+    return digest.hexdigest()
+
+
+def inspect_model(job):
+    """Loads the model in the driver (GPUs hidden) to learn its signature; checks the loss."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
+    from pipeline.curvature import load_model, model_signature, resolve_loss
+
+    model = load_model(job.model)
+    resolve_loss(job.loss)
+    return model_signature(model)
+
+
+def estimated_passes(job) -> int:
+    """Passes over the data: one for the per-example sums, plus the spectral algorithms'."""
+    passes = 1
+    q = job.quantities
+    if "trace" in q and q["trace"]["method"] != "exact":
+        passes += 1 if q["trace"]["method"] == "hutchinson" else 2
+    if "eigenvalues" in q:
+        passes += q["eigenvalues"]["iterations"] + 1
+    if "spectrum" in q:
+        passes += q["spectrum"]["steps"]
+    return passes
+
+
+def make_plan(job, output: str | None = None, run_id: str | None = None, workers: int | None = None,
+              cluster: dict | None = None) -> Plan:
+    """Checks the job against the model and the data and decides shards and workers."""
+    from pipeline.data import check_schema, plan_data
+    from pipeline.tables import read_vectors
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+    signature = inspect_model(job)
+    cluster = cluster or {}
+    gpus = int(cluster.get("GPU", 0))
+    if workers is None:
+        workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
+    data = plan_data(job.data, job.shards, workers)
+    check_schema(data.schema, job.data, signature)
+    workers = max(1, min(int(workers), len(data.shards)))
+    plan = Plan(job=job, data=data, signature=signature, workers=workers, gpus=gpus if gpus else 0,
+                run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
+                model_sha256=model_fingerprint(job.model), passes=estimated_passes(job))
+    hvp = job.quantities.get("hvp")
+    if hvp is not None:
+        if hvp.get("vectors"):
+            plan.hvp_vectors = read_vectors(hvp["vectors"], signature.variables, signature.variable_shapes)
+        else:
+            from pipeline.probes import HVP_STREAM, rademacher
+
+            plan.hvp_vectors = rademacher(job.seed, range(hvp["random"]), signature.parameters, stream=HVP_STREAM)
+            plan.hvp_random = True
+    diag = job.quantities.get("hessian_diagonal")
+    exact_trace = job.quantities.get("trace", {}).get("method") == "exact"
+    if (diag and diag["method"] == "exact") or exact_trace:
+        batches = sum(-(-s.rows // job.data.batch_size) for s in data.shards)
+        cost = float(signature.parameters) * batches
+        plan.notes.append(f"exact Hessian diagonal: {signature.parameters:,} Hessian-vector products per batch, "
+                          f"{cost:,.0f} in all")
+        if cost > EXACT_DIAGONAL_LIMIT and not (diag or {}).get("force"):
+            raise InputError(
+                f"an exact Hessian diagonal of {signature.parameters:,} parameters over {batches:,} batches needs "
+                f"{cost:,.0f} Hessian-vector products (days of compute): use hessian_diagonal: "
+                "{method: hutchinson}, or set quantities.hessian_diagonal.force=true")
+    return plan
+
+
+def batch_work(job, plan: Plan):
+    """The per-batch work of the main pass (``BatchWork`` for the engine)."""
+    from pipeline.curvature.engine import BatchWork
+    from pipeline.probes import PROBE_STREAM, rademacher
+
+    q = job.quantities
+    diag = q.get("hessian_diagonal")
+    method = diag["method"] if diag else None
+    if method is None and q.get("trace", {}).get("method") == "exact":
+        method = "exact"
+    probes = None
+    if method == "hutchinson":
+        probes = rademacher(job.seed, range(diag["probes"]), plan.parameters, stream=PROBE_STREAM)
+    ggn = q.get("ggn_diagonal")
+    return BatchWork(
+        gradient=True,
+        hessian_diagonal=method,
+        probes=probes,
+        hvp_vectors=plan.hvp_vectors,
+        ggn_diagonal=ggn["method"] if ggn else None,
+        ggn_samples=ggn["samples"] if ggn else 1,
+        fisher_diagonal="fisher_diagonal" in q,
+        seed=job.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------- progress
+class Progress:
+    """A progress bar on a terminal; plain log lines otherwise (nightly logs)."""
+
+    def __init__(self, stream, total_rows: int, label: str, enabled: bool = True):
+        self.stream = stream
+        self.total = total_rows
+        self.label = label
+        self.enabled = enabled
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.start = time.perf_counter()
+        self.rows = 0
+        self.shards = 0
+        self.last_log = 0.0
+
+    def update(self, rows: int, shards_total: int) -> None:
+        self.rows += rows
+        self.shards += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.rows / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.rows) / rate if rate > 0 else float("nan")
+        if self.tty:
+            width = 30
+            filled = int(width * self.rows / max(1, self.total))
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.shards}/{shards_total} "
+                              f"shards {rate:,.0f} ex/s ETA {eta:,.0f}s ")
+            if self.shards == shards_total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif self.shards == shards_total or elapsed - self.last_log >= 10:
+            self.last_log = elapsed
+            self.stream.write(f"{self.label}: {self.shards}/{shards_total} shards, {self.rows:,} rows, "
+                              f"{rate:,.0f} examples/s, ETA {eta:,.0f}s\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------- the pool
+class WorkerPool:
+    """Ray actors that hold the model; ``map_shards`` is one pass over the data."""
+
+    def __init__(self, plan: Plan, log):
+        import ray
+
+        from pipeline.workers import remote_worker_class
+
+        self.plan = plan
+        self.log = log
+        gpu = plan.gpus > 0
+        cpus = 1.0
+        if not gpu:
+            free = ray.available_resources().get("CPU", 1.0)
+            cpus = max(1.0, float(int(free // plan.workers))) if free >= plan.workers else 1.0
+        threads = 0 if gpu else int(cpus)
+        actor = remote_worker_class(gpu, cpus if not gpu else 1.0)
+        self.actors = [actor.remote(plan.job, plan.data.uri, threads, gpu) for _ in range(plan.workers)]
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self.names = [info["worker"] for info in infos]
+        self.passes = 0
+
+    def map_shards(self, method: str, argument, label: str, progress_stream, show: bool = True) -> Reducer:
+        """Runs ``actor.<method>(shard, argument)`` on every shard, adding results as they arrive."""
+        import ray
+
+        shards = self.plan.data.shards
+        pending = deque(shards)
+        reducer = Reducer()
+        progress = Progress(progress_stream, self.plan.data.rows, label, enabled=show)
+        argument_ref = ray.put(argument)
+        inflight = {}
+
+        def submit(actor):
+            shard = pending.popleft()
+            inflight[getattr(actor, method).remote(shard, argument_ref)] = (actor, shard)
+
+        for actor in self.actors:
+            if pending:
+                submit(actor)
+        while inflight:
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            actor, shard = inflight.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = err.as_instanceof_cause() if hasattr(err, "as_instanceof_cause") else err
+                if isinstance(cause, (InputError, ComputeError)):
+                    raise type(cause)(str(cause).splitlines()[-1] if str(cause) else repr(cause)) from None
+                raise ComputeError(
+                    f"shard {shard.index} (rows {shard.first_row}-{shard.first_row + shard.rows - 1}) failed after "
+                    f"its retries: {str(err).strip().splitlines()[-1]}; run the same command with --run-id "
+                    f"{self.plan.run_id} to try again") from None
+            except ray.exceptions.RayActorError as err:
+                raise ComputeError(
+                    f"shard {shard.index} (rows {shard.first_row}-{shard.first_row + shard.rows - 1}) lost its worker "
+                    f"after its retries ({type(err).__name__}); run the same command with --run-id "
+                    f"{self.plan.run_id} to try again") from None
+            reducer.add(result.partial)
+            progress.update(shard.rows, len(shards))
+            if pending:
+                submit(actor)
+        self.passes += 1
+        return reducer
+
+    def call_one(self, method: str, argument):
+        import ray
+
+        return ray.get(getattr(self.actors[0], method).remote(argument))
+
+    def close(self):
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+# ---------------------------------------------------------------------------------- the run
+@dataclass
+class RunResult:
+    run_dir: str
+    manifest: dict
+    results: dict
+
+
+class HessianOperator:
+    """``V [K, P] -> (H V^T)^T`` over the whole dataset: one pass per call."""
+
+    def __init__(self, pool: WorkerPool, job, regularization: bool, stream, weight_sum: float):
+        self.pool = pool
+        self.job = job
+        self.regularization = regularization
+        self.stream = stream
+        self.weight_sum = weight_sum
+        self.calls = 0
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        from pipeline.curvature.engine import BatchWork
+
+        vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
+        work = BatchWork(gradient=False, hvp_vectors=vectors)
+        self.calls += 1
+        reducer = self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False)
+        if self.regularization:
+            reducer.add_regularization(self.pool.call_one("regularization", work))
+        return finalize(reducer.total, reducer.regularization)["hvp"]
+
+
+def _versions() -> dict:
+    import keras
+    import pyarrow
+    import ray
+    import tensorflow as tf
+
+    return {"hessian-pipeline": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+            "numpy": np.__version__}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _connect(address: str | None):
+    """Uses a Ray already initialised in this process, a cluster at ``address``, or a new local one."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env=env)
+        else:
+            # Worker logs stay in Ray's session logs: TensorFlow prints start-up noise that no
+            # setting silences; errors still reach the driver as exceptions.
+            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=env)
+    except ConnectionError as err:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
+    return True
+
+
+def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
+        workers: int | None = None, dry_run: bool = False, stream=None) -> RunResult | Plan:
+    """Runs ``job`` (a ``JobSpec``) and publishes its results; returns the run.
+
+    With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
+    local run).
+    """
+    from pipeline.publish import RunPublisher
+
+    stream = stream or sys.stderr
+    if dry_run and not (address or os.environ.get("RAY_ADDRESS")):
+        import ray
+
+        cluster = ray.cluster_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
+        return make_plan(job, output, run_id, workers, cluster)
+
+    started = time.time()
+    started_at = _now()
+    owns_ray = _connect(address)
+    import ray
+
+    try:
+        plan = make_plan(job, output, run_id, workers, ray.cluster_resources())
+        if dry_run:
+            return plan
+        publisher = RunPublisher(plan.output, job.name, plan.run_id, plan.date)
+        with publisher:
+            stream.write(plan.describe() + "\n")
+            pool = WorkerPool(plan, stream)
+            try:
+                results, passes, extra = _compute(plan, pool, stream)
+            finally:
+                pool.close()
+            manifest = _manifest(plan, results, passes, extra, started, started_at, pool.names)
+            _write_tables(publisher, plan, results, manifest)
+            run_dir = publisher.publish(manifest)
+        return RunResult(run_dir=run_dir, manifest=manifest, results=results)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _compute(plan: Plan, pool: WorkerPool, stream):
+    job = plan.job
+    work = batch_work(job, plan)
+    reducer = pool.map_shards("compute", work, job.name, stream)
+    if job.include_regularization:
+        reducer.add_regularization(pool.call_one("regularization", work))
+    if reducer.total.examples != plan.data.rows:
+        raise ComputeError(f"reduced {reducer.total.examples} examples but planned {plan.data.rows}: a shard was "
+                           "lost or counted twice; run again")
+    results = reducer.result()
+    extra = {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
+    spectral = {k: job.quantities[k] for k in ("trace", "eigenvalues", "spectrum") if k in job.quantities}
+    if spectral:
+        results.update(_spectral(plan, pool, stream, results, reducer.total.weight_sum))
+    return results, pool.passes, extra
+
+
+def _spectral(plan: Plan, pool: WorkerPool, stream, results: dict, weight_sum: float) -> dict:
+    """Trace, top eigenvalues and spectral density from passes of Hessian-vector products."""
+    from pipeline import spectrum
+
+    job = plan.job
+    operator = HessianOperator(pool, job, job.include_regularization, stream, weight_sum)
+    size = plan.parameters
+    out = {}
+    q = job.quantities
+    if "trace" in q:
+        method = q["trace"]["method"]
+        if method == "exact":
+            out["trace"] = spectrum.exact_trace(results["hessian_diagonal"])
+        elif method == "hutchinson":
+            out["trace"] = spectrum.hutchinson_trace(operator, size, q["trace"]["probes"], job.seed)
+        else:
+            out["trace"] = spectrum.hutchpp_trace(operator, size, q["trace"]["probes"], job.seed)
+        stream.write(f"trace ({method}): {out['trace'].estimate:.6g} +- {out['trace'].stderr:.2g}\n")
+    if "eigenvalues" in q:
+        e = q["eigenvalues"]
+        out["eigenvalues"] = spectrum.top_eigenvalues(operator, size, top=min(e["top"], size), which=e["which"],
+                                                      iterations=e["iterations"], tol=e["tol"], seed=job.seed)
+        stream.write(f"eigenvalues ({e['which']}): {np.array2string(out['eigenvalues'].eigenvalues, precision=6)}\n")
+    if "spectrum" in q:
+        s = q["spectrum"]
+        out["spectrum"] = spectrum.spectral_density(operator, size, runs=s["runs"], steps=min(s["steps"], size),
+                                                    seed=job.seed)
+    return out
+
+
+def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: float, started_at: str,
+              worker_names: list[str]) -> dict:
+    job = plan.job
+    finished = time.time()
+    return {
+        "run_id": plan.run_id,
+        "date": plan.date,
+        "status": "complete",
+        "job": job.to_dict(),
+        "examples": int(extra["examples"]),
+        "weight_sum": float(extra["weight_sum"]),
+        "loss": float(results["loss"]),
+        "shards": len(plan.data.shards),
+        "workers": len(worker_names),
+        "worker_names": worker_names,
+        "parameters": plan.parameters,
+        "variables": [{"name": n, "shape": list(s)} for n, s in zip(plan.signature.variables,
+                                                                    plan.signature.variable_shapes)],
+        "passes": passes,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "seconds": round(finished - started, 3),
+        "versions": _versions(),
+        "model": {"path": job.model.path or job.model.builder, "weights": job.model.weights,
+                  "sha256": plan.model_sha256},
+        "data": {"files": list(plan.data.files), "rows": plan.data.rows, "fingerprint": plan.data.fingerprint},
+    }
+
+
+def _write_tables(publisher, plan: Plan, results: dict, manifest: dict) -> None:
+    from pipeline import tables
+
+    names, shapes = plan.signature.variables, plan.signature.variable_shapes
+    provenance = {k: manifest[k] for k in ("run_id", "date", "job", "examples", "loss", "parameters", "model",
+                                           "data", "versions", "started_at")}
+    asked = plan.job.quantities
+    columns = {k: results[k] for k in DIAGONAL_COLUMNS if k in results and k.replace("_stderr", "") in asked}
+    if columns:
+        publisher.write_table("diagonals.parquet", tables.diagonals_table(names, shapes, columns), provenance)
+        summary = {k: results[k] for k in SUMMARY_QUANTITIES if k in columns}
+        publisher.write_table("summary.parquet", tables.summary_table(names, shapes, summary), provenance)
+    if "hvp" in results and "hvp" in plan.job.quantities:
+        publisher.write_table("hvp.parquet", tables.vectors_table(names, shapes, results["hvp"]), provenance)
+        if plan.hvp_random:
+            publisher.write_table("hvp_vectors.parquet", tables.vectors_table(names, shapes, plan.hvp_vectors),
+                                  provenance)
+    if "eigenvalues" in results:
+        e = results["eigenvalues"]
+        publisher.write_table("eigenvalues.parquet", tables.eigenvalues_table(e.eigenvalues, e.residuals), provenance)
+    if "trace" in results:
+        t = results["trace"]
+        publisher.write_table("trace.parquet", tables.trace_table(t.method, t.estimate, t.stderr, t.matvecs),
+                              provenance)
+    if "spectrum" in results:
+        s = results["spectrum"]
+        publisher.write_table("spectrum.parquet", tables.spectrum_table(s.nodes, s.weights), provenance)

@@ -1,0 +1,69 @@
+"""``show RUN_DIR``: the manifest and the summary of a run as aligned text tables."""
+
+from __future__ import annotations
+
+from pipeline.errors import InputError
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(v).rjust(w) if i > 1 else str(v).ljust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    try:
+        return f"{float(value):.6g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def show_run(run_dir: str) -> str:
+    """The run as text: manifest facts, then one table per result file present."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import resolve_filesystem
+    from pipeline.publish import read_manifest
+
+    manifest = read_manifest(run_dir)
+    facts = [
+        ("run", manifest.get("run_id")), ("date", manifest.get("date")), ("status", manifest.get("status")),
+        ("job", manifest.get("job", {}).get("name")), ("model", manifest.get("model", {}).get("path")),
+        ("model sha256", manifest.get("model", {}).get("sha256")),
+        ("data", f"{manifest.get('data', {}).get('rows')} rows, fingerprint "
+                 f"{str(manifest.get('data', {}).get('fingerprint'))[:16]}"),
+        ("examples", manifest.get("examples")), ("loss", _number(manifest.get("loss"))),
+        ("parameters", manifest.get("parameters")), ("shards", manifest.get("shards")),
+        ("workers", manifest.get("workers")), ("passes", manifest.get("passes")),
+        ("seconds", manifest.get("seconds")), ("files", ", ".join(manifest.get("files", []))),
+    ]
+    width = max(len(k) for k, _ in facts)
+    text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in facts) + "\n"
+    fs, root = resolve_filesystem(run_dir)
+
+    def read(name):
+        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
+            return pq.read_table(handle).to_pylist()
+
+    files = set(manifest.get("files", []))
+    if "summary.parquet" in files:
+        rows = read("summary.parquet")
+        columns = ["mean", "std", "min", "max", "abs_mean", "sum", "l2_norm"]
+        text += "\nsummary\n" + _table(
+            [[r["variable"], r["quantity"], r["size"], *[_number(r[c]) for c in columns]] for r in rows],
+            ["variable", "quantity", "size", *columns])
+    if "trace.parquet" in files:
+        rows = read("trace.parquet")
+        text += "\ntrace\n" + _table([[r["method"], "", _number(r["estimate"]), _number(r["stderr"]), r["matvecs"]]
+                                      for r in rows], ["method", "", "estimate", "stderr", "matvecs"])
+    if "eigenvalues.parquet" in files:
+        rows = read("eigenvalues.parquet")
+        text += "\neigenvalues\n" + _table([[r["rank"], "", _number(r["eigenvalue"]), _number(r["residual"])]
+                                            for r in rows], ["rank", "", "eigenvalue", "residual"])
+    if not manifest.get("status") == "complete":
+        raise InputError(f"{run_dir} is not a complete run (status {manifest.get('status')!r})")
+    return text
