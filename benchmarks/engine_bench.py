@@ -338,13 +338,14 @@ def bench_model(key, title, model, n, settings, checks):
     # The compiled functions the engine traced (K=1 above, K=16 below), called directly on
     # tensors: no NumPy conversions, the same work as the reference orderings.
     x_t, y_t, s_t = engine._cast_batch(inputs, labels, None)
-    hvp1 = engine._functions[("data", "hvp", 1)]
+    specs = engine._specs(inputs, labels)
+    hvp1 = engine.hvp_function(specs, 1, with_gradient=True)
     v1_t = tf.constant(v1, tf.float32)
     add("engine HVP, K=1 (compiled fn)", lambda: hvp1(x_t, y_t, s_t, v1_t), note="traced by the row above")
     add("engine HVP block K=8 (partial)", partial(BatchWork(hvp_vectors=v8)), per=8)
     add("Hutchinson K=16 (partial)", partial(BatchWork(hessian_diagonal="hutchinson", probes=z16)), per=16,
         note="one compiled call of 16 probes")
-    hvp16 = engine._functions[("data", "hvp", 16)]
+    hvp16 = engine.hvp_function(specs, 16, probe_products=True)
     z16_t = tf.constant(z16, tf.float32)
     add("Hutchinson K=16 (compiled fn)", lambda: hvp16(x_t, y_t, s_t, z16_t), per=16,
         note="traced by the row above")

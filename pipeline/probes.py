@@ -16,6 +16,7 @@ HVP_STREAM = 1
 LABEL_STREAM = 2
 TRACE_STREAM = 3
 SPECTRUM_STREAM = 4
+EIGENVALUE_STREAM = 5
 
 
 def rademacher(seed: int, indices, size: int, stream: int = PROBE_STREAM, dtype=np.float64) -> np.ndarray:

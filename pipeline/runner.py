@@ -119,10 +119,12 @@ def inspect_model(job):
 
 def estimated_passes(job) -> int:
     """Passes over the data: one for the per-example sums, plus the spectral algorithms'."""
+    from pipeline.spectrum import trace_passes
+
     passes = 1
     q = job.quantities
-    if "trace" in q and q["trace"]["method"] != "exact":
-        passes += 1 if q["trace"]["method"] == "hutchinson" else 2
+    if "trace" in q:
+        passes += trace_passes(q["trace"]["method"], q["trace"]["probes"])
     if "eigenvalues" in q:
         passes += q["eigenvalues"]["iterations"] + 1
     if "spectrum" in q:
@@ -131,12 +133,12 @@ def estimated_passes(job) -> int:
 
 
 def make_plan(job, output: str | None = None, run_id: str | None = None, workers: int | None = None,
-              cluster: dict | None = None) -> Plan:
+              cluster: dict | None = None, now: _dt.datetime | None = None) -> Plan:
     """Checks the job against the model and the data and decides shards and workers."""
     from pipeline.data import check_schema, plan_data
     from pipeline.tables import read_vectors
 
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
     run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
     signature = inspect_model(job)
     cluster = cluster or {}
@@ -386,27 +388,29 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     """Runs ``job`` (a ``JobSpec``) and publishes its results; returns the run.
 
     With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
-    local run).
+    local run). Input problems (an existing run, an unwritable output, a bad model or data)
+    are found before any worker starts.
     """
     from pipeline.publish import RunPublisher
 
     stream = stream or sys.stderr
+    now = _dt.datetime.now(_dt.timezone.utc)
+    run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
     if dry_run and not (address or os.environ.get("RAY_ADDRESS")):
         import ray
 
         cluster = ray.cluster_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
-        return make_plan(job, output, run_id, workers, cluster)
+        return make_plan(job, output, run_id, workers, cluster, now)
 
     started = time.time()
-    started_at = _now()
+    publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id, now.strftime("%Y-%m-%d"))
     owns_ray = _connect(address)
     import ray
 
     try:
-        plan = make_plan(job, output, run_id, workers, ray.cluster_resources())
+        plan = make_plan(job, output, run_id, workers, ray.cluster_resources(), now)
         if dry_run:
             return plan
-        publisher = RunPublisher(plan.output, job.name, plan.run_id, plan.date)
         with publisher:
             stream.write(plan.describe() + "\n")
             pool = WorkerPool(plan, stream)
@@ -414,7 +418,8 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
                 results, passes, extra = _compute(plan, pool, stream)
             finally:
                 pool.close()
-            manifest = _manifest(plan, results, passes, extra, started, started_at, pool.names)
+            manifest = _manifest(plan, results, passes, extra, started, now.isoformat(timespec="seconds"),
+                                 pool.names)
             _write_tables(publisher, plan, results, manifest)
             run_dir = publisher.publish(manifest)
         return RunResult(run_dir=run_dir, manifest=manifest, results=results)

@@ -106,6 +106,7 @@ class CurvatureEngine:
         self.diagonal_block = int(diagonal_block)
         self.vjp_budget = int(vjp_budget)
         self._functions: dict = {}
+        self._vectors: dict = {}
         self._output_names = list(getattr(self.model, "output_names", None) or [])
 
     # ------------------------------------------------------------------ plumbing
@@ -199,11 +200,14 @@ class CurvatureEngine:
             value = objective(inputs, labels, weights)
         return value, self._gradient_flat(tape, value)
 
-    def _hvp(self, objective, inputs, labels, weights, vectors):
-        """(objective, gradient, H v_k for each row of ``vectors`` [K, P]), reverse-over-reverse.
+    def _hvp(self, objective, inputs, labels, weights, vectors, with_gradient: bool, probe_products: bool):
+        """(objective, gradient or None, H v_k for each row of ``vectors`` [K, P]).
 
-        The forward pass and the gradient are recorded once on a persistent tape; each vector
-        then costs one backward pass through the gradient computation.
+        Reverse-over-reverse: the forward pass and the gradient are recorded once on a
+        persistent tape; each vector then costs one backward pass through the gradient
+        computation. Returning the gradient itself costs extra weight-gradient products, so
+        it is computed only ``with_gradient``. With ``probe_products`` the rows are
+        ``v_k * (H v_k)`` (Hutchinson), formed here in the compute dtype.
         """
         import tensorflow as tf
 
@@ -216,9 +220,20 @@ class CurvatureEngine:
             v = self.unflatten(tf.cast(vectors[k], grads[0].dtype))
             hv = outer.gradient(grads, self.variables, output_gradients=v,
                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            products.append(self.flatten([tf.cast(h, self.dtype) for h in hv]))
+            hv = self.flatten([tf.cast(h, self.dtype) for h in hv])
+            products.append(hv * vectors[k] if probe_products else hv)
         del outer
-        return value, self.flatten([tf.cast(g, self.dtype) for g in grads]), tf.stack(products)
+        gradient = self.flatten([tf.cast(g, self.dtype) for g in grads]) if with_gradient else tf.zeros([0], self.dtype)
+        return value, gradient, tf.stack(products)
+
+    def hvp_function(self, specs, count: int, with_gradient: bool = False, probe_products: bool = False,
+                     objective=None, tag: str = "data"):
+        """The compiled ``(inputs, labels, weights, V[count, P]) -> (loss, gradient, HV)``."""
+        objective = objective or self._objective
+        return self._compiled(
+            (tag, "hvp", count, with_gradient, probe_products),
+            lambda a, b, c, v: self._hvp(objective, a, b, c, v, with_gradient, probe_products),
+            (*specs, _vector_spec(count, self.parameters, self.dtype)))
 
     def _diagonal_block(self, objective, index, size, inputs, labels, weights, start):
         """diag(H) entries [start, start + size) of variable ``index`` (clamped at its end).
@@ -338,17 +353,15 @@ class CurvatureEngine:
             results = []
             for start in range(0, len(vectors), self.hvp_block):
                 chunk = vectors[start:start + self.hvp_block]
-                fn = self._compiled((tag, "hvp", len(chunk)),
-                                    lambda a, b, c, v: self._hvp(objective, a, b, c, v),
-                                    (*specs, _vector_spec(len(chunk), self.parameters, self.dtype)))
-                value, grad, products = fn(*batch, _as_dtype(chunk, self.dtype))
-                loss_value, gradient = value, grad
-                products = products.numpy().astype(np.float64)
-                if key == "hessian_probes":
-                    products *= chunk  # z * (H z)
-                results.append(products)
-            part.sums[key] = np.concatenate(results, axis=0)
-        if loss_value is None:
+                with_gradient = work.gradient and gradient is None
+                fn = self.hvp_function(specs, len(chunk), with_gradient, key == "hessian_probes", objective, tag)
+                value, grad, products = fn(*batch, self._vector_tensor(vectors, start, len(chunk)))
+                loss_value = value
+                if with_gradient:
+                    gradient = grad
+                results.append(products.numpy())
+            part.sums[key] = np.concatenate(results, axis=0).astype(np.float64)
+        if loss_value is None or (work.gradient and gradient is None):
             fn = self._compiled((tag, "gradient"),
                                 lambda a, b, c: self._loss_and_gradient(objective, a, b, c), specs)
             loss_value, gradient = fn(*batch)
@@ -357,6 +370,18 @@ class CurvatureEngine:
             part.sums["gradient"] = gradient.numpy().astype(np.float64)
         if work.hessian_diagonal == "exact":
             part.sums["hessian_diagonal"] = self._exact_diagonal(objective, batch, specs, tag)
+
+    def _vector_tensor(self, vectors, start, count):
+        """Vectors as tensors of the compute dtype, converted once for all batches of a shard."""
+        import tensorflow as tf
+
+        key = (id(vectors), vectors.shape, start, count)
+        if key not in self._vectors:
+            if len(self._vectors) > 64:
+                self._vectors.clear()
+            tensor = tf.constant(np.asarray(vectors[start:start + count]), dtype=self.dtype)
+            self._vectors[key] = (vectors, tensor)  # holding ``vectors`` keeps its id unique
+        return self._vectors[key][1]
 
     def _exact_diagonal(self, objective, batch, specs, tag):
         import tensorflow as tf

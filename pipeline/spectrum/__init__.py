@@ -23,7 +23,8 @@ function                    method                         passes
 from pipeline.spectrum._base import CountingOperator
 from pipeline.spectrum.lanczos import EigenResult, default_block, top_eigenvalues
 from pipeline.spectrum.slq import SpectrumResult, density, spectral_density
-from pipeline.spectrum.trace import TraceResult, exact_trace, hutchinson_trace, hutchpp_trace
+from pipeline.spectrum.trace import (TraceResult, exact_trace, hutchinson_trace, hutchpp_trace,
+                                     trace_passes)
 
 __all__ = [
     "CountingOperator",
@@ -37,4 +38,5 @@ __all__ = [
     "hutchpp_trace",
     "spectral_density",
     "top_eigenvalues",
+    "trace_passes",
 ]

@@ -34,6 +34,27 @@ class TraceResult:
     passes: int
 
 
+def trace_passes(method: str, probes: int, max_block: int = MAX_BLOCK) -> int:
+    """Passes over the data the trace will take (for plans and ``--dry-run``).
+
+    ``exact``: 0 (the diagonal's own passes); ``hutchinson``: ``ceil(K / max_block)``;
+    ``hutch++``: the sketch pass(es) for ``K // 3`` probes, then those of the other ``K - K // 3``.
+
+    >>> trace_passes("hutchinson", 100), trace_passes("hutch++", 100), trace_passes("hutch++", 30)
+    (2, 3, 2)
+    """
+    def ceil(count: int) -> int:
+        return -(-count // max_block)
+
+    if method == "exact":
+        return 0
+    if method == "hutchinson":
+        return ceil(probes)
+    if method == "hutch++":
+        return ceil(probes // 3) + ceil(probes - probes // 3)
+    raise ValueError(f"unknown trace method {method!r}: exact, hutchinson or hutch++")
+
+
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     """Sample mean and its standard error ``std(ddof=1) / sqrt(K)`` (NaN for one value)."""
     if values.size < 2:
@@ -67,8 +88,14 @@ def hutchinson_trace(matvec: Matvec, size: int, probes: int = 100, seed: int = 0
     size, probes = int(size), int(probes)
     _check(size, probes, 1)
     operator = CountingOperator(matvec, size)
-    z = rademacher(seed, range(probes), size, stream=TRACE_STREAM)
-    quadratic = np.einsum("kp,kp->k", z, apply_in_chunks(operator, z, max_block))
+    if max_block < 1:
+        raise ValueError(f"max_block must be at least 1, got {max_block}")
+    quadratic = []
+    # Probes are drawn pass by pass: memory is one pass's vectors, not all K of them.
+    for indices in np.array_split(np.arange(probes), -(-probes // max_block)):
+        z = rademacher(seed, indices, size, stream=TRACE_STREAM)
+        quadratic.append(np.einsum("kp,kp->k", z, operator(z)))
+    quadratic = np.concatenate(quadratic)
     estimate, stderr = _mean_and_stderr(quadratic)
     return TraceResult("hutchinson", estimate, stderr, operator.matvecs, operator.passes)
 

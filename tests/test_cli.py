@@ -1,0 +1,102 @@
+"""The command line, invoked for real: exit status, stdout, stderr, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import jobs
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=600)
+
+
+def error_line(process):
+    """The single ``error:`` line of a failed command (and no traceback)."""
+    lines = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, process.stderr
+    assert "Traceback" not in process.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    jobs.write_data(root / "data", rows=120, files=2)
+    jobs.write_model(str(root / "model.keras"))
+    spec = jobs.job(root, {"hessian_diagonal": {"method": "exact"}, "gradient": {}})
+    # Relative paths are relative to the job file.
+    spec["model"] = "model.keras"
+    spec["data"]["path"] = "data/"
+    spec["output"] = "results"
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_prints_run_dir_last_then_show_and_refuses_rerun(job_file, tmp_path):
+    done = cli("run", str(job_file), "--run-id", "r1", "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_dir = done.stdout.strip().splitlines()[-1]
+    assert run_dir.startswith(str(job_file.parent / "results" / "test-job" / "date="))
+    assert run_dir.endswith("run=r1")
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    assert manifest["workers"] == 2 and manifest["run_id"] == "r1"
+
+    shown = cli("show", run_dir)
+    assert shown.returncode == 0, shown.stderr
+    assert "hessian_diagonal" in shown.stdout and "__all__" in shown.stdout and "r1" in shown.stdout
+
+    again = cli("run", str(job_file), "--run-id", "r1")
+    assert again.returncode == 2
+    assert "already published" in error_line(again)
+
+
+def test_dry_run_prints_plan_and_writes_nothing(job_file, tmp_path):
+    done = cli("run", str(job_file), "--dry-run", "--output", str(tmp_path / "out"), "--set", "shards=3")
+    assert done.returncode == 0, done.stderr
+    for word in ("shards       3", "rows", "workers", "parameters   53", "passes"):
+        assert word in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate(job_file):
+    done = cli("validate", str(job_file))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: test-job")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "data.batch_size=0"], "data.batch_size"),
+    (["--set", "data.features=nope"], "nope"),
+    (["--set", "bogus=1"], "bogus"),
+    (["--set", "loss=not_a_loss"], "unknown loss"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(job_file, args, needle):
+    done = cli("validate", str(job_file), *args)
+    assert done.returncode == 2
+    assert needle in error_line(done)
+
+
+def test_run_bad_input_publishes_nothing(job_file, tmp_path):
+    done = cli("run", str(job_file), "--run-id", "../x", "--output", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "run id" in error_line(done)
+    missing = cli("run", str(tmp_path / "missing.yaml"))
+    assert missing.returncode == 2 and "not found" in error_line(missing)
+
+
+def test_help_for_every_command():
+    for command in ("run", "validate", "show"):
+        done = cli(command, "--help")
+        assert done.returncode == 0 and "examples:" in done.stdout
