@@ -27,6 +27,23 @@ EXAMPLES = {
   hessian-pipeline validate jobs/example.yaml""",
     "show": """examples:
   hessian-pipeline show results/digits-mlp/date=2026-11-26/run=20261126T070000Z-ab12""",
+    "submit": """examples:
+  hessian-pipeline submit jobs/nightly.yaml --address http://127.0.0.1:8265
+  hessian-pipeline submit job.yaml --address http://head:8265 --output s3://bucket/results --gpus 4
+  hessian-pipeline submit job.yaml --address http://head:8265 --no-wait --submission-id try-2
+auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+exit status: 0 the job succeeded (the run directory is the last line), 1 it failed, 2 input problem""",
+    "compare": """examples:
+  hessian-pipeline compare results/x/date=2026-11-25/run=a results/x/date=2026-11-26/run=b
+  hessian-pipeline compare RUN_A RUN_B --format csv > drift.csv
+  hessian-pipeline compare RUN_A RUN_B --fail-above 0.05     # exit 1 if any |relative change| > 5%
+exit status: 0, 1 with --fail-above exceeded, 2 input problem (e.g. not a complete run)""",
+    "report": """examples:
+  hessian-pipeline report results/digits-mlp/date=2026-11-26/run=r1                # -> ./report-digits-mlp-r1/
+  hessian-pipeline report RUN_DIR --out /tmp/report && xdg-open /tmp/report/index.html
+  hessian-pipeline report RUN_DIR --baseline results/digits-mlp/date=2026-11-25/run=r0   # overlay two runs
+  hessian-pipeline report s3://bucket/results/digits-mlp/date=2026-11-26/run=r1 --sigma 0.01
+writes PNG plots (800x450) and index.html, which shows them by file name; prints its path last""",
 }
 
 
@@ -60,6 +77,42 @@ def _parser() -> argparse.ArgumentParser:
 
     show = command("show", "print a run's manifest and summary as readable tables")
     show.add_argument("run_dir", metavar="RUN_DIR")
+
+    submit = command("submit", "submit the run as a Ray Job to a cluster; streams its logs and exits with its status")
+    submit.add_argument("job", metavar="JOB.yaml")
+    submit.add_argument("--address", metavar="URL", help="the head's dashboard, e.g. http://HEAD:8265 "
+                        "(default: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS if it is http)")
+    submit.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    submit.add_argument("--submission-id", metavar="ID", help="default: hessian-NAME-YYYY-MM-DD (UTC); "
+                        "one job per id")
+    submit.add_argument("--working-dir", metavar="DIR", help="folder uploaded with the job; local inputs must be "
+                        "inside it (default: the job file's folder)")
+    submit.add_argument("--gpus", type=int, metavar="N", help="ask the autoscaler for N GPUs and wait for them "
+                        "before the run starts (GPU nodes that scale from zero)")
+    submit.add_argument("--gpu-timeout", type=float, default=1800, metavar="SECONDS",
+                        help="how long to wait for --gpus (default 1800)")
+    submit.add_argument("--output", metavar="DIR", help="as for run: a URI, or a path on the head node")
+    submit.add_argument("--run-id", metavar="ID", help="as for run (default: the submission id)")
+    submit.add_argument("--workers", type=int, metavar="N", help="as for run")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="as for run (repeatable)")
+    submit.add_argument("--dry-run", action="store_true", help="as for run: the job prints the plan on the cluster")
+
+    compare = command("compare", "per-variable change of every quantity two runs share (nightly drift)")
+    compare.add_argument("run_a", metavar="RUN_A")
+    compare.add_argument("run_b", metavar="RUN_B")
+    compare.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                         help="table (aligned text, default), json or csv")
+    compare.add_argument("--fail-above", type=float, metavar="RELATIVE_CHANGE",
+                         help="exit 1 when any |relative change| exceeds it (0.05 = 5%%)")
+
+    report = command("report", "write PNG plots and an HTML page of a run (diagonals, eigenvalues, spectrum, trace)")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--out", metavar="DIR", help="folder for the plots and index.html (default: "
+                        "./report-NAME-RUN_ID; a published run is never written to)")
+    report.add_argument("--baseline", metavar="RUN_DIR", help="a second run overlaid on every plot (dashed)")
+    report.add_argument("--sigma", type=float, metavar="WIDTH", help="Gaussian width of the spectral density "
+                        "(default: 1/400 of the spectrum's range)")
     return parser
 
 
@@ -99,7 +152,52 @@ def _show(args, out, err) -> int:
     return 0
 
 
-HANDLERS = {"run": _run, "validate": _validate, "show": _show}
+def _submit(args, out, err) -> int:
+    from pipeline.submit import submit
+
+    for flag, value in (("--workers", args.workers), ("--gpus", args.gpus)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value}: e.g. {flag} 2")
+    if not args.gpu_timeout > 0:
+        raise InputError(f"--gpu-timeout must be a positive number of seconds, got {args.gpu_timeout}: e.g. 1800")
+    return submit(args.job, args.address, wait=not args.no_wait, out=out, err=err, overrides=args.overrides,
+                  output=args.output, run_id=args.run_id, workers=args.workers, dry_run=args.dry_run,
+                  debug=args.debug, submission_id=args.submission_id, working_dir=args.working_dir,
+                  gpus=args.gpus, gpu_timeout=args.gpu_timeout)
+
+
+def _compare(args, out, err) -> int:
+    from pipeline.compare import RENDERERS, compare_runs
+
+    if args.fail_above is not None and not args.fail_above >= 0:
+        raise InputError(f"--fail-above must be a relative change >= 0, got {args.fail_above}: e.g. 0.05 for 5%")
+    result = compare_runs(args.run_a, args.run_b)
+    for warning in result.warnings:
+        err.write(f"warning: {warning}\n")
+    out.write(RENDERERS[args.format](result))
+    if args.fail_above is not None:
+        above = result.above(args.fail_above)
+        if above:
+            worst = max(above, key=lambda c: abs(c.relative_change))
+            err.write(f"drift: {len(above)} relative changes above {args.fail_above:g}, the largest "
+                      f"{worst.relative_change:+.3g} ({worst.quantity} {worst.statistic} of {worst.variable})\n")
+            return 1
+    return 0
+
+
+def _report(args, out, err) -> int:
+    from pipeline.report import write_report
+
+    if args.sigma is not None and not args.sigma > 0:
+        raise InputError(f"--sigma must be a positive width, got {args.sigma}: e.g. --sigma 0.01")
+    report = write_report(args.run_dir, out=args.out, baseline=args.baseline, sigma=args.sigma)
+    out.write(f"{len(report.plots)} plots in {report.out_dir}\n")
+    out.write(report.html + "\n")
+    return 0
+
+
+HANDLERS = {"run": _run, "validate": _validate, "show": _show, "submit": _submit, "compare": _compare,
+            "report": _report}
 
 
 def main(argv: list[str] | None = None, out=None, err=None) -> int:

@@ -71,6 +71,16 @@ def _dumps(value: dict, **kwargs) -> str:
     return json.dumps(value, default=_json_default, allow_nan=True, **kwargs)
 
 
+def _fault(point: str) -> None:
+    """Test hook: ``HESSIAN_PIPELINE_FAULT=publish-before-rename`` ends the process here
+    (see ``pipeline/faults.py``), to show that a crash mid-publish leaves no half result."""
+    if point in os.environ.get("HESSIAN_PIPELINE_FAULT", ""):
+        from pipeline.faults import active, die
+
+        if active(point) is not None:
+            die(point)
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -172,6 +182,7 @@ class RunPublisher:
             handle.flush()
             os.fsync(handle.fileno())
         self._remove_stale()
+        _fault("publish-before-rename")
         try:
             os.rename(self._staging_path, self._final_path)
         except OSError as err:
@@ -186,6 +197,7 @@ class RunPublisher:
         self._fs.create_dir(self._final_path, recursive=True)
         for filename in sorted(self._written):
             self._fs.copy_file(f"{self._staging_path}/{filename}", f"{self._final_path}/{filename}")
+        _fault("publish-before-manifest")
         with self._fs.open_output_stream(f"{self._final_path}/{MANIFEST}") as stream:
             stream.write(text.encode())
         self.abort()
@@ -200,6 +212,13 @@ class RunPublisher:
                 shutil.rmtree(self._final_path)
             else:
                 self._fs.delete_dir(self._final_path)
+        if self._local:
+            # Staging folders of this run id left by a crash during an earlier publish.
+            own = os.path.basename(self._staging_path)
+            prefix = f".staging-run={self.run_id}-"
+            for entry in os.listdir(self._date_path):
+                if entry.startswith(prefix) and entry != own and len(entry) == len(own):
+                    shutil.rmtree(f"{self._date_path}/{entry}", ignore_errors=True)
 
     def abort(self) -> None:
         """Remove the staging directory (best effort: called while something else failed)."""

@@ -32,6 +32,9 @@ SUMMARY_QUANTITIES = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gr
 # gradient-equivalents in total unless ``force: true`` (about a day on one CPU core for a
 # small model).
 EXACT_DIAGONAL_LIMIT = 5e7
+# A shard that fails (an exception, or a worker lost after Ray's own restarts) is moved to
+# another worker this many times before the run stops (exit status 1).
+SHARD_RETRIES = 2
 
 
 @dataclass
@@ -133,8 +136,11 @@ def estimated_passes(job) -> int:
 
 
 def make_plan(job, output: str | None = None, run_id: str | None = None, workers: int | None = None,
-              cluster: dict | None = None, now: _dt.datetime | None = None) -> Plan:
-    """Checks the job against the model and the data and decides shards and workers."""
+              cluster: dict | None = None, now: _dt.datetime | None = None, shards: int | None = None) -> Plan:
+    """Checks the job against the model and the data and decides shards and workers.
+
+    ``shards`` overrides ``job.shards`` (a resumed run keeps the layout it started with).
+    """
     from pipeline.data import check_schema, plan_data
     from pipeline.tables import read_vectors
 
@@ -145,7 +151,7 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     gpus = int(cluster.get("GPU", 0))
     if workers is None:
         workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
-    data = plan_data(job.data, job.shards, workers)
+    data = plan_data(job.data, shards or job.shards, workers)
     check_schema(data.schema, job.data, signature)
     workers = max(1, min(int(workers), len(data.shards)))
     plan = Plan(job=job, data=data, signature=signature, workers=workers, gpus=gpus if gpus else 0,
@@ -257,51 +263,130 @@ class WorkerPool:
             cpus = max(1.0, float(int(free // plan.workers))) if free >= plan.workers else 1.0
         threads = 0 if gpu else int(cpus)
         actor = remote_worker_class(gpu, cpus if not gpu else 1.0)
-        self.actors = [actor.remote(plan.job, plan.data.uri, threads, gpu) for _ in range(plan.workers)]
+        # Workers keep shards in memory only for the passes after the first (spectral
+        # quantities): in a one-pass run the cache would grow with the data for nothing.
+        cache = 1 << 30 if plan.passes > 1 else 0
+        self._start = lambda: actor.remote(plan.job, plan.data.uri, threads, gpu, cache)
+        self.actors = [self._start() for _ in range(plan.workers)]
         infos = ray.get([a.info.remote() for a in self.actors])
         self.names = [info["worker"] for info in infos]
         self.passes = 0
+        self.resumed = 0  # shards of the main pass taken from staging
+        # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
+        self.replacements_left = 2 * plan.workers
 
-    def map_shards(self, method: str, argument, label: str, progress_stream, show: bool = True) -> Reducer:
-        """Runs ``actor.<method>(shard, argument)`` on every shard, adding results as they arrive."""
+    def _rows(self, shard) -> str:
+        return f"rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
+
+    def _resume_hint(self) -> str:
+        return f"run the same command with --run-id {self.plan.run_id} to resume (finished shards are kept)"
+
+    def map_shards(self, method: str, argument, label: str, progress_stream, show: bool = True,
+                   store=None) -> Reducer:
+        """Runs ``actor.<method>(shard, argument)`` on every shard, adding results as they arrive.
+
+        Each shard is added once, by its index, whatever happens to the workers. A shard whose
+        worker died (after Ray restarted it and ran the shard again ``MAX_RESTARTS`` times) or
+        that raised an ordinary exception is moved to another worker, up to ``SHARD_RETRIES``
+        more times; then the run stops with a ``ComputeError`` naming the shard. Input errors
+        found by a worker stop the run at once. With ``store`` (a ``staging.PartialStore``),
+        shards already staged are not computed again and each new one is staged as it arrives.
+        """
         import ray
 
+        from pipeline import faults
+
         shards = self.plan.data.shards
-        pending = deque(shards)
         reducer = Reducer()
         progress = Progress(progress_stream, self.plan.data.rows, label, enabled=show)
+        finished: set[int] = set()
+        if store is not None:
+            staged = store.load(shards)
+            for index, partial in sorted(staged.items()):
+                reducer.add(partial)
+                finished.add(index)
+            self.resumed = len(staged)
+            if staged:
+                progress_stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
+                                      f"computing {len(shards) - len(staged)}\n")
+                progress.rows = sum(s.rows for s in shards if s.index in finished)
+                progress.shards = len(finished)
+        pending = deque(s for s in shards if s.index not in finished)
+        kill_driver = faults.active("kill-driver") if store is not None else None
+        staged_now = 0
+        attempts: dict[int, int] = {}
         argument_ref = ray.put(argument)
         inflight = {}
+        idle = []
 
         def submit(actor):
             shard = pending.popleft()
             inflight[getattr(actor, method).remote(shard, argument_ref)] = (actor, shard)
 
-        for actor in self.actors:
+        def retry(shard, cause: str, lost_worker: bool):
+            attempts[shard.index] = attempts.get(shard.index, 0) + 1
+            if attempts[shard.index] > SHARD_RETRIES or not self.actors:
+                what = "lost its worker" if lost_worker else "failed"
+                raise ComputeError(
+                    f"shard {shard.index} ({self._rows(shard)}) {what} after its retries: {cause}; "
+                    f"{self._resume_hint()}") from None
+            self.log.write(f"shard {shard.index} ({self._rows(shard)}): {cause}; trying again "
+                           f"({attempts[shard.index]} of {SHARD_RETRIES})\n")
+            pending.appendleft(shard)
+
+        for actor in list(self.actors):
             if pending:
                 submit(actor)
+            else:
+                idle.append(actor)
         while inflight:
             done, _ = ray.wait(list(inflight), num_returns=1)
             actor, shard = inflight.pop(done[0])
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayTaskError as err:
-                cause = err.as_instanceof_cause() if hasattr(err, "as_instanceof_cause") else err
+                cause = getattr(err, "cause", None)
                 if isinstance(cause, (InputError, ComputeError)):
-                    raise type(cause)(str(cause).splitlines()[-1] if str(cause) else repr(cause)) from None
-                raise ComputeError(
-                    f"shard {shard.index} (rows {shard.first_row}-{shard.first_row + shard.rows - 1}) failed after "
-                    f"its retries: {str(err).strip().splitlines()[-1]}; run the same command with --run-id "
-                    f"{self.plan.run_id} to try again") from None
-            except ray.exceptions.RayActorError as err:
-                raise ComputeError(
-                    f"shard {shard.index} (rows {shard.first_row}-{shard.first_row + shard.rows - 1}) lost its worker "
-                    f"after its retries ({type(err).__name__}); run the same command with --run-id "
-                    f"{self.plan.run_id} to try again") from None
-            reducer.add(result.partial)
-            progress.update(shard.rows, len(shards))
-            if pending:
-                submit(actor)
+                    # Bad data or a deterministic failure: trying again cannot help.
+                    raise type(cause)(" ".join(str(cause).split())) from None
+                retry(shard, _cause(err), lost_worker=False)
+            except ray.exceptions.RayError as err:
+                # RayActorError, ObjectLostError, ...: the worker process (or its node) is gone
+                # and Ray's own restarts are spent. Drop it, start a fresh one, move the shard.
+                if actor in self.actors:
+                    self.actors.remove(actor)
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:  # noqa: BLE001 - it is already dead
+                        pass
+                    if self.replacements_left > 0:
+                        self.replacements_left -= 1
+                        self.actors.append(self._start())
+                        idle.append(self.actors[-1])
+                retry(shard, f"its worker died ({type(err).__name__})", lost_worker=True)
+                actor = None
+            else:
+                if result.index != shard.index:
+                    raise ComputeError(f"shard {shard.index} came back as shard {result.index}: "
+                                       f"{self._resume_hint()}")
+                if shard.index not in finished:  # never add a shard twice
+                    finished.add(shard.index)
+                    if store is not None:
+                        store.save(shard, result.partial)
+                        staged_now += 1
+                        if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
+                            faults.die(f"kill-driver after {staged_now} shards")
+                    reducer.add(result.partial)
+                    progress.update(shard.rows, len(shards))
+                    if result.worker not in self.names:
+                        self.names.append(result.worker)
+            if actor is not None:
+                idle.append(actor)
+            while pending and idle:
+                submit(idle.pop(0))
+        if len(finished) != len(shards):
+            missing = sorted({s.index for s in shards} - finished)
+            raise ComputeError(f"shards {missing[:10]} were never computed (no worker left): {self._resume_hint()}")
         self.passes += 1
         return reducer
 
@@ -314,7 +399,16 @@ class WorkerPool:
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - closing after a failure: some may be gone
+                pass
+
+
+def _cause(err) -> str:
+    """The last line of a worker's exception: its type and message, not Ray's traceback."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -389,7 +483,9 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
 
     With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
     local run). Input problems (an existing run, an unwritable output, a bad model or data)
-    are found before any worker starts.
+    are found before any worker starts. Called again with the ``run_id`` of an interrupted
+    run, it resumes: the shards staged by ``pipeline.staging`` are not computed again, and
+    the run keeps its original start date (docs/failures.md).
     """
     from pipeline.publish import RunPublisher
 
@@ -403,40 +499,58 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         return make_plan(job, output, run_id, workers, cluster, now)
 
     started = time.time()
+    store = None
+    if not dry_run:
+        from pipeline.staging import PartialStore
+
+        # An interrupted run with this id keeps its start (and so its date) and its layout.
+        store = PartialStore(output or job.output, job.name, run_id)
+        now = store.started() or now
     publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id, now.strftime("%Y-%m-%d"))
     owns_ray = _connect(address)
     import ray
 
     try:
-        plan = make_plan(job, output, run_id, workers, ray.cluster_resources(), now)
+        staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
+        plan = make_plan(job, output, run_id, workers, ray.cluster_resources(), now, shards=staged_shards)
         if dry_run:
             return plan
         with publisher:
+            store.open(plan, now)
             stream.write(plan.describe() + "\n")
-            pool = WorkerPool(plan, stream)
             try:
-                results, passes, extra = _compute(plan, pool, stream)
-            finally:
-                pool.close()
+                pool = WorkerPool(plan, stream)
+                try:
+                    results, passes, extra = _compute(plan, pool, stream, store)
+                finally:
+                    pool.close()
+            except InputError:
+                # Bad data found while computing: the staged partials can never be resumed
+                # (the data must change), so leave nothing behind.
+                store.remove()
+                raise
+            extra["resumed_shards"] = pool.resumed
             manifest = _manifest(plan, results, passes, extra, started, now.isoformat(timespec="seconds"),
                                  pool.names)
             _write_tables(publisher, plan, results, manifest)
             run_dir = publisher.publish(manifest)
+        store.remove()
         return RunResult(run_dir=run_dir, manifest=manifest, results=results)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def _compute(plan: Plan, pool: WorkerPool, stream):
+def _compute(plan: Plan, pool: WorkerPool, stream, store=None):
     job = plan.job
     work = batch_work(job, plan)
-    reducer = pool.map_shards("compute", work, job.name, stream)
+    # The main pass is staged shard by shard (resumable); spectral passes are not.
+    reducer = pool.map_shards("compute", work, job.name, stream, store=store)
     if job.include_regularization:
         reducer.add_regularization(pool.call_one("regularization", work))
     if reducer.total.examples != plan.data.rows:
         raise ComputeError(f"reduced {reducer.total.examples} examples but planned {plan.data.rows}: a shard was "
-                           "lost or counted twice; run again")
+                           f"lost or counted twice; run the same command with --run-id {plan.run_id} to resume")
     results = reducer.result()
     extra = {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
     spectral = {k: job.quantities[k] for k in ("trace", "eigenvalues", "spectrum") if k in job.quantities}
@@ -494,6 +608,7 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "variables": [{"name": n, "shape": list(s)} for n, s in zip(plan.signature.variables,
                                                                     plan.signature.variable_shapes)],
         "passes": passes,
+        "resumed_shards": int(extra.get("resumed_shards", 0)),
         "started_at": started_at,
         "finished_at": _now(),
         "seconds": round(finished - started, 3),

@@ -5,13 +5,17 @@ from __future__ import annotations
 from pipeline.errors import InputError
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: list[list[str]], header: list[str], text_columns: int = 2) -> str:
+    """Aligned columns: the first ``text_columns`` to the left, numbers (and their headers)
+    to the right, so that each header sits over its digits."""
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(str(v).rjust(w) if i > 1 else str(v).ljust(w)
-                               for i, (v, w) in enumerate(zip(row, widths))))
+
+    def line(values) -> str:
+        return "  ".join(str(v).ljust(w) if i < text_columns else str(v).rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    lines = [line(header), "  ".join("-" * w for w in widths)]
+    lines += [line(row) for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -24,12 +28,16 @@ def _number(value) -> str:
 
 def show_run(run_dir: str) -> str:
     """The run as text: manifest facts, then one table per result file present."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.data import resolve_filesystem
     from pipeline.publish import read_manifest
 
     manifest = read_manifest(run_dir)
+    if not manifest.get("status") == "complete":
+        raise InputError(f"{run_dir} is not a complete run (status {manifest.get('status')!r})")
+    variables = ", ".join(f"{v['name']} {tuple(v['shape'])}" for v in manifest.get("variables", []))
     facts = [
         ("run", manifest.get("run_id")), ("date", manifest.get("date")), ("status", manifest.get("status")),
         ("job", manifest.get("job", {}).get("name")), ("model", manifest.get("model", {}).get("path")),
@@ -37,7 +45,8 @@ def show_run(run_dir: str) -> str:
         ("data", f"{manifest.get('data', {}).get('rows')} rows, fingerprint "
                  f"{str(manifest.get('data', {}).get('fingerprint'))[:16]}"),
         ("examples", manifest.get("examples")), ("loss", _number(manifest.get("loss"))),
-        ("parameters", manifest.get("parameters")), ("shards", manifest.get("shards")),
+        ("parameters", manifest.get("parameters")), ("variables", variables or "-"),
+        ("shards", manifest.get("shards")),
         ("workers", manifest.get("workers")), ("passes", manifest.get("passes")),
         ("seconds", manifest.get("seconds")), ("files", ", ".join(manifest.get("files", []))),
     ]
@@ -45,9 +54,12 @@ def show_run(run_dir: str) -> str:
     text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in facts) + "\n"
     fs, root = resolve_filesystem(run_dir)
 
-    def read(name):
+    def read_table(name, columns=None):
         with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
-            return pq.read_table(handle).to_pylist()
+            return pq.read_table(handle, columns=columns)
+
+    def read(name):
+        return read_table(name).to_pylist()
 
     files = set(manifest.get("files", []))
     if "summary.parquet" in files:
@@ -58,12 +70,24 @@ def show_run(run_dir: str) -> str:
             ["variable", "quantity", "size", *columns])
     if "trace.parquet" in files:
         rows = read("trace.parquet")
-        text += "\ntrace\n" + _table([[r["method"], "", _number(r["estimate"]), _number(r["stderr"]), r["matvecs"]]
-                                      for r in rows], ["method", "", "estimate", "stderr", "matvecs"])
+        text += "\ntrace\n" + _table([[r["method"], _number(r["estimate"]), _number(r["stderr"]), r["matvecs"]]
+                                      for r in rows], ["method", "estimate", "stderr", "matvecs"], text_columns=1)
     if "eigenvalues.parquet" in files:
         rows = read("eigenvalues.parquet")
-        text += "\neigenvalues\n" + _table([[r["rank"], "", _number(r["eigenvalue"]), _number(r["residual"])]
-                                            for r in rows], ["rank", "", "eigenvalue", "residual"])
-    if not manifest.get("status") == "complete":
-        raise InputError(f"{run_dir} is not a complete run (status {manifest.get('status')!r})")
+        text += "\neigenvalues\n" + _table([[r["rank"], _number(r["eigenvalue"]), _number(r["residual"])]
+                                            for r in rows], ["rank", "eigenvalue", "residual"], text_columns=0)
+    present = []
+    if "hvp.parquet" in files:
+        vectors = len(pc.unique(read_table("hvp.parquet", ["vector"]).column("vector")))  # K x P rows: no lists
+        source = "random, saved in hvp_vectors.parquet" if "hvp_vectors.parquet" in files else "given vectors"
+        present.append(("hvp", f"{vectors} Hessian-vector products ({source}) in hvp.parquet"))
+    if "spectrum.parquet" in files:
+        rows = read("spectrum.parquet")
+        runs = len({r["run"] for r in rows})
+        nodes = [r["node"] for r in rows]
+        present.append(("spectrum", f"{runs} SLQ runs, {len(nodes)} nodes from {_number(min(nodes))} to "
+                                    f"{_number(max(nodes))} in spectrum.parquet (plots: hessian-pipeline report)"))
+    if present:
+        width = max(len(k) for k, _ in present)
+        text += "\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in present) + "\n"
     return text

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import ComputeError
+from pipeline.errors import InputError
 from pipeline.partial import Partial
+
+
+MAX_RESTARTS = 2
 
 
 @dataclass
@@ -54,7 +57,10 @@ class ShardWorker:
         self.uri = plan_uri
         self.engine = CurvatureEngine(load_model(job.model), resolve_loss(job.loss), precision=job.precision)
         self.signature = self.engine.signature
+        import ray
+
         self.name = f"{os.uname().nodename}:{os.getpid()}" + (":gpu" if gpu else "")
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.cache_bytes = int(cache_bytes)
         self._cache: dict[int, list] = {}
         self._cached_bytes = 0
@@ -63,7 +69,7 @@ class ShardWorker:
         import tensorflow as tf
 
         return {"worker": self.name, "gpus": len(tf.config.get_visible_devices("GPU")),
-                "parameters": self.engine.parameters}
+                "parameters": self.engine.parameters, "node_id": self.node_id}
 
     def _batches(self, shard):
         """The shard's batches: from memory if cached, else streamed from Parquet."""
@@ -87,14 +93,46 @@ class ShardWorker:
             self._cached_bytes += size
 
     def compute(self, shard, work) -> ShardResult:
-        """Streams ``shard`` and returns the sum of its batches' partials."""
+        """Streams ``shard`` and returns the sum of its batches' partials.
+
+        Bad data found on the way (non-finite values, labels outside the classes of a sparse
+        loss) and a non-finite loss or gradient are ``InputError``s that name the shard and
+        the row: retrying would fail the same way.
+        """
+        from pipeline.faults import worker_faults
+
+        worker_faults(shard.index, self.node_id)
         start = time.perf_counter()
         total = Partial()
         for batch in self._batches(shard):
+            _check_data(batch, shard, self.job.data)
+            _check_labels(batch, shard, self.job.data, self.engine.loss, self.signature)
             part = self.engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
-            _check_finite(part, shard, batch)
+            if not _finite(part):
+                raise self._non_finite(part, shard, batch)
             total.add(part)
         return ShardResult(shard.index, total, time.perf_counter() - start, self.name)
+
+    def _non_finite(self, part: Partial, shard, batch) -> InputError:
+        """Finds the first row whose own loss or gradient is not finite (one row at a time)."""
+        from pipeline.curvature.engine import BatchWork
+
+        bad = [key for key in ("loss", "gradient") if key in part.sums and not np.all(np.isfinite(part.sums[key]))]
+        what = " and ".join(bad) or "curvature sums"
+        first, last = int(batch.rows[0]), int(batch.rows[-1])
+        single = BatchWork(gradient=True)
+        for i, row in enumerate(batch.rows):
+            one = self.engine.partial([a[i:i + 1] for a in batch.inputs], [a[i:i + 1] for a in batch.labels],
+                                      None if batch.weights is None else batch.weights[i:i + 1],
+                                      batch.rows[i:i + 1], single)
+            if not _finite(one):
+                return InputError(
+                    f"non-finite {what} in shard {shard.index} (rows {first}-{last}), first at row {int(row)} "
+                    "(its inputs are finite): the model overflows there; check that row and the model's "
+                    "weights, or try precision: float64")
+        return InputError(
+            f"non-finite {what} in shard {shard.index}, rows {first}-{last} (no single row is non-finite on its "
+            "own): check those rows and the model's weights, or try precision: float64")
 
     def regularization(self, work) -> Partial:
         return self.engine.regularization_partial(work)
@@ -106,23 +144,78 @@ class ShardWorker:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _check_finite(part: Partial, shard, batch) -> None:
-    """A non-finite loss or gradient poisons every sum: stop with the rows to look at."""
-    bad = [key for key in ("loss", "gradient") if key in part.sums and not np.all(np.isfinite(part.sums[key]))]
-    if not bad:
+def _finite(part: Partial) -> bool:
+    """A non-finite number in any sum poisons the whole result."""
+    return all(np.all(np.isfinite(value)) for value in part.sums.values())
+
+
+def _columns(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [c if isinstance(c, str) else ", ".join(c) for c in value.values()]
+    return list(value)
+
+
+def _check_data(batch, shard, data_spec) -> None:
+    """NaN or inf in features, labels or weights: an input error naming the column and row."""
+    features = _columns(data_spec.features)
+    labels = _columns(data_spec.labels)
+    groups = [(a, features[k] if len(features) == len(batch.inputs) else ", ".join(features))
+              for k, a in enumerate(batch.inputs)]
+    groups += [(a, labels[k] if len(labels) == len(batch.labels) else ", ".join(labels))
+               for k, a in enumerate(batch.labels)]
+    if batch.weights is not None:
+        groups.append((batch.weights, data_spec.weights))
+    for array, column in groups:
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+        if not finite.all():
+            row = int(batch.rows[int(np.flatnonzero(~finite)[0])])
+            raise InputError(f"column '{column}' has a NaN or infinite value at row {row} (shard {shard.index}): "
+                             "clean the data or drop that row")
+    if batch.weights is not None and np.any(batch.weights < 0):
+        row = int(batch.rows[int(np.flatnonzero(batch.weights < 0)[0])])
+        raise InputError(f"column '{data_spec.weights}' has a negative weight at row {row} (shard {shard.index}): "
+                         "weights must be >= 0")
+
+
+def _check_labels(batch, shard, data_spec, loss, signature) -> None:
+    """Sparse class labels outside ``[0, classes)``: TensorFlow would fail or return NaN."""
+    if getattr(loss, "family", None) != "categorical_sparse":
         return
-    first, last = int(batch.rows[0]), int(batch.rows[-1])
-    raise ComputeError(
-        f"non-finite {' and '.join(bad)} in shard {shard.index}, rows {first}-{last}: check those rows "
-        "of the data (NaN or inf values, labels out of range) and the model's weights"
-    )
+    labels = _columns(data_spec.labels)
+    for k, (array, output) in enumerate(zip(batch.labels, signature.outputs)):
+        classes = output.shape[-1] if output.shape else None
+        if classes is None:
+            continue
+        values = np.asarray(array).reshape(len(array), -1)
+        bad = (values < 0) | (values >= classes)
+        if np.issubdtype(values.dtype, np.floating):
+            bad |= values != np.floor(values)
+        rows = np.flatnonzero(bad.any(axis=1))
+        if len(rows):
+            at = int(rows[0])
+            value = values[at][bad[at]][0]
+            column = labels[k] if len(labels) == len(batch.labels) else ", ".join(labels)
+            raise InputError(
+                f"column '{column}' has label {value.item()!r} at row {int(batch.rows[at])} (shard {shard.index}), "
+                f"outside the valid range 0-{classes - 1} of {loss.name}"
+                + (f" for output '{output.name}'" if len(signature.outputs) > 1 else "")
+                + f" ({classes} classes): fix the labels, or the loss")
 
 
 def remote_worker_class(gpu: bool, cpus: float):
     """``ShardWorker`` as a Ray actor class asking for one GPU, or for ``cpus`` CPUs."""
     import ray
 
+    from pipeline.faults import environment
+
     options = {"num_gpus": 1, "num_cpus": cpus} if gpu else {"num_cpus": cpus}
-    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning", **environment()}
+    # A worker process that dies is restarted by Ray and its in-flight shard run again on the
+    # new process (up to MAX_RESTARTS times); the driver then moves the shard to another worker
+    # (runner.WorkerPool), and counts each shard once, by its index.
     return ray.remote(ShardWorker).options(
-        **options, max_restarts=2, max_task_retries=2, runtime_env={"env_vars": env})
+        **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})

@@ -81,6 +81,11 @@ def load_model(model_spec):
                 ) from None
         return model
     local = _local_copy(model_spec.path)
+    import zipfile
+
+    if not zipfile.is_zipfile(local):  # Keras would say "File not found" about a file that exists
+        raise InputError(f"model {model_spec.path} is not a Keras 3 model file (a .keras file is a zip archive): "
+                         "save it with model.save('name.keras')")
     try:
         return keras.models.load_model(local, safe_mode=True, compile=False)
     except ValueError as exc:

@@ -1,0 +1,255 @@
+"""``compare RUN_A RUN_B``: what changed between two published runs (nightly drift).
+
+For every (variable, quantity) row the two runs' ``summary.parquet`` share, the change of
+``mean``, ``l2_norm`` and ``sum``; the change of the loss, of the trace estimate and of each
+top eigenvalue (by rank, when both runs asked for the same ``which``). Each change is given
+absolute, ``b - a``, and relative, ``(b - a) / |a|`` (``inf`` when ``a`` is 0 and ``b`` is not,
+0 when both are 0, NaN when either is NaN: an empty variable).
+
+Runs of different models (sha256) or data (fingerprint) are still compared: the differences
+then mix the model or data change with everything else, so ``Comparison.warnings`` says so.
+Storage only: PyArrow and numpy, runs local or URIs.
+
+Example::
+
+    >>> comparison = compare_runs("results/x/date=2026-11-25/run=a", "results/x/date=2026-11-26/run=b")  # doctest: +SKIP
+    >>> comparison.above(0.05)  # rows whose |relative change| exceeds 5%                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+
+from pipeline.errors import InputError
+
+STATISTICS = ("mean", "l2_norm", "sum")
+COLUMNS = ("variable", "quantity", "statistic", "a", "b", "change", "relative_change")
+FORMATS = ("table", "json", "csv")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One compared number: ``b - a`` and ``(b - a) / |a|``."""
+
+    variable: str
+    quantity: str
+    statistic: str
+    a: float
+    b: float
+
+    @property
+    def change(self) -> float:
+        return self.b - self.a
+
+    @property
+    def relative_change(self) -> float:
+        if math.isnan(self.a) or math.isnan(self.b):
+            return math.nan
+        if self.a == self.b:
+            return 0.0
+        if self.a == 0:
+            return math.copysign(math.inf, self.b)
+        return (self.b - self.a) / abs(self.a)
+
+    def as_dict(self) -> dict:
+        return {"variable": self.variable, "quantity": self.quantity, "statistic": self.statistic, "a": self.a,
+                "b": self.b, "change": self.change, "relative_change": self.relative_change}
+
+
+@dataclass
+class Comparison:
+    """Two runs' shared numbers side by side, and what makes the comparison less than like for like."""
+
+    run_a: str
+    run_b: str
+    manifest_a: dict
+    manifest_b: dict
+    changes: list[Change] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def above(self, threshold: float) -> list[Change]:
+        """Changes with ``|relative change| > threshold`` (NaN never is)."""
+        return [c for c in self.changes if abs(c.relative_change) > threshold]
+
+    def largest(self) -> Change | None:
+        finite = [c for c in self.changes if not math.isnan(c.relative_change)]
+        return max(finite, key=lambda c: abs(c.relative_change), default=None)
+
+
+# ------------------------------------------------------------------------------------ reading
+def _read_table(run_dir: str, name: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import resolve_filesystem
+
+    fs, root = resolve_filesystem(run_dir)
+    try:
+        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
+            return pq.read_table(handle).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"cannot read {run_dir}/{name} ({first}): the run is damaged, run it again") from None
+
+
+def _files(manifest: dict) -> set[str]:
+    return set(manifest.get("files") or [])
+
+
+def _float(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _short(text) -> str:
+    return str(text)[:12] if text else "?"
+
+
+# ---------------------------------------------------------------------------------- comparing
+def compare_runs(run_a: str, run_b: str) -> Comparison:
+    """Compares two complete runs (local directories or URIs); ``InputError`` if one is not a run."""
+    from pipeline.publish import read_manifest
+
+    manifest_a, manifest_b = read_manifest(run_a), read_manifest(run_b)
+    for run, manifest in ((run_a, manifest_a), (run_b, manifest_b)):
+        if manifest.get("status") != "complete":
+            raise InputError(f"{run} is not a complete run (status {manifest.get('status')!r}): compare finished runs")
+    result = Comparison(run_a, run_b, manifest_a, manifest_b)
+    _provenance_warnings(result)
+
+    result.changes.append(Change("__all__", "loss", "value", _float(manifest_a.get("loss")),
+                                 _float(manifest_b.get("loss"))))
+    files_a, files_b = _files(manifest_a), _files(manifest_b)
+    if "summary.parquet" in files_a and "summary.parquet" in files_b:
+        result.changes += _summary_changes(result, _read_table(run_a, "summary.parquet"),
+                                           _read_table(run_b, "summary.parquet"))
+    if "trace.parquet" in files_a and "trace.parquet" in files_b:
+        trace_a, trace_b = _read_table(run_a, "trace.parquet")[0], _read_table(run_b, "trace.parquet")[0]
+        if trace_a["method"] != trace_b["method"]:
+            result.warnings.append(f"the trace was estimated by {trace_a['method']} in A and by "
+                                   f"{trace_b['method']} in B")
+        result.changes.append(Change("__all__", "trace", "estimate", _float(trace_a["estimate"]),
+                                     _float(trace_b["estimate"])))
+    if "eigenvalues.parquet" in files_a and "eigenvalues.parquet" in files_b:
+        result.changes += _eigenvalue_changes(result, _read_table(run_a, "eigenvalues.parquet"),
+                                              _read_table(run_b, "eigenvalues.parquet"))
+    only = sorted((files_a ^ files_b) & {"summary.parquet", "trace.parquet", "eigenvalues.parquet"})
+    if only:
+        result.warnings.append(f"only one run has {', '.join(only)}: not compared")
+    return result
+
+
+def _provenance_warnings(result: Comparison) -> None:
+    a, b = result.manifest_a, result.manifest_b
+    sha_a, sha_b = (a.get("model") or {}).get("sha256"), (b.get("model") or {}).get("sha256")
+    if sha_a != sha_b:
+        result.warnings.append(f"different models (sha256 {_short(sha_a)} vs {_short(sha_b)}): the changes include "
+                               "the change of the model")
+    data_a, data_b = (a.get("data") or {}).get("fingerprint"), (b.get("data") or {}).get("fingerprint")
+    if data_a != data_b:
+        result.warnings.append(f"different data (fingerprint {_short(data_a)} vs {_short(data_b)}): the changes "
+                               "include the change of the data")
+
+
+def _summary_changes(result: Comparison, rows_a: list[dict], rows_b: list[dict]) -> list[Change]:
+    by_key_b = {(r["variable"], r["quantity"]): r for r in rows_b}
+    keys_a = {(r["variable"], r["quantity"]) for r in rows_a}
+    changes = []
+    for row in rows_a:  # in A's order: quantity-major, variables in parameter order
+        other = by_key_b.get((row["variable"], row["quantity"]))
+        if other is None:
+            continue
+        if row.get("size") != other.get("size"):
+            result.warnings.append(f"{row['variable']} ({row['quantity']}) has {row.get('size')} parameters in A "
+                                   f"and {other.get('size')} in B")
+        for statistic in STATISTICS:
+            changes.append(Change(row["variable"], row["quantity"], statistic, _float(row[statistic]),
+                                  _float(other[statistic])))
+    unmatched = len(keys_a ^ set(by_key_b))
+    if unmatched:
+        result.warnings.append(f"{unmatched} (variable, quantity) summary rows are in only one run: not compared")
+    return changes
+
+
+def _eigenvalue_changes(result: Comparison, rows_a: list[dict], rows_b: list[dict]) -> list[Change]:
+    def which(manifest):
+        return ((manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues", {}).get("which", "largest")
+
+    which_a, which_b = which(result.manifest_a), which(result.manifest_b)
+    if which_a != which_b:
+        result.warnings.append(f"eigenvalues are the {which_a} in A and the {which_b} in B: not compared")
+        return []
+    by_rank_b = {int(r["rank"]): r for r in rows_b}
+    return [Change("__all__", "eigenvalues", f"rank_{int(r['rank'])}", _float(r["eigenvalue"]),
+                   _float(by_rank_b[int(r["rank"])]["eigenvalue"]))
+            for r in sorted(rows_a, key=lambda r: int(r["rank"])) if int(r["rank"]) in by_rank_b]
+
+
+# ---------------------------------------------------------------------------------- rendering
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _percent(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    return f"{100 * value:+.3g}%"
+
+
+def _describe(label: str, run: str, manifest: dict) -> str:
+    return f"{label}: {run} (run {manifest.get('run_id')}, {manifest.get('date')}, {manifest.get('examples')} examples)"
+
+
+def render_table(result: Comparison) -> str:
+    """Aligned text: one line per compared number; relative changes in percent."""
+    header = ["variable", "quantity", "statistic", "a", "b", "change", "relative"]
+    rows = [[c.variable, c.quantity, c.statistic, _number(c.a), _number(c.b), _number(c.change),
+             _percent(c.relative_change)] for c in result.changes]
+    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
+    lines = [_describe("A", result.run_a, result.manifest_a), _describe("B", result.run_b, result.manifest_b), ""]
+    lines.append("  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    largest = result.largest()
+    if largest is not None:
+        lines += ["", f"largest relative change: {_percent(largest.relative_change)} ({largest.quantity} "
+                      f"{largest.statistic} of {largest.variable}), {len(result.changes)} numbers compared"]
+    return "\n".join(lines) + "\n"
+
+
+def _finite_or_none(value: float):
+    return value if math.isfinite(value) else None
+
+
+def render_json(result: Comparison) -> str:
+    """JSON (strict: non-finite numbers, an empty variable's NaN or an infinite relative change, are null)."""
+    def run(label_run, manifest):
+        return {"run_dir": label_run, "run_id": manifest.get("run_id"), "date": manifest.get("date"),
+                "model_sha256": (manifest.get("model") or {}).get("sha256"),
+                "data_fingerprint": (manifest.get("data") or {}).get("fingerprint")}
+
+    changes = [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in c.as_dict().items()}
+               for c in result.changes]
+    document = {"a": run(result.run_a, result.manifest_a), "b": run(result.run_b, result.manifest_b),
+                "warnings": result.warnings, "changes": changes}
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"
+
+
+def render_csv(result: Comparison) -> str:
+    """CSV with a header; ``inf``/``-inf`` as written, NaN as an empty field."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for c in result.changes:
+        writer.writerow([("" if math.isnan(v) else repr(v)) if isinstance(v, float) else v
+                         for v in (c.as_dict()[k] for k in COLUMNS)])
+    return buffer.getvalue()
+
+
+RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv}

@@ -1,0 +1,588 @@
+"""``report RUN_DIR``: PNG plots of a run and one HTML page that shows them with its tables.
+
+Every plot is an 800 x 450 pixel PNG (``PLOT_PIXELS``), drawn with matplotlib's
+object-oriented API on the Agg canvas (no pyplot, no display, the user's backend and style
+untouched); ``index.html`` references each PNG by its file name, so the folder is the report
+and works wherever it is copied. With a baseline run every plot overlays the two: the run in
+solid lines, the baseline dashed.
+
+The plots, each a function that returns a matplotlib ``Figure`` (for notebooks):
+
+- ``plot_diagonals``: per variable, histograms of ``log10 |d|`` for the Hessian, GGN and
+  Fisher diagonals ``d``. Signs are kept apart, never folded: positive entries are counted
+  above the axis, negative ones (by magnitude) below it, and exact zeros (which have no
+  logarithm) are counted in the legend.
+- ``plot_variables``: the mean ``|d|`` of each variable (from ``summary.parquet``), log scale.
+- ``plot_eigenvalues``: the top eigenvalues by rank; the error bar is the residual
+  ``r = |Hv - theta v|``, which bounds the distance to an eigenvalue of ``H``
+  (``min_i |lambda_i - theta| <= r`` for a unit ``v`` and a symmetric ``H``).
+- ``plot_spectrum``: the spectral density from the SLQ nodes and weights, smoothed with a
+  Gaussian of width ``sigma`` (``pipeline.spectrum.slq.density``) and drawn on a log scale
+  as in Ghorbani, Krishnan, Xiao 2019.
+- ``plot_trace``: every trace estimate the run holds, with 1 and 2 standard errors: the
+  ``trace`` quantity, the sum of the exact Hessian diagonal, and the SLQ estimate
+  ``P * mean_r sum_j w_rj theta_rj`` (a Hutchinson estimate with one probe per SLQ run).
+
+Cost: reading the run's tables and about 0.1 s per plot; no TensorFlow, no Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.api import Run, load
+from pipeline.errors import InputError
+
+PLOT_INCHES = (8.0, 4.5)
+PLOT_DPI = 100
+PLOT_PIXELS = (800, 450)  # width, height of every PNG
+DIAGONALS = (("hessian_diagonal", "Hessian"), ("ggn_diagonal", "GGN"), ("fisher_diagonal", "Fisher"))
+COLORS = {"hessian_diagonal": "#1f77b4", "ggn_diagonal": "#ff7f0e", "fisher_diagonal": "#2ca02c"}
+# The Hessian drawn wider, under the others: for a last linear layer it equals the GGN exactly.
+WIDTHS = {"hessian_diagonal": 2.6, "ggn_diagonal": 1.4, "fisher_diagonal": 1.4}
+RUN_COLOR, BASELINE_COLOR = "#1f77b4", "#d62728"
+BINS = 60
+# The spectral density is drawn down to this fraction of its peak: below it the Gaussian
+# tails of the smoothing, not the spectrum, would fill the log scale.
+DENSITY_FLOOR = 1e-7
+
+
+# ------------------------------------------------------------------------------ helpers
+def _default_style(plot):
+    """Draws with matplotlib's default style, not the user's matplotlibrc: sizes and fonts are
+    part of the report (a ``savefig.bbox: tight`` there would change the pixel size)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        import matplotlib.style
+
+        with matplotlib.style.context("default"):
+            return plot(*args, **kwargs)
+
+    return wrapper
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI, layout="constrained")
+
+
+@_default_style
+def _save(figure, path: str) -> None:
+    figure.savefig(path, dpi=PLOT_DPI, format="png", metadata={"Software": "hessian-pipeline"})
+
+
+def _label(run: Run) -> str:
+    return f"{run.name} {run.run_id}"
+
+
+def _runs(run: Run, baseline: Run | None) -> list[tuple[Run, str, str]]:
+    """``(run, line style, legend prefix)``: the run solid, the baseline dashed."""
+    out = [(run, "-", "")]
+    if baseline is not None:
+        out.append((baseline, "--", "baseline "))
+    return out
+
+
+def _values(run: Run, column: str, variable: str | None) -> np.ndarray | None:
+    if not run.has("diagonals") or column not in run.quantities():
+        return None
+    if variable is None:
+        return run.diagonals[column].to_numpy(np.float64)
+    arrays = run.arrays(column)
+    return arrays[variable].reshape(-1) if variable in arrays else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "variable"
+
+
+def _fmt(value, digits: int = 6) -> str:
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# ------------------------------------------------------------------------------ plots
+@_default_style
+def plot_diagonals(run: Run, variable: str | None = None, baseline: Run | None = None):
+    """Histograms of ``log10 |d|`` per diagonal quantity of one variable (``None``: all).
+
+    Positive entries are counted above the axis, negative ones below it; zeros in the
+    legend. With hutchinson or mc standard errors, the legend also counts the entries within
+    two standard errors of zero (indistinguishable from zero at that precision).
+    """
+    figure = _figure()
+    ax = figure.add_subplot()
+    series = []
+    for source, style, prefix in _runs(run, baseline):
+        for column, name in DIAGONALS:
+            values = _values(source, column, variable)
+            if values is not None:
+                stderr = _values(source, f"{column}_stderr", variable)
+                series.append((source, style, prefix, column, name, values, stderr))
+    if not series:
+        raise InputError(f"run {run.run_id} has no Hessian, GGN or Fisher diagonal to plot")
+    magnitudes = np.concatenate([np.abs(v[np.isfinite(v) & (v != 0)]) for *_, v, _ in series])
+    if magnitudes.size:
+        low, high = np.log10(magnitudes.min()), np.log10(magnitudes.max())
+    else:
+        low, high = -1.0, 1.0
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    edges = 10.0 ** np.linspace(low, high, BINS + 1)
+    edges[0], edges[-1] = edges[0] * 0.999, edges[-1] * 1.001  # keep the extremes inside
+    top = bottom = 0.0
+    for source, style, prefix, column, name, values, stderr in series:
+        finite = values[np.isfinite(values)]
+        positive = np.histogram(finite[finite > 0], edges)[0]
+        negative = np.histogram(-finite[finite < 0], edges)[0]
+        zeros = int(np.sum(finite == 0))
+        text = f"{prefix}{name}: {int(positive.sum()):,} positive, {int(negative.sum()):,} negative"
+        if zeros:
+            text += f", {zeros:,} zero"
+        if stderr is not None and np.isfinite(stderr).any():
+            noisy = int(np.sum(np.abs(values) <= 2 * stderr))
+            text += f"; {noisy:,} within 2 s.e. of 0"
+        color = COLORS[column]
+        ax.stairs(positive, edges, color=color, linestyle=style, linewidth=WIDTHS[column], label=text)
+        if negative.any():
+            ax.stairs(-negative, edges, color=color, linestyle=style, linewidth=WIDTHS[column])
+        top, bottom = max(top, positive.max()), max(bottom, negative.max())
+    ax.set_xscale("log")
+    ax.axhline(0, color="black", linewidth=0.8)
+    # Room above the bars for the legend (about 4.5% of the height per line).
+    below = bottom * 1.08
+    legend = min(0.6, 0.05 + 0.045 * len(series))
+    ax.set_ylim(-below, (top + below) / (1 - legend) - below + 1)
+    ax.yaxis.set_major_locator(_integer_locator())
+    ax.yaxis.set_major_formatter(_absolute_count_formatter())
+    ax.set_xlabel("|diagonal entry| (log scale)")
+    ax.set_ylabel("entries per bin" + ("  (negative below 0)" if bottom else ""))
+    shape = dict(run.variables).get(variable) if variable else (run.parameters,)
+    where = variable if variable else "all parameters"
+    ax.set_title(f"{where} {tuple(shape) if shape else ''}: diagonals of H, GGN, Fisher", fontsize=11)
+    if bottom:
+        ax.text(0.005, 0.98, "positive entries", transform=ax.transAxes, va="top", fontsize=8, color="0.3")
+        ax.text(0.005, 0.02, "negative entries, by magnitude", transform=ax.transAxes, va="bottom", fontsize=8,
+                color="0.3")
+    else:
+        ax.text(0.005, 0.98, "every entry >= 0", transform=ax.transAxes, va="top", fontsize=8, color="0.3")
+    ax.legend(fontsize=7.5, loc="upper right", framealpha=0.85)
+    return figure
+
+
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _absolute_count_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{abs(value):,.0f}")
+
+
+@_default_style
+def plot_variables(run: Run, baseline: Run | None = None):
+    """Mean ``|d|`` of each variable for the Hessian, GGN and Fisher diagonals (log scale)."""
+    if not run.has("summary"):
+        raise InputError(f"run {run.run_id} has no summary.parquet")
+    names = [name for name, _ in run.variables]
+    position = {name: k for k, name in enumerate(names)}
+    figure = _figure()
+    ax = figure.add_subplot()
+    drawn = False
+    for source, style, prefix in _runs(run, baseline):
+        if not source.has("summary"):
+            continue
+        summary = source.summary
+        for column, name in DIAGONALS:
+            rows = summary[(summary["quantity"] == column) & (summary["variable"].isin(position))]
+            if rows.empty:
+                continue
+            x = rows["variable"].map(position).to_numpy()
+            order = np.argsort(x)
+            y = rows["abs_mean"].to_numpy(np.float64)[order]
+            ax.plot(x[order], np.where(y > 0, y, np.nan), marker="o" if not prefix else "s", markersize=5,
+                    linestyle=style, linewidth=0.8, color=COLORS[column], label=f"{prefix}{name}")
+            drawn = True
+    if not drawn:
+        raise InputError(f"run {run.run_id} has no Hessian, GGN or Fisher diagonal to plot")
+    ax.set_yscale("log")
+    ax.set_ylabel("mean |diagonal entry| (log scale)")
+    ax.set_title("per variable: mean |diagonal| of H, GGN, Fisher", fontsize=11)
+    if len(names) <= 24:
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    else:
+        ax.set_xlabel(f"variable (1 to {len(names)}, in parameter order)")
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=2 if baseline is not None else 1)
+    return figure
+
+
+@_default_style
+def plot_eigenvalues(run: Run, baseline: Run | None = None):
+    """Top eigenvalues by rank; error bars are the residuals ``|Hv - theta v|``."""
+    figure = _figure()
+    ax = figure.add_subplot()
+    values = []
+    for offset, (source, style, prefix) in enumerate(_runs(run, baseline)):
+        if not source.has("eigenvalues"):
+            continue
+        frame = source.eigenvalues.sort_values("rank")
+        rank = frame["rank"].to_numpy() + 0.12 * offset
+        eigen = frame["eigenvalue"].to_numpy(np.float64)
+        residual = frame["residual"].to_numpy(np.float64)
+        which = source.manifest.get("job", {}).get("quantities", {}).get("eigenvalues", {}).get("which", "")
+        color = BASELINE_COLOR if prefix else RUN_COLOR
+        ax.errorbar(rank, eigen, yerr=residual, fmt="o" if not prefix else "s", linestyle=style, linewidth=0.8,
+                    color=color, capsize=4, markersize=5,
+                    label=f"{prefix}{_label(source)} ({which}); largest residual {residual.max():.2g}")
+        for x, y in zip(rank, eigen):  # the run's labels left of its points, the baseline's right
+            ax.annotate(f"{y:.4g}", (x, y), textcoords="offset points", xytext=(7, 3) if prefix else (-7, -10),
+                        ha="left" if prefix else "right", fontsize=7, color=color)
+        values.append(eigen)
+    if not values:
+        raise InputError(f"run {run.run_id} has no eigenvalues.parquet")
+    every = np.concatenate(values)
+    nonzero = np.abs(every[every != 0])
+    scale = "linear scale"
+    if nonzero.size and nonzero.max() > 10 * nonzero.min():  # a log scale only where it shows more
+        if np.all(every > 0):
+            ax.set_yscale("log")
+            scale = "log scale"
+        else:
+            ax.set_yscale("symlog", linthresh=float(nonzero.min()))
+            scale = "symmetric log scale, linear near 0"
+    ranks = max(len(v) for v in values)
+    ax.set_xlim(0.4, ranks + 0.6)  # room for the labels beside the first and last points
+    ax.set_xlabel("rank")
+    ax.set_ylabel(f"eigenvalue of H ({scale})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title("extreme eigenvalues of H; error bar = residual |Hv - θv| (an eigenvalue lies within it)",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure
+
+
+def default_sigma(low: float, high: float) -> float:
+    """Gaussian width for the density: 1/400 of the spectrum's range (about 0.5% of its
+    half-width, near Ghorbani et al.'s sigma^2 = 1e-5 on a spectrum scaled to [-1, 1])."""
+    width = high - low
+    return width / 400 if width > 0 else max(abs(high), 1.0) * 1e-3
+
+
+def spectrum_facts(run: Run) -> dict:
+    """SLQ facts: runs, nodes, range, mass below zero and the trace estimate it implies."""
+    nodes, weights = run.spectrum_runs()
+    per_run = np.array([float(np.dot(n, w)) for n, w in zip(nodes, weights)])
+    size = run.parameters
+    negative = float(np.mean([np.sum(w[n < 0]) for n, w in zip(nodes, weights)]))
+    stderr = float(size * per_run.std(ddof=1) / np.sqrt(per_run.size)) if per_run.size > 1 else float("nan")
+    return {"runs": len(nodes), "nodes": max(len(n) for n in nodes), "low": float(min(n.min() for n in nodes)),
+            "high": float(max(n.max() for n in nodes)), "negative_mass": negative,
+            "trace": float(size * per_run.mean()), "trace_stderr": stderr}
+
+
+@_default_style
+def plot_spectrum(run: Run, baseline: Run | None = None, sigma: float | None = None):
+    """Gaussian-smoothed SLQ spectral density of H on a log scale; top eigenvalues marked."""
+    from pipeline.spectrum.slq import density
+
+    sources = [(s, style, prefix) for s, style, prefix in _runs(run, baseline) if s.has("spectrum")]
+    if not sources or not run.has("spectrum"):
+        raise InputError(f"run {run.run_id} has no spectrum.parquet")
+    facts = [spectrum_facts(s) for s, _, _ in sources]
+    low, high = min(f["low"] for f in facts), max(f["high"] for f in facts)
+    sigma = float(sigma) if sigma else default_sigma(low, high)
+    pad = max(5 * sigma, 0.02 * (high - low))
+    grid = np.linspace(low - pad, high + pad, 2001)
+    figure = _figure()
+    ax = figure.add_subplot()
+    peak = 0.0
+    for (source, style, prefix), fact in zip(sources, facts):
+        nodes, weights = source.spectrum_runs()
+        phi = density(nodes, weights, grid, sigma)
+        peak = max(peak, float(phi.max()))
+        color = BASELINE_COLOR if prefix else RUN_COLOR
+        ax.plot(grid, phi, linestyle=style, color=color, linewidth=1.4,
+                label=f"{prefix}{_label(source)}: {fact['runs']} runs x {fact['nodes']} nodes, "
+                      f"mass below 0: {fact['negative_mass']:.2%}")
+        if source.has("eigenvalues"):
+            for k, value in enumerate(source.eigenvalues["eigenvalue"].to_numpy(np.float64)):
+                ax.axvline(value, color=color, linestyle=":", linewidth=0.9, alpha=0.7,
+                           label=f"{prefix}top eigenvalues (Lanczos)" if k == 0 else None)
+    ax.set_yscale("log")
+    ax.set_ylim(peak * DENSITY_FLOOR, peak * 3)
+    ax.set_xlim(grid[0], grid[-1])
+    ax.axvline(0, color="0.5", linewidth=0.6)
+    ax.set_xlabel("eigenvalue of H")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(f"spectral density of H (stochastic Lanczos quadrature), Gaussian σ = {sigma:.3g}", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper right")
+    return figure
+
+
+def trace_estimates(run: Run) -> list[tuple[str, float, float]]:
+    """``(label, estimate, stderr)`` for every estimate of ``trace(H)`` the run holds."""
+    out = []
+    if run.has("trace"):
+        row = run.trace.iloc[0]
+        out.append((f"trace ({row['method']}, {int(row['matvecs'])} HVPs)", float(row["estimate"]),
+                    float(row["stderr"])))
+    diagonal = run.manifest.get("job", {}).get("quantities", {}).get("hessian_diagonal") or {}
+    if diagonal.get("method") == "exact" and run.has("summary"):
+        summary = run.summary
+        row = summary[(summary["variable"] == "__all__") & (summary["quantity"] == "hessian_diagonal")]
+        if not row.empty:
+            out.append(("sum of the exact Hessian diagonal", float(row["sum"].iloc[0]), 0.0))
+    if run.has("spectrum"):
+        facts = spectrum_facts(run)
+        out.append((f"SLQ ({facts['runs']} probes)", facts["trace"], facts["trace_stderr"]))
+    return out
+
+
+@_default_style
+def plot_trace(run: Run, baseline: Run | None = None):
+    """Every trace estimate of the run (and the baseline) with 1 and 2 standard errors."""
+    rows = []
+    for source, _, prefix in _runs(run, baseline):
+        rows += [(f"{prefix}{label}", estimate, stderr, bool(prefix)) for label, estimate, stderr in
+                 trace_estimates(source)]
+    if not any(not is_baseline for *_, is_baseline in rows):
+        raise InputError(f"run {run.run_id} has no trace, exact Hessian diagonal or spectrum")
+    figure = _figure()
+    ax = figure.add_subplot()
+    for y, (label, estimate, stderr, is_baseline) in enumerate(reversed(rows)):
+        color = BASELINE_COLOR if is_baseline else RUN_COLOR
+        spread = stderr if np.isfinite(stderr) else 0.0
+        ax.errorbar([estimate], [y], xerr=[[2 * spread], [2 * spread]], fmt="none", ecolor=color, elinewidth=1,
+                    capsize=4)
+        ax.errorbar([estimate], [y], xerr=[[spread], [spread]], fmt="o", color=color, elinewidth=3, markersize=6)
+        shown = f"{estimate:.6g}" + (f" ± {stderr:.2g}" if stderr > 0 else " (exact)" if stderr == 0 else
+                                      " (no s.e.)")
+        ax.annotate(shown, (estimate, y), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8,
+                    color=color)
+    ax.set_yticks(range(len(rows)), [label for label, *_ in reversed(rows)], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("trace(H)")
+    ax.set_title("trace of H: estimate, thick bar ±1 standard error, thin bar ±2", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.margins(x=0.15)
+    return figure
+
+
+# ------------------------------------------------------------------------------ the report
+@dataclass
+class Report:
+    """What ``write_report`` wrote: the folder, its HTML page and the PNG file names."""
+
+    out_dir: str
+    html: str
+    plots: list[str] = field(default_factory=list)
+
+
+def default_out(run: Run) -> str:
+    """``./report-NAME-RUN_ID``: a published run is never written to (and may be a URI)."""
+    return os.path.abspath(f"report-{_slug(run.name)}-{_slug(run.run_id)}")
+
+
+def write_report(run, out: str | None = None, baseline=None, sigma: float | None = None) -> Report:
+    """Writes the PNG plots and ``index.html`` for ``run`` (a ``Run`` or a run directory).
+
+    ``out`` defaults to ``./report-NAME-RUN_ID``; files there with the report's names are
+    replaced, others are left alone. ``baseline`` (a ``Run`` or a run directory) is overlaid
+    on every plot. ``sigma`` is the spectral density's Gaussian width (default: 1/400 of the
+    spectrum's range).
+    """
+    run = run if isinstance(run, Run) else load(run)
+    baseline = baseline if baseline is None or isinstance(baseline, Run) else load(baseline)
+    out = os.path.abspath(os.path.expanduser(out)) if out else default_out(run)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create report folder {out}: {err.strerror}: choose another --out") from err
+    report = Report(out_dir=out, html=os.path.join(out, "index.html"))
+    sections: dict[str, list[tuple[str, str]]] = {}
+
+    def save(section: str, figure, name: str, caption: str) -> None:
+        _save(figure, os.path.join(out, name))
+        report.plots.append(name)
+        sections.setdefault(section, []).append((name, caption))
+
+    has_diagonals = bool(set(run.quantities()) & {c for c, _ in DIAGONALS})
+    if run.has("trace") or run.has("spectrum") or (has_diagonals and trace_estimates(run)):
+        save("trace", plot_trace(run, baseline), "trace.png", "trace(H): every estimate in the run")
+    if run.has("eigenvalues"):
+        save("eigenvalues", plot_eigenvalues(run, baseline), "eigenvalues.png", "top eigenvalues of H")
+    if run.has("spectrum"):
+        save("spectrum", plot_spectrum(run, baseline, sigma), "spectrum.png", "spectral density of H")
+    if has_diagonals:
+        save("diagonals", plot_variables(run, baseline), "variables.png", "mean |diagonal| per variable")
+        save("diagonals", plot_diagonals(run, None, baseline), "diagonals-all.png", "all parameters")
+        for k, (name, shape) in enumerate(run.variables, start=1):
+            save("diagonals", plot_diagonals(run, name, baseline), f"diagonals-{k:02d}-{_slug(name)}.png",
+                 f"{name} {tuple(shape)}")
+    with open(report.html, "w", encoding="utf-8") as handle:
+        handle.write(_html(run, baseline, sections))
+    return report
+
+
+# ------------------------------------------------------------------------------ HTML
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { padding: 0.2em 0.7em; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+figure { display: inline-block; margin: 0.5em; } figcaption { font-size: 0.85em; color: #555; }
+img { width: 800px; max-width: 100%; border: 1px solid #eee; }
+code, pre { font-size: 0.85em; } pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f'<th class="n">{_e(h)}</th>' if i in numeric else f"<th>{_e(h)}</th>"
+                   for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="n">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
+                                    for i, v in enumerate(row)) + "</tr>\n" for row in rows)
+    return f"<table><tr>{head}</tr>\n{body}</table>\n"
+
+
+def _provenance(run: Run) -> list[tuple[str, str]]:
+    m = run.manifest
+    job = m.get("job", {})
+    data = m.get("data", {})
+    model = m.get("model", {})
+    quantities = "; ".join(f"{k} {json.dumps(v)}" if v else k for k, v in job.get("quantities", {}).items())
+    variables = ", ".join(f"{v['name']} {tuple(v['shape'])}" for v in m.get("variables", []))
+    return [
+        ("run directory", run.run_dir), ("run id", m.get("run_id")), ("date", m.get("date")),
+        ("status", m.get("status")), ("job", job.get("name")), ("loss function", json.dumps(job.get("loss"))),
+        ("loss", _fmt(m.get("loss"))), ("examples", _fmt(m.get("examples"))),
+        ("weight sum", _fmt(m.get("weight_sum"))), ("precision", job.get("precision")),
+        ("regularization included", job.get("include_regularization")), ("seed", job.get("seed")),
+        ("quantities", quantities), ("model", model.get("path")), ("model sha256", model.get("sha256")),
+        ("parameters", _fmt(m.get("parameters"))), ("variables", variables),
+        ("data", f"{data.get('rows', '?'):,} rows in {len(data.get('files', []))} files"
+                 if isinstance(data.get("rows"), int) else data.get("rows")),
+        ("data path", job.get("data", {}).get("path")), ("data fingerprint", data.get("fingerprint")),
+        ("shards", m.get("shards")), ("workers", m.get("workers")), ("passes over the data", m.get("passes")),
+        ("started", m.get("started_at")), ("finished", m.get("finished_at")), ("seconds", m.get("seconds")),
+        ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())),
+        ("files", ", ".join(m.get("files", []))),
+    ]
+
+
+def _summary_html(run: Run) -> str:
+    if not run.has("summary"):
+        return "<p>No summary (no diagonal quantity or gradient was computed).</p>\n"
+    frame = run.summary
+    columns = ["mean", "std", "min", "max", "abs_mean", "sum", "l2_norm"]
+    rows = [[r["variable"], r["quantity"], _fmt(int(r["size"])), *[_fmt(r[c]) for c in columns]]
+            for _, r in frame.iterrows()]
+    return _table(["variable", "quantity", "size", *columns], rows, numeric=set(range(2, 10)))
+
+
+def _figures(items: list[tuple[str, str]]) -> str:
+    return "".join(f'<figure><a href="{_e(name)}"><img src="{_e(name)}" alt="{_e(caption)}" '
+                   f'width="{PLOT_PIXELS[0]}" height="{PLOT_PIXELS[1]}"></a>'
+                   f"<figcaption>{_e(caption)} ({_e(name)})</figcaption></figure>\n" for name, caption in items)
+
+
+def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, str]]]) -> str:
+    title = f"{run.name} {run.run_id}"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+             f"<style>{_CSS}</style></head><body>\n<h1>{_e(run.name)} <small>{_e(run.run_id)}</small></h1>\n"]
+    facts = (f"loss {_fmt(run.loss)} over {_fmt(run.manifest.get('examples'))} examples, "
+             f"{_fmt(run.parameters)} parameters")
+    parts.append(f"<p>{_e(facts)}.")
+    if baseline is not None:
+        parts.append(f" Baseline (dashed in every plot): <b>{_e(_label(baseline))}</b>.")
+    parts.append("</p>\n")
+
+    parts.append("<h2>Trace</h2>\n")
+    estimates = [(f"{prefix}{label}", estimate, stderr) for source, _, prefix in _runs(run, baseline)
+                 for label, estimate, stderr in trace_estimates(source)]
+    if estimates:
+        parts.append(_table(["estimate of trace(H)", "value", "standard error"],
+                            [[label, _fmt(v), _fmt(s) if s else "0 (exact)"] for label, v, s in estimates],
+                            numeric={1, 2}))
+    else:
+        parts.append("<p>Not computed.</p>\n")
+    parts.append(_figures(sections.get("trace", [])))
+
+    parts.append("<h2>Top eigenvalues</h2>\n")
+    if run.has("eigenvalues"):
+        rows = [[int(r["rank"]), _fmt(r["eigenvalue"]), _fmt(r["residual"])] for _, r in run.eigenvalues.iterrows()]
+        header = ["rank", "eigenvalue", "residual |Hv - θv|"]
+        if baseline is not None and baseline.has("eigenvalues"):
+            theirs = {int(r["rank"]): r for _, r in baseline.eigenvalues.iterrows()}
+            rows = [row + ([_fmt(theirs[row[0]]["eigenvalue"]), _fmt(theirs[row[0]]["residual"])]
+                           if row[0] in theirs else ["", ""]) for row in rows]
+            header += ["baseline eigenvalue", "baseline residual"]
+        parts.append(_table(header, rows, numeric=set(range(len(header)))))
+    else:
+        parts.append("<p>Not computed.</p>\n")
+    parts.append(_figures(sections.get("eigenvalues", [])))
+
+    parts.append("<h2>Spectral density</h2>\n")
+    if run.has("spectrum"):
+        facts = spectrum_facts(run)
+        parts.append(f"<p>{facts['runs']} stochastic Lanczos quadrature runs of up to {facts['nodes']} nodes; nodes "
+                     f"from {_fmt(facts['low'])} to {_fmt(facts['high'])}; mass below zero "
+                     f"{facts['negative_mass']:.2%}.</p>\n")
+    else:
+        parts.append("<p>Not computed.</p>\n")
+    parts.append(_figures(sections.get("spectrum", [])))
+
+    parts.append("<h2>Diagonals</h2>\n")
+    if sections.get("diagonals"):
+        parts.append("<p>Histograms of log10 |entry|: positive entries above the axis, negative entries (by "
+                     "magnitude) below it, zeros counted in the legend.</p>\n")
+        parts.append(_figures(sections["diagonals"]))
+    else:
+        parts.append("<p>No Hessian, GGN or Fisher diagonal was computed.</p>\n")
+
+    parts.append("<h2>Hessian-vector products</h2>\n")
+    if run.has("hvp"):
+        count = run.hvp["vector"].nunique()
+        given = "random Rademacher vectors (hvp_vectors.parquet)" if run.has("hvp_vectors") else "the given vectors"
+        parts.append(f"<p>{count} products with {_e(given)}, in hvp.parquet.</p>\n")
+    else:
+        parts.append("<p>Not computed.</p>\n")
+
+    parts.append("<h2>Summary</h2>\n" + _summary_html(run))
+    if baseline is not None:
+        parts.append(f"<details><summary>Summary of the baseline {_e(_label(baseline))}</summary>\n"
+                     f"{_summary_html(baseline)}</details>\n")
+
+    parts.append("<h2>Provenance</h2>\n")
+    if baseline is None:
+        parts.append(_table(["", "run"], [[k, v] for k, v in _provenance(run)]))
+    else:
+        parts.append(_table(["", "run", "baseline"], [[k, v, b] for (k, v), (_, b) in
+                                                     zip(_provenance(run), _provenance(baseline))]))
+    parts.append("<details><summary>manifest.json</summary><pre>"
+                 f"{_e(json.dumps(run.manifest, indent=2))}</pre></details>\n")
+    parts.append("</body></html>\n")
+    return "".join(parts)

@@ -1,0 +1,222 @@
+"""Durable staging of finished shards, so that a run killed mid-way resumes where it stopped.
+
+Each finished shard's ``Partial`` of the main pass is saved, atomically (a temporary file,
+then one rename), to ``OUTPUT/NAME/.partials/run=RUN_ID/shard-00003.npz``, beside a
+``state.json`` written when the run starts::
+
+    {"run_id": ..., "date": "2026-11-26", "started_at": "2026-11-26T23:59:01+00:00",
+     "fingerprint": {"job": {...}, "model_sha256": ..., "data_fingerprint": ..., "shards": [[0, 58], ...],
+                     "hvp_vectors_sha256": ..., "version": ...}}
+
+Running the same command with the same ``--run-id`` reads ``state.json``: the run keeps its
+original start date (a run resumed after midnight UTC still publishes under the day it
+started), the fingerprint must equal the new plan's (same job apart from ``output``,
+``workers`` and ``shards``, same model bytes, same data files, same shard layout, same HVP
+vectors), and only the shards without a staged partial are computed. A mismatch is an
+input error that names what changed, never a silent mix. The folder is removed after a
+successful publish, and after an input error found while computing (the data must change,
+so the partials could never be used).
+
+Storage only: NumPy and PyArrow file systems (local paths and URIs alike), no Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import posixpath
+import secrets
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline import __version__
+from pipeline.data import resolve_filesystem
+from pipeline.errors import ComputeError, InputError
+from pipeline.partial import Partial
+
+STATE = "state.json"
+# Job keys that do not change a shard's partial sums: where results go and how many actors
+# compute them (the shard layout is compared on its own).
+_IRRELEVANT_KEYS = ("output", "workers", "shards")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def fingerprint(plan) -> dict:
+    """Everything a staged partial depends on, as JSON-able data."""
+    job = {k: v for k, v in plan.job.to_dict().items() if k not in _IRRELEVANT_KEYS}
+    vectors = None
+    if plan.hvp_vectors is not None:
+        vectors = hashlib.sha256(np.ascontiguousarray(plan.hvp_vectors, dtype=np.float64).tobytes()).hexdigest()
+    return {
+        "job": json.loads(json.dumps(job, default=str)),
+        "model_sha256": plan.model_sha256,
+        "data_fingerprint": plan.data.fingerprint,
+        "shards": [[int(s.first_row), int(s.rows)] for s in plan.data.shards],
+        "hvp_vectors_sha256": vectors,
+        "version": __version__,
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    said = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            said += _differences(a, b, name + ".")
+        else:
+            said.append(name)
+    return said
+
+
+_WHAT = {"model_sha256": "the model file", "data_fingerprint": "the data files", "shards": "the shard layout",
+         "hvp_vectors_sha256": "the HVP vectors", "version": "the hessian-pipeline version"}
+
+
+class PartialStore:
+    """The staged partials of one run id.
+
+    >>> store = PartialStore("results", "digits-mlp", "nightly-1")   # doctest: +SKIP
+    >>> store.started()            # None, or the original start of an interrupted run
+    >>> store.open(plan, now)      # writes state.json, or checks it against the plan
+    >>> store.load()               # {shard index: Partial} already finished
+    >>> store.save(shard, partial) # atomically, as each shard arrives
+    >>> store.remove()             # after the run is published
+    """
+
+    def __init__(self, output_root: str, name: str, run_id: str):
+        from pipeline.publish import _plain, _root
+
+        _plain(run_id, "run id", "--run-id")
+        _plain(name, "job name", "name in the job file")
+        root = _root(output_root)
+        self.location = f"{root}/{name}/.partials/run={run_id}"
+        self.run_id = run_id
+        self._fs, fs_root = resolve_filesystem(root)
+        self._path = f"{fs_root.rstrip('/')}/{name}/.partials/run={run_id}"
+        self._state: dict | None = None
+
+    # ------------------------------------------------------------------------ files
+    def _read(self, path: str) -> bytes | None:
+        try:
+            if self._fs.get_file_info(path).type != pafs.FileType.File:
+                return None
+            with self._fs.open_input_stream(path) as stream:
+                return stream.read()
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot read staged state {self.location}: {_first_line(err)}: check --output "
+                             "and its permissions") from err
+
+    def _write_atomic(self, path: str, payload: bytes) -> None:
+        """A reader sees the old file or the whole new one, never a part (temp + rename)."""
+        self._fs.create_dir(posixpath.dirname(path), recursive=True)
+        temporary = f"{posixpath.dirname(path)}/.tmp-{secrets.token_hex(6)}-{posixpath.basename(path)}"
+        with self._fs.open_output_stream(temporary) as stream:
+            stream.write(payload)
+        if isinstance(self._fs, pafs.LocalFileSystem):
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+        self._fs.move(temporary, path)
+
+    # ------------------------------------------------------------------------ state
+    def started(self) -> _dt.datetime | None:
+        """The UTC start of the interrupted run staged under this run id, if any."""
+        payload = self._read(f"{self._path}/{STATE}")
+        if payload is None:
+            return None
+        try:
+            self._state = json.loads(payload.decode("utf-8"))
+            return _dt.datetime.fromisoformat(self._state["started_at"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise InputError(f"staged state {self.location}/{STATE} is damaged ({_first_line(err)}): delete "
+                             f"{self.location} to start run {self.run_id} over") from err
+
+    @property
+    def staged_shards(self) -> int | None:
+        """How many shards the interrupted run was cut into (None without one)."""
+        if self._state is None:
+            return None
+        return len(self._state.get("fingerprint", {}).get("shards", [])) or None
+
+    def open(self, plan, started: _dt.datetime) -> None:
+        """Writes ``state.json`` for a new run, or checks a staged one against ``plan``."""
+        current = fingerprint(plan)
+        if self._state is not None:
+            changed = _differences(self._state.get("fingerprint", {}), current)
+            if changed:
+                shown = ", ".join(_WHAT.get(c, c if not c.startswith("job.") else c[4:]) for c in changed[:6])
+                raise InputError(
+                    f"run {self.run_id} has staged partials of a different job ({shown} changed since it "
+                    f"started): run the same job again, choose another --run-id, or delete {self.location}")
+            return
+        self._state = {"run_id": self.run_id, "date": plan.date, "started_at": started.isoformat(timespec="seconds"),
+                       "fingerprint": current}
+        try:
+            self._write_atomic(f"{self._path}/{STATE}", (json.dumps(self._state, indent=2) + "\n").encode())
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot write staged state under {self.location}: {_first_line(err)}: choose a "
+                             "writable --output") from err
+
+    # ------------------------------------------------------------------------ partials
+    def _shard_path(self, index: int) -> str:
+        return f"{self._path}/shard-{index:05d}.npz"
+
+    def save(self, shard, partial: Partial) -> None:
+        arrays = {f"sum_{key}": np.asarray(value, dtype=np.float64) for key, value in partial.sums.items()}
+        buffer = io.BytesIO()
+        np.savez(buffer, examples=np.int64(partial.examples), weight_sum=np.float64(partial.weight_sum),
+                 batches=np.int64(partial.batches), first_row=np.int64(shard.first_row),
+                 rows=np.int64(shard.rows), **arrays)
+        try:
+            self._write_atomic(self._shard_path(shard.index), buffer.getvalue())
+        except (pa.ArrowException, OSError) as err:
+            raise ComputeError(f"cannot stage shard {shard.index} under {self.location}: {_first_line(err)}; free "
+                               f"space or fix permissions, then run the same command with --run-id {self.run_id} "
+                               "to resume") from err
+
+    def load(self, shards) -> dict[int, Partial]:
+        """The staged partials of ``shards`` (a file that does not match its shard is ignored)."""
+        found = {}
+        try:
+            listed = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot list staged partials {self.location}: {_first_line(err)}") from err
+        names = {posixpath.basename(i.path) for i in listed if i.type == pafs.FileType.File}
+        for shard in shards:
+            name = posixpath.basename(self._shard_path(shard.index))
+            if name not in names:
+                continue
+            try:
+                with np.load(io.BytesIO(self._read(self._shard_path(shard.index)))) as data:
+                    if int(data["first_row"]) != shard.first_row or int(data["rows"]) != shard.rows:
+                        continue
+                    found[shard.index] = Partial(
+                        examples=int(data["examples"]), weight_sum=float(data["weight_sum"]),
+                        batches=int(data["batches"]),
+                        sums={key[4:]: np.array(data[key]) for key in data.files if key.startswith("sum_")})
+            except (ValueError, KeyError, OSError, TypeError):
+                continue  # unreadable: compute the shard again
+        return found
+
+    def remove(self) -> None:
+        """Deletes the staged partials (best effort: the run is already published)."""
+        try:
+            self._fs.delete_dir(self._path)
+        except (pa.ArrowException, OSError):
+            return
+        if isinstance(self._fs, pafs.LocalFileSystem):
+            try:  # only if empty: another run may be staging beside this one
+                os.rmdir(posixpath.dirname(self._path))
+            except OSError:
+                pass

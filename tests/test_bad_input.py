@@ -1,0 +1,245 @@
+"""Bad input: one clear line, exit status 2, nothing published, nothing existing touched.
+
+A representative few go through the command line for real (subprocess); the rest through
+the library (``load_job``, ``make_plan``, ``run``), which raises the same ``InputError`` that
+the command line prints as ``error: ...`` with exit status 2. Run with ``-s`` to see every
+message (docs/failures.md lists them).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import jobs
+from pipeline.errors import InputError
+from pipeline.job import load_job
+from pipeline.runner import EXACT_DIAGONAL_LIMIT, make_plan, run
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV.pop("HESSIAN_PIPELINE_FAULT", None)
+CLUSTER = {"CPU": 2}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    jobs.write_data(root / "data", rows=60, files=2)
+    jobs.write_model(str(root / "model.keras"))
+    return root
+
+
+def expect(call, needle):
+    """``call()`` raises an InputError (exit status 2) whose one line contains ``needle``."""
+    with pytest.raises(InputError) as raised:
+        call()
+    message = str(raised.value)
+    print(f"\nerror: {message}")
+    assert raised.value.exit_status == 2
+    assert "\n" not in message.strip() and "Traceback" not in message
+    assert needle in message, message
+    return message
+
+
+def plan(root, overrides=(), **extra):
+    return make_plan(load_job(jobs.job(root, {"gradient": {}}, **extra), list(overrides)), cluster=CLUSTER)
+
+
+def cli(*args, cwd=None):
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    print("\n" + "\n".join(errors))
+    assert done.returncode == 2, done.stderr
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    return errors[0]
+
+
+def _nothing_under(path):
+    """No published run (no run=... folder) and no staged partials under ``path``."""
+    found = [d for d, _, _ in os.walk(path) if os.path.basename(d).startswith(("run=", ".partials"))]
+    return not found
+
+
+# ------------------------------------------------------------------------- the job file
+def test_missing_job_file_cli(tmp_path):
+    assert "not found" in cli("run", str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_syntax_error_cli(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\ndata: {path: data/, features: [a, b\nloss: mse\n")
+    assert "YAML syntax error" in cli("validate", str(path))
+
+
+def test_unreadable_job_file(tmp_path):
+    expect(lambda: load_job(str(tmp_path)), "is a directory")
+    binary = tmp_path / "job.yaml"
+    binary.write_bytes(b"name: \xff\xfe\x00bad\n")
+    expect(lambda: load_job(str(binary)), "is not UTF-8 text")
+
+
+def test_unknown_key(root):
+    expect(lambda: load_job(jobs.job(root, {"gradient": {}}, shard=3)), "unknown key shard (did you mean shards?)")
+    expect(lambda: load_job(jobs.job(root, {"gradient": {}}, data={"batchsize": 3})), "unknown key data.batchsize")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+    ("data.batch_size=ten", "data.batch_size must be a positive integer, got 'ten'"),
+    ("quantities.hessian_diagonal={method: hutchinson, probes: -1}",
+     "quantities.hessian_diagonal.probes must be a positive integer, got -1"),
+    ("seed=-1", "seed must be an integer from 0 to 2147483647"),
+])
+def test_wrong_type_or_range(root, override, needle):
+    expect(lambda: load_job(jobs.job(root, {"gradient": {}}), [override]), needle)
+
+
+# ------------------------------------------------------------------------- the model and the loss
+def test_missing_model_file(root, tmp_path):
+    expect(lambda: plan(root, model=str(tmp_path / "nope.keras")), "not found")
+
+
+def test_file_that_is_not_a_model(root, tmp_path):
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"this is not a zip file")
+    expect(lambda: plan(root, model=str(junk)), "is not a Keras 3 model file")
+
+
+def test_model_that_needs_safe_mode_off(root, tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda x: x * 2.0), keras.layers.Dense(3)])
+    path = str(tmp_path / "lambda.keras")
+    model.save(path)
+    expect(lambda: plan(root, model=path), "needs safe_mode off")
+
+
+def test_unknown_loss(root):
+    expect(lambda: plan(root, loss="not_a_loss"), "unknown loss 'not_a_loss'")
+
+
+def test_piecewise_linear_loss_is_warned_about(root):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan(root, loss="mae")
+    said = [str(w.message) for w in caught if "piecewise linear" in str(w.message)]
+    print(f"\nwarning: {said[0]}")
+    assert said and "second derivative is zero" in said[0]
+
+
+# ------------------------------------------------------------------------- the data
+def test_data_path_without_parquet_files(root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    expect(lambda: plan(root, data={"path": str(tmp_path / "empty")}), "no Parquet files under")
+    expect(lambda: plan(root, data={"path": str(tmp_path / "absent")}), "does not exist")
+
+
+def test_missing_column(root):
+    expect(lambda: plan(root, ["data.features=pixels"]), "column 'pixels' not in data (columns: x, label, weight)")
+
+
+def test_feature_width_does_not_fit_the_model(root, tmp_path):
+    jobs.write_data(tmp_path / "narrow", rows=20, files=1, width=5)
+    expect(lambda: plan(root, data={"path": str(tmp_path / "narrow")}),
+           "column 'x' holds 5 values per row but model input")
+
+
+def test_empty_dataset(root, tmp_path):
+    (tmp_path / "none").mkdir()
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float64()), 6),
+                      "label": pa.array([], pa.int64())})
+    pq.write_table(table, str(tmp_path / "none" / "part-0.parquet"))
+    expect(lambda: plan(root, data={"path": str(tmp_path / "none")}), "is empty")
+
+
+def test_labels_out_of_range_cli(root, tmp_path):
+    """Found by the worker while reading; exit 2 from ``run``, nothing published or staged."""
+    x, labels, _ = jobs.write_data(tmp_path / "data", rows=60, files=1)
+    labels = labels.copy()
+    labels[41] = 7
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "label": pa.array(labels)})
+    pq.write_table(table, str(tmp_path / "data" / "part-000.parquet"))
+    spec = jobs.job(root, {"gradient": {}}, shards=2, workers=1, output=str(tmp_path / "out"))
+    spec["data"]["path"] = str(tmp_path / "data")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    line = cli("run", str(tmp_path / "job.yaml"), "--run-id", "labels")
+    assert "column 'label' has label 7 at row 41 (shard 1), outside the valid range 0-2" in line
+    assert _nothing_under(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------- HVP vectors
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "vector 0, variable 'hidden/kernel', index 0 is missing"),
+    ("extra", "more than once"),
+    ("unknown", "names unknown variable 'hidden/bogus'"),
+])
+def test_hvp_vectors_file(root, tmp_path, damage, needle):
+    from pipeline.tables import vectors_table
+
+    signature = plan(root).signature
+    table = vectors_table(signature.variables, signature.variable_shapes,
+                          np.ones((2, signature.parameters))).to_pydict()
+    if damage == "missing":
+        table = {k: v[1:] for k, v in table.items()}
+    elif damage == "extra":
+        table = {k: v + v[:1] for k, v in table.items()}
+    else:
+        table["variable"][3] = "hidden/bogus"
+    path = str(tmp_path / "vectors.parquet")
+    pq.write_table(pa.table(table), path)
+    expect(lambda: make_plan(load_job(jobs.job(root, {"hvp": {"vectors": path}})), cluster=CLUSTER), needle)
+
+
+# ------------------------------------------------------------------------- the output and the run id
+def test_output_that_cannot_be_written_cli(root, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    spec = jobs.job(root, {"gradient": {}}, output=str(blocker / "results"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert "cannot write to output" in cli("run", str(tmp_path / "job.yaml"))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_run_id_that_is_not_a_plain_name(root, tmp_path):
+    spec = load_job(jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out")))
+    expect(lambda: run(spec, run_id="../x"), "run id '../x' is not a plain name")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_id_already_published_cli(root, tmp_path):
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    existing = tmp_path / "out" / "test-job" / f"date={date}" / "run=done"
+    existing.mkdir(parents=True)
+    (existing / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    before = os.stat(existing / "manifest.json").st_mtime_ns
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert "run done already published" in cli("run", str(tmp_path / "job.yaml"), "--run-id", "done")
+    assert os.listdir(existing) == ["manifest.json"]
+    assert os.stat(existing / "manifest.json").st_mtime_ns == before
+
+
+def test_exact_diagonal_that_would_take_days(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2000, activation="tanh"), keras.layers.Dense(3)])
+    model.save(str(tmp_path / "model.keras"))
+    jobs.write_data(tmp_path / "data", rows=3000, files=1)
+    spec = jobs.job(tmp_path, {"hessian_diagonal": {"method": "exact"}}, data={"batch_size": 1})
+    assert 20003 * 3000 > EXACT_DIAGONAL_LIMIT
+    message = expect(lambda: make_plan(load_job(spec), cluster=CLUSTER), "60,009,000 Hessian-vector products")
+    assert "hutchinson" in message and "force=true" in message
+    forced = make_plan(load_job(spec, ["quantities.hessian_diagonal.force=true"]), cluster=CLUSTER)
+    assert any("60,009,000" in note for note in forced.notes)

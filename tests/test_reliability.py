@@ -1,0 +1,407 @@
+"""Failures on purpose: killed workers, failing shards, a killed driver, a crash mid-publish,
+a lost node, two runs at once. Faults are injected with ``HESSIAN_PIPELINE_FAULT``
+(``pipeline/faults.py``); every result is checked against the in-process engine."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import jobs
+from pipeline.curvature import BatchWork, CurvatureEngine, load_model, resolve_loss
+from pipeline.errors import ComputeError, InputError
+from pipeline.job import load_job
+from pipeline.publish import RunPublisher
+from pipeline.reduce import finalize
+from pipeline.runner import run
+
+pytestmark = pytest.mark.slow
+QUANTITIES = {"gradient": {}, "fisher_diagonal": {}, "hessian_diagonal": {"method": "exact"}}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV.pop("HESSIAN_PIPELINE_FAULT", None)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    x, labels, weights = jobs.write_data(root / "data")
+    jobs.write_model(str(root / "model.keras"))
+    engine = CurvatureEngine(load_model(load_job(jobs.job(root, {"gradient": {}})).model),
+                             resolve_loss(load_job(jobs.job(root, {"gradient": {}})).loss), precision="float64")
+    part = engine.partial([x], [labels], None, np.arange(len(labels)),
+                          BatchWork(hessian_diagonal="exact", fisher_diagonal=True))
+    return root, finalize(part)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def fault(monkeypatch, tmp_path):
+    """Sets HESSIAN_PIPELINE_FAULT for this test; returns a reader of the workers' log."""
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    monkeypatch.setenv("HESSIAN_PIPELINE_FAULT_DIR", str(folder))
+
+    def set_fault(value):
+        if value:
+            monkeypatch.setenv("HESSIAN_PIPELINE_FAULT", value)
+        else:
+            monkeypatch.delenv("HESSIAN_PIPELINE_FAULT", raising=False)
+
+    def computed():
+        """[(shard, pid, node)] in the order the workers started them."""
+        path = folder / "computed.log"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            fields = dict(part.split("=", 1) for part in line.split())
+            rows.append((int(fields["shard"]), fields["pid"], fields["node"]))
+        return rows
+
+    set_fault.computed = computed
+    set_fault.folder = folder
+    return set_fault
+
+
+def _diagonals(run_dir):
+    return pq.read_table(os.path.join(run_dir, "diagonals.parquet")).to_pydict()
+
+
+def _assert_matches(run_dir, expected, examples=230):
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    assert manifest["examples"] == examples and manifest["status"] == "complete"
+    assert manifest["loss"] == pytest.approx(float(expected["loss"]), rel=1e-12)
+    diagonals = _diagonals(run_dir)
+    for column in ("gradient", "fisher_diagonal", "hessian_diagonal"):
+        np.testing.assert_allclose(diagonals[column], expected[column], rtol=1e-9, atol=1e-13, err_msg=column)
+    return manifest
+
+
+def _partials(output, run_id):
+    return sorted(glob.glob(os.path.join(output, "test-job", ".partials", f"run={run_id}", "shard-*.npz")))
+
+
+# ------------------------------------------------------------------------- workers
+def test_killed_worker_shard_is_computed_again_once(ray_local, files, fault, tmp_path):
+    root, expected = files
+    fault("kill-worker:shard=3:once")
+    spec = load_job(jobs.job(root, QUANTITIES, shards=6, workers=2, output=str(tmp_path)))
+    result = run(spec, run_id="killed")
+    _assert_matches(result.run_dir, expected)
+    started = collections.Counter(shard for shard, _, _ in fault.computed())
+    # Shard 3 started twice (the first process died in it), every other shard once.
+    assert started == {0: 1, 1: 1, 2: 1, 3: 2, 4: 1, 5: 1}
+    pids = [pid for shard, pid, _ in fault.computed() if shard == 3]
+    assert pids[0] != pids[1]
+    assert result.manifest["resumed_shards"] == 0
+    assert not os.path.exists(os.path.join(str(tmp_path), "test-job", ".partials", "run=killed"))
+
+
+def test_failing_shard_stops_with_exit_1_then_resumes(ray_local, files, fault, tmp_path):
+    root, expected = files
+    output = str(tmp_path / "out")
+    job = jobs.job(root, QUANTITIES, shards=5, workers=1, output=output)
+    fault("fail-shard:shard=2")
+    with pytest.raises(ComputeError) as failed:
+        run(load_job(job), run_id="flaky")
+    message = str(failed.value)
+    print(f"\nerror: {message}")
+    assert failed.value.exit_status == 1
+    assert "shard 2 (rows 92-137) failed after its retries" in message
+    assert "fault injected: fail-shard 2" in message
+    assert "--run-id flaky to resume" in message
+    # First try and two retries; nothing published; the finished shards are staged.
+    assert collections.Counter(s for s, _, _ in fault.computed())[2] == 3
+    assert not glob.glob(os.path.join(output, "test-job", "date=*", "run=*"))
+    staged = _partials(output, "flaky")
+    assert len(staged) >= 2 and not any("shard-00002" in p for p in staged)
+
+    # A different job under the same run id is refused and the staged state is left alone.
+    with pytest.raises(InputError) as mismatch:
+        run(load_job(job, ["data.batch_size=16"]), run_id="flaky")
+    print(f"\nerror: {mismatch.value}")
+    assert "data.batch_size changed" in str(mismatch.value)
+    assert _partials(output, "flaky") == staged
+
+    fault(None)
+    before = len(fault.computed())
+    result = run(load_job(job), run_id="flaky")
+    recomputed = {s for s, _, _ in fault.computed()[before:]}
+    assert len(recomputed) == 5 - len(staged) and 2 in recomputed
+    assert result.manifest["resumed_shards"] == len(staged)
+    _assert_matches(result.run_dir, expected)
+    assert not os.path.exists(os.path.join(output, "test-job", ".partials"))
+
+
+def _bad_data(folder, nan_row=None, huge_row=None):
+    x, labels, _ = jobs.write_data(folder, files=1)
+    os.remove(os.path.join(folder, "part-000.parquet"))
+    x = x.copy()
+    if nan_row is not None:
+        x[nan_row, 2] = np.nan
+    if huge_row is not None:
+        x[huge_row] = 1e308
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "label": pa.array(labels)})
+    pq.write_table(table, os.path.join(folder, "part-000.parquet"), row_group_size=50)
+
+
+def _overflow_model(path):
+    """Logits = sum of the inputs in every class: 6e308 overflows to inf, the loss to NaN."""
+    import keras
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="out")])
+    model.get_layer("out").set_weights([np.ones((6, 3), np.float32), np.zeros(3, np.float32)])
+    model.save(path)
+
+
+@pytest.mark.parametrize("case", ["nan", "overflow"])
+def test_non_finite_values_name_the_shard_and_row(ray_local, files, tmp_path, case):
+    root, _ = files
+    _bad_data(tmp_path / "data", nan_row=57 if case == "nan" else None, huge_row=101 if case == "overflow" else None)
+    model = root / "model.keras"
+    if case == "overflow":
+        model = tmp_path / "overflow.keras"
+        _overflow_model(str(model))
+    job = jobs.job(tmp_path, {"gradient": {}}, shards=3, workers=1, output=str(tmp_path / "out"))
+    job["model"] = str(model)
+    with pytest.raises(InputError) as failed:
+        run(load_job(job), run_id="nonfinite")
+    message = str(failed.value)
+    print(f"\nerror: {message}")
+    assert failed.value.exit_status == 2
+    if case == "nan":
+        assert "column 'x' has a NaN or infinite value at row 57 (shard 0)" in message
+    else:
+        assert "in shard 1 (rows 77-108), first at row 101 (its inputs are finite)" in message
+    assert not glob.glob(str(tmp_path / "out" / "test-job" / "date=*" / "run=*"))
+    assert not (tmp_path / "out" / "test-job" / ".partials").exists()
+
+
+# ------------------------------------------------------------------------- the driver
+def _cli(job_file, *args, fault=None, fault_dir=None):
+    env = dict(ENV)
+    if fault:
+        env["HESSIAN_PIPELINE_FAULT"] = fault
+    if fault_dir:
+        env["HESSIAN_PIPELINE_FAULT_DIR"] = str(fault_dir)
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", str(job_file), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def test_driver_killed_then_publish_crash_then_resume(files, tmp_path):
+    root, expected = files
+    output = tmp_path / "out"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=5, workers=1, output=str(output))))
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def started_since(mark):
+        lines = (log / "computed.log").read_text().splitlines() if (log / "computed.log").exists() else []
+        return sorted(int(line.split()[0].split("=")[1]) for line in lines[mark:]), len(lines)
+
+    # 1. The driver dies after staging two shards: nothing is published.
+    killed = _cli(job_file, "--run-id", "nightly", fault="kill-driver:shards=2", fault_dir=log)
+    assert killed.returncode != 0 and "fault injected: kill-driver after 2 shards" in killed.stderr
+    assert len(_partials(str(output), "nightly")) == 2
+    assert not glob.glob(str(output / "test-job" / "date=*" / "run=*"))
+    first, mark = started_since(0)
+    assert first[:2] == [0, 1]
+    state_path = output / "test-job" / ".partials" / "run=nightly" / "state.json"
+    state = json.loads(state_path.read_text())
+    # Pretend the run started just before midnight UTC: the resumed run keeps that date.
+    state["started_at"] = "1999-12-31T23:59:30+00:00"
+    state["date"] = "1999-12-31"
+    state_path.write_text(json.dumps(state))
+
+    # 2. The same command resumes (3 shards computed), then dies just before the publishing rename.
+    crashed = _cli(job_file, "--run-id", "nightly", fault="publish-before-rename", fault_dir=log)
+    assert crashed.returncode != 0 and "fault injected: publish-before-rename" in crashed.stderr, crashed.stderr
+    assert "resumed 2 of 5 shards" in crashed.stderr
+    second, mark = started_since(mark)
+    assert second == [2, 3, 4]
+    # Either nothing or the complete run: here nothing visible, the staged files hidden.
+    assert not glob.glob(str(output / "test-job" / "date=*" / "run=*"))
+    assert len(glob.glob(str(output / "test-job" / "date=1999-12-31" / ".staging-run=nightly-*"))) == 1
+
+    # 3. Once more: nothing left to compute; published under the original date.
+    done = _cli(job_file, "--run-id", "nightly", fault_dir=log)
+    assert done.returncode == 0, done.stderr
+    assert "resumed 5 of 5 shards" in done.stderr
+    assert started_since(mark)[0] == []
+    run_dir = done.stdout.strip().splitlines()[-1]
+    assert run_dir == str(output / "test-job" / "date=1999-12-31" / "run=nightly")
+    manifest = _assert_matches(run_dir, expected)
+    assert manifest["resumed_shards"] == 5 and manifest["started_at"] == "1999-12-31T23:59:30+00:00"
+    assert not (output / "test-job" / ".partials").exists()
+    assert os.listdir(output / "test-job" / "date=1999-12-31") == ["run=nightly"]
+
+
+# ------------------------------------------------------------------------- storage
+def test_crash_during_publish_leaves_previous_state_or_complete_run(tmp_path):
+    """The publisher alone, killed at its last step, in a subprocess (no Ray, no TensorFlow)."""
+    script = f"""
+import pyarrow as pa
+from pipeline.publish import RunPublisher
+p = RunPublisher({str(tmp_path)!r}, "job", "r1", "2026-01-02")
+p.write_table("trace.parquet", pa.table({{"estimate": [1.0]}}), {{"run_id": "r1"}})
+print(p.publish({{"run_id": "r1", "status": "complete"}}))
+"""
+    env = {**ENV, "HESSIAN_PIPELINE_FAULT": "publish-before-rename"}
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert crashed.returncode == 1 and "fault injected" in crashed.stderr
+    date_dir = tmp_path / "job" / "date=2026-01-02"
+    assert not (date_dir / "run=r1").exists()
+    assert [p.name.startswith(".staging-run=r1-") for p in date_dir.iterdir()] == [True]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(date_dir / "run=r1")) == ["manifest.json", "trace.parquet"]
+    assert os.listdir(date_dir) == ["run=r1"]  # the crashed staging folder is cleaned up
+
+
+def test_staged_partials_round_trip_and_refuse_damage(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.data import Shard
+    from pipeline.partial import Partial
+    from pipeline.staging import PartialStore
+
+    shards = (Shard(0, 0, 5, ()), Shard(1, 5, 4, ()))
+    plan = SimpleNamespace(job=load_job({"name": "n", "model": "/m.keras", "loss": "mse", "quantities": {"gradient": {}},
+                                         "data": {"path": "/d", "features": "x", "labels": "y"}}),
+                           hvp_vectors=None, model_sha256="abc", data=SimpleNamespace(fingerprint="f", shards=shards),
+                           date="2026-01-02")
+    import datetime as dt
+
+    start = dt.datetime(2026, 1, 2, 23, 59, tzinfo=dt.timezone.utc)
+    store = PartialStore(str(tmp_path), "n", "r")
+    assert store.started() is None
+    store.open(plan, start)
+    part = Partial(examples=5, weight_sum=5.0, batches=1, sums={"loss": np.float64(2.5), "gradient": np.arange(3.0)})
+    store.save(shards[0], part)
+    again = PartialStore(str(tmp_path), "n", "r")
+    assert again.started() == start and again.staged_shards == 2
+    again.open(plan, start)
+    loaded = again.load(shards)
+    assert list(loaded) == [0] and loaded[0].examples == 5
+    np.testing.assert_array_equal(loaded[0].sums["gradient"], np.arange(3.0))
+    # A damaged partial is computed again; a damaged state is an input error.
+    (tmp_path / "n" / ".partials" / "run=r" / "shard-00000.npz").write_bytes(b"garbage")
+    assert again.load(shards) == {}
+    (tmp_path / "n" / ".partials" / "run=r" / "state.json").write_text("{not json")
+    with pytest.raises(InputError, match="is damaged"):
+        PartialStore(str(tmp_path), "n", "r").started()
+    again.remove()
+    assert not (tmp_path / "n" / ".partials").exists()
+
+
+def test_two_publishers_under_one_root_do_not_interfere(tmp_path):
+    table = pa.table({"estimate": [1.0]})
+    a = RunPublisher(str(tmp_path), "job", "a", "2026-01-02")
+    b = RunPublisher(str(tmp_path), "job", "b", "2026-01-02")
+    a.write_table("trace.parquet", table, {})
+    b.write_table("trace.parquet", table, {})
+    b.write_table("spectrum.parquet", table, {})
+    a_dir = a.publish({"run_id": "a"})
+    b_dir = b.publish({"run_id": "b"})
+    assert sorted(os.listdir(a_dir)) == ["manifest.json", "trace.parquet"]
+    assert sorted(os.listdir(b_dir)) == ["manifest.json", "spectrum.parquet", "trace.parquet"]
+
+
+def test_two_runs_at_once_under_one_output_root(ray_local, files, fault, tmp_path):
+    root, expected = files
+    output = tmp_path / "out"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=4, workers=1, output=str(output))))
+    other = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "a"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1.5"})
+    try:
+        deadline = time.time() + 120
+        while not (output / "test-job" / ".partials" / "run=a" / "state.json").exists():
+            assert other.poll() is None and time.time() < deadline, other.communicate()
+            time.sleep(0.2)
+        mine = run(load_job(str(job_file)), run_id="b")
+        stdout, stderr = other.communicate(timeout=300)
+    finally:
+        other.kill()
+    assert other.returncode == 0, stderr
+    theirs = stdout.strip().splitlines()[-1]
+    a = _assert_matches(theirs, expected)
+    b = _assert_matches(mine.run_dir, expected)
+    print(f"\nrun a {a['started_at']} - {a['finished_at']}, run b {b['started_at']} - {b['finished_at']}")
+    assert b["finished_at"] <= a["finished_at"]  # b ran while a was computing
+    assert sorted(os.listdir(os.path.dirname(mine.run_dir))) == ["run=a", "run=b"]
+
+
+# ------------------------------------------------------------------------- a lost node (last: own Ray)
+def test_node_lost_mid_run_completes(files, fault, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    root, expected = files
+    if ray.is_initialized():
+        ray.shutdown()
+    fault("delay:seconds=0.7")
+    # Notice a lost node within about two seconds (Ray's default is tens of seconds).
+    fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "_system_config": fast})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    output = tmp_path / "out"
+    removed = []
+
+    def remove_a_busy_node():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if _partials(str(output), "lost"):
+                busy = {node for _, _, node in fault.computed()}
+                for node in nodes:
+                    if node.node_id in busy:
+                        cluster.remove_node(node, allow_graceful=False)
+                        removed.append(node.node_id)
+                        return
+            time.sleep(0.1)
+
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+        watcher = threading.Thread(target=remove_a_busy_node, daemon=True)
+        watcher.start()
+        spec = load_job(jobs.job(root, QUANTITIES, shards=10, workers=2, output=str(output)))
+        result = run(spec, run_id="lost")
+        watcher.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "no node was removed during the run"
+    _assert_matches(result.run_dir, expected)
+    started = fault.computed()
+    again = [s for i, (s, _, node) in enumerate(started) if node == removed[0]
+             and any(s == t for t, _, other in started[i + 1:] if other != removed[0])]
+    print(f"\nnode {removed[0][:8]} removed mid-run; 10 shards started {len(started)} times; "
+          f"shards moved off the lost node: {again}")

@@ -1,0 +1,139 @@
+"""``report``: every plot rendered from real runs, the HTML page, the command line; ``show``."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import published
+from pipeline import tables
+from pipeline.api import load
+from pipeline.cli import main
+from pipeline.publish import RunPublisher
+from pipeline.report import PLOT_PIXELS, plot_diagonals, write_report
+from pipeline.show import show_run
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+VARIABLE_PLOTS = ["diagonals-01-hidden-kernel.png", "diagonals-02-hidden-bias.png", "diagonals-03-out-kernel.png",
+                  "diagonals-04-out-bias.png"]
+PLOTS = ["trace.png", "eigenvalues.png", "spectrum.png", "variables.png", "diagonals-all.png", *VARIABLE_PLOTS]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real runs of the same model (``tests/published.py``): the run and its baseline."""
+    made = published.two_runs(tmp_path_factory)
+    return made["main"].run_dir, made["base"].run_dir
+
+
+def png_size(path) -> tuple[int, int]:
+    """Width and height from the PNG header (signature, then the IHDR chunk)."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", path
+    return struct.unpack(">II", head[16:24])
+
+
+def image_sources(html_path) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', open(html_path, encoding="utf-8").read())
+
+
+def check_plots(out_dir, names):
+    for name in names:
+        path = os.path.join(out_dir, name)
+        assert os.path.getsize(path) > 5000, name  # a drawn plot, not an empty canvas
+        assert png_size(path) == PLOT_PIXELS, name
+
+
+def test_every_plot_and_the_html_page_from_a_real_run(runs, tmp_path):
+    run_dir, _ = runs
+    before = sorted(os.listdir(run_dir))
+    report = write_report(run_dir, out=str(tmp_path / "r"))
+    assert report.plots == PLOTS
+    check_plots(report.out_dir, PLOTS)
+    assert image_sources(report.html) == PLOTS  # every plot, by its file name next to the page
+    page = open(report.html, encoding="utf-8").read()
+    run = load(run_dir)
+    for fact in (run.run_id, run.manifest["model"]["sha256"], run.manifest["data"]["fingerprint"],
+                 "hidden/kernel (6, 5)", "__all__", "l2_norm", "hutch++"):
+        assert fact in page, fact
+    assert sorted(os.listdir(run_dir)) == before  # a published run is never written to
+
+
+def test_baseline_is_overlaid_through_the_command_line(runs, tmp_path):
+    run_dir, base_dir = runs
+    done = subprocess.run([sys.executable, "-m", "pipeline", "report", run_dir, "--baseline", base_dir,
+                           "--out", str(tmp_path / "both")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    html = done.stdout.strip().splitlines()[-1]
+    assert html == str(tmp_path / "both" / "index.html")
+    check_plots(tmp_path / "both", image_sources(html))
+    assert image_sources(html) == PLOTS
+    page = open(html, encoding="utf-8").read()
+    assert "Baseline" in page and "run=base" in page and "baseline eigenvalue" in page
+    # The overlay draws both runs: the legend of a variable's histogram names the baseline.
+    figure = plot_diagonals(load(run_dir), "hidden/kernel", baseline=load(base_dir))
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert sum(label.startswith("baseline ") for label in labels) == 3 and len(labels) == 6
+
+
+def test_default_out_is_a_folder_in_the_current_directory_and_errors_exit_2(runs, tmp_path):
+    run_dir, _ = runs
+    done = subprocess.run([sys.executable, "-m", "pipeline", "report", run_dir], capture_output=True, text=True,
+                          env=ENV, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "report-test-job-main" / "index.html")
+    for args, problem in (([str(tmp_path)], "not a complete run"), ([run_dir, "--sigma", "-1"], "--sigma"),
+                          ([run_dir, "--baseline", str(tmp_path)], "not a complete run")):
+        out, err = io.StringIO(), io.StringIO()
+        assert main(["report", *args, "--out", str(tmp_path / "bad")], out, err) == 2
+        assert err.getvalue().startswith("error:") and problem in err.getvalue() and err.getvalue().count("\n") == 1
+
+
+def _synthetic_run(root, values: np.ndarray, quantities=("hessian_diagonal",)) -> str:
+    """A published run holding only diagonals (no Ray, no TensorFlow)."""
+    shapes = [(len(values),)]
+    columns = {q: values for q in quantities}
+    manifest = {"run_id": "synthetic", "date": "2026-01-01", "status": "complete", "examples": 1, "loss": 0.0,
+                "parameters": len(values), "job": {"name": "synthetic", "quantities": {q: {} for q in quantities}},
+                "variables": [{"name": "w", "shape": [len(values)]}]}
+    with RunPublisher(str(root), "synthetic", "synthetic", "2026-01-01") as publisher:
+        publisher.write_table("diagonals.parquet", tables.diagonals_table(["w"], shapes, columns), {})
+        publisher.write_table("summary.parquet", tables.summary_table(["w"], shapes, columns), {})
+        return publisher.publish(manifest)
+
+
+def test_signed_diagonals_are_counted_apart_and_zeros_named(tmp_path):
+    values = np.array([1e-3, 2e-3, 5e-1, -1e-4, -3e-2, 0.0, 0.0])
+    run = load(_synthetic_run(tmp_path, values))
+    figure = plot_diagonals(run, "w")
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Hessian: 3 positive, 2 negative, 2 zero"]
+    assert ax.get_xscale() == "log" and ax.get_ylim()[0] < 0  # negative magnitudes drawn below the axis
+    report = write_report(run, out=str(tmp_path / "r"))
+    assert report.plots == ["variables.png", "diagonals-all.png", "diagonals-01-w.png"]  # no trace: no exact diag
+    check_plots(report.out_dir, report.plots)
+    page = open(report.html, encoding="utf-8").read()
+    assert page.count("Not computed.") == 4  # trace, eigenvalues, spectrum, hvp
+
+
+def test_show_aligns_headers_with_numbers_and_names_hvp_and_spectrum(runs):
+    text = show_run(runs[0])
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    title, rule, row = lines[header], lines[header + 1], lines[header + 2]
+    assert set(rule.replace(" ", "")) == {"-"}
+    for column in ("estimate", "stderr", "matvecs"):  # right-aligned: each header ends where its number ends
+        end = title.index(column) + len(column)
+        assert row[end - 1] != " " and (end == len(row) or row[end] == " "), (title, row)
+    assert re.search(r"^hvp +2 Hessian-vector products", text, re.M)
+    assert re.search(r"^spectrum +2 SLQ runs", text, re.M)
+    assert "hidden/kernel (6, 5)" in text

@@ -1,0 +1,133 @@
+"""Object storage: data, model and output on ``s3://``, through ``pyarrow.fs``, end to end.
+
+The S3 server is moto's, on loopback, started here. The endpoint and credentials reach
+pyarrow through the standard AWS variables (``AWS_ENDPOINT_URL_S3`` and friends), in this
+process and, by the runtime env, in every Ray worker: as they would from a cluster's setup.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+import jobs
+from pipeline.cli import main
+from pipeline.curvature import BatchWork, CurvatureEngine, load_model, resolve_loss
+from pipeline.job import load_job
+from pipeline.publish import read_manifest
+from pipeline.reduce import finalize
+from pipeline.runner import run
+
+pytestmark = pytest.mark.slow
+BUCKET = "hessian-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        # Never ask the EC2 metadata service (an address off this machine) for credentials or region.
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_env):
+    import ray
+
+    # address="local": never join a cluster that `ray start` left recorded in /tmp/ray.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", **s3_env}})
+    yield ray
+    ray.shutdown()
+
+
+def _upload(local_root, fs, prefix):
+    for folder, _, names in os.walk(local_root):
+        for name in names:
+            path = os.path.join(folder, name)
+            key = f"{prefix}/{os.path.relpath(path, local_root)}"
+            with open(path, "rb") as source, fs.open_output_stream(key) as target:
+                target.write(source.read())
+
+
+def test_data_model_and_output_on_s3(ray_with_s3, tmp_path):
+    x, labels, _ = jobs.write_data(tmp_path / "data", rows=100, files=2)
+    jobs.write_model(str(tmp_path / "model.keras"))
+    # From a URI, as the pipeline opens it: only then does pyarrow read AWS_ENDPOINT_URL_S3
+    # (S3FileSystem() alone would ignore it and go to AWS).
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
+    _upload(tmp_path / "data", fs, f"{BUCKET}/inputs/data")
+    with open(tmp_path / "model.keras", "rb") as source, fs.open_output_stream(f"{BUCKET}/inputs/model.keras") as out:
+        out.write(source.read())
+
+    spec = load_job(jobs.job(tmp_path, {"hessian_diagonal": {"method": "exact"}, "gradient": {},
+                                        "trace": {"method": "exact"}},
+                             model=f"s3://{BUCKET}/inputs/model.keras", data={"path": f"s3://{BUCKET}/inputs/data/"},
+                             output=f"s3://{BUCKET}/results", shards=3, workers=2))
+    result = run(spec, run_id="on-s3")
+    assert result.run_dir.startswith(f"s3://{BUCKET}/results/test-job/date=") and result.run_dir.endswith("/run=on-s3")
+
+    manifest = read_manifest(result.run_dir)
+    assert manifest["status"] == "complete" and manifest["examples"] == 100
+    assert manifest["model"]["path"] == f"s3://{BUCKET}/inputs/model.keras"
+    assert all(f.startswith(f"{BUCKET}/inputs/data/") for f in manifest["data"]["files"])
+    # Every listed file is there, and manifest.json was written last.
+    run_path = result.run_dir[len("s3://"):]
+    infos = {os.path.basename(i.path): i for i in fs.get_file_info(pafs.FileSelector(run_path))}
+    assert set(infos) == set(manifest["files"]) | {"manifest.json"}
+    assert all(infos["manifest.json"].mtime >= i.mtime for i in infos.values())
+    # Nothing is left in staging.
+    date_path = run_path.rsplit("/", 1)[0]
+    assert [os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(date_path))] == ["run=on-s3"]
+
+    # The numbers: the same as the engine on the same arrays, in this process.
+    engine = CurvatureEngine(load_model(load_job(jobs.job(tmp_path, {"gradient": {}})).model),
+                             resolve_loss(spec.loss), precision="float64")
+    expected = finalize(engine.partial([x], [labels], None, np.arange(len(labels)),
+                                       BatchWork(hessian_diagonal="exact")))
+    with fs.open_input_file(f"{run_path}/diagonals.parquet") as handle:
+        diagonals = pq.read_table(handle).to_pydict()
+    np.testing.assert_allclose(diagonals["hessian_diagonal"], expected["hessian_diagonal"], rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(diagonals["gradient"], expected["gradient"], rtol=1e-9, atol=1e-13)
+
+    # show and compare read runs on S3 too.
+    out = io.StringIO()
+    assert main(["show", result.run_dir], out=out, err=io.StringIO()) == 0 and "on-s3" in out.getvalue()
+    out = io.StringIO()
+    assert main(["compare", result.run_dir, result.run_dir, "--format", "json", "--fail-above", "0"], out=out,
+                err=io.StringIO()) == 0
+    assert json.loads(out.getvalue())["changes"]

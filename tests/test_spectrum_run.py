@@ -1,0 +1,310 @@
+"""The spectrum over the whole dataset: trace, top eigenvalues and SLQ density on a real local Ray.
+
+Every published number is checked against the dense float64 Hessian of the whole dataset
+(``sum_i s_i H_i / sum_i s_i``), computed in this process. The model is the 53-parameter MLP
+of ``cases.mlp`` (6 -> 5 tanh -> 3), so the dense matrix is cheap and no Krylov method
+needs more than P passes. Two objectives:
+
+- classification: sparse softmax cross-entropy on logits with per-example weights. Its
+  Hessian has exact zero eigenvalues (shift invariance of the softmax, PITFALLS.md), so it is
+  used for the top of the spectrum, the traces and the density;
+- regression: MSE with targets 10 N(0, 1), far from the model's fit, so that the residual
+  term gives large negative curvature: the bottom six eigenvalues are separated (gaps > 0.03
+  at |lambda| ~ 1.5) and the five of largest magnitude mix both signs (both checked below).
+
+Five runs in all (start-up dominates each): keep it that way, this file must stay under
+about 90 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import cases
+import jobs
+from pipeline import spectrum
+from pipeline.curvature import load_model, resolve_loss
+from pipeline.curvature.model import to_precision
+from pipeline.job import load_job
+from pipeline.probes import SPECTRUM_STREAM, rademacher
+from pipeline.runner import run
+
+pytestmark = pytest.mark.slow
+
+P = 53  # parameters of cases.mlp: 6*5 + 5 + 5*3 + 3
+TOL = 1e-6  # Lanczos tolerance, relative to the largest Ritz value in magnitude
+
+CLASSIFICATION = {
+    "eigenvalues": {"top": 5, "which": "largest", "tol": TOL},
+    "trace": {"method": "hutch++", "probes": 30},
+    "spectrum": {"runs": 6, "steps": 64},  # steps >= P: every run's quadrature is exact
+}
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # address="local": a new Ray of our own, never a cluster a colleague started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+    yield ray
+    ray.shutdown()
+
+
+def _write_regression(folder, x, seed=7):
+    """The features ``x`` with targets ``10 N(0, 1)`` as a fixed-size list column, in 2 files."""
+    targets = 10.0 * np.random.default_rng(seed).normal(size=(len(x), 3))
+    os.makedirs(folder, exist_ok=True)
+    for index, part in enumerate(np.array_split(np.arange(len(x)), 2)):
+        table = pa.table({
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), x.shape[1]),
+            "target": pa.FixedSizeListArray.from_arrays(pa.array(targets[part].ravel()), 3),
+        })
+        pq.write_table(table, os.path.join(folder, f"part-{index:03d}.parquet"), row_group_size=23)
+    return targets
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spectrum")
+    x, labels, weights = jobs.write_data(root / "data")
+    targets = _write_regression(str(root / "regression"), x)
+    jobs.write_model(str(root / "model.keras"))
+    return root, x, labels, weights, targets
+
+
+def _job(root, quantities, regression=False, **layout):
+    extra = {"loss": "mse", "data": {"path": str(root / "regression"), "labels": "target"}} if regression \
+        else {"data": {"weights": "weight"}}
+    return load_job(jobs.job(root, quantities, **layout, **extra))
+
+
+def _dense_hessian(model, loss, inputs, labels, weights):
+    """``sum_i s_i H_i / sum_i s_i``: the Hessian half of ``cases.reference``.
+
+    ``cases.reference`` also loops over examples for the Fisher and GGN (about 40 s for 230
+    rows); this is its first step alone, the Jacobian of the whole-batch gradient.
+    ``test_dense_hessian_is_the_reference_one`` checks the two agree.
+    """
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+    x = [tf.constant(a, tf.float64) for a in inputs]
+    y = [tf.constant(a) for a in labels]
+    s = tf.constant(weights, tf.float64)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            total = tf.reduce_sum(s * loss(y, [model(x[0], training=False)]))
+        grad = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(total, variables)], 0)
+    blocks = outer.jacobian(grad, variables)
+    hessian = np.concatenate([tf.reshape(h, [P, -1]).numpy() for h in blocks], axis=1)
+    return (hessian + hessian.T) / 2 / float(np.sum(weights))
+
+
+@pytest.fixture(scope="module")
+def problems(files):
+    """The float64 model, losses and dense Hessians of both objectives over all rows."""
+    root, x, labels, weights, targets = files
+    spec = _job(root, {"gradient": {}})
+    model = to_precision(load_model(spec.model), "float64")
+    classification = resolve_loss(spec.loss)
+    regression = resolve_loss(_job(root, {"gradient": {}}, regression=True).loss)
+    return {
+        "model": model,
+        "losses": {"classification": classification, "regression": regression},
+        "classification": _dense_hessian(model, classification, [x], [labels], weights),
+        "regression": _dense_hessian(model, regression, [x], [targets], np.ones(len(x))),
+    }
+
+
+def _read(run_dir, name):
+    return pq.read_table(os.path.join(run_dir, name)).to_pydict()
+
+
+class Runs:
+    """Each job run once for the whole module, on first use."""
+
+    def __init__(self, root, output):
+        self.root = root
+        self.output = output
+        self.done = {}
+
+    def __call__(self, name):
+        if name not in self.done:
+            quantities, regression, layout = RUNS[name]
+            spec = _job(self.root, quantities, regression, output=self.output, **layout)
+            self.done[name] = run(spec, run_id=name)
+        return self.done[name]
+
+
+RUNS = {
+    # name: (quantities, regression, layout)
+    "largest": (CLASSIFICATION, False, {"shards": 1, "workers": 1}),
+    "largest-sharded": (CLASSIFICATION, False, {"shards": 5, "workers": 2}),
+    "magnitude": ({"eigenvalues": {"top": 5, "which": "magnitude", "tol": TOL},
+                   "trace": {"method": "hutchinson", "probes": 40}}, True, {"shards": 3, "workers": 2}),
+    "smallest": ({"eigenvalues": {"top": 5, "which": "smallest", "tol": TOL},
+                  "trace": {"method": "exact"}}, True, {"shards": 2, "workers": 1}),
+    "exact-trace": ({"trace": {"method": "exact"}}, False, {"shards": 2, "workers": 2}),
+}
+HESSIAN = {name: "regression" if spec[1] else "classification" for name, spec in RUNS.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, files, tmp_path_factory):
+    return Runs(files[0], str(tmp_path_factory.mktemp("results")))
+
+
+def _ordered(eigenvalues, which):
+    if which == "largest":
+        return np.sort(eigenvalues)[::-1]
+    if which == "smallest":
+        return np.sort(eigenvalues)
+    return eigenvalues[np.argsort(-np.abs(eigenvalues), kind="stable")]
+
+
+# ------------------------------------------------------------------------------ tests
+def test_dense_hessian_is_the_reference_one(files, problems):
+    root, x, labels, weights, targets = files
+    rows = slice(0, 6)
+    for kind, y, s in (("classification", labels, weights), ("regression", targets, np.ones(len(x)))):
+        loss = problems["losses"][kind]
+        reference = cases.reference(problems["model"], loss, [x[rows]], [y[rows]], s[rows])
+        mine = _dense_hessian(problems["model"], loss, [x[rows]], [y[rows]], s[rows])
+        np.testing.assert_allclose(mine, reference.hessian / reference.weight_sum, rtol=0,
+                                   atol=1e-12 * np.abs(mine).max(), err_msg=kind)
+    # The spectra the tests below rely on (see the module docstring).
+    bottom = np.linalg.eigvalsh(problems["regression"])[:6]
+    assert np.min(np.diff(bottom)) > 0.03
+    magnitude = _ordered(np.linalg.eigvalsh(problems["regression"]), "magnitude")[:5]
+    assert (magnitude > 0).any() and (magnitude < 0).any()
+
+
+@pytest.mark.parametrize("name", ["largest", "smallest", "magnitude"])
+def test_top_eigenvalues_equal_eigvalsh_of_the_dense_hessian(runs, problems, name):
+    result = runs(name)
+    hessian = problems[HESSIAN[name]]
+    exact = np.linalg.eigvalsh(hessian)
+    which = RUNS[name][0]["eigenvalues"]["which"]
+    table = _read(result.run_dir, "eigenvalues.parquet")
+    assert table["rank"] == [1, 2, 3, 4, 5]
+    values, residuals = np.array(table["eigenvalue"]), np.array(table["residual"])
+    np.testing.assert_allclose(values, _ordered(exact, which)[:5], rtol=1e-4)
+    # Residuals ||Hv - theta v|| of unit Ritz vectors: non-negative, within the stopping
+    # rule (tol relative to ||H||_2; it is checked on Lanczos' own estimates, hence the 10%
+    # margin for the true residuals published), and a residual r puts an eigenvalue of H
+    # within r of theta (symmetric H), which the dense spectrum must confirm.
+    norm = np.abs(exact).max()
+    assert np.all(residuals >= 0) and np.all(residuals <= TOL * norm * 1.1), residuals
+    distance = np.abs(values[:, None] - exact[None, :]).min(axis=1)
+    assert np.all(distance <= residuals + 1e-12 * norm)
+
+
+@pytest.mark.parametrize("name,method", [("smallest", "exact"), ("exact-trace", "exact"),
+                                         ("magnitude", "hutchinson"), ("largest", "hutch++")])
+def test_trace_against_the_dense_hessian(runs, problems, name, method):
+    result = runs(name)
+    hessian = problems[HESSIAN[name]]
+    table = _read(result.run_dir, "trace.parquet")
+    assert table["method"] == [method]
+    estimate, stderr, matvecs = table["estimate"][0], table["stderr"][0], table["matvecs"][0]
+    exact = np.trace(hessian)
+    if method == "exact":
+        assert estimate == pytest.approx(exact, rel=1e-9)
+        assert (stderr, matvecs) == (0.0, 0)
+        return
+    probes = RUNS[name][0]["trace"]["probes"]
+    assert matvecs == probes
+    assert 0 < stderr < abs(exact)
+    assert abs(estimate - exact) <= 3 * stderr, (estimate, exact, stderr)
+    # The probes are functions of (seed, k): the same estimator on the dense matrix in this
+    # process gives the same numbers.
+    estimator = spectrum.hutchinson_trace if method == "hutchinson" else spectrum.hutchpp_trace
+    local = estimator(lambda V: V @ hessian, P, probes, seed=0)
+    assert estimate == pytest.approx(local.estimate, rel=1e-9)
+    assert stderr == pytest.approx(local.stderr, rel=1e-7)
+
+
+def test_spectrum_quadrature(runs, problems):
+    result = runs("largest")
+    hessian = problems["classification"]
+    exact = np.linalg.eigvalsh(hessian)
+    table = _read(result.run_dir, "spectrum.parquet")
+    run_index = np.array(table["run"])
+    nodes, weights = np.array(table["node"]), np.array(table["weight"])
+    runs_count = CLASSIFICATION["spectrum"]["runs"]
+    assert sorted(set(run_index)) == list(range(runs_count))
+    norm = np.abs(exact).max()
+    assert np.all(weights >= 0)
+    assert np.all((nodes >= exact[0] - 1e-9 * norm) & (nodes <= exact[-1] + 1e-9 * norm))
+    probes = rademacher(0, range(runs_count), P, SPECTRUM_STREAM) / np.sqrt(P)
+    moments = []
+    for r in range(runs_count):
+        w, theta = weights[run_index == r], nodes[run_index == r]
+        assert w.sum() == pytest.approx(1.0, abs=1e-12)
+        # A run stops when its Krylov space is invariant (at most P steps, fewer here: H has a
+        # null space), so its Gauss quadrature is exact: sum_j w_j theta_j^k = v^T H^k v.
+        v = probes[r]
+        assert np.sum(w * theta) == pytest.approx(v @ hessian @ v, rel=1e-9, abs=1e-12 * norm)
+        assert np.sum(w * theta ** 2) == pytest.approx(v @ hessian @ hessian @ v, rel=1e-9)
+        moments.append(np.sum(w * theta))
+    # Averaged over runs the first moment is Hutchinson's estimate of tr(H)/P with R
+    # Rademacher probes: unbiased, with standard deviation
+    # sqrt(2 (||H||_F^2 - sum_i H_ii^2) / R) / P (the exact variance of z^T H z for Rademacher
+    # z). Four standard deviations: the probes are fixed by the seed, so this either always
+    # holds or never does, and it fails by chance for about 1 seed in 10^4.
+    sigma = np.sqrt(2 * (np.sum(hessian ** 2) - np.sum(np.diag(hessian) ** 2)) / runs_count) / P
+    assert abs(np.mean(moments) - np.trace(hessian) / P) <= 4 * sigma
+
+
+def test_result_does_not_depend_on_shards_or_workers(runs):
+    one, five = runs("largest"), runs("largest-sharded")
+    assert (one.manifest["shards"], one.manifest["workers"]) == (1, 1)
+    assert (five.manifest["shards"], five.manifest["workers"]) == (5, 2)
+    for name, columns in (("eigenvalues.parquet", ("eigenvalue",)), ("trace.parquet", ("estimate", "stderr")),
+                          ("spectrum.parquet", ("node", "weight"))):
+        a, b = _read(one.run_dir, name), _read(five.run_dir, name)
+        assert len(a[columns[0]]) == len(b[columns[0]]), name
+        for column in columns:
+            np.testing.assert_allclose(b[column], a[column], rtol=1e-8, atol=1e-14, err_msg=f"{name} {column}")
+    assert one.manifest["passes"] == five.manifest["passes"]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_manifest_counts_the_passes(runs, problems, name):
+    """``passes`` = 1 (per-example sums) + the spectral algorithms' own passes.
+
+    The algorithms are deterministic given the operator: run in this process on the dense
+    matrix, they take the same number of passes.
+    """
+    result = runs(name)
+    quantities = RUNS[name][0]
+    hessian = problems[HESSIAN[name]]
+
+    def matvec(V):
+        return V @ hessian
+
+    expected = 1
+    if "trace" in quantities:
+        method, probes = quantities["trace"]["method"], quantities["trace"].get("probes", 100)
+        expected += spectrum.trace_passes(method, probes)
+    if "eigenvalues" in quantities:
+        e = quantities["eigenvalues"]
+        expected += spectrum.top_eigenvalues(matvec, P, top=e["top"], which=e["which"], tol=e["tol"]).passes
+    if "spectrum" in quantities:
+        s = quantities["spectrum"]
+        expected += spectrum.spectral_density(matvec, P, runs=s["runs"], steps=s["steps"]).passes
+    manifest = json.load(open(os.path.join(result.run_dir, "manifest.json")))
+    assert manifest["passes"] == expected
+    if quantities.keys() == {"trace"} and quantities["trace"]["method"] == "exact":
+        assert manifest["passes"] == 1
+    else:
+        assert manifest["passes"] > 2

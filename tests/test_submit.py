@@ -1,0 +1,230 @@
+"""``submit``: the job's runtime environment, and end to end against a real local Ray head.
+
+The head is started here with its own ports, temp dir and auth token, and stopped by its
+process group (never ``ray stop``, which would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import jobs
+from pipeline.errors import InputError
+from pipeline.submit import dashboard_address, prepare_submission, run_dir_in_logs
+
+TOKEN = "hessian-pipeline-test-token-7d1f2c9a"
+BIN = os.path.dirname(sys.executable)
+
+
+def cli(*args, env=None, cwd=None, timeout=300):
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = {**base, "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": BIN + os.pathsep + os.environ["PATH"], **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def error_lines(process):
+    return [line for line in process.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder as a user has it: job file, model and data inside, relative paths."""
+    root = tmp_path_factory.mktemp("project")
+    jobs.write_data(root / "data", rows=90, files=2)
+    jobs.write_model(str(root / "model.keras"))
+    spec = jobs.job(root, {"hessian_diagonal": {"method": "exact"}, "gradient": {}, "fisher_diagonal": {}},
+                    shards=2, workers=1)
+    spec.update(name="submit-test", model="model.keras", output="results")
+    spec["data"]["path"] = "data/"
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+# ------------------------------------------------------------------------ without a cluster
+def test_entrypoint_runtime_env_and_submission_id(project, tmp_path):
+    now = dt.datetime(2026, 11, 26, 23, 59, tzinfo=dt.timezone.utc)
+    sub = prepare_submission(str(project / "job.yaml"), output=str(tmp_path / "out"), workers=1,
+                             overrides=["data.batch_size=16"], now=now)
+    assert sub.submission_id == "hessian-submit-test-2026-11-26"
+    argv = shlex.split(sub.entrypoint)
+    assert argv[:5] == ["python", "-m", "pipeline", "run", "job.yaml"]
+    assert argv[argv.index("--run-id") + 1] == sub.submission_id
+    assert argv[argv.index("--output") + 1] == str(tmp_path / "out")
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets == ["data.batch_size=16", "model=model.keras", "data.path=data"]
+    assert sub.runtime_env["working_dir"] == str(project)
+    assert os.path.basename(sub.runtime_env["py_modules"][0]) == "pipeline"
+    gpus = prepare_submission(str(project / "job.yaml"), output="s3://b/r", gpus=2, gpu_timeout=60,
+                              submission_id="x1", run_id="r1")
+    assert gpus.entrypoint.startswith("python -m pipeline.submit --await-gpus 2 --timeout 60 && python -m pipeline")
+    assert "--run-id r1" in gpus.entrypoint and "--output s3://b/r" in gpus.entrypoint
+
+
+def test_local_inputs_must_travel(project, tmp_path):
+    with pytest.raises(InputError, match="is inside"):  # the default output, results/, is inside the project
+        prepare_submission(str(project / "job.yaml"))
+    elsewhere = tmp_path / "job.yaml"
+    spec = yaml.safe_load((project / "job.yaml").read_text())
+    spec["model"] = str(project / "model.keras")
+    elsewhere.write_text(yaml.safe_dump(spec))
+    with pytest.raises(InputError, match="model .* is outside"):
+        prepare_submission(str(elsewhere), output="s3://b/r")
+    # ... unless the working dir holds them; then absolute paths become relative ones.
+    (tmp_path / "data").symlink_to(project / "data")
+    sub = prepare_submission(str(elsewhere), output="s3://b/r", working_dir=str(project.parent))
+    assert "model=../" in sub.entrypoint
+    # A data folder that .gitignore keeps from travelling is refused here, not on the cluster.
+    (project / ".gitignore").write_text("data/\n")
+    try:
+        with pytest.raises(InputError, match=r"\.gitignore"):
+            prepare_submission(str(project / "job.yaml"), output="s3://b/r")
+    finally:
+        (project / ".gitignore").unlink()
+    with pytest.raises(InputError, match="dashboard"):
+        dashboard_address("ray://head:10001")
+    assert dashboard_address("head:8265") == "http://head:8265"
+
+
+def test_run_dir_is_found_in_the_logs():
+    logs = "output       /r\nloss 1.1 over 90 examples, 3.0s\n/r/x/date=2026-11-26/run=hessian-x\n(raylet) bye\n"
+    assert run_dir_in_logs(logs) == "/r/x/date=2026-11-26/run=hessian-x"
+
+
+# --------------------------------------------------------------------------- a real head
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process) -> None:
+    """Ends the head we started: SIGTERM to `ray start --block` (it stops its children), then
+    SIGKILL to what is left of its process group."""
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def head():
+    # Every fixed default port gets a free one: a colleague's Ray (any local ray.init) holds
+    # 52365, the agent's, and the job API needs that agent.
+    dashboard, gcs, client_port, agent = _free_port(), _free_port(), _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="hp-ray-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PATH": BIN + os.pathsep + os.environ["PATH"]}
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp, "head.log"), "w")
+    process = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard), "--port", str(gcs), "--ray-client-server-port", str(client_port),
+         "--dashboard-agent-listen-port", str(agent),
+         "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{address}/api/version", timeout=2,
+                                headers={"Authorization": f"Bearer {TOKEN}"}).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the Ray head did not start: " + open(log.name).read()[-2000:])
+            time.sleep(0.5)
+        yield {"dashboard": address, "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        _stop(process)
+        log.close()
+        subprocess.run(["rm", "-rf", temp], check=False)
+
+
+@pytest.mark.slow
+def test_submit_end_to_end(head, project, tmp_path):
+    env = {"RAY_AUTH_TOKEN": TOKEN}
+    head = head["dashboard"]
+    output = tmp_path / "cluster-results"
+    done = cli("submit", str(project / "job.yaml"), "--address", head, "--output", str(output),
+               "--submission-id", "e2e-1", env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir = done.stdout.strip().splitlines()[-1]
+    assert run_dir.startswith(str(output / "submit-test" / "date=")) and run_dir.endswith("run=e2e-1")
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    assert manifest["status"] == "complete" and manifest["examples"] == 90
+    assert "submitted e2e-1" in done.stderr  # the logs were streamed
+
+    # The same numbers as a run on this machine.
+    # RAY_ADDRESS=local: a plain ray.init() joins the cluster that `ray start` last recorded in
+    # /tmp/ray (a colleague's, on a shared machine) instead of starting its own.
+    local = cli("run", str(project / "job.yaml"), "--output", str(tmp_path / "local"), "--run-id", "local",
+                env={"RAY_ADDRESS": "local"})
+    assert local.returncode == 0, local.stderr[-4000:]
+    local_dir = local.stdout.strip().splitlines()[-1]
+    a = pq.read_table(os.path.join(local_dir, "diagonals.parquet")).to_pydict()
+    b = pq.read_table(os.path.join(run_dir, "diagonals.parquet")).to_pydict()
+    for column in ("hessian_diagonal", "gradient", "fisher_diagonal"):
+        np.testing.assert_allclose(b[column], a[column], rtol=1e-9, atol=1e-13, err_msg=column)
+    same = cli("compare", local_dir, run_dir, "--fail-above", "1e-9")
+    assert same.returncode == 0, same.stdout + same.stderr
+
+    # A second submit of the same id is refused: a nightly job cannot run twice by accident.
+    again = cli("submit", str(project / "job.yaml"), "--address", head, "--output", str(output),
+                "--submission-id", "e2e-1", env=env)
+    assert again.returncode == 2
+    assert len(error_lines(again)) == 1 and "already submitted" in error_lines(again)[0]
+    assert "Traceback" not in again.stderr
+
+    # A wrong token is an input error that says where the token comes from.
+    wrong = cli("submit", str(project / "job.yaml"), "--address", head, "--output", str(output),
+                "--submission-id", "e2e-2", env={"RAY_AUTH_TOKEN": "wrong", "RAY_AUTH_MODE": "token"})
+    assert wrong.returncode == 2 and "RAY_AUTH_TOKEN" in error_lines(wrong)[0], wrong.stderr
+
+    # --no-wait prints the id and returns.
+    quick = cli("submit", str(project / "job.yaml"), "--address", head, "--output", str(output),
+                "--submission-id", "e2e-3", "--dry-run", "--no-wait", env=env)
+    assert quick.returncode == 0 and quick.stdout.strip() == "e2e-3", quick.stderr
+
+    # A job that fails on the cluster exits with its driver's status: 2 for an input problem
+    # found there (a column the data does not have), 1 for a compute failure.
+    failing = cli("submit", str(project / "job.yaml"), "--address", head, "--output", str(output),
+                  "--submission-id", "e2e-4", "--set", "data.features=nope", env=env)
+    assert failing.returncode == 2, failing.stderr[-3000:]
+    assert "job e2e-4 failed on an input problem" in error_lines(failing)[-1]
+    assert "column 'nope'" in failing.stderr and "--submission-id e2e-4-2" in failing.stderr
+
+
+@pytest.mark.slow
+def test_waiting_for_gpus_that_never_come_fails_in_time(head):
+    # What `submit --gpus N` runs before `run` in the job: here no autoscaler can add a GPU.
+    env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.submit", "--await-gpus", "1", "--timeout", "2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "1 GPUs asked for, 0 joined within 2s" in done.stderr and "max_workers" in done.stderr
