@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/pipeline_bench.py            # full run (about 6 minutes on 2 CPU cores)
+    python benchmarks/pipeline_bench.py            # full run (4 to 6 minutes on 2 CPU cores)
     python benchmarks/pipeline_bench.py --quick    # small data, few probes (about 1 minute)
     python benchmarks/pipeline_bench.py --json results/pipeline_bench.json
 

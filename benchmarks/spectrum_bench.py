@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/spectrum_bench.py            # full run (about 1 minute on 2 CPU cores)
+    python benchmarks/spectrum_bench.py            # full run (under a minute on 2 CPU cores)
     python benchmarks/spectrum_bench.py --quick    # first 1,000 rows, 3 repetitions
     python benchmarks/spectrum_bench.py --json results/spectrum_bench.json
 

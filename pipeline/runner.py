@@ -469,9 +469,10 @@ def _connect(address: str | None):
         if address:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env=env)
         else:
-            # Worker logs stay in Ray's session logs: TensorFlow prints start-up noise that no
-            # setting silences; errors still reach the driver as exceptions.
-            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=env)
+            # address="local": always a new instance, never a cluster some other `ray start`
+            # left on this machine. Worker logs stay in Ray's session logs: TensorFlow prints
+            # start-up noise that no setting silences; errors still reach the driver.
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=env)
     except ConnectionError as err:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
     return True
