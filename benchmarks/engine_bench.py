@@ -342,6 +342,9 @@ def bench_model(key, title, model, n, settings, checks):
     hvp1 = engine.hvp_function(specs, 1, with_gradient=True)
     v1_t = tf.constant(v1, tf.float32)
     add("engine HVP, K=1 (compiled fn)", lambda: hvp1(x_t, y_t, s_t, v1_t), note="traced by the row above")
+    hvp1_bare = engine.hvp_function(specs, 1, with_gradient=False)
+    add("engine HVP, K=1, no gradient (compiled)", lambda: hvp1_bare(x_t, y_t, s_t, v1_t),
+        note="the form of every spectral pass")
     add("engine HVP block K=8 (partial)", partial(BatchWork(hvp_vectors=v8)), per=8)
     add("Hutchinson K=16 (partial)", partial(BatchWork(hessian_diagonal="hutchinson", probes=z16)), per=16,
         note="one compiled call of 16 probes")
@@ -363,6 +366,7 @@ def bench_model(key, title, model, n, settings, checks):
 
     by = {m.name: m for m in results}
     hvp, hvp_fn = by["engine HVP, K=1 (partial)"], by["engine HVP, K=1 (compiled fn)"]
+    hvp_bare = by["engine HVP, K=1, no gradient (compiled)"]
     hutch, hutch_fn = by["Hutchinson K=16 (partial)"], by["Hutchinson K=16 (compiled fn)"]
     naive = by["naive nested tapes HVP (eager)"]
 
@@ -374,6 +378,7 @@ def bench_model(key, title, model, n, settings, checks):
     derived = {
         "hvp_over_gradient": item(hvp.ratio, TARGET_HVP),
         "hvp_compiled_fn_over_gradient": item(hvp_fn.ratio, TARGET_HVP),
+        "hvp_without_gradient_over_gradient": item(hvp_bare.ratio, TARGET_HVP),
         "hutchinson_per_probe_over_one_hvp": item(hutch.ratio / hvp.ratio, TARGET_HUTCHINSON),
         "hutchinson_per_probe_over_one_hvp_compiled_fn": item(hutch_fn.ratio / hvp_fn.ratio, TARGET_HUTCHINSON),
         "hvp_speedup_over_naive_eager": item(naive.ratio / hvp.ratio),
@@ -464,6 +469,7 @@ def print_model(section):
     lines = [
         ("one HVP / gradient (partial)", d["hvp_over_gradient"], "x"),
         ("one HVP / gradient (compiled fn)", d["hvp_compiled_fn_over_gradient"], "x"),
+        ("one HVP without the gradient / gradient", d["hvp_without_gradient_over_gradient"], "x"),
         ("Hutchinson per probe / one HVP (partial)", d["hutchinson_per_probe_over_one_hvp"], ""),
         ("Hutchinson per probe / one HVP (compiled fn)", d["hutchinson_per_probe_over_one_hvp_compiled_fn"], ""),
         ("speed-up of engine HVP (partial) over naive eager", d["hvp_speedup_over_naive_eager"], "x"),
