@@ -50,6 +50,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+import _common  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -451,10 +453,6 @@ def environment(quick):
     }
 
 
-def _verdict(ok):
-    return "" if ok is None else ("PASS" if ok else "MISS")
-
-
 def print_model(section):
     print(f"\n{section['title']}: P = {section['parameters']:,}, batch {section['batch']}")
     header = f"  {'quantity':<40}{'median ms':>11}{'x gradient':>12}{'1st call s':>12}{'reps':>6}  note"
@@ -476,7 +474,7 @@ def print_model(section):
     ]
     for label, it, unit in lines:
         target = f"target {it['target']}" if it["target"] else ""
-        print(f"    {label:<52}{it['value']:>7.2f}{unit:<2} {target:<14} {_verdict(it['ok'])}".rstrip())
+        print(f"    {label:<52}{it['value']:>7.2f}{unit:<2} {target:<14} {_common.verdict(it['ok'])}".rstrip())
 
 
 def print_diagonal(section):
@@ -491,7 +489,7 @@ def print_diagonal(section):
           f"parameters, EXTRAPOLATED to all: {section['naive_extrapolated_total_s']:.1f} s")
     s = section["speedup"]
     print(f"  speed-up of the engine over the naive loop: {s['value']:.0f}x   target {s['target']}x   "
-          f"{_verdict(s['ok'])}")
+          f"{_common.verdict(s['ok'])}")
 
 
 def to_json(env, settings, checks, models, diagonal):

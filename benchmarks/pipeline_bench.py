@@ -40,11 +40,9 @@ and the in-process loop disagree (then 1, no figures).
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -55,6 +53,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+import _common  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 TARGET_EFFICIENCY = 0.9  # pipeline compute phase >= 0.9 x the in-process loop
 TARGET_MEMORY_GROWTH = 1.1  # worker peak memory at 4x the data <= 1.1 x at 1x
@@ -212,24 +212,14 @@ def agree(pipeline: dict, local: dict) -> list:
 
 # ---------------------------------------------------------------------------- report
 def environment(quick: bool) -> dict:
-    import keras
-    import ray
     import tensorflow as tf
 
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "mode": "quick" if quick else "full", "python": platform.python_version(),
-            "platform": platform.platform(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "ray": ray.__version__, "numpy": np.__version__, "os_cpu_count": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
+    return {**_common.environment(quick),
             "in_process_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
 
 
 def _mib(values) -> str:
     return "/".join(f"{v / 2**20:,.0f}" for v in values)
-
-
-def _verdict(ok) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def main(argv=None) -> int:
@@ -240,11 +230,7 @@ def main(argv=None) -> int:
     settings = QUICK if args.quick else FULL
     began = time.perf_counter()
     env = environment(args.quick)
-    print(f"hessian-pipeline pipeline benchmark: {env['mode']} run"
-          f"{' (small data: NOT the reference size)' if args.quick else ''}")
-    print(f"  {env['date']}  python {env['python']}  tensorflow {env['tensorflow']}  keras {env['keras']}  "
-          f"ray {env['ray']}  os.cpu_count() = {env['os_cpu_count']}  load average "
-          f"{' '.join(f'{x:.2f}' for x in env['load_average_at_start'])}")
+    _common.print_header("pipeline", env, " (small data: NOT the reference size)")
 
     import ray
 
@@ -325,7 +311,7 @@ def main(argv=None) -> int:
     print("  load = 1-minute load average when the measure ended (other jobs on the machine); the in-process "
           f"loop's model load ({local['model_load_s']:.1f} s) is not in its compute time")
     print(f"  efficiency, pipeline (2 workers) / in-process loop: {efficiency_2:.2f}   target "
-          f">= {TARGET_EFFICIENCY}   {_verdict(efficiency_2 >= TARGET_EFFICIENCY)}")
+          f">= {TARGET_EFFICIENCY}   {_common.verdict(efficiency_2 >= TARGET_EFFICIENCY)}")
     print(f"  efficiency, pipeline (1 worker, same threads as the loop) / in-process loop: {efficiency_1:.2f}")
 
     print("\n(ii) scaling")
@@ -340,7 +326,7 @@ def main(argv=None) -> int:
         print(f"  {label:<8}{r['rows']:>12,}{r['shards']:>8}{_mib(r['memory_after_start']):>18}"
               f"{_mib(r['memory_after_passes']):>18}")
     print(f"  largest worker peak, 4x / 1x: {growth:.2f}   target <= {TARGET_MEMORY_GROWTH} (flat)   "
-          f"{_verdict(growth <= TARGET_MEMORY_GROWTH)}")
+          f"{_common.verdict(growth <= TARGET_MEMORY_GROWTH)}")
     print(f"  (timed job, 1x: after the pass {_mib(two['memory_after_passes'])} MiB with 2 workers, "
           f"{_mib(one['memory_after_passes'])} MiB with 1)")
     print(f"\ntotal wall time {time.perf_counter() - began:.0f} s; load average at the end "

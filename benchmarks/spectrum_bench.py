@@ -31,11 +31,9 @@ Nothing is asserted: figures beside their targets are marked PASS or MISS. The e
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+
+import _common  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 TARGET_BLOCK = 3.0  # one pass of 8 vectors <= 3 x one pass of 1 vector
 BLOCK = 8
@@ -205,22 +205,6 @@ def block_batch(spec, settings: Settings) -> dict:
             "reps": settings.batch_reps, "times_s": times}
 
 
-def environment(quick: bool) -> dict:
-    import keras
-    import ray
-    import tensorflow as tf
-
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "mode": "quick" if quick else "full", "python": platform.python_version(),
-            "platform": platform.platform(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "ray": ray.__version__, "numpy": np.__version__, "os_cpu_count": os.cpu_count(),
-            "load_average_at_start": os.getloadavg()}
-
-
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Passes and time of the spectral quantities on the example.")
     parser.add_argument("--quick", action="store_true", help="first 1,000 rows, 3 repetitions")
@@ -228,12 +212,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     began = time.perf_counter()
-    env = environment(args.quick)
-    print(f"hessian-pipeline spectrum benchmark: {env['mode']} run"
-          f"{' (1,000 rows, 3 repetitions: NOT the reference figures)' if args.quick else ''}")
-    print(f"  {env['date']}  python {env['python']}  tensorflow {env['tensorflow']}  keras {env['keras']}  "
-          f"ray {env['ray']}  os.cpu_count() = {env['os_cpu_count']}  load average "
-          f"{' '.join(f'{x:.2f}' for x in env['load_average_at_start'])}")
+    env = _common.environment(args.quick)
+    _common.print_header("spectrum", env, " (1,000 rows, 3 repetitions: NOT the reference figures)")
 
     import ray
 
@@ -279,7 +259,7 @@ def main(argv=None) -> int:
     print(f"  {f'block of {BLOCK} vectors':<36}{passes['median_block_s'] * 1e3:>11.1f}"
           f"{passes['first_pass_block_s'] * 1e3:>15.0f}")
     print(f"  block of {BLOCK} / 1 vector (median of {passes['reps']} paired ratios): {passes['ratio']:.2f}   "
-          f"target <= {TARGET_BLOCK:g}   {_verdict(passes['ratio'] <= TARGET_BLOCK)}")
+          f"target <= {TARGET_BLOCK:g}   {_common.verdict(passes['ratio'] <= TARGET_BLOCK)}")
     print(f"  {BLOCK} passes of 1 vector / 1 pass of {BLOCK}: {BLOCK / passes['ratio']:.1f}x the time")
 
     print(f"\n(c) one batch of {batch['batch']} in this process (CurvatureEngine.partial, HVPs only)")

@@ -7,14 +7,13 @@ on stderr and exit 2, ``ComputeError`` -> exit 1; a traceback only with ``--debu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
 import warnings
 
 from pipeline import __version__
-from pipeline.errors import ComputeError, InputError, PipelineError
+from pipeline.errors import InputError, PipelineError
 
 EXAMPLES = {
     "run": """examples:

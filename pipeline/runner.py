@@ -22,7 +22,6 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import ComputeError, InputError
-from pipeline.partial import Partial
 from pipeline.reduce import Reducer, finalize
 
 DIAGONAL_COLUMNS = ("hessian_diagonal", "hessian_diagonal_stderr", "ggn_diagonal", "ggn_diagonal_stderr",

@@ -312,8 +312,6 @@ class CurvatureEngine:
         ``weights``: [B] or None; ``rows``: the examples' global row indices (they key the
         Monte Carlo label draws, so the result does not depend on the sharding).
         """
-        import tensorflow as tf
-
         x, y, s = self._cast_batch(inputs, labels, weights)
         specs = self._specs(inputs, labels)
         part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
