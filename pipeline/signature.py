@@ -24,6 +24,18 @@ class ModelSignature:
     # Parameters, in the contract's flattening order (model.trainable_variables, C order).
     variables: tuple[str, ...] = field(default=())
     variable_shapes: tuple[tuple[int, ...], ...] = field(default=())
+    # For dict-structured outputs: the dict keys, in ``outputs`` order (accepted as output
+    # names beside ``model.output_names``).
+    output_aliases: tuple[str, ...] = field(default=())
+
+    def output_index(self, name: str) -> int | None:
+        """Position of the output called ``name`` (an output name or a dict key), or None."""
+        for index, spec in enumerate(self.outputs):
+            if spec.name == name:
+                return index
+        if name in self.output_aliases:
+            return self.output_aliases.index(name)
+        return None
 
     @property
     def parameters(self) -> int:

@@ -51,11 +51,12 @@ class ShardWorker:
                 pass
         _set_threads(threads)
 
-        from pipeline.curvature import CurvatureEngine, load_model, resolve_loss
+        from pipeline.curvature import CurvatureEngine, load_model, model_builder, resolve_loss
 
         self.job = job
         self.uri = plan_uri
-        self.engine = CurvatureEngine(load_model(job.model), resolve_loss(job.loss), precision=job.precision)
+        self.engine = CurvatureEngine(load_model(job.model), resolve_loss(job.loss), precision=job.precision,
+                                      builder=model_builder(job.model))
         self.signature = self.engine.signature
         import ray
 

@@ -81,23 +81,27 @@ class CurvatureEngine:
     """
 
     def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
-                 diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None):
+                 diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None,
+                 builder=None, diagonal_route: str | None = None):
         _set_threads(threads)
         import tensorflow as tf
 
-        from pipeline.curvature.model import model_signature, to_precision
+        from pipeline.curvature.adapter import ModelAdapter
+        from pipeline.curvature.model import to_precision
 
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
-        self.model = to_precision(model, precision)
+        self.model = to_precision(model, precision, builder)
         self.loss = loss
+        # Every call of the model and the loss goes through the adapter (how Keras does it).
+        self.adapter = ModelAdapter(self.model, loss, self.dtype)
         # The backend tf.Variables, not the Keras wrappers: TensorFlow's gradient code reads
         # ``.dtype`` as a DType (Keras variables give a string, and unconnected gradients or
         # ForwardAccumulator then fail, see PITFALLS.md).
         self.variables = [getattr(v, "value", v) for v in self.model.trainable_variables]
         if not self.variables:
             raise InputError("the model has no trainable variables: nothing to differentiate")
-        self.signature = model_signature(self.model)
+        self.signature = self.adapter.signature
         self.names = list(self.signature.variables)
         self.shapes = [tuple(s) for s in self.signature.variable_shapes]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
@@ -107,7 +111,10 @@ class CurvatureEngine:
         self.vjp_budget = int(vjp_budget)
         self._functions: dict = {}
         self._vectors: dict = {}
-        self._output_names = list(getattr(self.model, "output_names", None) or [])
+        # How the exact diagonal is formed: "vectorised" (pfor Jacobian blocks) or "loop"
+        # (blocks of Hessian-vector products with basis vectors, for while loops that pfor
+        # cannot vectorise). Decided once per model, on the first batch (``diagonal_route``).
+        self.diagonal_route = diagonal_route
 
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
@@ -125,22 +132,10 @@ class CurvatureEngine:
         parts = tf.split(flat, self.sizes, axis=-1)
         return [tf.reshape(p, lead + list(s)) for p, s in zip(parts, self.shapes)]
 
-    def _outputs(self, inputs):
-        """The model's outputs as a list in ``model.outputs`` order (inference mode)."""
-        x = inputs[0] if len(inputs) == 1 else list(inputs)
-        out = self.model(x, training=False)
-        if isinstance(out, dict):
-            names = self._output_names or sorted(out)
-            return [out[n] for n in names]
-        if isinstance(out, (list, tuple)):
-            return list(out)
-        return [out]
-
     def _loss_vector(self, inputs, labels):
         import tensorflow as tf
 
-        values = self.loss(list(labels), self._outputs(inputs))
-        return tf.cast(values, self.dtype)
+        return tf.cast(self.adapter.loss_of_inputs(list(inputs), list(labels)), self.dtype)
 
     def _objective(self, inputs, labels, weights):
         import tensorflow as tf
@@ -159,17 +154,18 @@ class CurvatureEngine:
         import tensorflow as tf
 
         grads = tape.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return self.flatten([tf.cast(g, self.dtype) for g in grads])
+        return self.flatten([tf.cast(g, self.dtype) for g in _dense(grads)])
 
     def _specs(self, inputs, labels):
+        """Signatures of the compiled functions: the batch axis, and every axis the model
+        leaves open (sequence lengths), stay open, so batches of other lengths reuse them."""
+        inputs_specs = [_tensor_spec(a, spec.shape, self.dtype)
+                        for a, spec in zip(inputs, self.signature.inputs)]
+        label_specs = [_tensor_spec(a, spec.shape, self.dtype)
+                       for a, spec in zip(labels, self.signature.outputs)]
         import tensorflow as tf
 
-        def spec(array, cast):
-            dtype = self.dtype if (cast and np.asarray(array).dtype.kind == "f") else tf.as_dtype(np.asarray(array).dtype)
-            return tf.TensorSpec([None, *np.shape(array)[1:]], dtype)
-
-        return ([spec(a, True) for a in inputs], [spec(a, True) for a in labels],
-                tf.TensorSpec([None], self.dtype))
+        return inputs_specs, label_specs, tf.TensorSpec([None], self.dtype)
 
     def _compiled(self, key, build, signature):
         """One ``tf.function`` per kind of call, traced once (batch dimension left open)."""
@@ -185,8 +181,7 @@ class CurvatureEngine:
         import tensorflow as tf
 
         def cast(a):
-            a = np.asarray(a)
-            return tf.constant(a, dtype=self.dtype) if a.dtype.kind == "f" else tf.constant(a)
+            return _constant(a, self.dtype)
 
         n = len(inputs[0])
         w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -214,7 +209,10 @@ class CurvatureEngine:
         with tf.GradientTape(persistent=True) as outer:
             with tf.GradientTape() as inner:
                 value = objective(inputs, labels, weights)
-            grads = inner.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            # Densified on the outer tape: an Embedding's gradient is IndexedSlices, which a
+            # second backward pass cannot take (PITFALLS.md).
+            grads = _dense(inner.gradient(value, self.variables,
+                                          unconnected_gradients=tf.UnconnectedGradients.ZERO))
         products = []
         for k in range(vectors.shape[0]):  # K is static: one backward pass each
             v = self.unflatten(tf.cast(vectors[k], grads[0].dtype))
@@ -248,7 +246,7 @@ class CurvatureEngine:
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 value = objective(inputs, labels, weights)
-            grad = inner.gradient(value, variable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grad = _dense([inner.gradient(value, variable, unconnected_gradients=tf.UnconnectedGradients.ZERO)])[0]
             positions = tf.minimum(start + tf.range(size), n - 1)
             entries = tf.gather(tf.reshape(grad, [-1]), positions)
         rows = outer.jacobian(entries, variable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -266,7 +264,7 @@ class CurvatureEngine:
         def one(args):
             xs, u = args
             with tf.GradientTape() as tape:
-                outputs = self._outputs([x[None] for x in xs])
+                outputs, _ = self.adapter.forward([x[None] for x in xs])
                 flat = tf.concat([tf.reshape(tf.cast(o, self.dtype), [1, -1]) for o in outputs], axis=1)
                 value = tf.reduce_sum(flat[0] * u)
             g = self._gradient_flat(tape, value)
@@ -281,18 +279,29 @@ class CurvatureEngine:
                 tf.linalg.matvec(squares * squares, w2, transpose_a=True))
 
     def _output_derivatives(self, inputs, labels, hessian: bool):
-        """Flattened outputs f [B, C], dl_i/df_i [B, C] and, if asked, Lambda_i [B, C, C]."""
+        """Flattened outputs f [B, C], dl_i/df_i [B, C], if asked Lambda_i [B, C, C], and the
+        fraction of each output's positions that its mask keeps, [B, outputs] (1 unmasked)."""
         import tensorflow as tf
 
-        outputs = [tf.cast(o, self.dtype) for o in self._outputs(inputs)]
-        shapes = [o.shape[1:] for o in outputs]
+        outputs, masks = self.adapter.forward(list(inputs))
+        static = [o.shape[1:] for o in outputs]
+        if all(d is not None for shape in static for d in shape):
+            shapes = [list(shape) for shape in static]
+            sizes = [int(np.prod(shape)) for shape in static]
+        else:  # open axes (sequence lengths): sizes known only when the batch runs
+            shapes = [tf.shape(o)[1:] for o in outputs]
+            sizes = [tf.reduce_prod(shape) for shape in shapes]
         flat = tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in outputs], axis=1)
-        sizes = [int(np.prod(s)) for s in shapes]
 
         def loss_of(f):
-            parts = tf.split(f, sizes, axis=1)
-            outs = [tf.reshape(p, [tf.shape(p)[0], *s]) for p, s in zip(parts, shapes)]
-            return tf.reduce_sum(tf.cast(self.loss(list(labels), outs), self.dtype))
+            outs = []
+            for part, shape, known in zip(tf.split(f, sizes, axis=1), shapes, static):
+                shape = shape if isinstance(shape, tf.Tensor) else tf.constant(shape, tf.int32, [len(shape)])
+                out = tf.reshape(part, tf.concat([tf.shape(part)[:1], shape], axis=0))
+                out.set_shape([None, *known])
+                outs.append(out)
+            # The very loss the gradient differentiates (same f, same masks, same wrapper).
+            return tf.reduce_sum(tf.cast(self.adapter.per_example_loss(list(labels), outs, masks), self.dtype))
 
         with tf.GradientTape() as second:
             second.watch(flat)
@@ -300,9 +309,10 @@ class CurvatureEngine:
                 first.watch(flat)
                 value = loss_of(flat)
             dl = first.gradient(value, flat)  # per example: l_i depends on f_i only
+        valid = tf.stack([_valid_fraction(m, tf.shape(o)[0], self.dtype) for o, m in zip(outputs, masks)], axis=1)
         if not hessian:
-            return flat, dl, tf.zeros([0, 0, 0], self.dtype)
-        return flat, dl, second.batch_jacobian(dl, flat)
+            return flat, dl, tf.zeros([0, 0, 0], self.dtype), valid
+        return flat, dl, second.batch_jacobian(dl, flat), valid
 
     # ------------------------------------------------------------------ per batch
     def partial(self, inputs, labels, weights, rows, work: BatchWork) -> Partial:
@@ -381,7 +391,34 @@ class CurvatureEngine:
             self._vectors[key] = (vectors, tensor)  # holding ``vectors`` keeps its id unique
         return self._vectors[key][1]
 
+    def diagonal_route_for(self, objective, specs) -> str:
+        """"vectorised" or "loop": how this model's exact diagonal is formed (decided once).
+
+        ``pfor`` cannot vectorise the ``while`` loops of recurrent layers (LSTM, GRU: it fails,
+        or falls back to a loop inside a loop that runs for many minutes, PITFALLS.md), so a
+        model whose gradient graph holds one takes the loop of Hessian-vector products.
+        """
+        import tensorflow as tf
+
+        if self.diagonal_route is None:
+            traced = tf.function(lambda a, b, c: self._loss_and_gradient(objective, a, b, c))
+            graph = traced.get_concrete_function(*specs).graph
+            loops = any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
+            self.diagonal_route = "loop" if loops else "vectorised"
+        return self.diagonal_route
+
     def _exact_diagonal(self, objective, batch, specs, tag):
+        import tensorflow as tf
+
+        if self.diagonal_route_for(objective, specs) == "vectorised":
+            try:
+                return self._diagonal_vectorised(objective, batch, specs, tag)
+            except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+                # pfor could not vectorise an op of this model: the loop computes the same numbers.
+                self.diagonal_route = "loop"
+        return self._diagonal_loop(objective, batch, specs, tag)
+
+    def _diagonal_vectorised(self, objective, batch, specs, tag):
         import tensorflow as tf
 
         pieces = []
@@ -397,6 +434,32 @@ class CurvatureEngine:
                 pieces.append(block[: min(size, n - start)].astype(np.float64))
         return np.concatenate(pieces)
 
+    def _diagonal_loop(self, objective, batch, specs, tag):
+        """diag(H) by ``hvp`` with basis vectors: ``(H e_j)_j``, ``hvp_block`` at a time.
+
+        Each block shares one forward pass and gradient (``_hvp``); P backward passes in all.
+        """
+        import tensorflow as tf
+
+        count = min(self.parameters, self.hvp_block)
+        fn = self._compiled((tag, "diagonal-loop", count),
+                            lambda a, b, c, start: self._diagonal_by_hvps(objective, a, b, c, start, count),
+                            (*specs, tf.TensorSpec([], tf.int32)))
+        pieces = []
+        for start in range(0, self.parameters, count):
+            block = fn(*batch, tf.constant(start, tf.int32)).numpy()
+            pieces.append(block[: min(count, self.parameters - start)].astype(np.float64))
+        return np.concatenate(pieces)
+
+    def _diagonal_by_hvps(self, objective, inputs, labels, weights, start, count):
+        import tensorflow as tf
+
+        index = tf.minimum(start + tf.range(count), self.parameters - 1)
+        basis = tf.one_hot(index, self.parameters, dtype=self.dtype)
+        _, _, products = self._hvp(objective, inputs, labels, weights, basis, with_gradient=False,
+                                   probe_products=True)
+        return tf.reduce_sum(products, axis=1)
+
     # ------------------------------------------------------------------ Fisher and GGN
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
         import tensorflow as tf
@@ -404,7 +467,7 @@ class CurvatureEngine:
         need_hessian = work.ggn_diagonal == "exact"
         fn = self._compiled(("outputs", need_hessian),
                             lambda a, b: self._output_derivatives(a, b, need_hessian), specs[:2])
-        flat, dl, lam = fn(x, y)
+        flat, dl, lam, valid = fn(x, y)
         weights = s.numpy().astype(np.float64)
         if work.fisher_diagonal:
             part.sums["fisher_diagonal"] = self._squares(raw_inputs, np.arange(len(weights)), dl.numpy(),
@@ -425,9 +488,10 @@ class CurvatureEngine:
             grad_fn = self._compiled(("outputs", False), lambda a, b: self._output_derivatives(a, b, False),
                                      specs[:2])
             for sample in range(work.ggn_samples):
-                sampled, scale = self._sample_labels(flat_np, rows, work.seed, sample)
+                sampled, scale = self._sample_labels(flat_np, valid.numpy().astype(np.float64), rows,
+                                                     work.seed, sample)
                 sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
-                _, dl_sampled, _ = grad_fn(x, sampled)
+                _, dl_sampled, _, _ = grad_fn(x, sampled)
                 got = self._squares(raw_inputs, np.arange(len(weights)), dl_sampled.numpy() * scale,
                                     weights / work.ggn_samples, moments=True)
                 sums = got if sums is None else [a + b for a, b in zip(sums, got)]
@@ -438,9 +502,7 @@ class CurvatureEngine:
         """Runs ``_sum_sq_vjp`` over rows in chunks that keep rows x P under the budget."""
         import tensorflow as tf
 
-        in_specs = [tf.TensorSpec([None, *np.shape(a)[1:]],
-                                  self.dtype if np.asarray(a).dtype.kind == "f" else tf.as_dtype(np.asarray(a).dtype))
-                    for a in raw_inputs]
+        in_specs = [_tensor_spec(a, spec.shape, self.dtype) for a, spec in zip(raw_inputs, self.signature.inputs)]
         fn = self._compiled(("squares", moments),
                             lambda a, u, w: self._sum_sq_vjp(a, u, w, moments),
                             (in_specs, tf.TensorSpec([None, None], self.dtype), tf.TensorSpec([None], self.dtype)))
@@ -448,24 +510,26 @@ class CurvatureEngine:
         totals = [np.zeros(self.parameters) for _ in range(3)]
         for start in range(0, len(example), chunk):
             pick = example[start:start + chunk]
-            rows_in = [tf.constant(np.asarray(a)[pick], dtype=self.dtype if np.asarray(a).dtype.kind == "f" else None)
-                       for a in raw_inputs]
+            rows_in = [_constant(np.asarray(a)[pick], self.dtype) for a in raw_inputs]
             out = fn(rows_in, _as_dtype(cotangents[start:start + chunk], self.dtype),
                      _as_dtype(row_weights[start:start + chunk], self.dtype))
             for total, value in zip(totals, out):
                 total += value.numpy().astype(np.float64)
         return totals
 
-    def _sample_labels(self, flat, rows, seed, sample):
+    def _sample_labels(self, flat, valid, rows, seed, sample):
         """Labels y' drawn from the model's predictive distribution, one array per output,
-        and a scale per flattened output entry for the sampled loss gradient.
+        and a scale [B, C] for the sampled loss gradient.
 
         Categorical (softmax of logits, or the probabilities themselves) at every position of
         the last axis, Bernoulli per unit (sigmoid), Gaussian for MSE. Keras averages the loss
         over the m positions (or units) of an output, so ``Lambda = Lambda_position / m``
         while ``E[g g^T] = Lambda_position / m**2``: the sampled gradient is scaled by
         ``sqrt(m)`` to make ``E[g g^T] = Lambda`` (for MSE the noise variance does it:
-        ``y' = f + sqrt(m/2) N(0, 1)``). Uniforms come from ``(seed, sample, row)``.
+        ``y' = f + sqrt(m/2) N(0, 1)``). With a mask, m counts the example's unmasked
+        positions (``valid`` [B, outputs] is the fraction kept). Uniforms come from
+        ``(seed, sample, row, j)``, position j first, so a padded example draws the same
+        numbers whatever its batch's length.
         """
         family = self.loss.family
         if family is None:
@@ -476,8 +540,8 @@ class CurvatureEngine:
         labels, scales = [], []
         offset = 0
         n = len(flat)
-        for position, spec in enumerate(self.signature.outputs):
-            shape = tuple(spec.shape)
+        logit_outputs = self.adapter.logit_outputs or (False,) * len(self.signature.outputs)
+        for position, (shape, from_logits) in enumerate(zip(self._output_shapes(flat.shape[1]), logit_outputs)):
             size = int(np.prod(shape))
             f = flat[:, offset:offset + size]
             offset += size
@@ -485,8 +549,9 @@ class CurvatureEngine:
             if family.startswith("categorical"):
                 classes_count = shape[-1]
                 positions = size // classes_count
+                m = valid[:, position] * positions
                 logits = f.reshape(n, positions, classes_count)
-                if self.loss.from_logits:
+                if from_logits or self.loss.from_logits:
                     p = np.exp(logits - logits.max(axis=2, keepdims=True))
                 else:
                     p = np.clip(logits, 0.0, None)
@@ -497,18 +562,31 @@ class CurvatureEngine:
                     labels.append(classes.reshape((n, *shape[:-1])).astype(np.int64))
                 else:
                     labels.append(np.eye(classes_count)[classes].reshape((n, *shape)))
-                scales.append(np.full(size, np.sqrt(positions)))
+                scales.append(np.repeat(np.sqrt(m)[:, None], size, axis=1))
             elif family == "bernoulli":
-                p = 1.0 / (1.0 + np.exp(-f)) if self.loss.from_logits else f
+                m = valid[:, position] * size
+                p = 1.0 / (1.0 + np.exp(-f)) if (from_logits or self.loss.from_logits) else f
                 u = row_uniforms(seed, stream_sample, rows, size)
                 labels.append((u < p).astype(np.float64).reshape((n, *shape)))
-                scales.append(np.full(size, np.sqrt(size)))
+                scales.append(np.repeat(np.sqrt(m)[:, None], size, axis=1))
             else:  # gaussian
+                m = valid[:, position] * size
                 u = row_uniforms(seed, stream_sample, rows, 2 * size)
-                normal = np.sqrt(-2.0 * np.log(u[:, :size])) * np.cos(2.0 * np.pi * u[:, size:])
-                labels.append((f + np.sqrt(size / 2.0) * normal).reshape((n, *shape)))
-                scales.append(np.ones(size))
-        return labels, np.concatenate(scales)
+                normal = np.sqrt(-2.0 * np.log(u[:, 0::2])) * np.cos(2.0 * np.pi * u[:, 1::2])
+                labels.append((f + np.sqrt(m / 2.0)[:, None] * normal).reshape((n, *shape)))
+                scales.append(np.ones((n, size)))
+        return labels, np.concatenate(scales, axis=1)
+
+    def _output_shapes(self, width: int) -> list[tuple[int, ...]]:
+        """Each output's shape in this batch (open axes, e.g. a sequence length, filled in)."""
+        shapes = [tuple(spec.shape) for spec in self.signature.outputs]
+        if all(d is not None for shape in shapes for d in shape):
+            return shapes
+        if len(shapes) > 1 or sum(d is None for d in shapes[0]) > 1:
+            raise InputError("ggn_diagonal method 'mc' supports one output with at most one open axis "
+                             "(a sequence length): use method: exact")
+        known = int(np.prod([d for d in shapes[0] if d is not None]))
+        return [tuple(width // known if d is None else d for d in shapes[0])]
 
     # ------------------------------------------------------------------ costs
     def cost_per_batch(self, work: BatchWork) -> dict:
@@ -530,6 +608,58 @@ def _vector_spec(count, parameters, dtype):
     import tensorflow as tf
 
     return tf.TensorSpec([count, parameters], dtype)
+
+
+def _dense(gradients):
+    """Gradients as dense tensors (an Embedding's gradient is ``tf.IndexedSlices``)."""
+    import tensorflow as tf
+
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]
+
+
+def _valid_fraction(mask, batch, dtype):
+    """[B]: the fraction of an output's positions its mask keeps (ones without a mask)."""
+    import tensorflow as tf
+
+    if mask is None:
+        return tf.ones([batch], dtype)
+    mask = tf.cast(mask, dtype)
+    if mask.shape.rank == 1:
+        return mask
+    return tf.reduce_mean(mask, axis=list(range(1, mask.shape.rank)))
+
+
+def _is_text(array) -> bool:
+    return np.asarray(array).dtype.kind in "OSU"
+
+
+def _constant(array, dtype):
+    """A batch array as a tensor: floats in the compute dtype, text as tf.string."""
+    import tensorflow as tf
+
+    array = np.asarray(array)
+    if array.dtype.kind == "f":
+        return tf.constant(array, dtype=dtype)
+    if _is_text(array):
+        return tf.constant(array.astype(object), dtype=tf.string)
+    return tf.constant(array)
+
+
+def _tensor_spec(array, model_shape, dtype):
+    """TensorSpec for a batch array: axes the model leaves open (None) stay open."""
+    import tensorflow as tf
+
+    array = np.asarray(array)
+    # Leading axes line up with the model's (a sparse label [T] beside an output [T, C]).
+    shape = [None if k < len(model_shape) and model_shape[k] is None else d
+             for k, d in enumerate(array.shape[1:])]
+    if array.dtype.kind == "f":
+        kind = dtype
+    elif _is_text(array):
+        kind = tf.string
+    else:
+        kind = tf.as_dtype(array.dtype)
+    return tf.TensorSpec([None, *shape], kind)
 
 
 def _as_dtype(array, dtype):

@@ -31,8 +31,13 @@ FAMILIES = {
 
 
 class PerExampleLoss:
-    """``l_i`` for a batch: the Keras loss with reduction "none", then averaged over every
-    axis after the batch axis (as Keras does), summed over the model's outputs.
+    """The job's loss, resolved: a Keras loss function and its options, or a user function.
+
+    ``fn`` is the Keras loss *function* (its options kept apart in ``options``, so the model
+    adapter can wrap it as Keras' compile does), or the user's function with its options
+    bound. How it is applied to a model's outputs (label ranks, logits, masks, dtypes) is
+    ``pipeline.curvature.adapter.ModelAdapter``'s business; calling this object applies it
+    to plain output tensors, without masks.
 
     Example::
 
@@ -49,34 +54,15 @@ class PerExampleLoss:
         self.from_logits = bool(options.get("from_logits", False))
 
     def __call__(self, labels: list, outputs: list):
-        import tensorflow as tf
+        # Deliberately lazy: the adapter imports TensorFlow, which plain option checks avoid.
+        from pipeline.curvature.adapter import KerasLoss
 
-        if self.user_function:
-            if len(outputs) == 1:
-                values = self.fn(labels[0], outputs[0])
-            else:
-                values = self.fn(labels, outputs)
-            values = tf.convert_to_tensor(values)
-            return _per_example(values)
-        total = None
-        for label, output in zip(labels, outputs):
-            if label.dtype.is_floating and label.dtype != output.dtype:
-                label = tf.cast(label, output.dtype)
-            value = _per_example(self.fn(label, output))
-            total = value if total is None else total + value
-        return total
+        return KerasLoss(self, outputs[0].dtype).per_example_loss(list(labels), list(outputs),
+                                                                  [None] * len(outputs))
 
     def describe(self) -> dict:
         """What the manifest records about the loss."""
         return {"name": self.name, "options": self.options, "family": self.family}
-
-
-def _per_example(values):
-    import tensorflow as tf
-
-    if values.shape.rank is not None and values.shape.rank > 1:
-        values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-    return values
 
 
 def resolve_loss(loss_spec) -> PerExampleLoss:
@@ -107,7 +93,6 @@ def resolve_loss(loss_spec) -> PerExampleLoss:
         )
     canonical = fn.__name__
     family = FAMILIES.get(canonical) or FAMILIES.get(name)
-    bound = functools.partial(fn, **loss_spec.options) if loss_spec.options else fn
     try:  # a wrong option (e.g. a typo) must fail now, not inside a worker
         import inspect
 
@@ -116,4 +101,4 @@ def resolve_loss(loss_spec) -> PerExampleLoss:
         raise InputError(
             f"loss {name!r} does not take option(s) {sorted(loss_spec.options)}: remove them"
         ) from None
-    return PerExampleLoss(bound, name, loss_spec.options, family, user_function=False)
+    return PerExampleLoss(fn, name, loss_spec.options, family, user_function=False)

@@ -1,14 +1,14 @@
-"""Loading the model the user names, and the float64 copy used for ``precision: float64``."""
+"""Loading the model the user names, and the copy that computes in the job's ``precision``."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.signature import ModelSignature, TensorSpec
 
 
 def import_callable(reference: str, what: str):
@@ -55,21 +55,33 @@ def _local_copy(path: str) -> str:
     return local
 
 
+def model_builder(model_spec):
+    """The job's ``model.builder`` as a callable, or None for a ``.keras`` file."""
+    return import_callable(model_spec.builder, "model builder") if model_spec.builder else None
+
+
+def _call_builder(build, reference: str):
+    import keras
+
+    try:
+        model = build()
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: any failure is the user's input
+        raise InputError(f"model builder {reference!r} failed: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    if not isinstance(model, keras.Model):
+        raise InputError(f"model builder {reference!r} returned {type(model).__name__}, not a keras.Model")
+    return model
+
+
 def load_model(model_spec):
     """Loads a ``.keras`` file with ``safe_mode`` on, or calls a builder and loads weights.
 
     ``model_spec`` has ``path``, ``builder`` and ``weights`` (``pipeline.job.ModelSpec``).
+    Raises ``InputError`` naming the file and the way out when the model cannot be loaded.
     """
     import keras
 
     if model_spec.builder:
-        build = import_callable(model_spec.builder, "model builder")
-        try:
-            model = build()
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"model builder {model_spec.builder!r} failed: {type(exc).__name__}: {exc}") from None
-        if not isinstance(model, keras.Model):
-            raise InputError(f"model builder {model_spec.builder!r} returned {type(model).__name__}, not a keras.Model")
+        model = _call_builder(model_builder(model_spec), model_spec.builder)
         if model_spec.weights:
             local = _local_copy(model_spec.weights)
             try:
@@ -77,7 +89,8 @@ def load_model(model_spec):
             except Exception as exc:  # noqa: BLE001
                 raise InputError(
                     f"weights file {model_spec.weights} does not fit the built model ({exc}): "
-                    "save them from the same architecture"
+                    "save them from the same architecture (a subclassed model must be built, by calling "
+                    "it once, before its weights load)".replace("\n", " ")
                 ) from None
         return model
     local = _local_copy(model_spec.path)
@@ -88,18 +101,25 @@ def load_model(model_spec):
                          "save it with model.save('name.keras')")
     try:
         return keras.models.load_model(local, safe_mode=True, compile=False)
-    except ValueError as exc:
-        if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
-            raise InputError(
-                f"model {model_spec.path} needs safe_mode off (it holds arbitrary code, e.g. a Lambda "
-                "layer): give {builder: 'pkg.module:function', weights: ...} instead"
-            ) from None
-        raise InputError(f"model {model_spec.path} cannot be loaded: {exc}".replace("\n", " ")) from None
     except Exception as exc:  # noqa: BLE001
-        raise InputError(
-            f"model {model_spec.path} is not a Keras 3 model file ({type(exc).__name__}): "
-            "save it with model.save('name.keras')"
-        ) from None
+        raise _load_error(model_spec.path, exc) from None
+
+
+def _load_error(path: str, exc: Exception) -> InputError:
+    """The one-line reason a ``.keras`` file did not load, and the way out."""
+    text = " ".join(str(exc).split())
+    if "safe_mode" in text or "unsafe" in text.lower():
+        return InputError(
+            f"model {path} needs safe_mode off (it holds arbitrary code, e.g. a Lambda layer): give "
+            "model: {builder: 'pkg.module:function', weights: ...} instead")
+    unknown = re.search(r"(?:Could not locate (?:class|function)|Unknown (?:layer|object)[^']*)\s*'([^']+)'", text)
+    if unknown:
+        return InputError(
+            f"model {path} uses the custom class {unknown.group(1)!r}, which is not registered in this "
+            "process: give model: {builder: 'pkg.module:function', weights: ...} with a builder that "
+            "imports it, or register it (keras.saving.register_keras_serializable) in a module the builder imports")
+    return InputError(f"model {path} cannot be loaded ({type(exc).__name__}: {text[:300]}): check that it was "
+                      "saved by Keras 3 with model.save('name.keras')")
 
 
 def _retype(config, dtype: str):
@@ -119,48 +139,83 @@ def _retype(config, dtype: str):
     return config
 
 
-def to_precision(model, precision: str):
-    """Returns the model computing in ``precision`` (a float64 copy for ``float64``).
+def _floating(dtype) -> bool:
+    name = str(getattr(dtype, "name", dtype))
+    return name.startswith(("float", "bfloat", "mixed"))
 
-    The copy is rebuilt from the model's serialized config with every floating dtype set to
-    float64, then given the original weights. Variables keep their order, so the parameter
-    flattening of the contract is unchanged.
+
+def precision_mismatch(model, precision: str) -> str | None:
+    """What in ``model`` does not compute in ``precision`` (a layer or variable), or None.
+
+    A layer under a ``mixed_float16``/``mixed_bfloat16`` policy computes in half precision
+    although its variables are float32 (PITFALLS.md): its compute dtype is what counts.
     """
     import keras
 
-    if precision == "float32":
+    for layer in model._flatten_layers(include_self=False):  # Keras' own walk over nested layers
+        if isinstance(layer, (keras.Model, keras.layers.InputLayer)):
+            continue  # they compute nothing: a nested model's own layers are in the walk
+        compute = layer.dtype_policy.compute_dtype
+        if _floating(compute) and compute != precision:
+            return f"layer {layer.name!r} computes in {compute}"
+    for variable in model.weights:
+        if _floating(variable.dtype) and variable.dtype != precision:
+            return f"variable {variable.path!r} is {variable.dtype}"
+    return None
+
+
+def to_precision(model, precision: str, builder=None):
+    """Returns the model computing in ``precision`` (``float32`` or ``float64``).
+
+    A model that already computes in ``precision`` is returned as it is. Otherwise a copy is
+    made and given the original weights (variables keep their order, so the contract's
+    flattening is unchanged): by calling ``builder`` again under a ``precision`` dtype policy
+    (builder models, subclassed ones included), else by rebuilding from the serialized config
+    with every floating dtype and policy set to ``precision``. This covers float64 runs and
+    mixed-precision models under ``precision: float32``. Raises ``InputError`` naming the
+    layer when no copy computes in ``precision``.
+    """
+    import keras
+
+    if precision_mismatch(model, precision) is None:
         return model
-    config = _retype(keras.saving.serialize_keras_object(model), precision)
-    try:
-        copy = keras.saving.deserialize_keras_object(config, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001
+    copy = None
+    problems = []
+    if builder is not None:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(precision)
+        try:
+            copy = _call_builder(builder, getattr(builder, "__name__", "builder"))
+        finally:
+            keras.config.set_dtype_policy(previous)
+        problem = precision_mismatch(copy, precision)
+        if problem:
+            problems.append(f"rebuilt under a {precision} policy, {problem}")
+            copy = None
+    if copy is None:
+        try:
+            config = _retype(keras.saving.serialize_keras_object(model), precision)
+            # A builder is user code already trusted to run; a .keras file keeps safe_mode on.
+            copy = keras.saving.deserialize_keras_object(config, safe_mode=builder is None)
+            if not copy.built:
+                copy.build(model.inputs[0].shape if len(model.inputs) == 1 else [i.shape for i in model.inputs])
+        except Exception as exc:  # noqa: BLE001 - any failure to rebuild is reported as one line
+            problems.append(f"rebuilt from its config, {type(exc).__name__}: {exc}")
+            copy = None
+        else:
+            problem = precision_mismatch(copy, precision)
+            if problem:
+                problems.append(f"rebuilt from its config, {problem}")
+                copy = None
+    if copy is None:
         raise InputError(
-            f"cannot rebuild the model in {precision} ({type(exc).__name__}: {exc}): "
-            "use precision: float32, or a builder model".replace("\n", " ")
-        ) from None
-    if not copy.built:
-        copy.build(model.inputs[0].shape if len(model.inputs) == 1 else [i.shape for i in model.inputs])
-    copy.set_weights([np.asarray(w, dtype=np.float64 if np.asarray(w).dtype.kind == "f" else None)
-                      for w in model.get_weights()])
+            f"cannot compute the model in {precision} ({'; '.join(problems)}): remove fixed dtypes from its "
+            f"layers, or give a builder model (model: {{builder: ...}}), or use precision: "
+            f"{'float32' if precision == 'float64' else 'float64'}".replace("\n", " "))
+    try:
+        copy.set_weights([np.asarray(w, dtype=precision if np.asarray(w).dtype.kind == "f" else None)
+                          for w in model.get_weights()])
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"the {precision} copy of the model does not take its weights ({exc}): give a builder "
+                         "that builds the same architecture every time".replace("\n", " ")) from None
     return copy
-
-
-def model_signature(model) -> ModelSignature:
-    """Names, shapes and dtypes of the model's inputs, outputs and trainable variables."""
-    def spec(tensor, fallback):
-        name = getattr(tensor, "name", None) or fallback
-        name = name.split(":")[0]
-        shape = tuple(None if d is None else int(d) for d in tensor.shape[1:])
-        dtype = str(getattr(tensor, "dtype", "float32"))
-        dtype = dtype.replace("<dtype: '", "").replace("'>", "")
-        return TensorSpec(name=name, shape=shape, dtype=dtype)
-
-    inputs = tuple(spec(t, f"input_{i}") for i, t in enumerate(model.inputs))
-    outputs = tuple(spec(t, f"output_{i}") for i, t in enumerate(model.outputs))
-    # Output names as users see them: the producing layer's name.
-    output_names = list(getattr(model, "output_names", None) or [])
-    if len(output_names) == len(outputs):
-        outputs = tuple(TensorSpec(n, o.shape, o.dtype) for n, o in zip(output_names, outputs))
-    variables = tuple(v.path for v in model.trainable_variables)
-    shapes = tuple(tuple(int(d) for d in v.shape) for v in model.trainable_variables)
-    return ModelSignature(inputs=inputs, outputs=outputs, variables=variables, variable_shapes=shapes)
