@@ -415,20 +415,54 @@ def _layout(data_spec, signature: ModelSignature) -> _Layout:
                              f"mapping: set data.features to {{input_name: column}} for each input")
         in_tensors = (_Tensor(columns, inputs[0], "data.features", False),)
 
-    label_columns = _names(data_spec.labels, "data.labels")
-    if len(outputs) > 1:
-        output_names = ", ".join(s.name for s in outputs)
-        if isinstance(data_spec.labels, str) or len(label_columns) != len(outputs):
-            raise InputError(f"the model has {len(outputs)} outputs ({output_names}) but data.labels names "
-                             f"{len(label_columns)} column(s): list one label column per output, in that order")
-        out_tensors = tuple(_Tensor((c,), s, "data.labels", True) for c, s in zip(label_columns, outputs))
+    output_names = ", ".join(_output_label(signature, k) for k in range(len(outputs)))
+    if isinstance(data_spec.labels, dict):
+        # Labels by output name (contract 5.5): the order of the model's outputs never matters.
+        by_index: dict[int, str] = {}
+        unknown = []
+        for name, column in data_spec.labels.items():
+            index = signature.output_index(str(name))
+            if index is None or index in by_index:
+                unknown.append(str(name))
+            else:
+                by_index[index] = column
+        missing = [_output_label(signature, k) for k in range(len(outputs)) if k not in by_index]
+        if unknown or missing:
+            said = "; ".join(part for part in (f"unknown {', '.join(unknown)}" if unknown else "",
+                                               f"missing {', '.join(missing)}" if missing else "") if part)
+            raise InputError(f"data.labels maps model outputs by name ({said}): use the model's output names "
+                             f"{output_names}")
+        out_tensors = tuple(_Tensor(_names(by_index[k], f"data.labels.{outputs[k].name}"), outputs[k],
+                                    "data.labels", True) for k in range(len(outputs)))
     else:
-        out_tensors = (_Tensor(label_columns, outputs[0], "data.labels", True),)
+        label_columns = _names(data_spec.labels, "data.labels")
+        if len(outputs) > 1:
+            if isinstance(data_spec.labels, str) or len(label_columns) != len(outputs):
+                raise InputError(f"the model has {len(outputs)} outputs ({output_names}) but data.labels names "
+                                 f"{len(label_columns)} column(s): set data.labels to {{output_name: column}} "
+                                 "for each output")
+            out_tensors = tuple(_Tensor((c,), s, "data.labels", True) for c, s in zip(label_columns, outputs))
+        else:
+            out_tensors = (_Tensor(label_columns, outputs[0], "data.labels", True),)
 
     weights = data_spec.weights
     if weights is not None and not isinstance(weights, str):
         raise InputError(f"data.weights must be a column name or null, got {weights!r}: fix data.weights")
     return _Layout(in_tensors, out_tensors, weights)
+
+
+def _output_label(signature: ModelSignature, index: int) -> str:
+    """An output's name for messages, with its dict key when the model returns a dict."""
+    name = signature.outputs[index].name
+    aliases = signature.output_aliases
+    if aliases and aliases[index] != name:
+        return f"{name} (key {aliases[index]})"
+    return name
+
+
+def _text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+        or pa.types.is_large_binary(t)
 
 
 def _numeric(t: pa.DataType) -> bool:
@@ -444,19 +478,22 @@ def _column_list(names: Sequence[str]) -> str:
     return shown + (f", ... ({len(names)} columns)" if len(names) > 30 else "")
 
 
-def _check_column(schema: pa.Schema, column: str, key: str, scalar_only: bool) -> pa.DataType:
+def _check_column(schema: pa.Schema, column: str, key: str, scalar_only: bool, text: bool = False) -> pa.DataType:
+    """The column's type, or InputError. ``text``: string/binary values are allowed (features
+    for models that start with StringLookup/TextVectorization, contract 5.4)."""
     if column not in schema.names:
         raise InputError(f"column '{column}' not in data (columns: {_column_list(schema.names)}): fix {key}")
     t = schema.field(column).type
+    allowed = "numbers or strings" if text else "numbers"
     if _is_list(t):
         if scalar_only:
             raise InputError(f"column '{column}' is a list column ({t}) where one value per row is needed: "
                              f"fix {key}")
-        if not _numeric(t.value_type):
-            raise InputError(f"column '{column}' is a list of {t.value_type}, not numbers: fix {key} "
+        if not (_numeric(t.value_type) or (text and _text(t.value_type))):
+            raise InputError(f"column '{column}' is a list of {t.value_type}, not {allowed}: fix {key} "
                              f"(nested lists must be stored flat, as a fixed-size list)")
-    elif not _numeric(t):
-        raise InputError(f"column '{column}' has type {t}, not numbers: fix {key}")
+    elif not (_numeric(t) or (text and _text(t))):
+        raise InputError(f"column '{column}' has type {t}, not {allowed}: fix {key}")
     return t
 
 
@@ -464,7 +501,7 @@ def _check_layout(schema: pa.Schema, layout: _Layout) -> None:
     for tensor in layout.inputs + layout.labels:
         several = len(tensor.columns) > 1
         for column in tensor.columns:
-            t = _check_column(schema, column, tensor.key, scalar_only=several)
+            t = _check_column(schema, column, tensor.key, scalar_only=several, text=not tensor.label)
         if several:
             if not tensor.label:
                 _target_shape(tensor.spec, len(tensor.columns), ", ".join(tensor.columns), tensor.key,
@@ -475,6 +512,12 @@ def _check_layout(schema: pa.Schema, layout: _Layout) -> None:
             _target_shape(tensor.spec, 1, tensor.columns[0], tensor.key, "model input")
     if layout.weights is not None:
         _check_column(schema, layout.weights, "data.weights", scalar_only=True)
+
+
+def tensor_columns(data_spec, signature: ModelSignature) -> tuple[list[str], list[str]]:
+    """The column name(s) behind each model input and each label, in signature order."""
+    layout = _layout(data_spec, signature)
+    return ([", ".join(t.columns) for t in layout.inputs], [", ".join(t.columns) for t in layout.labels])
 
 
 def check_schema(schema: pa.Schema, data_spec, signature: ModelSignature) -> None:
@@ -492,8 +535,13 @@ def _null_error(column: str, row: int) -> InputError:
     return InputError(f"column '{column}' has a null value at row {row}: fill or drop nulls in the data")
 
 
-def _values(array: pa.Array, column: str, rows: np.ndarray) -> np.ndarray:
-    """[B] for a scalar column, [B, width] for a list column (one width for every row)."""
+def _values(array: pa.Array, column: str, rows: np.ndarray, pad_value=0) -> np.ndarray:
+    """[B] for a scalar column, [B, width] for a list column.
+
+    Rows of a variable-length list column are padded at the end with ``pad_value`` up to the
+    batch's longest row (what ``keras.utils.pad_sequences(padding="post")`` gives), so a
+    masking model sees what ``model.fit`` would feed it.
+    """
     if array.null_count:
         first = int(np.flatnonzero(pc.is_null(array).to_numpy(zero_copy_only=False))[0])
         raise _null_error(column, int(rows[first]))
@@ -505,17 +553,33 @@ def _values(array: pa.Array, column: str, rows: np.ndarray) -> np.ndarray:
         lengths = None
     else:
         lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
-        width = int(lengths[0]) if len(lengths) else 0
-        wrong = np.flatnonzero(lengths != width)
-        if len(wrong):
-            at = int(wrong[0])
-            raise InputError(f"column '{column}' holds {int(lengths[at])} values at row {int(rows[at])} but "
-                             f"{width} at row {int(rows[0])}: every row of a list column needs the same width")
+        width = int(lengths.max()) if len(lengths) else 0
+        if len(lengths) and np.any(lengths != width):
+            return _padded(array, lengths, width, column, rows, pad_value)
     flat = array.flatten()
     if flat.null_count:
         first = int(np.flatnonzero(pc.is_null(flat).to_numpy(zero_copy_only=False))[0])
         raise _null_error(column, int(rows[first // width]))
     return flat.to_numpy(zero_copy_only=False).reshape(len(array), width)
+
+
+def _padded(array: pa.Array, lengths: np.ndarray, width: int, column: str, rows: np.ndarray,
+            pad_value) -> np.ndarray:
+    flat = array.flatten()
+    if flat.null_count:
+        first = int(np.flatnonzero(pc.is_null(flat).to_numpy(zero_copy_only=False))[0])
+        row = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        raise _null_error(column, int(rows[row]))
+    values = flat.to_numpy(zero_copy_only=False)
+    text = values.dtype.kind in "OSU"
+    if text != isinstance(pad_value, str):
+        raise InputError(f"column '{column}' holds {'strings' if text else 'numbers'} but data.pad_value is "
+                         f"{pad_value!r}: set data.pad_value to a {'string' if text else 'number'}")
+    out = np.full((len(lengths), width), pad_value, dtype=object if text else np.result_type(values, type(pad_value)))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for i, (start, length) in enumerate(zip(starts, lengths)):
+        out[i, :length] = values[start:start + length]
+    return out
 
 
 def _float_or_given(spec_dtype: str, float_dtype: str) -> np.dtype:
@@ -526,27 +590,39 @@ def _float_or_given(spec_dtype: str, float_dtype: str) -> np.dtype:
     return np.dtype(float_dtype) if np.issubdtype(given, np.floating) else given
 
 
-def _input_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype: str) -> np.ndarray:
+def _input_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype: str, pad_value=0) -> np.ndarray:
     n = len(rows)
     if len(tensor.columns) == 1:
         column = tensor.columns[0]
-        values = _values(table.column(column).combine_chunks(), column, rows)
+        values = _values(table.column(column).combine_chunks(), column, rows, pad_value)
         width = 1 if values.ndim == 1 else values.shape[1]
+        known = _size(tensor.spec.shape)
+        variable = values.ndim == 2 and not pa.types.is_fixed_size_list(table.column(column).type)
+        tokens = not tensor.spec.dtype.startswith(("float", "bfloat", "half"))
+        if variable and tokens and known is not None and width < known:
+            # Variable-length token ids or strings feeding a fixed-length input: pad up to the
+            # model's length, as keras.utils.pad_sequences(maxlen=...) would. Float features of
+            # another width stay an error (padding them would be silently wrong).
+            values = np.concatenate([values, np.full((n, known - width), pad_value, dtype=values.dtype)], axis=1)
+            width = known
     else:
         column = ", ".join(tensor.columns)
-        values = np.stack([_values(table.column(c).combine_chunks(), c, rows) for c in tensor.columns], axis=1)
+        values = np.stack([_values(table.column(c).combine_chunks(), c, rows, pad_value) for c in tensor.columns],
+                          axis=1)
         width = len(tensor.columns)
     shape = _target_shape(tensor.spec, width, column, tensor.key, "model input")
+    if values.dtype.kind in "OSU":  # strings/bytes go to the model as tf.string
+        return values.reshape((n,) + shape).astype(object)
     return values.reshape((n,) + shape).astype(_float_or_given(tensor.spec.dtype, float_dtype))
 
 
-def _label_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype: str) -> np.ndarray:
+def _label_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype: str, pad_value=0) -> np.ndarray:
     n = len(rows)
     if len(tensor.columns) > 1:
         stacked = [_values(table.column(c).combine_chunks(), c, rows) for c in tensor.columns]
         return np.stack(stacked, axis=1).astype(float_dtype)
     column = tensor.columns[0]
-    values = _values(table.column(column).combine_chunks(), column, rows)
+    values = _values(table.column(column).combine_chunks(), column, rows, 0 if isinstance(pad_value, str) else pad_value)
     dtype = np.int64 if np.issubdtype(values.dtype, np.integer) else np.dtype(float_dtype)
     if values.ndim == 2:
         # Labels may legitimately differ from the output's shape (the loss decides); reshape
@@ -557,13 +633,13 @@ def _label_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype
     return values.astype(dtype)
 
 
-def _to_batch(table: pa.Table, layout: _Layout, rows: np.ndarray, float_dtype: str) -> Batch:
+def _to_batch(table: pa.Table, layout: _Layout, rows: np.ndarray, float_dtype: str, pad_value=0) -> Batch:
     weights = None
     if layout.weights is not None:
         weights = _values(table.column(layout.weights).combine_chunks(), layout.weights, rows).astype(np.float64)
     return Batch(
-        inputs=[_input_array(table, t, rows, float_dtype) for t in layout.inputs],
-        labels=[_label_array(table, t, rows, float_dtype) for t in layout.labels],
+        inputs=[_input_array(table, t, rows, float_dtype, pad_value) for t in layout.inputs],
+        labels=[_label_array(table, t, rows, float_dtype, pad_value) for t in layout.labels],
         weights=weights,
         rows=rows,
     )
@@ -600,6 +676,13 @@ def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk:
                 return
 
 
+def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int, dtype: str = "float32") -> Batch:
+    """The dataset's first ``count`` rows as one batch (``validate`` runs the model on them)."""
+    count = max(1, min(int(count), plan.rows))
+    shard = _cut_shards(plan.files, plan.file_rows, count, 1)[0]
+    return next(iter(read_shard(shard, data_spec, signature, plan.uri, count, dtype)))
+
+
 def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, batch_size: int,
                dtype: str = "float32") -> Iterator[Batch]:
     """Stream a shard as batches of exactly ``batch_size`` rows (the last may be shorter).
@@ -620,7 +703,7 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
         nonlocal emitted
         rows = np.arange(shard.first_row + emitted, shard.first_row + emitted + table.num_rows, dtype=np.int64)
         emitted += table.num_rows
-        return _to_batch(table, layout, rows, dtype)
+        return _to_batch(table, layout, rows, dtype, getattr(data_spec, "pad_value", 0))
 
     for piece in shard.pieces:
         for record in _piece_batches(fs, piece, columns, batch_size, layout, checked):

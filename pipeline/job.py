@@ -93,10 +93,11 @@ class DataSpec:
 
     path: str  # Parquet file, dir or glob; absolute local path or URI as given
     features: str | tuple[str, ...] | dict[str, str]
-    labels: str | tuple[str, ...]
+    labels: str | tuple[str, ...] | dict[str, str]  # a mapping is {output_name: column}
     weights: str | None = None
     batch_size: int = 256
     limit: int | None = None
+    pad_value: int | float | str = 0  # fills variable-length list columns up to a batch's longest row
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class JobSpec:
                 "weights": self.data.weights,
                 "batch_size": self.data.batch_size,
                 "limit": self.data.limit,
+                "pad_value": self.data.pad_value,
             },
             "shards": self.shards,
             "workers": self.workers,
@@ -385,7 +387,7 @@ _QUANTITY_HELP = {
 _TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regularization",
              "precision", "seed", "quantities", "output")
 _MODEL_KEYS = ("builder", "weights")
-_DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit")
+_DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit", "pad_value")
 
 
 def _keys_table() -> dict[str, Key]:
@@ -402,10 +404,12 @@ def _keys_table() -> dict[str, Key]:
         "data.path": Key("Parquet file, directory or glob; local path or URI", required=True),
         "data.features": Key("a column, a list of columns, or {input_name: column}",
                              required=True),
-        "data.labels": Key("a column or a list of columns", required=True),
+        "data.labels": Key("a column, a list of columns (one per output, in model.output_names order), "
+                           "or {output_name: column}", required=True),
         "data.weights": Key("column of per-example weights", None),
         "data.batch_size": Key("examples per batch", 256),
         "data.limit": Key("use only the first N rows", None),
+        "data.pad_value": Key("value that pads variable-length list columns to a batch's longest row", 0),
         "shards": Key("number of shards, or auto", "auto"),
         "workers": Key("worker actors; auto = one per GPU, else one per CPU slot", "auto"),
         "include_regularization": Key("add model.losses to the objective", False),
@@ -753,8 +757,8 @@ def _parse_loss(raw: dict) -> LossSpec:
     return LossSpec(name=name, options=options, function=None)
 
 
-def _parse_columns(value: Any, key: str, allow_mapping: bool) -> str | tuple | dict:
-    """A column, a non-empty list of distinct columns, or (features) {input_name: column}."""
+def _parse_columns(value: Any, key: str, allow_mapping: bool, what: str = "input") -> str | tuple | dict:
+    """A column, a non-empty list of distinct columns, or {input_name or output_name: column}."""
     if isinstance(value, str):
         return _column(value, key)
     if isinstance(value, (list, tuple)) and value:
@@ -765,14 +769,14 @@ def _parse_columns(value: Any, key: str, allow_mapping: bool) -> str | tuple | d
     if allow_mapping and isinstance(value, dict) and value:
         for input_name, column in value.items():
             if not isinstance(input_name, str) or not input_name.strip():
-                _fail(key, "a mapping of model input names to columns", value,
-                      "use the names of model.inputs as keys")
+                _fail(key, f"a mapping of model {what} names to columns", value,
+                      f"use the model's {what} names as keys")
             _column(column, f"{key}.{input_name}")
         return dict(value)
-    what = "a column, a non-empty list of columns or a mapping {input_name: column}"
+    expected = f"a column, a non-empty list of columns or a mapping {{{what}_name: column}}"
     if not allow_mapping:
-        what = "a column or a non-empty list of columns"
-    _fail(key, what, value, "name the Parquet column(s) to use")
+        expected = "a column or a non-empty list of columns"
+    _fail(key, expected, value, "name the Parquet column(s) to use")
 
 
 def _parse_data(raw: dict, base_dir: str) -> DataSpec:
@@ -787,12 +791,20 @@ def _parse_data(raw: dict, base_dir: str) -> DataSpec:
     return DataSpec(
         path=_path(base_dir, "the Parquet data")(path, "data.path"),
         features=_parse_columns(features, "data.features", allow_mapping=True),
-        labels=_parse_columns(labels, "data.labels", allow_mapping=False),
+        labels=_parse_columns(labels, "data.labels", allow_mapping=True, what="output"),
         weights=None if weights is None else _column(weights, "data.weights"),
         batch_size=_positive_int(256)(data.get("batch_size", DEFAULTS["data.batch_size"]),
                                       "data.batch_size"),
         limit=None if limit is None else _positive_int(1000)(limit, "data.limit"),
+        pad_value=_pad_value(data.get("pad_value", DEFAULTS["data.pad_value"]), "data.pad_value"),
     )
+
+
+def _pad_value(value: Any, key: str) -> int | float | str:
+    ok = isinstance(value, str) or ((_is_int(value) or isinstance(value, float)) and math.isfinite(value))
+    if not ok:
+        _fail(key, "a number or a string", value, "set it to e.g. 0 (the value a masking layer skips)")
+    return value
 
 
 def _parse_quantities(raw: dict, base_dir: str) -> dict[str, dict]:

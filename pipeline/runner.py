@@ -103,8 +103,13 @@ def model_fingerprint(model_spec) -> str:
     return digest.hexdigest()
 
 
+# Rows of the dataset that ``validate`` (and every plan) runs the model and the loss on.
+PROBE_ROWS = 8
+
+
 def inspect_model(job):
-    """Loads the model in the driver (GPUs hidden) to learn its signature; checks the loss."""
+    """Loads the model in the driver (GPUs hidden) as the workers will compute with it: in the
+    job's precision, called through the model adapter. Returns the curvature engine."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -112,11 +117,24 @@ def inspect_model(job):
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:
         pass
-    from pipeline.curvature import load_model, model_signature, resolve_loss
+    from pipeline.curvature import CurvatureEngine, load_model, model_builder, resolve_loss
 
-    model = load_model(job.model)
-    resolve_loss(job.loss)
-    return model_signature(model)
+    return CurvatureEngine(load_model(job.model), resolve_loss(job.loss), precision=job.precision,
+                           builder=model_builder(job.model))
+
+
+def probe_data(job, engine, data):
+    """Runs the model and the loss on the first rows (``pipeline.curvature.probe``)."""
+    from pipeline.batch_checks import check_batch
+    from pipeline.curvature.probe import probe
+    from pipeline.data import first_rows, tensor_columns
+
+    columns = tensor_columns(job.data, engine.signature)
+    batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
+    check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns)
+    exact = (job.quantities.get("hessian_diagonal") or {}).get("method") == "exact" or \
+        (job.quantities.get("trace") or {}).get("method") == "exact"
+    return probe(engine, batch, columns, exact_diagonal=exact)
 
 
 def estimated_passes(job) -> int:
@@ -145,17 +163,23 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
 
     now = now or _dt.datetime.now(_dt.timezone.utc)
     run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
-    signature = inspect_model(job)
+    engine = inspect_model(job)
+    signature = engine.signature
     cluster = cluster or {}
     gpus = int(cluster.get("GPU", 0))
     if workers is None:
         workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
     data = plan_data(job.data, shards or job.shards, workers)
     check_schema(data.schema, job.data, signature)
+    trial = probe_data(job, engine, data)
     workers = max(1, min(int(workers), len(data.shards)))
     plan = Plan(job=job, data=data, signature=signature, workers=workers, gpus=gpus if gpus else 0,
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
                 model_sha256=model_fingerprint(job.model), passes=estimated_passes(job))
+    plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
+    if trial.diagonal_route == "loop":
+        plan.notes.append("exact Hessian diagonal: the model's recurrent (while) loops cannot be vectorised; "
+                          "it is formed by blocks of Hessian-vector products (slower than vectorised)")
     hvp = job.quantities.get("hvp")
     if hvp is not None:
         if hvp.get("vectors"):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.batch_checks import check_batch, deterministic, model_refused
+from pipeline.data import read_shard, tensor_columns
 from pipeline.errors import InputError
 from pipeline.partial import Partial
 
@@ -58,6 +60,7 @@ class ShardWorker:
         self.engine = CurvatureEngine(load_model(job.model), resolve_loss(job.loss), precision=job.precision,
                                       builder=model_builder(job.model))
         self.signature = self.engine.signature
+        self.columns = tensor_columns(job.data, self.signature)
         import ray
 
         self.name = f"{os.uname().nodename}:{os.getpid()}" + (":gpu" if gpu else "")
@@ -77,8 +80,6 @@ class ShardWorker:
         if shard.index in self._cache:
             yield from self._cache[shard.index]
             return
-        from pipeline.data import read_shard
-
         keep, size = [], 0
         for batch in read_shard(shard, self.job.data, self.signature, self.uri, self.job.data.batch_size,
                                 dtype=self.job.precision):
@@ -105,27 +106,31 @@ class ShardWorker:
         worker_faults(shard.index, self.node_id)
         start = time.perf_counter()
         total = Partial()
+        where = f"shard {shard.index}"
         for batch in self._batches(shard):
-            _check_data(batch, shard, self.job.data)
-            _check_labels(batch, shard, self.job.data, self.engine.loss, self.signature)
-            part = self.engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
+            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns)
+            try:
+                part = self.engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
+            except Exception as exc:  # noqa: BLE001 - sorted into input errors and the rest below
+                if not deterministic(exc):
+                    raise
+                # The model or the loss refused this data (a shape, rank or dtype): the same input
+                # fails the same way on any worker, so it is an input error, never retried.
+                raise model_refused(exc, batch, where) from None
             if not _finite(part):
-                raise self._non_finite(part, shard, batch)
+                raise self._non_finite(part, shard, batch, work)
             total.add(part)
         return ShardResult(shard.index, total, time.perf_counter() - start, self.name)
 
-    def _non_finite(self, part: Partial, shard, batch) -> InputError:
-        """Finds the first row whose own loss or gradient is not finite (one row at a time)."""
-        from pipeline.curvature.engine import BatchWork
-
-        bad = [key for key in ("loss", "gradient") if key in part.sums and not np.all(np.isfinite(part.sums[key]))]
-        what = " and ".join(bad) or "curvature sums"
+    def _non_finite(self, part: Partial, shard, batch, work) -> InputError:
+        """Finds the first row whose own sums are not finite (one row at a time, the same work)."""
+        bad = [key for key, value in part.sums.items() if not np.all(np.isfinite(value))]
+        what = " and ".join(sorted(bad)) or "curvature sums"
         first, last = int(batch.rows[0]), int(batch.rows[-1])
-        single = BatchWork(gradient=True)
         for i, row in enumerate(batch.rows):
             one = self.engine.partial([a[i:i + 1] for a in batch.inputs], [a[i:i + 1] for a in batch.labels],
                                       None if batch.weights is None else batch.weights[i:i + 1],
-                                      batch.rows[i:i + 1], single)
+                                      batch.rows[i:i + 1], work)
             if not _finite(one):
                 return InputError(
                     f"non-finite {what} in shard {shard.index} (rows {first}-{last}), first at row {int(row)} "
@@ -148,63 +153,6 @@ class ShardWorker:
 def _finite(part: Partial) -> bool:
     """A non-finite number in any sum poisons the whole result."""
     return all(np.all(np.isfinite(value)) for value in part.sums.values())
-
-
-def _columns(value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [c if isinstance(c, str) else ", ".join(c) for c in value.values()]
-    return list(value)
-
-
-def _check_data(batch, shard, data_spec) -> None:
-    """NaN or inf in features, labels or weights: an input error naming the column and row."""
-    features = _columns(data_spec.features)
-    labels = _columns(data_spec.labels)
-    groups = [(a, features[k] if len(features) == len(batch.inputs) else ", ".join(features))
-              for k, a in enumerate(batch.inputs)]
-    groups += [(a, labels[k] if len(labels) == len(batch.labels) else ", ".join(labels))
-               for k, a in enumerate(batch.labels)]
-    if batch.weights is not None:
-        groups.append((batch.weights, data_spec.weights))
-    for array, column in groups:
-        if not np.issubdtype(array.dtype, np.floating):
-            continue
-        finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
-        if not finite.all():
-            row = int(batch.rows[int(np.flatnonzero(~finite)[0])])
-            raise InputError(f"column '{column}' has a NaN or infinite value at row {row} (shard {shard.index}): "
-                             "clean the data or drop that row")
-    if batch.weights is not None and np.any(batch.weights < 0):
-        row = int(batch.rows[int(np.flatnonzero(batch.weights < 0)[0])])
-        raise InputError(f"column '{data_spec.weights}' has a negative weight at row {row} (shard {shard.index}): "
-                         "weights must be >= 0")
-
-
-def _check_labels(batch, shard, data_spec, loss, signature) -> None:
-    """Sparse class labels outside ``[0, classes)``: TensorFlow would fail or return NaN."""
-    if getattr(loss, "family", None) != "categorical_sparse":
-        return
-    labels = _columns(data_spec.labels)
-    for k, (array, output) in enumerate(zip(batch.labels, signature.outputs)):
-        classes = output.shape[-1] if output.shape else None
-        if classes is None:
-            continue
-        values = np.asarray(array).reshape(len(array), -1)
-        bad = (values < 0) | (values >= classes)
-        if np.issubdtype(values.dtype, np.floating):
-            bad |= values != np.floor(values)
-        rows = np.flatnonzero(bad.any(axis=1))
-        if len(rows):
-            at = int(rows[0])
-            value = values[at][bad[at]][0]
-            column = labels[k] if len(labels) == len(batch.labels) else ", ".join(labels)
-            raise InputError(
-                f"column '{column}' has label {value.item()!r} at row {int(batch.rows[at])} (shard {shard.index}), "
-                f"outside the valid range 0-{classes - 1} of {loss.name}"
-                + (f" for output '{output.name}'" if len(signature.outputs) > 1 else "")
-                + f" ({classes} classes): fix the labels, or the loss")
 
 
 def remote_worker_class(gpu: bool, cpus: float):

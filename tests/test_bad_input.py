@@ -132,7 +132,9 @@ def test_unknown_loss(root):
 def test_piecewise_linear_loss_is_warned_about(root):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan(root, loss="mae")
+        # Class ids against a 3-wide output do not fit mae either (Keras would fail in fit):
+        # the trial run on the first rows says so, after the warning.
+        expect(lambda: plan(root, loss="mae"), "the loss mae fails on output")
     said = [str(w.message) for w in caught if "piecewise linear" in str(w.message)]
     print(f"\nwarning: {said[0]}")
     assert said and "second derivative is zero" in said[0]

@@ -402,7 +402,7 @@ BAD = [
     ("data.features", {"image": 3}, "data.features.image"),
     ("data.labels", ..., "data.labels"),
     ("data.labels", [], "data.labels"),
-    ("data.labels", {"a": "b"}, "data.labels"),
+    ("data.labels", {"a": 3}, "data.labels.a"),
     ("data.weights", 1, "data.weights"),
     ("data.batch_size", 0, "data.batch_size"),
     ("data.batch_size", -3, "data.batch_size"),

@@ -181,7 +181,7 @@ class CurvatureEngine:
         import tensorflow as tf
 
         def cast(a):
-            return _constant(a, self.dtype)
+            return batch_tensor(a, self.dtype)
 
         n = len(inputs[0])
         w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -407,6 +407,10 @@ class CurvatureEngine:
             self.diagonal_route = "loop" if loops else "vectorised"
         return self.diagonal_route
 
+    def exact_diagonal_route(self, inputs, labels) -> str:
+        """How the exact diagonal will be formed for batches like this one (for the plan)."""
+        return self.diagonal_route_for(self._objective, self._specs(inputs, labels))
+
     def _exact_diagonal(self, objective, batch, specs, tag):
         import tensorflow as tf
 
@@ -510,7 +514,7 @@ class CurvatureEngine:
         totals = [np.zeros(self.parameters) for _ in range(3)]
         for start in range(0, len(example), chunk):
             pick = example[start:start + chunk]
-            rows_in = [_constant(np.asarray(a)[pick], self.dtype) for a in raw_inputs]
+            rows_in = [batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs]
             out = fn(rows_in, _as_dtype(cotangents[start:start + chunk], self.dtype),
                      _as_dtype(row_weights[start:start + chunk], self.dtype))
             for total, value in zip(totals, out):
@@ -633,7 +637,7 @@ def _is_text(array) -> bool:
     return np.asarray(array).dtype.kind in "OSU"
 
 
-def _constant(array, dtype):
+def batch_tensor(array, dtype):
     """A batch array as a tensor: floats in the compute dtype, text as tf.string."""
     import tensorflow as tf
 

@@ -1,0 +1,82 @@
+"""``validate``'s trial: the model and the loss run on the dataset's first rows, in the driver.
+
+Every shape, rank, dtype and loss-signature problem then surfaces as one ``InputError`` that
+names the column, the output and the fix, before any worker starts (a worker would find the
+same problem in every shard). TensorFlow only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.batch_checks import deterministic
+from pipeline.curvature.engine import BatchWork, CurvatureEngine, batch_tensor
+from pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What the trial found: the rows it used, their mean loss, and the exact-diagonal route."""
+
+    rows: int
+    loss: float
+    diagonal_route: str | None
+
+
+def _shapes(arrays) -> str:
+    return ", ".join(str(tuple(np.shape(a))) for a in arrays)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
+
+
+def probe(engine: CurvatureEngine, batch, columns, exact_diagonal: bool = False) -> ProbeReport:
+    """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
+
+    ``columns`` is ``pipeline.data.tensor_columns``: the column(s) behind each input and label.
+    Raises ``InputError`` naming what failed. Cost: one forward pass per output loss check
+    plus one traced gradient on a few rows.
+    """
+    signature = engine.signature
+    inputs = [batch_tensor(a, engine.dtype) for a in batch.inputs]
+    try:
+        outputs, masks = engine.adapter.forward(inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the model on the data is an input problem
+        specs = ", ".join(f"{s.name} {s.shape}" for s in signature.inputs)
+        raise InputError(
+            f"the model fails on the first {len(batch)} rows of data.features (columns {'; '.join(columns[0])}, "
+            f"shapes {_shapes(batch.inputs)}; model inputs {specs}): {_one_line(exc)}: fix data.features "
+            "or the model") from None
+    losses = engine.adapter.keras_loss
+    flags = engine.adapter.logit_outputs
+    per_output = zip(range(len(outputs)), batch.labels, outputs, masks) if not (
+        losses.loss.user_function and len(outputs) > 1) else []
+    for k, label, output, mask in per_output:
+        name = signature.outputs[k].name
+        try:
+            values = losses.output_losses([label], [output], [mask], (flags[k],))[0]
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(
+                f"the loss {engine.loss.name} fails on output '{name}' (shape {tuple(output.shape)}) with labels "
+                f"from column '{columns[1][k]}' (shape {np.shape(label)}): {_one_line(exc)}: fix data.labels or "
+                "the loss") from None
+        if tuple(values.shape) != (len(batch),):
+            raise InputError(f"the loss {engine.loss.name} gives shape {tuple(values.shape)} for output '{name}', "
+                             f"not one value per example ({len(batch)}): return per-example losses")
+    try:
+        part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
+        route = engine.exact_diagonal_route(batch.inputs, batch.labels) if exact_diagonal else None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if not deterministic(exc) and not isinstance(exc, (tf.errors.OpError, LookupError, AttributeError)):
+            raise
+        raise InputError(f"the loss or its derivatives fail on the first {len(batch)} rows: {_one_line(exc)}: "
+                         "check data.labels and the loss against the model") from None
+    weight = part.weight_sum if part.weight_sum > 0 else 1.0
+    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, diagonal_route=route)

@@ -1,0 +1,692 @@
+"""The model zoo: small Keras models of many kinds, and a float64 dense reference for each.
+
+The reference never touches ``pipeline``: the per-example losses are written out by hand
+(log-sum-exp, log-softmax, softplus... in float64), masks are recomputed from the tokens
+(``x != 0``), the Hessian is ``tape.jacobian`` of the whole-batch gradient, and the per-example
+gradients, output Jacobians ``J_i`` and output Hessians ``Lambda_i`` come from one forward pass
+per example. That the hand-written losses are the losses Keras trains on is checked separately,
+against ``model.evaluate`` on one example at a time (``evaluate_losses``).
+
+Every case is built twice from the same code: the model handed to the engine (float32, or a
+mixed-precision one) and a float64 copy with the same weights. Where Keras' cross-entropy
+reads the logits behind a softmax/sigmoid output (``from_logits=False``), the reference
+differentiates a "logits twin": the same model and weights with a linear last layer, and
+the ``from_logits=True`` loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import zoo_losses
+
+# (case name, precision) -> {quantity: max |engine - reference| / max |reference|}; printed by
+# conftest.py at the end of the run.
+MEASURED: dict = {}
+
+
+class policy:
+    """Sets the global Keras dtype policy while building, and always restores it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.old = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.name)
+
+    def __exit__(self, *exc):
+        keras.config.set_dtype_policy(self.old)
+
+
+# ----------------------------------------------------------------------------- hand losses
+# Each maps (label, output) to the loss per position, the last (class/feature) axis reduced.
+# They compute in the output's dtype (float64 in the reference).
+
+def sparse_ce_logits(y, z):
+    onehot = tf.one_hot(tf.cast(y, tf.int32), int(z.shape[-1]), dtype=z.dtype)
+    return tf.reduce_logsumexp(z, axis=-1) - tf.reduce_sum(onehot * z, axis=-1)
+
+
+def categorical_ce_logits(y, z):
+    return -tf.reduce_sum(tf.cast(y, z.dtype) * tf.nn.log_softmax(z, axis=-1), axis=-1)
+
+
+def binary_ce_logits(y, z):
+    y = tf.cast(y, z.dtype)
+    return tf.reduce_mean(tf.nn.relu(z) - z * y + tf.math.log1p(tf.exp(-tf.abs(z))), axis=-1)
+
+
+def mse(y, z):
+    return tf.reduce_mean(tf.square(z - tf.cast(y, z.dtype)), axis=-1)
+
+
+def huber(y, z, delta=1.0):
+    a = tf.abs(z - tf.cast(y, z.dtype))
+    return tf.reduce_mean(tf.where(a <= delta, 0.5 * a * a, delta * a - 0.5 * delta * delta), axis=-1)
+
+
+def softplus_squared(y, z):  # zoo_losses.softplus_squared, written again
+    return tf.reduce_mean(tf.square(tf.math.log1p(tf.exp(-tf.abs(z))) + tf.nn.relu(z) - tf.cast(y, z.dtype)),
+                          axis=-1)
+
+
+@dataclass(frozen=True)
+class LossDef:
+    """A loss as the engine gets it (``spec``), as Keras compiles it (``keras_loss``) and by hand."""
+
+    spec: SimpleNamespace
+    keras_loss: Callable  # () -> a float64 keras.losses.Loss, for model.evaluate
+    hand: Callable  # (y, f) -> per-position loss, last axis reduced; f = logits where Keras reads them
+
+
+def _named(name, cls, hand, **options):
+    return LossDef(SimpleNamespace(name=name, options=dict(options), function=None),
+                   lambda: cls(dtype="float64", **options), hand)
+
+
+LOSSES = {
+    "sparse_ce_logits": _named("sparse_categorical_crossentropy", keras.losses.SparseCategoricalCrossentropy,
+                               sparse_ce_logits, from_logits=True),
+    "sparse_ce_probs": _named("sparse_categorical_crossentropy", keras.losses.SparseCategoricalCrossentropy,
+                              sparse_ce_logits),
+    "categorical_ce_logits": _named("categorical_crossentropy", keras.losses.CategoricalCrossentropy,
+                                    categorical_ce_logits, from_logits=True),
+    "categorical_ce_probs": _named("categorical_crossentropy", keras.losses.CategoricalCrossentropy,
+                                   categorical_ce_logits),
+    "binary_ce_logits": _named("binary_crossentropy", keras.losses.BinaryCrossentropy, binary_ce_logits,
+                               from_logits=True),
+    "binary_ce_probs": _named("binary_crossentropy", keras.losses.BinaryCrossentropy, binary_ce_logits),
+    "mse": _named("mse", keras.losses.MeanSquaredError, mse),
+    "huber": _named("huber", keras.losses.Huber, huber),
+    "user": LossDef(SimpleNamespace(name=None, options={}, function="zoo_losses:softplus_squared"),
+                    lambda: keras.losses.LossFunctionWrapper(zoo_losses.softplus_squared, dtype="float64"),
+                    softplus_squared),
+}
+
+
+def token_mask(tokens):
+    """The mask Embedding(mask_zero=True) makes, recomputed from the tokens."""
+    return tf.cast(tf.not_equal(tokens, 0), tf.float64)
+
+
+def per_example_loss(hand, labels, outputs, mask=None, label_fix=None):
+    """l_i: per output, the per-position loss averaged over positions (masked mean when a mask
+    is given), summed over outputs. ``label_fix[k]`` reshapes label k as Keras reconciles it."""
+    total = 0.0
+    for k, (y, z) in enumerate(zip(labels, outputs)):
+        if label_fix and label_fix[k]:
+            y = label_fix[k](y)
+        per = hand(y, z)
+        if per.shape.rank > 1:
+            if mask is not None:
+                m = tf.cast(mask, per.dtype)
+                per = tf.reduce_sum(m * per, axis=1) / tf.reduce_sum(m, axis=1)
+            else:
+                per = tf.reduce_mean(per, axis=list(range(1, per.shape.rank)))
+        total = total + per
+    return total
+
+
+# ----------------------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    name: str
+    model: keras.Model  # handed to the engine
+    model64: keras.Model  # the same model in float64, same weights (model.evaluate check)
+    reference_model: keras.Model  # what the reference differentiates (model64 or its logits twin)
+    loss: LossDef
+    inputs: list  # engine order
+    labels: list  # engine order
+    weights: np.ndarray
+    pack_inputs: Callable = lambda xs: xs[0] if len(xs) == 1 else list(xs)
+    unpack_outputs: Callable = lambda out: list(out) if isinstance(out, (list, tuple)) else [out]
+    pack_labels: Callable = lambda ys: ys[0] if len(ys) == 1 else list(ys)
+    mask: Callable | None = None  # engine-ordered inputs -> [N, T] mask
+    label_fix: list | None = None
+    pfor: bool = True  # False for recurrent layers
+    builder: Callable | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def hand_loss(self, labels, outputs, inputs):
+        mask = self.mask(inputs) if self.mask is not None else None
+        return per_example_loss(self.loss.hand, labels, outputs, mask, self.label_fix)
+
+
+def _float_input(shape, dt, name=None):
+    return keras.Input(shape, dtype=dt, name=name)
+
+
+def _pair(build, seed, post=None, twin=None, mixed=None):
+    """(model for the engine, float64 copy, float64 reference model), all with one set of weights.
+
+    ``build(dt, last_activation=...)`` makes the model under the current policy with float
+    inputs of dtype ``dt``. ``twin``: the last activation to drop for the logits twin.
+    ``mixed``: build the engine's model under that mixed-precision policy.
+    """
+    keras.utils.set_random_seed(seed)
+    with policy(mixed or "float32"):
+        model = build("float32")
+    if post is not None:
+        post(model)
+    with policy("float64"):
+        model64 = build("float64")
+        model64.set_weights(model.get_weights())
+        reference = model64
+        if twin is not None:
+            reference = build("float64", last_activation=None)
+            reference.set_weights(model.get_weights())
+    return model, model64, reference
+
+
+def _weights(rng, n):
+    return rng.uniform(0.5, 2.0, size=n)
+
+
+# -- 1. residual MLP with LayerNormalization
+def residual_mlp(dt, last_activation=None, classes=4):
+    x = _float_input((6,), dt, "x")
+    h = keras.layers.Dense(10, activation="tanh", name="h1")(x)
+    h2 = keras.layers.Dense(10, activation="tanh", name="h2")(h)
+    h = keras.layers.Add(name="skip")([h, h2])
+    h = keras.layers.LayerNormalization(name="ln")(h)
+    out = keras.layers.Dense(classes, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="residual_mlp")
+
+
+def case_residual_mlp(mixed=None, name="residual_mlp_layernorm"):
+    model, model64, ref = _pair(residual_mlp, 1, mixed=mixed)
+    rng = np.random.default_rng(11)
+    n = 10
+    x = rng.normal(size=(n, 6))
+    return Case(name, model, model64, ref, LOSSES["sparse_ce_logits"], [x], [rng.integers(0, 4, n)],
+                _weights(rng, n))
+
+
+# -- 2. CNN with BatchNormalization (non-trivial moving stats), Dropout, MaxPooling2D
+def cnn_bn(dt, last_activation=None):
+    x = _float_input((8, 8, 2), dt, "image")
+    h = keras.layers.Conv2D(4, 3, name="conv")(x)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Activation("tanh")(h)
+    h = keras.layers.MaxPooling2D(2, name="pool")(h)
+    h = keras.layers.Dropout(0.3, name="drop")(h)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="cnn_bn")
+
+
+def _bn_stats(model):
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(2)
+    bn.moving_mean.assign(rng.normal(size=4) * 0.5)
+    bn.moving_variance.assign(rng.uniform(0.3, 3.0, size=4))
+    bn.gamma.assign(rng.uniform(0.5, 1.5, size=4))
+    bn.beta.assign(rng.normal(size=4) * 0.2)
+
+
+def case_cnn_batchnorm():
+    model, model64, ref = _pair(cnn_bn, 2, post=_bn_stats)
+    rng = np.random.default_rng(12)
+    n = 10
+    return Case("cnn_batchnorm_dropout_pool", model, model64, ref, LOSSES["categorical_ce_logits"],
+                [rng.normal(size=(n, 8, 8, 2))], [np.eye(3)[rng.integers(0, 3, n)]], _weights(rng, n))
+
+
+# -- 3. SeparableConv2D / DepthwiseConv2D
+def separable(dt, last_activation=None):
+    x = _float_input((7, 7, 3), dt, "image")
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, activation="tanh", name="depthwise")(x)
+    h = keras.layers.SeparableConv2D(4, 3, activation="tanh", name="separable")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(2, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="separable")
+
+
+def case_separable():
+    model, model64, ref = _pair(separable, 3)
+    rng = np.random.default_rng(13)
+    n = 10
+    return Case("separable_depthwise_conv", model, model64, ref, LOSSES["mse"],
+                [rng.normal(size=(n, 7, 7, 3))], [rng.normal(size=(n, 2))], _weights(rng, n))
+
+
+# -- 4. Transformer block
+def transformer(dt, last_activation=None):
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    e = keras.layers.Embedding(12, 8, name="embed")(tokens)
+    a = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(e, e)
+    h = keras.layers.LayerNormalization(name="ln1")(keras.layers.Add()([e, a]))
+    f = keras.layers.Dense(16, activation="gelu", name="ff1")(h)
+    f = keras.layers.Dense(8, name="ff2")(f)
+    h = keras.layers.LayerNormalization(name="ln2")(keras.layers.Add()([h, f]))
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
+    return keras.Model(tokens, out, name="transformer")
+
+
+def case_transformer():
+    model, model64, ref = _pair(transformer, 4)
+    rng = np.random.default_rng(14)
+    n = 10
+    return Case("transformer_block", model, model64, ref, LOSSES["sparse_ce_logits"],
+                [rng.integers(0, 12, size=(n, 6)).astype(np.int32)], [rng.integers(0, 3, n)], _weights(rng, n))
+
+
+# -- 5. frozen layer and a shared layer used twice
+def frozen_shared(dt, last_activation=None):
+    x = _float_input((5,), dt, "x")
+    frozen = keras.layers.Dense(6, activation="tanh", name="frozen")
+    frozen.trainable = False
+    shared = keras.layers.Dense(6, activation="tanh", name="shared")
+    h = frozen(x)
+    h = shared(h)
+    h = shared(h)
+    out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="frozen_shared")
+
+
+def case_frozen_shared():
+    model, model64, ref = _pair(frozen_shared, 5)
+    assert len(model.trainable_variables) == 4  # shared kernel/bias once, out kernel/bias
+    rng = np.random.default_rng(15)
+    n = 10
+    return Case("frozen_and_shared_layer", model, model64, ref, LOSSES["mse"],
+                [rng.normal(size=(n, 5))], [rng.normal(size=(n, 3))], _weights(rng, n))
+
+
+# -- 6. two inputs (list) and two outputs (list)
+def two_in_two_out(dt, last_activation=None):
+    a = _float_input((3,), dt, "a")
+    b = _float_input((4,), dt, "b")
+    h = keras.layers.Concatenate()([keras.layers.Dense(5, activation="tanh", name="ha")(a),
+                                    keras.layers.Dense(5, activation="tanh", name="hb")(b)])
+    o1 = keras.layers.Dense(2, name="o1")(h)
+    o2 = keras.layers.Dense(3, name="o2")(h)
+    return keras.Model([a, b], [o1, o2], name="two_in_two_out")
+
+
+def case_two_in_two_out():
+    model, model64, ref = _pair(two_in_two_out, 6)
+    rng = np.random.default_rng(16)
+    n = 10
+    return Case("two_inputs_two_outputs", model, model64, ref, LOSSES["mse"],
+                [rng.normal(size=(n, 3)), rng.normal(size=(n, 4))],
+                [rng.normal(size=(n, 2)), rng.normal(size=(n, 3))], _weights(rng, n))
+
+
+# -- 7. dict inputs whose keys differ from the Input names (and sort the other way)
+def dict_inputs(dt, last_activation=None):
+    in_a = _float_input((4,), dt, "zz_first")
+    in_b = _float_input((4,), dt, "aa_second")
+    hb = keras.layers.Dense(4, activation="tanh", name="hb")(in_b)
+    h = keras.layers.Dense(6, activation="tanh", name="h")(keras.layers.Concatenate()([in_a, hb]))
+    out = keras.layers.Dense(2, activation=last_activation, name="out")(h)
+    return keras.Model({"a": in_a, "b": in_b}, out, name="dict_inputs")
+
+
+def case_dict_inputs():
+    model, model64, ref = _pair(dict_inputs, 7)
+    rng = np.random.default_rng(17)
+    n = 10
+    return Case("dict_inputs", model, model64, ref, LOSSES["binary_ce_logits"],
+                [rng.normal(size=(n, 4)), 2.0 * rng.normal(size=(n, 4))],  # sorted keys: a, b
+                [rng.integers(0, 2, size=(n, 2)).astype(np.float64)], _weights(rng, n),
+                pack_inputs=lambda xs: {"a": xs[0], "b": xs[1]})
+
+
+# -- 8. dict outputs of equal widths, keys sorting against the layer order
+def dict_outputs(dt, last_activation=None):
+    x = _float_input((5,), dt, "x")
+    h = keras.layers.Dense(6, activation="tanh", name="h")(x)
+    return keras.Model(x, {"zeta": keras.layers.Dense(2, name="first")(h),
+                           "alpha": keras.layers.Dense(2, name="second")(h)}, name="dict_outputs")
+
+
+def case_dict_outputs():
+    model, model64, ref = _pair(dict_outputs, 8)
+    rng = np.random.default_rng(18)
+    n = 10
+    alpha = rng.normal(size=(n, 2)) + 3.0  # far apart, so a swapped pairing cannot pass
+    zeta = rng.normal(size=(n, 2)) - 3.0
+    return Case("dict_outputs", model, model64, ref, LOSSES["mse"], [rng.normal(size=(n, 5))], [alpha, zeta],
+                _weights(rng, n), unpack_outputs=lambda out: [out["alpha"], out["zeta"]],
+                pack_labels=lambda ys: {"alpha": ys[0], "zeta": ys[1]})
+
+
+# -- 9./10. softmax / sigmoid outputs with from_logits=False and saturated examples
+def probs_mlp(dt, last_activation="softmax", width=4):
+    x = _float_input((5,), dt, "x")
+    h = keras.layers.Dense(8, activation="softplus", name="h")(x)  # asymptotically linear
+    out = keras.layers.Dense(width, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="probs_mlp")
+
+
+def _saturate(reference, x, margin_ok, scale=4.0):
+    """Scales examples 0 and 1 up until ``margin_ok(logits0, logits1)``."""
+    x = x.copy()
+    for _ in range(20):
+        z = reference(x[:2], training=False).numpy()
+        if margin_ok(z[0], z[1]):
+            return x, z
+        x[:2] *= scale
+    raise AssertionError("could not saturate the examples")
+
+
+def case_softmax_saturated():
+    model, model64, ref = _pair(probs_mlp, 9, twin="softmax")
+    rng = np.random.default_rng(19)
+    n = 10
+    x = rng.normal(size=(n, 5))
+
+    def margin(z0, z1):  # example 0 right with p > 1 - 1e-8, example 1 wrong with p_true < 1e-8
+        return (np.sort(z0)[-1] - np.sort(z0)[-2] > 20 + np.log(4)) and (np.max(z1) - np.min(z1) > 20 + np.log(4))
+
+    x, z = _saturate(ref, x, margin)
+    y = rng.integers(0, 4, n)
+    y[0], y[1] = np.argmax(z[0]), np.argmin(z[1])
+    p = tf.nn.softmax(z).numpy()
+    assert p[0, y[0]] > 1 - 1e-8 and p[1, y[1]] < 1e-8
+    return Case("softmax_sparse_ce_saturated", model, model64, ref, LOSSES["sparse_ce_probs"], [x], [y],
+                _weights(rng, n), notes="reference: logits twin + from_logits=True")
+
+
+def case_sigmoid_saturated():
+    model, model64, ref = _pair(lambda dt, last_activation="sigmoid": probs_mlp(dt, last_activation, width=2),
+                                10, twin="sigmoid")
+    rng = np.random.default_rng(20)
+    n = 10
+    x = rng.normal(size=(n, 5))
+    x, z = _saturate(ref, x, lambda z0, z1: np.abs(z0).min() > 20 and np.abs(z1).min() > 20)
+    y = rng.integers(0, 2, size=(n, 2)).astype(np.float64)
+    y[0] = (z[0] > 0)  # confidently right
+    y[1] = (z[1] < 0)  # confidently wrong
+    return Case("sigmoid_binary_ce_saturated", model, model64, ref, LOSSES["binary_ce_probs"], [x], [y],
+                _weights(rng, n), notes="reference: logits twin + from_logits=True")
+
+
+# -- 11. every loss family on a small MLP
+def small_mlp(dt, last_activation=None, width=3):
+    x = _float_input((5,), dt, "x")
+    h = keras.layers.Dense(7, activation="tanh", name="h")(x)
+    out = keras.layers.Dense(width, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="small_mlp")
+
+
+def case_loss_family(key):
+    twin = "softmax" if key == "categorical_ce_probs" else None
+    build = (lambda dt, last_activation="softmax": small_mlp(dt, last_activation)) if twin else small_mlp
+    model, model64, ref = _pair(build, 11, twin=twin)
+    rng = np.random.default_rng(21)
+    n = 10
+    x = rng.normal(size=(n, 5))
+    if key == "sparse_ce_logits":
+        y = rng.integers(0, 3, n)
+    elif key.startswith("categorical"):
+        y = np.eye(3)[rng.integers(0, 3, n)]
+    elif key == "binary_ce_logits":
+        y = rng.integers(0, 2, size=(n, 3)).astype(np.float64)
+    elif key == "huber":
+        y = 2.0 * rng.normal(size=(n, 3))  # residuals on both sides of delta = 1
+    elif key == "user":
+        y = rng.uniform(0.0, 2.0, size=(n, 3))
+    else:
+        y = rng.normal(size=(n, 3))
+    return Case(f"loss_{key}", model, model64, ref, LOSSES[key], [x], [y], _weights(rng, n))
+
+
+# -- 12. label shapes Keras reconciles
+def case_binary_scalar_labels():
+    model, model64, ref = _pair(lambda dt, last_activation=None: small_mlp(dt, last_activation, width=1), 12)
+    rng = np.random.default_rng(22)
+    n = 10
+    y = rng.integers(0, 2, n).astype(np.float64)  # [N] against a [N, 1] output
+    return Case("binary_ce_labels_N_output_Nx1", model, model64, ref, LOSSES["binary_ce_logits"],
+                [rng.normal(size=(n, 5))], [y], _weights(rng, n),
+                label_fix=[lambda t: tf.reshape(t, [-1, 1])])
+
+
+def case_sparse_column_labels():
+    model, model64, ref = _pair(small_mlp, 13)
+    rng = np.random.default_rng(23)
+    n = 10
+    y = rng.integers(0, 3, size=(n, 1))  # sparse labels [N, 1]
+    return Case("sparse_ce_labels_Nx1", model, model64, ref, LOSSES["sparse_ce_logits"],
+                [rng.normal(size=(n, 5))], [y], _weights(rng, n), label_fix=[lambda t: tf.reshape(t, [-1])])
+
+
+# -- 13. masked LSTM, per-timestep classes
+def masked_lstm(dt, last_activation=None):
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    e = keras.layers.Embedding(10, 4, mask_zero=True, name="embed")(tokens)
+    h = keras.layers.LSTM(6, return_sequences=True, name="lstm")(e)
+    out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
+    return keras.Model(tokens, out, name="masked_lstm")
+
+
+def padded_tokens(rng, n, length, lengths=None):
+    if lengths is None:
+        lengths = rng.integers(1, length + 1, n)
+        lengths[0], lengths[1] = length, 1
+    tokens = np.zeros((n, length), dtype=np.int32)
+    for i, t in enumerate(lengths):
+        tokens[i, :t] = rng.integers(1, 10, t)
+    labels = rng.integers(0, 3, size=(n, length))  # padded positions too: they must not count
+    return tokens, labels
+
+
+def _lstm_case(name, model, model64, ref, rng, n, length):
+    tokens, labels = padded_tokens(rng, n, length)
+    return Case(name, model, model64, ref, LOSSES["sparse_ce_logits"], [tokens], [labels], _weights(rng, n),
+                mask=lambda xs: token_mask(xs[0]), pfor=False)
+
+
+def case_masked_lstm():
+    model, model64, ref = _pair(masked_lstm, 14)
+    return _lstm_case("masked_lstm_sequence", model, model64, ref, np.random.default_rng(24), 8, 7)
+
+
+def case_variable_length():
+    """Two batches of the masked LSTM padded to different lengths (one engine runs both)."""
+    model, model64, ref = _pair(masked_lstm, 17)
+    first = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(27), 6, 5)
+    second = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(28), 7, 9)
+    first.extra["second"] = second
+    return first
+
+
+# -- 14. GRU without mask, mse
+def gru(dt, last_activation=None):
+    x = _float_input((5, 3), dt, "series")
+    h = keras.layers.GRU(5, name="gru")(x)
+    out = keras.layers.Dense(2, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="gru")
+
+
+def case_gru():
+    model, model64, ref = _pair(gru, 15)
+    rng = np.random.default_rng(25)
+    n = 8
+    return Case("gru_mse", model, model64, ref, LOSSES["mse"], [rng.normal(size=(n, 5, 3))],
+                [rng.normal(size=(n, 2))], _weights(rng, n), pfor=False)
+
+
+# -- 15. mixed precision
+def case_mixed(policy_name):
+    case = case_residual_mlp(mixed=policy_name, name=f"mixed_precision_{policy_name}")
+    assert case.model.layers[1].compute_dtype != "float32"  # really built mixed
+    return case
+
+
+# -- 16. subclassed model with a builder
+class ZooSubclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = keras.layers.Dense(8, activation="tanh", name="d1")
+        self.d2 = keras.layers.Dense(8, activation="tanh", name="d2")
+        self.d3 = keras.layers.Dense(3, name="d3")
+
+    def call(self, x, training=False):
+        h = self.d1(x)
+        h = h + self.d2(h)
+        return self.d3(h)
+
+
+def build_subclassed():
+    """A fresh, built ZooSubclassed in the current dtype policy (the engine's builder)."""
+    model = ZooSubclassed(name="zoo_subclassed")
+    dt = keras.config.dtype_policy().variable_dtype
+    model(np.zeros((1, 5), dtype=dt))
+    return model
+
+
+def case_subclassed():
+    keras.utils.set_random_seed(16)
+    with policy("float32"):
+        model = build_subclassed()
+    with policy("float64"):
+        model64 = build_subclassed()
+    model64.set_weights(model.get_weights())
+    rng = np.random.default_rng(26)
+    n = 10
+    return Case("subclassed_with_builder", model, model64, model64, LOSSES["sparse_ce_logits"],
+                [rng.normal(size=(n, 5))], [rng.integers(0, 3, n)], _weights(rng, n), builder=build_subclassed)
+
+
+CASES = {
+    "residual_mlp_layernorm": case_residual_mlp,
+    "cnn_batchnorm_dropout_pool": case_cnn_batchnorm,
+    "separable_depthwise_conv": case_separable,
+    "transformer_block": case_transformer,
+    "frozen_and_shared_layer": case_frozen_shared,
+    "two_inputs_two_outputs": case_two_in_two_out,
+    "dict_inputs": case_dict_inputs,
+    "dict_outputs": case_dict_outputs,
+    "softmax_sparse_ce_saturated": case_softmax_saturated,
+    "sigmoid_binary_ce_saturated": case_sigmoid_saturated,
+    **{f"loss_{k}": (lambda k=k: case_loss_family(k)) for k in
+       ["sparse_ce_logits", "categorical_ce_logits", "categorical_ce_probs", "binary_ce_logits", "mse", "huber",
+        "user"]},
+    "binary_ce_labels_N_output_Nx1": case_binary_scalar_labels,
+    "sparse_ce_labels_Nx1": case_sparse_column_labels,
+    "masked_lstm_sequence": case_masked_lstm,
+    "gru_mse": case_gru,
+    "mixed_precision_mixed_float16": lambda: case_mixed("mixed_float16"),
+    "mixed_precision_mixed_bfloat16": lambda: case_mixed("mixed_bfloat16"),
+    "subclassed_with_builder": case_subclassed,
+    "variable_length_sequences": case_variable_length,
+}
+
+_CASES: dict = {}
+_REFERENCES: dict = {}
+
+
+def get_case(name) -> Case:
+    if name not in _CASES:
+        _CASES[name] = CASES[name]()
+    return _CASES[name]
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def _flat(tensors):
+    return tf.concat([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors], 0)
+
+
+def reference(case: Case, inputs=None, labels=None, weights=None) -> SimpleNamespace:
+    """Dense float64 sums over the batch: loss, gradient, Hessian, Fisher and GGN diagonals."""
+    inputs = case.inputs if inputs is None else inputs
+    labels = case.labels if labels is None else labels
+    weights = case.weights if weights is None else weights
+    model = case.reference_model
+    variables = list(model.trainable_variables)
+    assert all(v.dtype == "float64" for v in variables)
+    P = int(sum(np.prod(v.shape) for v in variables))
+    x = [tf.constant(a) for a in inputs]
+    y = [tf.constant(a) for a in labels]
+    s = tf.constant(weights, tf.float64)
+
+    def outputs(xs):
+        outs = case.unpack_outputs(model(case.pack_inputs(list(xs)), training=False))
+        assert all(o.dtype == tf.float64 for o in outs)
+        return outs
+
+    def hessian_blocks(blocks):
+        return tf.concat([tf.reshape(tf.convert_to_tensor(h), [tf.shape(h)[0], -1]) for h in blocks], 1)
+
+    @tf.function
+    def whole(xs, ys):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                per = case.hand_loss(ys, outputs(xs), xs)
+                total = tf.reduce_sum(s * per)
+            grad = _flat(inner.gradient(total, variables))
+        hess = outer.jacobian(grad, variables, experimental_use_pfor=case.pfor)
+        return per, total, grad, hessian_blocks(hess)
+
+    @tf.function
+    def one(xs, ys):
+        with tf.GradientTape(persistent=True) as tape:
+            outs = outputs(xs)
+            f = tf.concat([tf.reshape(o, [-1]) for o in outs], 0)
+            li = case.hand_loss(ys, outs, xs)[0]
+        g = _flat(tape.gradient(li, variables))
+        J = hessian_blocks(tape.jacobian(f, variables, experimental_use_pfor=case.pfor))
+        del tape
+        fc = tf.identity(tf.stop_gradient(f))
+        shapes = [o.shape for o in outs]
+        sizes = [int(np.prod(sh)) for sh in shapes]
+        with tf.GradientTape() as t2:
+            t2.watch(fc)
+            with tf.GradientTape() as t1:
+                t1.watch(fc)
+                parts = [tf.reshape(p, sh) for p, sh in zip(tf.split(fc, sizes), shapes)]
+                l2 = case.hand_loss(ys, parts, xs)[0]
+            d1 = t1.gradient(l2, fc)
+        lam = t2.jacobian(d1, fc)
+        return li, g, J, lam
+
+    per, total, grad, hessian = (t.numpy() for t in whole(x, y))
+    assert hessian.shape == (P, P)
+    fisher = np.zeros(P)
+    ggn = np.zeros(P)
+    for i in range(len(weights)):
+        li, g, J, lam = (t.numpy() for t in one([t[i:i + 1] for t in x], [t[i:i + 1] for t in y]))
+        np.testing.assert_allclose(li, per[i], rtol=1e-12, atol=1e-300)  # one example alone = in the batch
+        fisher += weights[i] * g * g
+        ggn += weights[i] * np.einsum("cp,cd,dp->p", J, lam, J)
+    return SimpleNamespace(per_example=per, loss=float(total), gradient=grad, hessian=hessian, fisher=fisher,
+                           ggn=ggn, weight_sum=float(np.sum(weights)))
+
+
+def get_reference(name) -> SimpleNamespace:
+    if name not in _REFERENCES:
+        _REFERENCES[name] = reference(get_case(name))
+    return _REFERENCES[name]
+
+
+def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
+    """l_i by ``model.evaluate`` on example i alone (batch size 1, float64 loss) on the float64
+    copy of the engine's model (the softmax/sigmoid model itself, not its logits twin)."""
+    inputs = case.inputs if inputs is None else inputs
+    labels = case.labels if labels is None else labels
+    model = case.model64
+    model.compile(loss=case.loss.keras_loss())
+    values = []
+    for i in range(len(inputs[0])):
+        xi = case.pack_inputs([a[i:i + 1] for a in inputs])
+        yi = case.pack_labels([b[i:i + 1] for b in labels])
+        values.append(model.evaluate(xi, yi, batch_size=1, verbose=0, return_dict=True)["loss"])
+    return np.asarray(values, dtype=np.float64)
