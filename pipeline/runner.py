@@ -132,9 +132,10 @@ def probe_data(job, engine, data):
     columns = tensor_columns(job.data, engine.signature)
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
     check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns)
-    exact = (job.quantities.get("hessian_diagonal") or {}).get("method") == "exact" or \
-        (job.quantities.get("trace") or {}).get("method") == "exact"
-    return probe(engine, batch, columns, exact_diagonal=exact)
+    q = job.quantities
+    vectorised = (q.get("hessian_diagonal") or {}).get("method") == "exact" or \
+        (q.get("trace") or {}).get("method") == "exact" or "fisher_diagonal" in q or "ggn_diagonal" in q
+    return probe(engine, batch, columns, route=vectorised)
 
 
 def estimated_passes(job) -> int:
@@ -177,9 +178,9 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
                 model_sha256=model_fingerprint(job.model), passes=estimated_passes(job))
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
-    if trial.diagonal_route == "loop":
-        plan.notes.append("exact Hessian diagonal: the model's recurrent (while) loops cannot be vectorised; "
-                          "it is formed by blocks of Hessian-vector products (slower than vectorised)")
+    if trial.route == "loop":
+        plan.notes.append("the model's recurrent (while) loops cannot be vectorised: the exact diagonal is formed "
+                          "by blocks of Hessian-vector products, the Fisher and GGN one example at a time (slower)")
     hvp = job.quantities.get("hvp")
     if hvp is not None:
         if hvp.get("vectors"):

@@ -125,6 +125,49 @@ def test_model_that_needs_safe_mode_off(root, tmp_path):
     expect(lambda: plan(root, model=path), "needs safe_mode off")
 
 
+def test_keras_file_with_an_unregistered_custom_class_names_it(root, tmp_path):
+    import keras
+
+    @keras.saving.register_keras_serializable(package="zoo")
+    class Doubler(keras.layers.Layer):
+        def call(self, x):
+            return 2.0 * x
+
+    model = keras.Sequential([keras.Input((6,)), Doubler(name="doubler"), keras.layers.Dense(3)])
+    path = str(tmp_path / "custom.keras")
+    model.save(path)
+    keras.saving.get_custom_objects().pop("zoo>Doubler")  # as in a process that never imported it
+    message = expect(lambda: plan(root, model=path), "uses the custom class")
+    assert "Doubler" in message and "builder" in message
+
+
+def test_model_builder_that_exits(root, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    expect(lambda: plan(root, model={"builder": "kinds:exits"}), "model builder 'kinds:exits' failed: SystemExit")
+
+
+# Wrong labels for the loss are found by running the loss on the first rows (validate).
+def test_one_hot_labels_given_to_a_sparse_loss(root, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 6))
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6),
+                             "y": pa.FixedSizeListArray.from_arrays(pa.array(np.eye(3)[rng.integers(0, 3, 12)].ravel()), 3)}),
+                   str(tmp_path / "d" / "p.parquet"))
+    expect(lambda: plan(root, data={"path": str(tmp_path / "d"), "features": "x", "labels": "y"}),
+           "fails on output")
+
+
+def test_class_ids_given_to_categorical_crossentropy(root):
+    expect(lambda: plan(root, loss={"name": "categorical_crossentropy", "from_logits": True}),
+           "the loss categorical_crossentropy fails on output")
+
+
+def test_loss_function_with_the_wrong_signature(root, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    expect(lambda: plan(root, loss="kinds:three_arguments"), "fails on output")
+
+
 def test_unknown_loss(root):
     expect(lambda: plan(root, loss="not_a_loss"), "unknown loss 'not_a_loss'")
 

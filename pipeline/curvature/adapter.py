@@ -290,15 +290,16 @@ def model_signature(model) -> ModelSignature:
         output_structure = model.output
     else:
         shapes = _built_input_shapes(model)
+        dtype = model.compute_dtype  # a subclassed model takes floats in its own compute dtype
         if isinstance(shapes, dict):
-            inputs = tuple(_spec(k, tuple(shapes[k]), "float32") for k in sorted(shapes))
-            symbolic = {k: keras.KerasTensor((None, *tuple(shapes[k])[1:])) for k in sorted(shapes)}
+            inputs = tuple(_spec(k, tuple(shapes[k]), dtype) for k in sorted(shapes))
+            symbolic = {k: keras.KerasTensor((None, *tuple(shapes[k])[1:]), dtype) for k in sorted(shapes)}
         elif isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
-            inputs = tuple(_spec(f"input_{i}", tuple(s), "float32") for i, s in enumerate(shapes))
-            symbolic = [keras.KerasTensor((None, *tuple(s)[1:])) for s in shapes]
+            inputs = tuple(_spec(f"input_{i}", tuple(s), dtype) for i, s in enumerate(shapes))
+            symbolic = [keras.KerasTensor((None, *tuple(s)[1:]), dtype) for s in shapes]
         else:
-            inputs = (_spec("input", tuple(shapes), "float32"),)
-            symbolic = keras.KerasTensor((None, *tuple(shapes)[1:]))
+            inputs = (_spec("input", tuple(shapes), dtype),)
+            symbolic = keras.KerasTensor((None, *tuple(shapes)[1:]), dtype)
         try:
             output_structure = model.compute_output_spec(symbolic)
         except Exception as exc:  # noqa: BLE001 - any failure here is the model's

@@ -82,7 +82,7 @@ class CurvatureEngine:
 
     def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
                  diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None,
-                 builder=None, diagonal_route: str | None = None):
+                 builder=None, route: str | None = None):
         _set_threads(threads)
         import tensorflow as tf
 
@@ -111,10 +111,10 @@ class CurvatureEngine:
         self.vjp_budget = int(vjp_budget)
         self._functions: dict = {}
         self._vectors: dict = {}
-        # How the exact diagonal is formed: "vectorised" (pfor Jacobian blocks) or "loop"
-        # (blocks of Hessian-vector products with basis vectors, for while loops that pfor
-        # cannot vectorise). Decided once per model, on the first batch (``diagonal_route``).
-        self.diagonal_route = diagonal_route
+        # How per-parameter and per-example products are formed: "vectorised" (pfor) or "loop"
+        # (for while loops that pfor cannot vectorise). Decided once per model, on the first
+        # batch (``route_for``), unless given.
+        self.route = route
 
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
@@ -253,7 +253,7 @@ class CurvatureEngine:
         rows = tf.reshape(tf.cast(rows, self.dtype), [size, n])
         return tf.gather(rows, positions, axis=1, batch_dims=1)
 
-    def _sum_sq_vjp(self, inputs, cotangents, row_weights, moments: bool):
+    def _sum_sq_vjp(self, inputs, cotangents, row_weights, moments: bool, loop: bool = False):
         """sum_r w_r (J_r^T u_r)**2 over rows r (and w^2 q, w^2 q^2 when ``moments``).
 
         ``inputs`` holds one row per product (an example may repeat), ``cotangents`` [R, C]
@@ -270,7 +270,10 @@ class CurvatureEngine:
             g = self._gradient_flat(tape, value)
             return g * g
 
-        squares = tf.vectorized_map(one, (list(inputs), cotangents))  # [R, P]
+        if loop:  # one row after another (while loops inside the model, see ``route_for``)
+            squares = tf.map_fn(one, (list(inputs), cotangents), fn_output_signature=self.dtype)
+        else:
+            squares = tf.vectorized_map(one, (list(inputs), cotangents))  # [R, P]
         weighted = tf.linalg.matvec(squares, row_weights, transpose_a=True)
         if not moments:
             return weighted, weighted, weighted
@@ -391,35 +394,38 @@ class CurvatureEngine:
             self._vectors[key] = (vectors, tensor)  # holding ``vectors`` keeps its id unique
         return self._vectors[key][1]
 
-    def diagonal_route_for(self, objective, specs) -> str:
-        """"vectorised" or "loop": how this model's exact diagonal is formed (decided once).
+    def route_for(self, objective, specs) -> str:
+        """"vectorised" or "loop": how this model's per-parameter and per-example products are
+        formed (decided once per model).
 
         ``pfor`` cannot vectorise the ``while`` loops of recurrent layers (LSTM, GRU: it fails,
-        or falls back to a loop inside a loop that runs for many minutes, PITFALLS.md), so a
-        model whose gradient graph holds one takes the loop of Hessian-vector products.
+        or falls back to a loop inside a loop that runs for many minutes, PITFALLS.md). A model
+        whose gradient graph holds one takes the loops: its exact diagonal by blocks of
+        Hessian-vector products with basis vectors, its per-example products (Fisher, GGN) by
+        ``tf.map_fn`` over the examples.
         """
         import tensorflow as tf
 
-        if self.diagonal_route is None:
+        if self.route is None:
             traced = tf.function(lambda a, b, c: self._loss_and_gradient(objective, a, b, c))
             graph = traced.get_concrete_function(*specs).graph
             loops = any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
-            self.diagonal_route = "loop" if loops else "vectorised"
-        return self.diagonal_route
+            self.route = "loop" if loops else "vectorised"
+        return self.route
 
-    def exact_diagonal_route(self, inputs, labels) -> str:
-        """How the exact diagonal will be formed for batches like this one (for the plan)."""
-        return self.diagonal_route_for(self._objective, self._specs(inputs, labels))
+    def vectorisation_route(self, inputs, labels) -> str:
+        """``route_for`` batches like this one (for the plan)."""
+        return self.route_for(self._objective, self._specs(inputs, labels))
 
     def _exact_diagonal(self, objective, batch, specs, tag):
         import tensorflow as tf
 
-        if self.diagonal_route_for(objective, specs) == "vectorised":
+        if self.route_for(objective, specs) == "vectorised":
             try:
                 return self._diagonal_vectorised(objective, batch, specs, tag)
             except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
                 # pfor could not vectorise an op of this model: the loop computes the same numbers.
-                self.diagonal_route = "loop"
+                self.route = "loop"
         return self._diagonal_loop(objective, batch, specs, tag)
 
     def _diagonal_vectorised(self, objective, batch, specs, tag):
@@ -439,35 +445,43 @@ class CurvatureEngine:
         return np.concatenate(pieces)
 
     def _diagonal_loop(self, objective, batch, specs, tag):
-        """diag(H) by ``hvp`` with basis vectors: ``(H e_j)_j``, ``hvp_block`` at a time.
+        """diag(H) by TensorFlow's ``while_loop`` Jacobian of blocks of the flat gradient.
 
-        Each block shares one forward pass and gradient (``_hvp``); P backward passes in all.
+        One traced function for every variable (tracing backward passes through recurrent
+        layers is what costs here); each block holds ``size x P`` numbers, within
+        ``vjp_budget``. P backward passes in all.
         """
         import tensorflow as tf
 
-        count = min(self.parameters, self.hvp_block)
-        fn = self._compiled((tag, "diagonal-loop", count),
-                            lambda a, b, c, start: self._diagonal_by_hvps(objective, a, b, c, start, count),
+        size = max(1, min(self.parameters, self.diagonal_block, self.vjp_budget // self.parameters))
+        fn = self._compiled((tag, "diagonal-loop", size),
+                            lambda a, b, c, start: self._diagonal_rows(objective, a, b, c, start, size),
                             (*specs, tf.TensorSpec([], tf.int32)))
         pieces = []
-        for start in range(0, self.parameters, count):
+        for start in range(0, self.parameters, size):
             block = fn(*batch, tf.constant(start, tf.int32)).numpy()
-            pieces.append(block[: min(count, self.parameters - start)].astype(np.float64))
+            pieces.append(block[: min(size, self.parameters - start)].astype(np.float64))
         return np.concatenate(pieces)
 
-    def _diagonal_by_hvps(self, objective, inputs, labels, weights, start, count):
+    def _diagonal_rows(self, objective, inputs, labels, weights, start, size):
         import tensorflow as tf
 
-        index = tf.minimum(start + tf.range(count), self.parameters - 1)
-        basis = tf.one_hot(index, self.parameters, dtype=self.dtype)
-        _, _, products = self._hvp(objective, inputs, labels, weights, basis, with_gradient=False,
-                                   probe_products=True)
-        return tf.reduce_sum(products, axis=1)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = objective(inputs, labels, weights)
+            grads = _dense(inner.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            positions = tf.minimum(start + tf.range(size), self.parameters - 1)
+            entries = tf.gather(self.flatten(grads), positions)
+        rows = outer.jacobian(entries, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                              experimental_use_pfor=False)
+        rows = self.flatten([tf.cast(r, self.dtype) for r in rows])  # [size, P]
+        return tf.gather(rows, positions, axis=1, batch_dims=1)
 
     # ------------------------------------------------------------------ Fisher and GGN
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
         import tensorflow as tf
 
+        self.route_for(self._objective, specs)
         need_hessian = work.ggn_diagonal == "exact"
         fn = self._compiled(("outputs", need_hessian),
                             lambda a, b: self._output_derivatives(a, b, need_hessian), specs[:2])
@@ -507,8 +521,9 @@ class CurvatureEngine:
         import tensorflow as tf
 
         in_specs = [_tensor_spec(a, spec.shape, self.dtype) for a, spec in zip(raw_inputs, self.signature.inputs)]
-        fn = self._compiled(("squares", moments),
-                            lambda a, u, w: self._sum_sq_vjp(a, u, w, moments),
+        loop = self.route == "loop"
+        fn = self._compiled(("squares", moments, loop),
+                            lambda a, u, w: self._sum_sq_vjp(a, u, w, moments, loop),
                             (in_specs, tf.TensorSpec([None, None], self.dtype), tf.TensorSpec([None], self.dtype)))
         chunk = max(1, self.vjp_budget // max(1, self.parameters))
         totals = [np.zeros(self.parameters) for _ in range(3)]

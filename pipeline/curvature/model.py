@@ -156,12 +156,24 @@ def precision_mismatch(model, precision: str) -> str | None:
         if isinstance(layer, (keras.Model, keras.layers.InputLayer)):
             continue  # they compute nothing: a nested model's own layers are in the walk
         compute = layer.dtype_policy.compute_dtype
+        if not _floating(_output_dtype(layer, compute)):
+            continue  # StringLookup, Hashing...: a float policy, but no float arithmetic to redo
         if _floating(compute) and compute != precision:
             return f"layer {layer.name!r} computes in {compute}"
     for variable in model.weights:
         if _floating(variable.dtype) and variable.dtype != precision:
             return f"variable {variable.path!r} is {variable.dtype}"
     return None
+
+
+def _output_dtype(layer, default):
+    """The dtype of a layer's (first) output in a functional graph, else ``default``."""
+    try:
+        output = layer.output
+    except (AttributeError, ValueError):
+        return default
+    first = output[0] if isinstance(output, (list, tuple)) and output else output
+    return getattr(first, "dtype", default)
 
 
 def to_precision(model, precision: str, builder=None):

@@ -7,6 +7,7 @@ same problem in every shard). TensorFlow only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +20,12 @@ from pipeline.errors import InputError
 
 @dataclass(frozen=True)
 class ProbeReport:
-    """What the trial found: the rows it used, their mean loss, and the exact-diagonal route."""
+    """What the trial found: the rows it used, their mean loss, and how per-parameter and
+    per-example products will be formed (``CurvatureEngine.route_for``; None if not asked)."""
 
     rows: int
     loss: float
-    diagonal_route: str | None
+    route: str | None
 
 
 def _shapes(arrays) -> str:
@@ -31,11 +33,12 @@ def _shapes(arrays) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    # TensorFlow prefixes op errors with {{function_node ...}} and ends them with [Op:...].
+    text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", " ".join(str(exc).split()))
     return f"{type(exc).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
 
 
-def probe(engine: CurvatureEngine, batch, columns, exact_diagonal: bool = False) -> ProbeReport:
+def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
 
     ``columns`` is ``pipeline.data.tensor_columns``: the column(s) behind each input and label.
@@ -70,7 +73,7 @@ def probe(engine: CurvatureEngine, batch, columns, exact_diagonal: bool = False)
                              f"not one value per example ({len(batch)}): return per-example losses")
     try:
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
-        route = engine.exact_diagonal_route(batch.inputs, batch.labels) if exact_diagonal else None
+        route = engine.vectorisation_route(batch.inputs, batch.labels) if route else None
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -79,4 +82,4 @@ def probe(engine: CurvatureEngine, batch, columns, exact_diagonal: bool = False)
         raise InputError(f"the loss or its derivatives fail on the first {len(batch)} rows: {_one_line(exc)}: "
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
-    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, diagonal_route=route)
+    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=route)

@@ -19,8 +19,8 @@ def pytest_terminal_summary(terminalreporter):
         return
     quantities = ["loss", "gradient", "hessian_diagonal", "hvp", "ggn_diagonal", "fisher_diagonal"]
     terminalreporter.section("model zoo: max |engine - reference| / max |reference| per quantity")
-    header = f"{'case':<34}{'prec':<8}" + "".join(f"{q[:12]:>13}" for q in quantities) + f"{'max':>11}"
+    header = f"{'case':<46}{'prec':<8}" + "".join(f"{q[:12]:>13}" for q in quantities) + f"{'max':>11}"
     terminalreporter.write_line(header)
     for (case, precision), errors in sorted(rows.items()):
-        line = f"{case:<34}{precision:<8}" + "".join(f"{errors.get(q, float('nan')):>13.2e}" for q in quantities)
+        line = f"{case:<46}{precision:<8}" + "".join(f"{errors.get(q, float('nan')):>13.2e}" for q in quantities)
         terminalreporter.write_line(line + f"{max(errors.values()):>11.2e}")

@@ -86,7 +86,7 @@ class LossDef:
     """A loss as the engine gets it (``spec``), as Keras compiles it (``keras_loss``) and by hand."""
 
     spec: SimpleNamespace
-    keras_loss: Callable  # () -> a float64 keras.losses.Loss, for model.evaluate
+    keras_loss: Callable  # () -> a float64 keras.losses.Loss (or a function), for model.evaluate
     hand: Callable  # (y, f) -> per-position loss, last axis reduced; f = logits where Keras reads them
 
 
@@ -110,7 +110,7 @@ LOSSES = {
     "mse": _named("mse", keras.losses.MeanSquaredError, mse),
     "huber": _named("huber", keras.losses.Huber, huber),
     "user": LossDef(SimpleNamespace(name=None, options={}, function="zoo_losses:softplus_squared"),
-                    lambda: keras.losses.LossFunctionWrapper(zoo_losses.softplus_squared, dtype="float64"),
+                    lambda: zoo_losses.softplus_squared,
                     softplus_squared),
 }
 
@@ -268,10 +268,7 @@ def transformer(dt, last_activation=None):
     tokens = keras.Input((6,), dtype="int32", name="tokens")
     e = keras.layers.Embedding(12, 8, name="embed")(tokens)
     a = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(e, e)
-    h = keras.layers.LayerNormalization(name="ln1")(keras.layers.Add()([e, a]))
-    f = keras.layers.Dense(16, activation="gelu", name="ff1")(h)
-    f = keras.layers.Dense(8, name="ff2")(f)
-    h = keras.layers.LayerNormalization(name="ln2")(keras.layers.Add()([h, f]))
+    h = keras.layers.LayerNormalization(name="ln")(keras.layers.Add()([e, a]))
     h = keras.layers.GlobalAveragePooling1D()(h)
     out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
     return keras.Model(tokens, out, name="transformer")
@@ -359,8 +356,8 @@ def case_dict_outputs():
     model, model64, ref = _pair(dict_outputs, 8)
     rng = np.random.default_rng(18)
     n = 10
-    alpha = rng.normal(size=(n, 2)) + 3.0  # far apart, so a swapped pairing cannot pass
-    zeta = rng.normal(size=(n, 2)) - 3.0
+    alpha = rng.normal(size=(n, 2)) + 2.0  # apart, so a swapped pairing changes every number
+    zeta = 0.5 * rng.normal(size=(n, 2)) - 1.0
     return Case("dict_outputs", model, model64, ref, LOSSES["mse"], [rng.normal(size=(n, 5))], [alpha, zeta],
                 _weights(rng, n), unpack_outputs=lambda out: [out["alpha"], out["zeta"]],
                 pack_labels=lambda ys: {"alpha": ys[0], "zeta": ys[1]})
@@ -470,10 +467,13 @@ def case_sparse_column_labels():
 # -- 13. masked LSTM, per-timestep classes
 def masked_lstm(dt, last_activation=None):
     tokens = keras.Input((None,), dtype="int32", name="tokens")
-    e = keras.layers.Embedding(10, 4, mask_zero=True, name="embed")(tokens)
-    h = keras.layers.LSTM(6, return_sequences=True, name="lstm")(e)
+    e = keras.layers.Embedding(VOCAB, 3, mask_zero=True, name="embed")(tokens)
+    h = keras.layers.LSTM(3, return_sequences=True, name="lstm")(e)
     out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
     return keras.Model(tokens, out, name="masked_lstm")
+
+
+VOCAB = 6
 
 
 def padded_tokens(rng, n, length, lengths=None):
@@ -482,7 +482,7 @@ def padded_tokens(rng, n, length, lengths=None):
         lengths[0], lengths[1] = length, 1
     tokens = np.zeros((n, length), dtype=np.int32)
     for i, t in enumerate(lengths):
-        tokens[i, :t] = rng.integers(1, 10, t)
+        tokens[i, :t] = rng.integers(1, VOCAB, t)
     labels = rng.integers(0, 3, size=(n, length))  # padded positions too: they must not count
     return tokens, labels
 
@@ -495,22 +495,22 @@ def _lstm_case(name, model, model64, ref, rng, n, length):
 
 def case_masked_lstm():
     model, model64, ref = _pair(masked_lstm, 14)
-    return _lstm_case("masked_lstm_sequence", model, model64, ref, np.random.default_rng(24), 8, 7)
+    return _lstm_case("masked_lstm_sequence", model, model64, ref, np.random.default_rng(24), 6, 5)
 
 
 def case_variable_length():
     """Two batches of the masked LSTM padded to different lengths (one engine runs both)."""
     model, model64, ref = _pair(masked_lstm, 17)
-    first = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(27), 6, 5)
-    second = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(28), 7, 9)
+    first = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(27), 6, 4)
+    second = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(28), 5, 7)
     first.extra["second"] = second
     return first
 
 
 # -- 14. GRU without mask, mse
 def gru(dt, last_activation=None):
-    x = _float_input((5, 3), dt, "series")
-    h = keras.layers.GRU(5, name="gru")(x)
+    x = _float_input((4, 2), dt, "series")
+    h = keras.layers.GRU(3, name="gru")(x)
     out = keras.layers.Dense(2, activation=last_activation, name="out")(h)
     return keras.Model(x, out, name="gru")
 
@@ -519,7 +519,7 @@ def case_gru():
     model, model64, ref = _pair(gru, 15)
     rng = np.random.default_rng(25)
     n = 8
-    return Case("gru_mse", model, model64, ref, LOSSES["mse"], [rng.normal(size=(n, 5, 3))],
+    return Case("gru_mse", model, model64, ref, LOSSES["mse"], [rng.normal(size=(n, 4, 2))],
                 [rng.normal(size=(n, 2))], _weights(rng, n), pfor=False)
 
 
@@ -677,16 +677,50 @@ def get_reference(name) -> SimpleNamespace:
     return _REFERENCES[name]
 
 
+# ----------------------------------------------------------------------------- the engine
+
+EVERYTHING = dict(gradient=True, hessian_diagonal="exact", ggn_diagonal="exact", fisher_diagonal=True)
+CURVATURE_ONLY = dict(gradient=True, hessian_diagonal="exact")  # no per-example products
+
+
+def unit_vectors(parameters, k=2, seed=5):
+    v = np.random.default_rng(seed).normal(size=(k, parameters))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def run_engine(case: Case, precision, engine=None, inputs=None, labels=None, weights=None, work=None):
+    """(engine, partial sums of one batch, the HVP vectors): every quantity unless ``work``."""
+    from pipeline.curvature import BatchWork, CurvatureEngine, resolve_loss
+
+    inputs = case.inputs if inputs is None else inputs
+    labels = case.labels if labels is None else labels
+    weights = case.weights if weights is None else weights
+    if engine is None:
+        engine = CurvatureEngine(case.model, resolve_loss(case.loss.spec), precision=precision,
+                                 builder=case.builder)
+    vectors = unit_vectors(engine.parameters)
+    work = BatchWork(hvp_vectors=vectors, **(work or EVERYTHING))
+    part = engine.partial(inputs, labels, weights, np.arange(len(weights)), work)
+    return engine, part, vectors
+
+
 def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
     """l_i by ``model.evaluate`` on example i alone (batch size 1, float64 loss) on the float64
     copy of the engine's model (the softmax/sigmoid model itself, not its logits twin)."""
     inputs = case.inputs if inputs is None else inputs
     labels = case.labels if labels is None else labels
     model = case.model64
-    model.compile(loss=case.loss.keras_loss())
-    values = []
-    for i in range(len(inputs[0])):
-        xi = case.pack_inputs([a[i:i + 1] for a in inputs])
-        yi = case.pack_labels([b[i:i + 1] for b in labels])
-        values.append(model.evaluate(xi, yi, batch_size=1, verbose=0, return_dict=True)["loss"])
+    floatx = keras.config.floatx()
+    # float64 throughout: the loss tracker (a Mean metric), a function loss's wrapper, and the
+    # data adapter (it casts float arrays to floatx) all follow floatx.
+    keras.config.set_floatx("float64")
+    try:
+        model.compile(loss=case.loss.keras_loss())
+        values = []
+        for i in range(len(inputs[0])):
+            xi = case.pack_inputs([a[i:i + 1] for a in inputs])
+            yi = case.pack_labels([b[i:i + 1] for b in labels])
+            values.append(model.evaluate(xi, yi, batch_size=1, verbose=0, return_dict=True)["loss"])
+    finally:
+        keras.config.set_floatx(floatx)
     return np.asarray(values, dtype=np.float64)

@@ -1,0 +1,203 @@
+"""The model zoo: the curvature engine on many kinds of Keras models, against float64 dense
+references computed without the engine (``zoo_models.reference``).
+
+Every run checks every quantity of one batch: loss, gradient, exact Hessian diagonal, two
+Hessian-vector products, exact GGN diagonal and empirical Fisher diagonal. Errors are
+``max |engine - reference| / max |reference|`` per quantity (the Hessian's largest entry for
+the Hessian diagonal and the HVPs): at most 1e-8 for a float64 engine, 2e-4 for a float32
+one (float32 model, or a mixed-precision one, run with ``precision="float32"``).
+The measured errors are printed at the end of the run (conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import zoo_models
+from pipeline.curvature import CurvatureEngine, resolve_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOLERANCE = {"float64": 1e-8, "float32": 2e-4}
+
+SINGLE_BATCH = [name for name in zoo_models.CASES if name != "variable_length_sequences"]
+FLOAT32 = ["residual_mlp_layernorm", "cnn_batchnorm_dropout_pool", "transformer_block",
+           "softmax_sparse_ce_saturated", "masked_lstm_sequence", "dict_outputs",
+           "mixed_precision_mixed_float16", "mixed_precision_mixed_bfloat16"]
+RUNS = [(name, "float64") for name in SINGLE_BATCH] + [(name, "float32") for name in FLOAT32]
+
+# Runs in a child process: a crash there must fail one test, not end the run.
+ISOLATED = {("transformer_block", "float32")}
+
+
+class EngineProcessDied(AssertionError):
+    """The child process running the engine ended without a result (a crash inside TensorFlow)."""
+
+
+# Engine failures found by the zoo, kept as strict xfails (they must keep failing, with exactly
+# this exception, until the engine is fixed). See the reasons for the diagnoses.
+ONEDNN_CRASH = pytest.mark.xfail(
+    strict=True, raises=EngineProcessDied,
+    reason="process crash (heap corruption: 'corrupted double-linked list', 'malloc(): unaligned tcache "
+           "chunk') in the float32 Fisher/GGN per-example products: tf.vectorized_map of per-example "
+           "gradients through keras MultiHeadAttention with TensorFlow 2.21's oneDNN kernels on CPU "
+           "(reproduced without the engine; fine with TF_ENABLE_ONEDNN_OPTS=0 or float64).")
+KNOWN = {
+    ("transformer_block", "float32"): ONEDNN_CRASH,
+}
+
+
+def _max(a):
+    return float(np.max(np.abs(a)))
+
+
+def _params(runs):
+    return [pytest.param(n, p, id=f"{n}-{p}", marks=[KNOWN[(n, p)]] if (n, p) in KNOWN else [])
+            for n, p in runs]
+
+
+def errors_of(part, ref, vectors):
+    h = _max(ref.hessian)
+    errors = {
+        "loss": abs(part.sums["loss"] - ref.loss) / abs(ref.loss),
+        "gradient": _max(part.sums["gradient"] - ref.gradient) / _max(ref.gradient),
+        "hessian_diagonal": _max(part.sums["hessian_diagonal"] - np.diag(ref.hessian)) / h,
+        "hvp": _max(part.sums["hvp"] - vectors @ ref.hessian) / h,  # H symmetric: row k = (H v_k)^T
+    }
+    if "ggn_diagonal" in part.sums:
+        errors["ggn_diagonal"] = _max(part.sums["ggn_diagonal"] - ref.ggn) / _max(ref.ggn)
+    if "fisher_diagonal" in part.sums:
+        errors["fisher_diagonal"] = _max(part.sums["fisher_diagonal"] - ref.fisher) / _max(ref.fisher)
+    return errors
+
+
+def check(name, precision, part, ref, vectors):
+    errors = errors_of(part, ref, vectors)
+    key = (name, precision)
+    previous = zoo_models.MEASURED.get(key, {})
+    zoo_models.MEASURED[key] = {q: max(e, previous.get(q, 0.0)) for q, e in errors.items()}
+    tolerance = TOLERANCE[precision]
+    assert part.weight_sum == pytest.approx(ref.weight_sum, rel=tolerance)  # float32: weights rounded
+    bad = {q: f"{e:.3g}" for q, e in errors.items() if not e <= tolerance}  # NaN fails too
+    assert not bad, f"{name} ({precision}): relative errors above {tolerance:g}: {bad}"
+
+
+def run_isolated(case, name, precision, tmp_path):
+    weights = tmp_path / "weights.npz"
+    out = tmp_path / "out.npz"
+    np.savez(weights, **{f"w{i}": w for i, w in enumerate(case.model.get_weights())})
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "zoo_isolated.py"), name, precision,
+                           str(weights), str(out)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not out.exists():
+        tail = [line for line in proc.stderr.splitlines() if line.strip()][-5:]
+        raise EngineProcessDied(f"engine child process exited with {proc.returncode}: {tail}")
+    with np.load(out) as saved:
+        sums = {key[4:]: saved[key] for key in saved.files if key.startswith("sum_")}
+        part = SimpleNamespace(sums={k: (float(v) if v.ndim == 0 else v) for k, v in sums.items()},
+                               weight_sum=float(saved["weight_sum"]))
+        return part, saved["vectors"]
+
+
+@pytest.mark.parametrize("name,precision", _params(RUNS))
+def test_engine_matches_dense_reference(name, precision, tmp_path):
+    case = zoo_models.get_case(name)
+    ref = zoo_models.get_reference(name)
+    if (name, precision) in ISOLATED:
+        part, vectors = run_isolated(case, name, precision, tmp_path)
+    else:
+        engine, part, vectors = zoo_models.run_engine(case, precision)
+        assert engine.parameters == len(ref.gradient)
+        assert [tuple(s) for s in engine.shapes] == [tuple(v.shape) for v in case.reference_model.trainable_variables]
+    check(name, precision, part, ref, vectors)
+
+
+@pytest.mark.parametrize("name,precision", _params([("variable_length_sequences", "float64")]))
+def test_variable_length_batches_through_one_engine(name, precision):
+    """Two batches padded to different lengths (4 and 7) through one engine, each against its
+    own reference."""
+    case = zoo_models.get_case(name)
+    second = case.extra["second"]
+    assert case.inputs[0].shape[1] != second.inputs[0].shape[1]
+    engine = None
+    for batch in (case, second):
+        ref = zoo_models.reference(batch) if batch is second else zoo_models.get_reference(name)
+        engine, part, vectors = zoo_models.run_engine(batch, precision, engine=engine)
+        check(name, precision, part, ref, vectors)
+
+
+@pytest.mark.parametrize("name,precision", sorted(KNOWN), ids=[f"{n}-{p}" for n, p in sorted(KNOWN)])
+def test_known_failures_leave_the_rest_right(name, precision):
+    """Where a full run is a known failure: loss, gradient, exact Hessian diagonal and HVPs alone
+    (no per-example products) still match the reference."""
+    case = zoo_models.get_case(name)
+    batches = [case] + ([case.extra["second"]] if "second" in case.extra else [])
+    engine = None
+    for batch in batches:
+        ref = zoo_models.get_reference(name) if batch is case else zoo_models.reference(batch)
+        engine, part, vectors = zoo_models.run_engine(batch, precision, engine=engine,
+                                                      work=zoo_models.CURVATURE_ONLY)
+        assert "fisher_diagonal" not in part.sums and "ggn_diagonal" not in part.sums
+        check(f"{name} (no Fisher/GGN)", precision, part, ref, vectors)
+
+
+@pytest.mark.parametrize("name", list(zoo_models.CASES))
+def test_reference_loss_is_keras_evaluate(name):
+    """The hand-written per-example losses of the reference are Keras' own: ``model.evaluate``
+    on each example alone (float64), on the model handed to the engine (for the saturated
+    softmax/sigmoid cases: the probability model, while the reference takes its logits twin)."""
+    case = zoo_models.get_case(name)
+    batches = [(case, zoo_models.get_reference(name))]
+    if "second" in case.extra:
+        batches.append((case.extra["second"], zoo_models.reference(case.extra["second"])))
+    for batch, ref in batches:
+        evaluated = zoo_models.evaluate_losses(batch)
+        np.testing.assert_allclose(evaluated, ref.per_example, rtol=1e-12, atol=1e-13 * _max(ref.per_example))
+        assert ref.loss == pytest.approx(float(np.sum(batch.weights * evaluated)), rel=1e-12)
+
+
+def test_pairings_would_be_caught():
+    """Dict inputs and dict outputs: a wrong pairing changes the loss (the checks above can fail)."""
+    case = zoo_models.get_case("dict_outputs")
+    x = tf.constant(case.inputs[0])
+    outs = case.unpack_outputs(case.reference_model(x, training=False))
+    labels = [tf.constant(a) for a in case.labels]
+    right = case.hand_loss(labels, outs, [x]).numpy()
+    swapped = case.hand_loss(labels[::-1], outs, [x]).numpy()
+    assert np.all(np.abs(swapped - right) > 0.1 * right)
+
+    case = zoo_models.get_case("dict_inputs")
+    xs = [tf.constant(a) for a in case.inputs]
+    y = [tf.constant(case.labels[0])]
+    right = case.hand_loss(y, [case.reference_model(case.pack_inputs(xs), training=False)], xs).numpy()
+    swapped = case.hand_loss(y, [case.reference_model(case.pack_inputs(xs[::-1]), training=False)], xs).numpy()
+    assert np.abs(right - swapped).max() > 1e-2
+    engine = CurvatureEngine(case.model, resolve_loss(case.loss.spec), precision="float32")
+    assert [s.name for s in engine.signature.inputs] == ["a", "b"]  # sorted dict keys, not Input names
+
+
+def test_saturated_examples_are_saturated():
+    """Cases 9/10 really have examples past float32 probability resolution, both ways."""
+    case = zoo_models.get_case("softmax_sparse_ce_saturated")
+    p = case.model64(case.inputs[0][:2], training=False).numpy()
+    assert p[0, case.labels[0][0]] > 1 - 1e-8 and p[1, case.labels[0][1]] < 1e-8
+    case = zoo_models.get_case("sigmoid_binary_ce_saturated")
+    p = case.model64(case.inputs[0][:2], training=False).numpy()
+    confident = np.where(case.labels[0][:2] > 0.5, p, 1 - p)
+    assert np.all(confident[0] > 1 - 1e-8) and np.all(confident[1] < 1e-8)
+
+
+def test_references_are_not_trivial():
+    """The GGN differs from the Hessian diagonal where the model is non-linear, and the Hessian
+    diagonal from its row sums: the comparisons above could fail."""
+    for name in ("residual_mlp_layernorm", "transformer_block", "loss_user"):
+        ref = zoo_models.get_reference(name)
+        diag = np.diag(ref.hessian)
+        assert np.abs(ref.ggn - diag).max() > 1e-3 * np.abs(diag).max(), name
+        assert np.abs(ref.hessian.sum(axis=1) - diag).max() > 1e-3 * np.abs(diag).max(), name
+        np.testing.assert_allclose(ref.hessian, ref.hessian.T, atol=1e-10 * np.abs(ref.hessian).max())
