@@ -123,7 +123,7 @@ def _run(args, out, err) -> int:
         raise InputError(f"--workers must be a positive integer, got {args.workers}: e.g. --workers 2")
     job = load_job(args.job, args.overrides)
     result = run(job, output=args.output, run_id=args.run_id, address=args.address, workers=args.workers,
-                 dry_run=args.dry_run, stream=err)
+                 dry_run=args.dry_run, stream=err, quiet=not args.debug)
     if isinstance(result, Plan):
         out.write(result.describe() + "\n")
         return 0
@@ -141,6 +141,8 @@ def _validate(args, out, err) -> int:
     plan = make_plan(job, cluster={"CPU": os.cpu_count() or 1})
     out.write(f"ok: {job.name}: model {plan.parameters:,} parameters, data {plan.data.rows:,} rows in "
               f"{len(plan.data.files)} files, quantities {', '.join(job.quantities)}\n")
+    for note in plan.notes:
+        out.write(f"note: {note}\n")
     return 0
 
 
@@ -199,6 +201,31 @@ HANDLERS = {"run": _run, "validate": _validate, "show": _show, "submit": _submit
             "report": _report}
 
 
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and Keras with file descriptor 2 pointed at /dev/null.
+
+    Their C++ start-up lines (``oneDNN custom operations are on``, ``Could not find cuda
+    drivers``, ``cuInit`` errors) are written before absl's logging is set up, so
+    ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them; default mode shows only the product's own
+    lines (``--debug`` shows everything). Deliberately lazy: the other commands never need
+    TensorFlow. An import that fails here fails again, visibly, where the command imports it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        except Exception:  # noqa: BLE001 - shown below, with stderr restored
+            pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -209,6 +236,8 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         return int(exc.code or 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.command in ("run", "validate") and not args.debug:
+        _import_tensorflow_quietly()
     try:
         return HANDLERS[args.command](args, out, err)
     except PipelineError as exc:

@@ -494,6 +494,48 @@ _JobLoader.yaml_implicit_resolvers = {
 }
 
 
+# A job file is a few hundred nodes; aliases may repeat a node, but a document that expands to
+# more than this many nodes is refused before anything walks it (a "billion laughs" bomb of a
+# few hundred bytes expands to millions of nodes, and every later check would walk them all).
+MAX_YAML_NODES = 100_000
+
+
+class _AliasBombError(yaml.YAMLError):
+    pass
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes in ``node`` with every alias expanded, counted once per distinct node (memoised)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a node that contains itself counts once (PyYAML refuses recursion later)
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[key] = size
+    return size
+
+
+def _load_yaml(text: str):
+    """YAML text to Python values with ``_JobLoader``, refusing documents whose aliases expand
+    beyond ``MAX_YAML_NODES`` nodes (found on the node graph, before any value is built)."""
+    loader = _JobLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise _AliasBombError(f"its aliases expand to {size:,} values (more than {MAX_YAML_NODES:,})")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _yaml_problem(error: yaml.YAMLError) -> tuple[str, int | None]:
     """The problem of a PyYAML error and its 1-based line, for a one-line message.
 
@@ -529,7 +571,10 @@ def _read_job_file(job_path: str, shown: str) -> dict:
             f"job file {shown} cannot be read ({error.strerror or error}): check its permissions"
         ) from None
     try:
-        raw = yaml.load(text, Loader=_JobLoader)  # noqa: S506 - _JobLoader is a SafeLoader
+        raw = _load_yaml(text)
+    except _AliasBombError as error:
+        raise InputError(f"job file {shown} is refused: {error}: write the values out without nested "
+                         "aliases") from None
     except _DuplicateKeyError as error:
         problem, line = _yaml_problem(error)
         raise InputError(
@@ -574,7 +619,9 @@ def _parse_override(text: Any) -> tuple[list[str], Any]:
             "write it as e.g. --set quantities.trace.probes=10"
         )
     try:
-        value = yaml.load(value_text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader
+        value = _load_yaml(value_text)
+    except _AliasBombError as error:
+        raise InputError(f"--set {key}=...: the value is refused: {error}") from None
     except _DuplicateKeyError as error:
         problem, _ = _yaml_problem(error)
         raise InputError(f"--set {text!r}: {problem}: keep only one of them") from None

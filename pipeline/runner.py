@@ -481,36 +481,42 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _connect(address: str | None):
-    """Uses a Ray already initialised in this process, a cluster at ``address``, or a new local one."""
+def _connect(address: str | None, quiet: bool = False):
+    """Uses a Ray already initialised in this process, a cluster at ``address``, or a new local one.
+
+    ``quiet`` (the command line without ``--debug``): Ray logs errors only, so its start-up
+    warnings (token authentication, ...) do not precede the product's own lines.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
+    level = "ERROR" if quiet else "WARNING"
     try:
         if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env=env)
+            ray.init(address=address, logging_level=level, log_to_driver=False, runtime_env=env)
         else:
             # address="local": always a new instance, never a cluster some other `ray start`
             # left on this machine. Worker logs stay in Ray's session logs: TensorFlow prints
             # start-up noise that no setting silences; errors still reach the driver.
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=env)
+            ray.init(address="local", include_dashboard=False, logging_level=level, log_to_driver=False,
+                     runtime_env=env)
     except ConnectionError as err:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
     return True
 
 
 def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
-        workers: int | None = None, dry_run: bool = False, stream=None) -> RunResult | Plan:
+        workers: int | None = None, dry_run: bool = False, stream=None, quiet: bool = False) -> RunResult | Plan:
     """Runs ``job`` (a ``JobSpec``) and publishes its results; returns the run.
 
     With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
     local run). Input problems (an existing run, an unwritable output, a bad model or data)
     are found before any worker starts. Called again with the ``run_id`` of an interrupted
     run, it resumes: the shards staged by ``pipeline.staging`` are not computed again, and
-    the run keeps its original start date (docs/failures.md).
+    the run keeps its original start date (docs/failures.md). ``quiet``: Ray logs errors only.
     """
     from pipeline.publish import RunPublisher
 
@@ -532,7 +538,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         store = PartialStore(output or job.output, job.name, run_id)
         now = store.started() or now
     publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id, now.strftime("%Y-%m-%d"))
-    owns_ray = _connect(address)
+    owns_ray = _connect(address, quiet)
     import ray
 
     try:

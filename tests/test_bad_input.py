@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -62,6 +63,13 @@ def cli(*args, cwd=None):
     print("\n" + "\n".join(errors))
     assert done.returncode == 2, done.stderr
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    # Default mode: no TensorFlow/CUDA start-up lines, no Ray warnings. Only `run` may print its
+    # own plan and progress before the error; every other command prints the error alone.
+    lines = done.stderr.strip().splitlines()
+    noise = [line for line in lines if re.match(r"^[EWI]\d{4} |WARNING|.*\(raylet\)|.*absl|.*cuda", line)]
+    assert not noise, done.stderr
+    if args[0] != "run":
+        assert lines == errors, done.stderr
     return errors[0]
 
 
@@ -166,6 +174,23 @@ def test_class_ids_given_to_categorical_crossentropy(root):
 def test_loss_function_with_the_wrong_signature(root, monkeypatch):
     monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
     expect(lambda: plan(root, loss="kinds:three_arguments"), "fails on output")
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdef", "bcdefg"):
+        levels.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    text = "\n".join(levels) + "\nname: x\nmodel: m.keras\nloss: {name: mse, opt: *g}\n" \
+        "data: {path: d, features: x, labels: y}\nquantities: {gradient: {}}\n"
+    assert len(text) < 500
+    (tmp_path / "bomb.yaml").write_text(text)
+    assert "aliases expand to 11,434,312 values" in cli("validate", str(tmp_path / "bomb.yaml"))
+
+
+def test_model_that_does_not_fit_the_labels_cli(root, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(jobs.job(root, {"gradient": {}}, loss="categorical_crossentropy")))
+    assert "the loss categorical_crossentropy fails on output" in cli("validate", str(path))
 
 
 def test_unknown_loss(root):

@@ -12,9 +12,8 @@ if HERE not in sys.path:
 
 
 def pytest_terminal_summary(terminalreporter):
-    import zoo_models
-
-    rows = zoo_models.MEASURED
+    zoo_models = sys.modules.get("zoo_models")
+    rows = getattr(zoo_models, "MEASURED", None)
     if not rows:
         return
     quantities = ["loss", "gradient", "hessian_diagonal", "hvp", "ggn_diagonal", "fisher_diagonal"]

@@ -20,7 +20,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
@@ -158,7 +158,7 @@ class Case:
     pfor: bool = True  # False for recurrent layers
     builder: Callable | None = None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
+    reference_of: str | None = None  # another case with the same float64 model and batch
 
     def hand_loss(self, labels, outputs, inputs):
         mask = self.mask(inputs) if self.mask is not None else None
@@ -499,12 +499,11 @@ def case_masked_lstm():
 
 
 def case_variable_length():
-    """Two batches of the masked LSTM padded to different lengths (one engine runs both)."""
-    model, model64, ref = _pair(masked_lstm, 17)
-    first = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(27), 6, 4)
-    second = _lstm_case("variable_length_sequences", model, model64, ref, np.random.default_rng(28), 5, 7)
-    first.extra["second"] = second
-    return first
+    """The masked LSTM of ``masked_lstm_sequence`` (the same model objects) on another batch,
+    padded to another length (8 against 5): one engine runs both batches."""
+    base = get_case("masked_lstm_sequence")
+    return _lstm_case("variable_length_sequences", base.model, base.model64, base.reference_model,
+                      np.random.default_rng(28), 5, 8)
 
 
 # -- 14. GRU without mask, mse
@@ -525,8 +524,12 @@ def case_gru():
 
 # -- 15. mixed precision
 def case_mixed(policy_name):
+    """The residual MLP built under a mixed policy: the same seed gives the same (float32)
+    variables, so its float64 reference is the residual MLP's (``reference_of``)."""
     case = case_residual_mlp(mixed=policy_name, name=f"mixed_precision_{policy_name}")
     assert case.model.layers[1].compute_dtype != "float32"  # really built mixed
+    assert case.model.layers[1].variable_dtype == "float32"
+    case.reference_of = "residual_mlp_layernorm"
     return case
 
 
@@ -673,7 +676,16 @@ def reference(case: Case, inputs=None, labels=None, weights=None) -> SimpleNames
 
 def get_reference(name) -> SimpleNamespace:
     if name not in _REFERENCES:
-        _REFERENCES[name] = reference(get_case(name))
+        case = get_case(name)
+        if case.reference_of:  # shared, once the weights, batch and loss are checked equal
+            other = get_case(case.reference_of)
+            assert case.loss is other.loss
+            for a, b in zip([*case.model.get_weights(), *case.inputs, *case.labels, case.weights],
+                            [*other.model.get_weights(), *other.inputs, *other.labels, other.weights]):
+                np.testing.assert_array_equal(a, b)
+            _REFERENCES[name] = get_reference(case.reference_of)
+        else:
+            _REFERENCES[name] = reference(case)
     return _REFERENCES[name]
 
 
@@ -705,8 +717,12 @@ def run_engine(case: Case, precision, engine=None, inputs=None, labels=None, wei
 
 
 def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
-    """l_i by ``model.evaluate`` on example i alone (batch size 1, float64 loss) on the float64
-    copy of the engine's model (the softmax/sigmoid model itself, not its logits twin)."""
+    """l_i as Keras evaluates example i alone (batch size 1, float64 loss), on the float64 copy
+    of the engine's model (the softmax/sigmoid model itself, not its logits twin).
+
+    ``model.test_on_batch`` on each example (Keras' test step on one batch of one), and
+    ``model.evaluate(batch_size=1)`` on the first example to tie the two together.
+    """
     inputs = case.inputs if inputs is None else inputs
     labels = case.labels if labels is None else labels
     model = case.model64
@@ -720,7 +736,10 @@ def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
         for i in range(len(inputs[0])):
             xi = case.pack_inputs([a[i:i + 1] for a in inputs])
             yi = case.pack_labels([b[i:i + 1] for b in labels])
-            values.append(model.evaluate(xi, yi, batch_size=1, verbose=0, return_dict=True)["loss"])
+            values.append(float(np.ravel(model.test_on_batch(xi, yi))[0]))
+            if i == 0:
+                evaluated = model.evaluate(xi, yi, batch_size=1, verbose=0, return_dict=True)["loss"]
+                assert evaluated == values[0], (evaluated, values[0])
     finally:
         keras.config.set_floatx(floatx)
     return np.asarray(values, dtype=np.float64)
