@@ -178,9 +178,14 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
                 model_sha256=model_fingerprint(job.model), passes=estimated_passes(job))
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
-    if trial.route == "loop":
+    q = job.quantities
+    if trial.route == "loop" and ("hessian_diagonal" in q or "trace" in q):
         plan.notes.append("the model's recurrent (while) loops cannot be vectorised: the exact diagonal is formed "
-                          "by blocks of Hessian-vector products, the Fisher and GGN one example at a time (slower)")
+                          "by a while-loop Jacobian, one backward pass per parameter (slower)")
+    if trial.per_example_route == "loop" and ("fisher_diagonal" in q or "ggn_diagonal" in q):
+        plan.notes.append("the Fisher/GGN per-example products run one example at a time (recurrent loops, or "
+                          "einsum/attention in float32 on CPU, which vectorised crashes TensorFlow's oneDNN "
+                          "kernels): slower")
     hvp = job.quantities.get("hvp")
     if hvp is not None:
         if hvp.get("vectors"):

@@ -111,10 +111,11 @@ class CurvatureEngine:
         self.vjp_budget = int(vjp_budget)
         self._functions: dict = {}
         self._vectors: dict = {}
-        # How per-parameter and per-example products are formed: "vectorised" (pfor) or "loop"
-        # (for while loops that pfor cannot vectorise). Decided once per model, on the first
-        # batch (``route_for``), unless given.
+        # How per-parameter (exact diagonal) and per-example (Fisher, GGN) products are formed:
+        # "vectorised" (pfor) or "loop". Decided once per model, on the first batch
+        # (``route_for``), unless given.
         self.route = route
+        self.per_example_route = route
 
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
@@ -270,7 +271,7 @@ class CurvatureEngine:
             g = self._gradient_flat(tape, value)
             return g * g
 
-        if loop:  # one row after another (while loops inside the model, see ``route_for``)
+        if loop:  # one row after another (see ``route_for``)
             squares = tf.map_fn(one, (list(inputs), cotangents), fn_output_signature=self.dtype)
         else:
             squares = tf.vectorized_map(one, (list(inputs), cotangents))  # [R, P]
@@ -395,27 +396,34 @@ class CurvatureEngine:
         return self._vectors[key][1]
 
     def route_for(self, objective, specs) -> str:
-        """"vectorised" or "loop": how this model's per-parameter and per-example products are
-        formed (decided once per model).
+        """"vectorised" or "loop": how this model's exact diagonal is formed; also decides
+        ``per_example_route``, for the Fisher and GGN products (both once per model).
 
         ``pfor`` cannot vectorise the ``while`` loops of recurrent layers (LSTM, GRU: it fails,
         or falls back to a loop inside a loop that runs for many minutes, PITFALLS.md). A model
-        whose gradient graph holds one takes the loops: its exact diagonal by blocks of
-        Hessian-vector products with basis vectors, its per-example products (Fisher, GGN) by
-        ``tf.map_fn`` over the examples.
+        whose gradient graph holds one takes the loops: its exact diagonal by TensorFlow's
+        ``while_loop`` Jacobian, its per-example products by ``tf.map_fn`` over the examples.
+        Per-example products through an ``Einsum`` (``MultiHeadAttention``, ``EinsumDense``)
+        in float32 on a CPU also take ``tf.map_fn``: vectorised, TensorFlow 2.21's oneDNN
+        kernels corrupt the heap and the process dies (tests/zoo/repro_mha_onednn.py).
         """
         import tensorflow as tf
 
-        if self.route is None:
+        if self.route is None or self.per_example_route is None:
             traced = tf.function(lambda a, b, c: self._loss_and_gradient(objective, a, b, c))
-            graph = traced.get_concrete_function(*specs).graph
-            loops = any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
-            self.route = "loop" if loops else "vectorised"
+            kinds = {op.type for op in traced.get_concrete_function(*specs).graph.get_operations()}
+            loops = bool(kinds & {"While", "StatelessWhile"})
+            onednn = (self.dtype != tf.float64 and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+                      and not tf.config.list_logical_devices("GPU"))
+            self.route = self.route or ("loop" if loops else "vectorised")
+            self.per_example_route = self.per_example_route or (
+                "loop" if loops or ("Einsum" in kinds and onednn) else "vectorised")
         return self.route
 
-    def vectorisation_route(self, inputs, labels) -> str:
-        """``route_for`` batches like this one (for the plan)."""
-        return self.route_for(self._objective, self._specs(inputs, labels))
+    def vectorisation_routes(self, inputs, labels) -> tuple[str, str]:
+        """``(route, per_example_route)`` for batches like this one (for the plan)."""
+        self.route_for(self._objective, self._specs(inputs, labels))
+        return self.route, self.per_example_route
 
     def _exact_diagonal(self, objective, batch, specs, tag):
         import tensorflow as tf
@@ -521,7 +529,7 @@ class CurvatureEngine:
         import tensorflow as tf
 
         in_specs = [_tensor_spec(a, spec.shape, self.dtype) for a, spec in zip(raw_inputs, self.signature.inputs)]
-        loop = self.route == "loop"
+        loop = self.per_example_route == "loop"
         fn = self._compiled(("squares", moments, loop),
                             lambda a, u, w: self._sum_sq_vjp(a, u, w, moments, loop),
                             (in_specs, tf.TensorSpec([None, None], self.dtype), tf.TensorSpec([None], self.dtype)))

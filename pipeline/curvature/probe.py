@@ -20,12 +20,13 @@ from pipeline.errors import InputError
 
 @dataclass(frozen=True)
 class ProbeReport:
-    """What the trial found: the rows it used, their mean loss, and how per-parameter and
-    per-example products will be formed (``CurvatureEngine.route_for``; None if not asked)."""
+    """What the trial found: the rows it used, their mean loss, and how the exact diagonal and
+    the per-example products will be formed (``CurvatureEngine.route_for``; None if not asked)."""
 
     rows: int
     loss: float
     route: str | None
+    per_example_route: str | None
 
 
 def _shapes(arrays) -> str:
@@ -73,7 +74,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
                              f"not one value per example ({len(batch)}): return per-example losses")
     try:
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
-        route = engine.vectorisation_route(batch.inputs, batch.labels) if route else None
+        routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -82,4 +83,5 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
         raise InputError(f"the loss or its derivatives fail on the first {len(batch)} rows: {_one_line(exc)}: "
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
-    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=route)
+    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
+                       per_example_route=routes[1])

@@ -37,7 +37,7 @@ FLOAT32 = ["residual_mlp_layernorm", "transformer_block", "softmax_sparse_ce_sat
 RUNS = [(name, "float64") for name in SINGLE_BATCH if name not in MIXED] + [(name, "float32") for name in FLOAT32]
 
 # Runs in a child process: a crash there must fail one test, not end the run (the
-# Fisher/GGN of a float32 MultiHeadAttention model crash TensorFlow, see ONEDNN_CRASH).
+# Fisher/GGN of a float32 MultiHeadAttention model once crashed TensorFlow, see KNOWN).
 ISOLATED = {("transformer_block", "float32")}
 
 
@@ -45,19 +45,11 @@ class EngineProcessDied(AssertionError):
     """The child process running the engine ended without a result (a crash inside TensorFlow)."""
 
 
-# Engine failures found by the zoo, kept as strict xfails (they must keep failing, with exactly
-# this exception, until the engine is fixed). See the reasons for the diagnoses.
-ONEDNN_CRASH = pytest.mark.xfail(
-    strict=True, raises=EngineProcessDied,
-    reason="the float32 Fisher/GGN of a MultiHeadAttention model kill the process (SIGABRT/SIGSEGV, heap "
-           "corruption: 'free(): invalid size', 'corrupted double-linked list'). The engine's per-example "
-           "products are tf.vectorized_map of per-example gradients; through keras MultiHeadAttention in "
-           "float32 that corrupts the heap with TensorFlow 2.21's oneDNN CPU kernels (reproduced with "
-           "vectorized_map + MultiHeadAttention alone, without the engine). With TF_ENABLE_ONEDNN_OPTS=0, "
-           "or in float64 (oneDNN does not take float64), every quantity matches (max rel. error 1.3e-7).")
-KNOWN = {
-    ("transformer_block", "float32"): ONEDNN_CRASH,
-}
+# Failures the zoo has found and that are fixed keep their case here: the float32 Transformer's
+# Fisher/GGN once crashed the process (vectorised per-example products through an einsum with
+# TensorFlow 2.21's oneDNN kernels, repro_mha_onednn.py); the engine now runs them one example
+# at a time on CPU. Still run in a child process: a crash must fail one test, not the suite.
+KNOWN: dict = {}
 
 
 def _max(a):
