@@ -24,8 +24,8 @@ def masked_tagger(seed=0):
     """Embedding(mask_zero) -> LSTM -> per-timestep Dense: a sequence tagger on padded tokens."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((None,), dtype="int32", name="tokens")
-    h = keras.layers.Embedding(VOCAB, 3, mask_zero=True, name="embed")(tokens)
-    h = keras.layers.LSTM(3, return_sequences=True, name="lstm")(h)
+    h = keras.layers.Embedding(VOCAB, 2, mask_zero=True, name="embed")(tokens)
+    h = keras.layers.LSTM(2, return_sequences=True, name="lstm")(h)
     out = keras.layers.Dense(TAGS, name="tag")(h)
     return keras.Model(tokens, out, name="tagger")
 

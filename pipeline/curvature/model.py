@@ -153,8 +153,13 @@ def precision_mismatch(model, precision: str) -> str | None:
     import keras
 
     for layer in model._flatten_layers(include_self=False):  # Keras' own walk over nested layers
-        if isinstance(layer, (keras.Model, keras.layers.InputLayer)):
-            continue  # they compute nothing: a nested model's own layers are in the walk
+        if isinstance(layer, keras.Model):
+            continue  # a nested model computes nothing itself: its own layers are in the walk
+        if isinstance(layer, keras.layers.InputLayer):
+            given = _output_dtype(layer, "int32")  # a float input of another dtype rounds the data
+            if _floating(given) and given != precision:
+                return f"input {layer.name!r} takes {given}"
+            continue
         compute = layer.dtype_policy.compute_dtype
         if not _floating(_output_dtype(layer, compute)):
             continue  # StringLookup, Hashing...: a float policy, but no float arithmetic to redo
@@ -194,11 +199,14 @@ def to_precision(model, precision: str, builder=None):
     copy = None
     problems = []
     if builder is not None:
-        previous = keras.config.dtype_policy()
+        # floatx too: keras.Input((6,)) takes floatx, not the dtype policy.
+        previous, previous_floatx = keras.config.dtype_policy(), keras.config.floatx()
         keras.config.set_dtype_policy(precision)
+        keras.config.set_floatx(precision)
         try:
             copy = _call_builder(builder, getattr(builder, "__name__", "builder"))
         finally:
+            keras.config.set_floatx(previous_floatx)
             keras.config.set_dtype_policy(previous)
         problem = precision_mismatch(copy, precision)
         if problem:
