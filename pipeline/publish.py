@@ -127,6 +127,9 @@ class RunPublisher:
     def _probe_writable(self, root: str) -> None:
         """Fail now, as an input error, rather than after hours of compute."""
         probe = f"{self._date_path}/.probe-{secrets.token_hex(6)}"
+        # Folders this run makes, removed again (if still empty) when it ends without a result.
+        name_path = self._date_path.rsplit("/", 1)[0]
+        self._created_dirs = [p for p in (self._date_path, name_path) if not self._exists(p)]
         try:
             self._fs.create_dir(self._date_path, recursive=True)
             with self._fs.open_output_stream(probe) as stream:
@@ -221,14 +224,22 @@ class RunPublisher:
                     shutil.rmtree(f"{self._date_path}/{entry}", ignore_errors=True)
 
     def abort(self) -> None:
-        """Remove the staging directory (best effort: called while something else failed)."""
-        if not self._created_staging:
+        """Remove the staging directory, and the output folders this run made if they are still
+        empty (best effort: called while something else failed). Nothing else is touched."""
+        if self._published:
             return
-        try:
-            self._fs.delete_dir(self._staging_path)
-        except (pa.ArrowException, OSError):
-            pass
-        self._created_staging = False
+        if self._created_staging:
+            try:
+                self._fs.delete_dir(self._staging_path)
+            except (pa.ArrowException, OSError):
+                pass
+            self._created_staging = False
+        if self._local:
+            for path in getattr(self, "_created_dirs", []):
+                try:  # os.rmdir removes only an empty folder: another run's files stay
+                    os.rmdir(path)
+                except OSError:
+                    break
 
     def __enter__(self) -> "RunPublisher":
         return self

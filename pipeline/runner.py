@@ -31,6 +31,9 @@ SUMMARY_QUANTITIES = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gr
 # gradient-equivalents in total unless ``force: true`` (about a day on one CPU core for a
 # small model).
 EXACT_DIAGONAL_LIMIT = 5e7
+# Every worker must have loaded the model by then, or the run stops (exit 1) instead of
+# waiting for an actor that may never be scheduled.
+WORKER_START_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WORKER_START_SECONDS", "600"))
 # A shard that fails (an exception, or a worker lost after Ray's own restarts) is moved to
 # another worker this many times before the run stops (exit status 1).
 SHARD_RETRIES = 2
@@ -174,9 +177,19 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     check_schema(data.schema, job.data, signature)
     trial = probe_data(job, engine, data)
     workers = max(1, min(int(workers), len(data.shards)))
+    # An actor asking for a CPU (or GPU) the cluster does not have is never scheduled, silently
+    # (PITFALLS.md): start only the workers the cluster can place.
+    capacity = gpus if gpus else int(cluster.get("CPU", os.cpu_count() or 1))
+    placed = min(workers, capacity) if capacity >= 1 else workers
+    plan_notes = []
+    if placed < workers:
+        plan_notes.append(f"workers: {workers} asked, {placed} can be placed (the cluster has {capacity} "
+                          f"{'GPUs' if gpus else 'CPUs'}): using {placed}")
+        workers = placed
     plan = Plan(job=job, data=data, signature=signature, workers=workers, gpus=gpus if gpus else 0,
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
                 model_sha256=model_fingerprint(job.model), passes=estimated_passes(job))
+    plan.notes.extend(plan_notes)
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
     q = job.quantities
     if trial.route == "loop" and ("hessian_diagonal" in q or "trace" in q):
@@ -297,7 +310,14 @@ class WorkerPool:
         cache = 1 << 30 if plan.passes > 1 else 0
         self._start = lambda: actor.remote(plan.job, plan.data.uri, threads, gpu, cache)
         self.actors = [self._start() for _ in range(plan.workers)]
-        infos = ray.get([a.info.remote() for a in self.actors])
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=WORKER_START_SECONDS)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ComputeError(
+                f"the {plan.workers} workers did not all start within {WORKER_START_SECONDS:.0f} s (the cluster may "
+                f"lack the CPUs/GPUs they ask for, or be busy with other work): check `ray status`, or run "
+                f"with fewer --workers") from None
         self.names = [info["worker"] for info in infos]
         self.passes = 0
         self.resumed = 0  # shards of the main pass taken from staging
@@ -572,6 +592,10 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             run_dir = publisher.publish(manifest)
         store.remove()
         return RunResult(run_dir=run_dir, manifest=manifest, results=results)
+    except BaseException:
+        if publisher is not None:
+            publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
+        raise
     finally:
         if owns_ray:
             ray.shutdown()

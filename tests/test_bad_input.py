@@ -246,6 +246,16 @@ def test_labels_out_of_range_cli(root, tmp_path):
     line = cli("run", str(tmp_path / "job.yaml"), "--run-id", "labels")
     assert "column 'label' has label 7 at row 41 (shard 1), outside the valid range 0-2" in line
     assert _nothing_under(tmp_path / "out")
+    assert not os.listdir(tmp_path / "out"), os.listdir(tmp_path / "out")  # not even an empty date= folder
+
+
+def test_input_error_before_start_leaves_no_folder(root, tmp_path):
+    """The model and the loss refuse the first rows: ``run`` exits 2 and the output root holds
+    nothing it made (an existing folder beside it is untouched)."""
+    (tmp_path / "out" / "other").mkdir(parents=True)
+    spec = load_job(jobs.job(root, {"gradient": {}}, loss="categorical_crossentropy", output=str(tmp_path / "out")))
+    expect(lambda: run(spec, run_id="early"), "the loss categorical_crossentropy fails on output")
+    assert sorted(os.listdir(tmp_path / "out")) == ["other"]
 
 
 # ------------------------------------------------------------------------- HVP vectors

@@ -405,3 +405,42 @@ def test_node_lost_mid_run_completes(files, fault, tmp_path):
              and any(s == t for t, _, other in started[i + 1:] if other != removed[0])]
     print(f"\nnode {removed[0][:8]} removed mid-run; 10 shards started {len(started)} times; "
           f"shards moved off the lost node: {again}")
+
+
+# ------------------------------------------------------------------ never wait forever
+def test_more_workers_than_the_cluster_can_place_are_not_started(tmp_path):
+    """--workers 3 on 2 CPUs: the plan starts 2 and says so (an actor asking for a CPU the
+    cluster lacks would never be scheduled)."""
+    from pipeline.runner import make_plan
+
+    jobs.write_data(tmp_path / "data", rows=60, files=1)
+    jobs.write_model(str(tmp_path / "model.keras"))
+    plan = make_plan(load_job(jobs.job(tmp_path, {"gradient": {}}, shards=4)), workers=3, cluster={"CPU": 2})
+    assert plan.workers == 2
+    assert any("3 asked, 2 can be placed" in note for note in plan.notes), plan.notes
+
+
+def test_workers_that_cannot_start_end_the_run_with_a_message(tmp_path, monkeypatch):
+    """Every CPU held by someone else: the worker is never scheduled; the run stops at the
+    deadline with exit status 1 and one message, instead of waiting forever."""
+    import ray
+
+    from pipeline import runner
+
+    jobs.write_data(tmp_path / "data", rows=60, files=1)
+    jobs.write_model(str(tmp_path / "model.keras"))
+    monkeypatch.setattr(runner, "WORKER_START_SECONDS", 5.0)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        @ray.remote(num_cpus=2)
+        class Hog:
+            def ready(self):
+                return True
+
+        hog = Hog.remote()
+        ray.get(hog.ready.remote())
+        with pytest.raises(ComputeError, match=r"did not all start within 5 s .* check `ray status`"):
+            runner.run(load_job(jobs.job(tmp_path, {"gradient": {}}, workers=1)), run_id="starved",
+                       stream=open(os.devnull, "w"))
+    finally:
+        ray.shutdown()
