@@ -124,9 +124,7 @@ class Run:
 
     # ------------------------------------------------------------------ tables
     def _read(self, name: str, columns: list[str] | None = None):
-        import pyarrow.parquet as pq
-
-        from pipeline.data import resolve_filesystem
+        from pipeline.publish import read_run_table
 
         if not self.has(name):
             computed = ", ".join(f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet"))
@@ -134,10 +132,7 @@ class Run:
                              f"quantity to the job and run it again")
         key = (name, tuple(columns) if columns else None)
         if key not in self._tables:
-            fs, root = resolve_filesystem(self.run_dir)
-            with fs.open_input_file(f"{root.rstrip('/')}/{name}.parquet") as handle:
-                table = pq.read_table(handle, columns=columns)
-            self._tables[key] = table.to_pandas()
+            self._tables[key] = read_run_table(self.run_dir, f"{name}.parquet", columns).to_pandas()
         return self._tables[key]
 
     @property
@@ -192,13 +187,9 @@ class Run:
 
     @cached_property
     def _diagonal_columns(self) -> list[str]:
-        import pyarrow.parquet as pq
+        from pipeline.publish import read_run_table
 
-        from pipeline.data import resolve_filesystem
-
-        fs, root = resolve_filesystem(self.run_dir)
-        with fs.open_input_file(f"{root.rstrip('/')}/diagonals.parquet") as handle:
-            return list(pq.read_schema(handle).names)
+        return list(read_run_table(self.run_dir, "diagonals.parquet", schema_only=True).names)
 
     def _flat(self, quantity: str) -> np.ndarray:
         """``[P]`` (diagonal quantities) or ``[K, P]`` (hvp) in parameter order."""

@@ -82,18 +82,9 @@ class Comparison:
 
 # ------------------------------------------------------------------------------------ reading
 def _read_table(run_dir: str, name: str) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from pipeline.publish import read_run_table
 
-    from pipeline.data import resolve_filesystem
-
-    fs, root = resolve_filesystem(run_dir)
-    try:
-        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
-            return pq.read_table(handle).to_pylist()
-    except (pa.ArrowException, OSError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"cannot read {run_dir}/{name} ({first}): the run is damaged, run it again") from None
+    return read_run_table(run_dir, name).to_pylist()
 
 
 def _files(manifest: dict) -> set[str]:

@@ -683,6 +683,25 @@ def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int,
     return next(iter(read_shard(shard, data_spec, signature, plan.uri, count, dtype)))
 
 
+# Errors of Parquet decoding (not of the network): the file's bytes are wrong, and reading it
+# again cannot help.
+_DAMAGED = ("corrupt", "deserializ", "invalid", "unexpected end", "not a parquet", "magic", "out of bounds")
+
+
+def _read_piece(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk: int, layout: _Layout,
+                checked: list[bool]) -> Iterator[pa.RecordBatch]:
+    """``_piece_batches``, with read errors naming the file: a damaged file (or any error on a
+    local disk) is an input error, never retried; other errors (a network) stay retryable."""
+    try:
+        yield from _piece_batches(fs, piece, columns, chunk, layout, checked)
+    except (pa.ArrowException, OSError) as err:
+        text = _one_line(err)
+        if isinstance(fs, pafs.LocalFileSystem) or any(word in text.lower() for word in _DAMAGED):
+            raise InputError(f"cannot read rows {piece.start}-{piece.stop - 1} of {piece.file}: {text}: the file is "
+                             "damaged; rewrite it or remove it from data.path") from None
+        raise OSError(f"reading {piece.file}: {text}") from err
+
+
 def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, batch_size: int,
                dtype: str = "float32") -> Iterator[Batch]:
     """Stream a shard as batches of exactly ``batch_size`` rows (the last may be shorter).
@@ -706,7 +725,7 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
         return _to_batch(table, layout, rows, dtype, getattr(data_spec, "pad_value", 0))
 
     for piece in shard.pieces:
-        for record in _piece_batches(fs, piece, columns, batch_size, layout, checked):
+        for record in _read_piece(fs, piece, columns, batch_size, layout, checked):
             pending.append(record)
             pending_rows += record.num_rows
             while pending_rows >= batch_size:

@@ -249,6 +249,19 @@ class RunPublisher:
             self.abort()
 
 
+def read_run_table(run_dir: str, filename: str, columns: list[str] | None = None, schema_only: bool = False):
+    """One Parquet file of a published run (a ``pyarrow.Table``, or its schema): the one way
+    ``show``, ``report``, ``compare`` and ``pipeline.load`` read results. A file that is
+    missing or damaged is an ``InputError`` naming it, never a traceback."""
+    fs, root = resolve_filesystem(run_dir)
+    try:
+        with fs.open_input_file(f"{root.rstrip('/')}/{filename}") as handle:
+            return pq.read_schema(handle) if schema_only else pq.read_table(handle, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"cannot read {run_dir.rstrip('/')}/{filename} ({_first_line(err)}): the run is damaged, "
+                         "run it again") from None
+
+
 def read_manifest(run_dir: str) -> dict:
     """The manifest of a complete run; a directory without one is not a result."""
     fs, path = resolve_filesystem(run_dir)

@@ -200,6 +200,12 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                           "einsum/attention in float32 on CPU, which vectorised crashes TensorFlow's oneDNN "
                           "kernels): slower")
     hvp = job.quantities.get("hvp")
+    if hvp is not None and hvp.get("random"):
+        _check_vector_memory(hvp["random"], signature.parameters, "quantities.hvp.random", "random vectors")
+    diag = job.quantities.get("hessian_diagonal") or {}
+    if diag.get("method") == "hutchinson":
+        _check_vector_memory(diag["probes"], signature.parameters, "quantities.hessian_diagonal.probes",
+                             "Hutchinson probes")
     if hvp is not None:
         if hvp.get("vectors"):
             plan.hvp_vectors = read_vectors(hvp["vectors"], signature.variables, signature.variable_shapes)
@@ -221,6 +227,21 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                 f"{cost:,.0f} Hessian-vector products (days of compute): use hessian_diagonal: "
                 "{method: hutchinson}, or set quantities.hessian_diagonal.force=true")
     return plan
+
+
+# K vectors of P float64 numbers are held in the driver, in every worker and in every partial
+# sum (K x P each): more than this is refused before anything is built.
+VECTOR_BYTES_LIMIT = 2 << 30
+
+
+def _check_vector_memory(count: int, parameters: int, key: str, what: str) -> None:
+    """Refuses K x P float64 vectors over ``VECTOR_BYTES_LIMIT`` with the numbers and the way out."""
+    size = 8 * int(count) * int(parameters)
+    if size > VECTOR_BYTES_LIMIT:
+        fits = max(1, VECTOR_BYTES_LIMIT // (8 * int(parameters)))
+        raise InputError(
+            f"{key}: {count:,} {what} of {parameters:,} parameters take {size / 2**30:,.1f} GiB (float64) in the "
+            f"driver, in every worker and in every partial sum: use at most {fits:,} (2 GiB)")
 
 
 def batch_work(job, plan: Plan):
@@ -611,6 +632,10 @@ def _compute(plan: Plan, pool: WorkerPool, stream, store=None):
     if reducer.total.examples != plan.data.rows:
         raise ComputeError(f"reduced {reducer.total.examples} examples but planned {plan.data.rows}: a shard was "
                            f"lost or counted twice; run the same command with --run-id {plan.run_id} to resume")
+    if not reducer.total.weight_sum > 0:
+        raise InputError(f"column '{job.data.weights}' sums to {reducer.total.weight_sum:g} over all "
+                         f"{reducer.total.examples:,} rows: the weighted mean is undefined; give some rows a "
+                         "positive weight, or drop data.weights")
     results = reducer.result()
     extra = {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
     spectral = {k: job.quantities[k] for k in ("trace", "eigenvalues", "spectrum") if k in job.quantities}

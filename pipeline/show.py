@@ -29,10 +29,8 @@ def _number(value) -> str:
 def show_run(run_dir: str) -> str:
     """The run as text: manifest facts, then one table per result file present."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from pipeline.data import resolve_filesystem
-    from pipeline.publish import read_manifest
+    from pipeline.publish import read_manifest, read_run_table
 
     manifest = read_manifest(run_dir)
     if not manifest.get("status") == "complete":
@@ -52,11 +50,8 @@ def show_run(run_dir: str) -> str:
     ]
     width = max(len(k) for k, _ in facts)
     text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in facts) + "\n"
-    fs, root = resolve_filesystem(run_dir)
-
     def read_table(name, columns=None):
-        with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
-            return pq.read_table(handle, columns=columns)
+        return read_run_table(run_dir, name, columns)
 
     def read(name):
         return read_table(name).to_pylist()

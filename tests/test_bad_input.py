@@ -323,3 +323,49 @@ def test_exact_diagonal_that_would_take_days(tmp_path):
     assert "hutchinson" in message and "force=true" in message
     forced = make_plan(load_job(spec, ["quantities.hessian_diagonal.force=true"]), cluster=CLUSTER)
     assert any("60,009,000" in note for note in forced.notes)
+
+
+def test_vectors_too_large_for_memory_are_refused_before_they_are_built(root):
+    """hvp: {random: 20,000,000} on 53 parameters would be 7.9 GiB in the driver alone: refused by
+    arithmetic, before anything that size is allocated (the test process would be killed)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    message = expect(lambda: plan(root, ["quantities={hvp: {random: 20000000}}"]), "quantities.hvp.random")
+    assert "use at most" in message and "GiB" in message
+    expect(lambda: plan(root, ["quantities={hessian_diagonal: {method: hutchinson, probes: 10000000}}"]),
+           "quantities.hessian_diagonal.probes")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more
+
+
+def test_damaged_parquet_data_page_names_the_file(root, tmp_path):
+    """A footer that reads but a data page that does not: found by the worker that reads it,
+    an input error naming the file (never retried as a compute failure)."""
+    import io
+
+    x, labels, _ = jobs.write_data(tmp_path / "data", rows=400, files=1, row_group=100)
+    path = tmp_path / "data" / "part-000.parquet"
+    page = pq.ParquetFile(str(path)).metadata.row_group(2).column(0).data_page_offset  # rows 200-299
+    raw = bytearray(path.read_bytes())
+    for i in range(page, page + 40):  # the page header: the footer still reads
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    spec = load_job(jobs.job(root, {"gradient": {}}, shards=2, workers=1, output=str(tmp_path / "out")))
+    spec = load_job({**spec.to_dict(), "data": {**spec.to_dict()["data"], "path": str(tmp_path / "data")}})
+    log = io.StringIO()
+    message = expect(lambda: run(spec, run_id="damaged", stream=log), "part-000.parquet")
+    assert "the file is damaged" in message
+    assert "trying again" not in log.getvalue()
+
+
+def test_all_zero_weights_column(root, tmp_path):
+    """Every weight 0: the weighted mean is undefined. One line, exit 2, nothing left (it can
+    only be known after the last row)."""
+    x, labels, _ = jobs.write_data(tmp_path / "data", rows=50, files=1)
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "label": pa.array(labels),
+                      "weight": pa.array(np.zeros(50))})
+    pq.write_table(table, str(tmp_path / "data" / "part-000.parquet"))
+    raw = jobs.job(root, {"gradient": {}}, workers=1, output=str(tmp_path / "out"))
+    raw["data"].update(path=str(tmp_path / "data"), weights="weight")
+    expect(lambda: run(load_job(raw), run_id="zero"), "column 'weight' sums to 0 over all 50 rows")
+    assert _nothing_under(tmp_path / "out")

@@ -137,3 +137,30 @@ def test_show_aligns_headers_with_numbers_and_names_hvp_and_spectrum(runs):
     assert re.search(r"^hvp +2 Hessian-vector products", text, re.M)
     assert re.search(r"^spectrum +2 SLQ runs", text, re.M)
     assert "hidden/kernel (6, 5)" in text
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_show_report_and_load_name_a_damaged_file_of_a_run(runs, tmp_path, damage):
+    """A published run whose summary or diagonals file was deleted or cut short: one error line
+    (exit 2) naming the file from show, report and pipeline.load, never a traceback."""
+    import shutil
+
+    from pipeline.errors import InputError
+
+    damaged = str(tmp_path / "run")
+    shutil.copytree(runs[0], damaged)
+    for name in ("diagonals.parquet", "summary.parquet"):  # report reads the first, show the second
+        target = os.path.join(damaged, name)
+        if damage == "missing":
+            os.remove(target)
+        else:
+            with open(target, "r+b") as handle:
+                handle.truncate(100)
+    for command in (["show", damaged], ["report", damaged, "--out", str(tmp_path / "report")]):
+        out, err = io.StringIO(), io.StringIO()
+        assert main(command, out=out, err=err) == 2, err.getvalue()
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and re.match(r"error: cannot read .*(diagonals|summary)\.parquet", lines[0]), lines
+        assert "the run is damaged" in lines[0]
+    with pytest.raises(InputError, match="diagonals.parquet"):
+        load(damaged).diagonals
