@@ -13,6 +13,8 @@
                                        invocation's main pass
 ``publish-before-rename``              the driver dies after the run's files and manifest are
                                        staged, just before the rename that publishes them
+``disk-full``                          writing a result table raises ``OSError(ENOSPC)``, as a
+                                       full disk does
 =====================================  ======================================================
 
 ``once`` fires only the first time, across processes: a marker file in

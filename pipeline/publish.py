@@ -10,6 +10,7 @@ the contract's definition of a complete run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -109,6 +110,7 @@ class RunPublisher:
         if self._exists(f"{self._final_path}/{MANIFEST}"):
             raise InputError(f"run {run_id} already published at {self.final_dir}: choose another --run-id "
                              f"or delete it")
+        self._refuse_link()
         self._probe_writable(root)
         self._staging_path = f"{self._date_path}/.staging-run={run_id}-{secrets.token_hex(6)}"
         self._written: set[str] = set()
@@ -159,6 +161,10 @@ class RunPublisher:
         metadata = dict(table.schema.metadata or {})
         metadata[PROVENANCE_KEY] = _dumps(provenance, sort_keys=True).encode()
         self._ensure_staging()
+        from pipeline.faults import active  # a test hook (docs/failures.md), off unless asked for
+
+        if active("disk-full") is not None:
+            raise OSError(errno.ENOSPC, "No space left on device (fault injected)", filename)
         pq.write_table(table.replace_schema_metadata(metadata), f"{self._staging_path}/{filename}",
                        filesystem=self._fs)
         self._written.add(filename)
@@ -205,8 +211,15 @@ class RunPublisher:
             stream.write(text.encode())
         self.abort()
 
+    def _refuse_link(self) -> None:
+        """A symbolic link where the run folder goes was not made here: never delete through it."""
+        if self._local and os.path.islink(self._final_path):
+            raise InputError(f"{self.final_dir} is a symbolic link, not a run folder this program made: remove the "
+                             "link or choose another --run-id")
+
     def _remove_stale(self) -> None:
         """A final directory without manifest.json is the leftover of a crash, never a result."""
+        self._refuse_link()
         if self._exists(f"{self._final_path}/{MANIFEST}"):
             raise InputError(f"run {self.run_id} already published at {self.final_dir}: choose another --run-id "
                              f"or delete it")

@@ -609,8 +609,14 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             extra["resumed_shards"] = pool.resumed
             manifest = _manifest(plan, results, passes, extra, started, now.isoformat(timespec="seconds"),
                                  pool.names)
-            _write_tables(publisher, plan, results, manifest)
-            run_dir = publisher.publish(manifest)
+            try:
+                _write_tables(publisher, plan, results, manifest)
+                run_dir = publisher.publish(manifest)
+            except OSError as err:  # a full disk, a revoked permission: the computed shards are kept
+                raise ComputeError(
+                    f"cannot write the results under {plan.output}: {err}; nothing was published and the computed "
+                    f"shards are kept: fix the output (free space) and run the same command with --run-id "
+                    f"{plan.run_id} to resume") from None
         store.remove()
         return RunResult(run_dir=run_dir, manifest=manifest, results=results)
     except BaseException:

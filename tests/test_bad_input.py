@@ -124,13 +124,24 @@ def test_file_that_is_not_a_model(root, tmp_path):
     expect(lambda: plan(root, model=str(junk)), "is not a Keras 3 model file")
 
 
-def test_model_that_needs_safe_mode_off(root, tmp_path):
+def test_model_that_needs_safe_mode_off(root, tmp_path, monkeypatch):
+    """A .keras file holding code (a Lambda) is refused with safe_mode on, and its code never runs
+    (a job file may come from elsewhere; README: a job file is code only through builders)."""
     import keras
 
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda x: x * 2.0), keras.layers.Dense(3)])
+    witness = tmp_path / "the-lambda-ran"
+
+    def doubled(x):
+        if os.environ.get("ARMED"):
+            witness.write_text("ran")
+        return x * 2.0
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(doubled), keras.layers.Dense(3)])
     path = str(tmp_path / "lambda.keras")
     model.save(path)
+    monkeypatch.setenv("ARMED", "1")
     expect(lambda: plan(root, model=path), "needs safe_mode off")
+    assert not witness.exists()
 
 
 def test_keras_file_with_an_unregistered_custom_class_names_it(root, tmp_path):
@@ -369,3 +380,18 @@ def test_all_zero_weights_column(root, tmp_path):
     raw["data"].update(path=str(tmp_path / "data"), weights="weight")
     expect(lambda: run(load_job(raw), run_id="zero"), "column 'weight' sums to 0 over all 50 rows")
     assert _nothing_under(tmp_path / "out")
+
+
+def test_symbolic_link_in_place_of_the_run_folder(root, tmp_path):
+    """OUTPUT/NAME/date=.../run=ID is a link to someone's folder: refused before computing, and
+    nothing behind the link is deleted."""
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    folder = tmp_path / "out" / "test-job" / f"date={date}"
+    folder.mkdir(parents=True)
+    os.symlink(elsewhere, folder / "run=linked")
+    spec = load_job(jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out")))
+    expect(lambda: run(spec, run_id="linked"), "is a symbolic link, not a run folder")
+    assert (elsewhere / "keep.txt").read_text() == "mine"

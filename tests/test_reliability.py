@@ -444,3 +444,21 @@ def test_workers_that_cannot_start_end_the_run_with_a_message(tmp_path, monkeypa
                        stream=open(os.devnull, "w"))
     finally:
         ray.shutdown()
+
+
+def test_disk_full_while_publishing_is_one_line_and_resumes(files, tmp_path):
+    """Writing the results fails (ENOSPC): exit 1, one error line that says how to resume, no
+    traceback; the same command afterwards publishes without computing again."""
+    root, expected = files
+    output = tmp_path / "out"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=3, workers=1, output=str(output))))
+    full = _cli(job_file, "--run-id", "full", fault="disk-full", fault_dir=tmp_path)
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "--run-id full to resume" in errors[0]
+    assert not glob.glob(str(output / "test-job" / "date=*" / "run=*"))
+    done = _cli(job_file, "--run-id", "full", fault_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "resumed 3 of 3 shards" in done.stderr
+    _assert_matches(done.stdout.strip().splitlines()[-1], expected)
