@@ -136,7 +136,7 @@ def test_model_that_needs_safe_mode_off(root, tmp_path, monkeypatch):
             witness.write_text("ran")
         return x * 2.0
 
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(doubled), keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda x: doubled(x)), keras.layers.Dense(3)])
     path = str(tmp_path / "lambda.keras")
     model.save(path)
     monkeypatch.setenv("ARMED", "1")

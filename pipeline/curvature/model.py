@@ -115,7 +115,7 @@ def _load_error(path: str, exc: Exception) -> InputError:
     unknown = re.search(r"(?:Could not locate (?:class|function)|Unknown (?:layer|object)[^']*)\s*'([^']+)'", text)
     if unknown:
         return InputError(
-            f"model {path} uses the custom class {unknown.group(1)!r}, which is not registered in this "
+            f"model {path} uses the custom class or function {unknown.group(1)!r}, which is not registered in this "
             "process: give model: {builder: 'pkg.module:function', weights: ...} with a builder that "
             "imports it, or register it (keras.saving.register_keras_serializable) in a module the builder imports")
     return InputError(f"model {path} cannot be loaded ({type(exc).__name__}: {text[:300]}): check that it was "
