@@ -490,8 +490,9 @@ def _check_column(schema: pa.Schema, column: str, key: str, scalar_only: bool, t
             raise InputError(f"column '{column}' is a list column ({t}) where one value per row is needed: "
                              f"fix {key}")
         if not (_numeric(t.value_type) or (text and _text(t.value_type))):
-            raise InputError(f"column '{column}' is a list of {t.value_type}, not {allowed}: fix {key} "
-                             f"(nested lists must be stored flat, as a fixed-size list)")
+            raise InputError(f"column '{column}' is a list of {t.value_type}, not {allowed}: store each row flat "
+                             f"(a fixed-size list, or a variable-length list of T*d values for an input of shape "
+                             f"(None, d), reshaped in C order) and fix {key}")
     elif not (_numeric(t) or (text and _text(t))):
         raise InputError(f"column '{column}' has type {t}, not {allowed}: fix {key}")
     return t
