@@ -134,8 +134,9 @@ class ShardWorker:
             if not _finite(one):
                 return InputError(
                     f"non-finite {what} in shard {shard.index} (rows {first}-{last}), first at row {int(row)} "
-                    "(its inputs are finite): the model overflows there; check that row and the model's "
-                    "weights, or try precision: float64")
+                    "(its inputs are finite): the model or the loss is not finite there (an overflow, or a loss "
+                    "without a second derivative at that point); check that row, the model's weights and the loss, "
+                    "or try precision: float64")
         return InputError(
             f"non-finite {what} in shard {shard.index}, rows {first}-{last} (no single row is non-finite on its "
             "own): check those rows and the model's weights, or try precision: float64")

@@ -299,3 +299,21 @@ def test_a_loss_that_refuses_a_later_row_is_an_input_error_not_retried(ray_local
     assert "trying again" not in log.getvalue()
     left = [d for d, _, _ in os.walk(tmp_path / "results") if os.path.basename(d).startswith(("run=", ".partials"))]
     assert not left, left
+
+
+def test_non_finite_curvature_names_the_row_even_when_loss_and_gradient_are_finite(ray_local, tmp_path):
+    """A loss with a kink: at row 37 (label exactly on the prediction) the loss and gradient are
+    finite but the Hessian is not; the row is found by computing the same quantities row by row."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 6))
+    y = rng.uniform(0.5, 1.5, size=60)
+    y[37] = 0.0
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "y": pa.array(y)}),
+                   str(tmp_path / "data" / "part.parquet"))
+    kinds.zero_regressor().save(str(tmp_path / "zero.keras"))
+    job = _job(tmp_path, str(tmp_path / "zero.keras"), "kinds:kink_loss",
+               {"path": str(tmp_path / "data"), "features": "x", "labels": "y", "batch_size": 10},
+               {"gradient": {}, "hessian_diagonal": {"method": "exact"}}, shards=3)
+    with pytest.raises(InputError, match=r"non-finite hessian_diagonal in shard 1 \(rows 30-39\), first at row 37"):
+        run(job, run_id="kink", stream=io.StringIO())

@@ -462,3 +462,4 @@ def test_disk_full_while_publishing_is_one_line_and_resumes(files, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resumed 3 of 3 shards" in done.stderr
     _assert_matches(done.stdout.strip().splitlines()[-1], expected)
+
