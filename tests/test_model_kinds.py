@@ -129,8 +129,9 @@ def tagger(tmp_path_factory):
 
 def test_masked_sequences_of_any_length_match_each_example_alone(ray_local, tagger):
     root, (loss, gradient, hessian, fisher) = tagger
-    quantities = {"gradient": {}, "hessian_diagonal": {"method": "exact"}, "fisher_diagonal": {},
-                  "hvp": {"random": 2}}
+    # HVPs through the LSTM are checked by the zoo (tests/zoo); here the quantities whose routes
+    # differ for while loops (exact diagonal, per-example products).
+    quantities = {"gradient": {}, "hessian_diagonal": {"method": "exact"}, "fisher_diagonal": {}}
     data = {"path": str(root / "data"), "features": "tokens", "labels": "tags", "batch_size": 4}
     published = []
     for shards, batch_size in ((1, 4), (3, 3)):  # different batches: different padded lengths
@@ -146,12 +147,6 @@ def test_masked_sequences_of_any_length_match_each_example_alone(ray_local, tagg
         np.testing.assert_allclose(table["gradient"], gradient, atol=1e-10 * np.abs(gradient).max())
         np.testing.assert_allclose(table["hessian_diagonal"], np.diag(hessian), atol=1e-9 * scale)
         np.testing.assert_allclose(table["fisher_diagonal"], fisher, atol=1e-10 * fisher.max())
-        vectors = pq.read_table(os.path.join(result.run_dir, "hvp_vectors.parquet")).to_pandas()
-        products = pq.read_table(os.path.join(result.run_dir, "hvp.parquet")).to_pandas()
-        for k in range(2):
-            v = vectors[vectors["vector"] == k]["value"].to_numpy()
-            hv = products[products["vector"] == k]["value"].to_numpy()
-            np.testing.assert_allclose(hv, hessian @ v, atol=1e-9 * scale * np.abs(v).sum())
         published.append(table)
     np.testing.assert_allclose(published[0]["hessian_diagonal"], published[1]["hessian_diagonal"],
                                rtol=1e-9, atol=1e-13)
@@ -216,10 +211,11 @@ def test_dict_outputs_take_labels_by_name(ray_local, tmp_path):
         return tf.reduce_mean((out["zeta"] - yz[i]) ** 2) + tf.reduce_mean((out["alpha"] - ya[i]) ** 2)
 
     loss, gradient, _, _ = _reference(reference_model, example_loss, len(x))
-    for name, job in (("layer", by_layer), ("key", by_key)):
-        result = run(job, run_id=name, stream=io.StringIO())
-        assert result.manifest["loss"] == pytest.approx(loss, rel=1e-12)
-        np.testing.assert_allclose(_diagonals(result)["gradient"], gradient, atol=1e-12 * np.abs(gradient).max())
+    result = run(by_key, run_id="key", stream=io.StringIO())
+    assert result.manifest["loss"] == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(_diagonals(result)["gradient"], gradient, atol=1e-12 * np.abs(gradient).max())
+    # Layer names pair the same columns with the same outputs: the same trial loss on the first rows.
+    assert make_plan(by_layer, cluster=CLUSTER).notes == make_plan(by_key, cluster=CLUSTER).notes
     wrong = _job(tmp_path, str(tmp_path / "heads.keras"), "mse", {**data, "labels": {"alpha": "ya", "beta": "yz"}},
                  {"gradient": {}})
     with pytest.raises(InputError, match=r"unknown beta; missing first \(key zeta\)"):
