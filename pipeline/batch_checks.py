@@ -7,6 +7,8 @@ compute where possible, and never retried as a compute failure. NumPy only.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from pipeline.errors import InputError
@@ -22,14 +24,18 @@ def deterministic(exc: BaseException) -> bool:
         or type(exc).__name__ in _DETERMINISTIC_TF_ERRORS
 
 
+def error_text(exc: BaseException, limit: int = 400) -> str:
+    """``Type: message`` of a model or loss error on one line, without TensorFlow's
+    ``{{function_node ...}}`` prefix and ``[Op:...]`` suffix, cut at ``limit`` characters."""
+    text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {text[:limit] + '...' if len(text) > limit else text}"
+
+
 def model_refused(exc: BaseException, batch, where: str) -> InputError:
     """The one-line input error for a model or loss that raised on a batch."""
     first, last = int(batch.rows[0]), int(batch.rows[-1])
-    text = " ".join(str(exc).split())
-    if len(text) > 400:
-        text = text[:400] + "..."
-    return InputError(f"the model or the loss failed on {where} (rows {first}-{last}): {type(exc).__name__}: "
-                      f"{text}: check data.features, data.labels and the loss against the model "
+    return InputError(f"the model or the loss failed on {where} (rows {first}-{last}): {error_text(exc)}: "
+                      "check data.features, data.labels and the loss against the model "
                       "(hessian-pipeline validate runs them on the first rows)")
 
 

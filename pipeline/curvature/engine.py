@@ -528,7 +528,7 @@ class CurvatureEngine:
         """Runs ``_sum_sq_vjp`` over rows in chunks that keep rows x P under the budget."""
         import tensorflow as tf
 
-        in_specs = [_tensor_spec(a, spec.shape, self.dtype) for a, spec in zip(raw_inputs, self.signature.inputs)]
+        in_specs = self._specs(raw_inputs, [])[0]
         loop = self.per_example_route == "loop"
         fn = self._compiled(("squares", moments, loop),
                             lambda a, u, w: self._sum_sq_vjp(a, u, w, moments, loop),

@@ -7,13 +7,12 @@ same problem in every shard). TensorFlow only.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from pipeline.batch_checks import deterministic
+from pipeline.batch_checks import deterministic, error_text
 from pipeline.curvature.engine import BatchWork, CurvatureEngine, batch_tensor
 from pipeline.errors import InputError
 
@@ -33,12 +32,6 @@ def _shapes(arrays) -> str:
     return ", ".join(str(tuple(np.shape(a))) for a in arrays)
 
 
-def _one_line(exc: BaseException) -> str:
-    # TensorFlow prefixes op errors with {{function_node ...}} and ends them with [Op:...].
-    text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", " ".join(str(exc).split()))
-    return f"{type(exc).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
-
-
 def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
 
@@ -54,7 +47,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
         specs = ", ".join(f"{s.name} {s.shape}" for s in signature.inputs)
         raise InputError(
             f"the model fails on the first {len(batch)} rows of data.features (columns {'; '.join(columns[0])}, "
-            f"shapes {_shapes(batch.inputs)}; model inputs {specs}): {_one_line(exc)}: fix data.features "
+            f"shapes {_shapes(batch.inputs)}; model inputs {specs}): {error_text(exc, 300)}: fix data.features "
             "or the model") from None
     losses = engine.adapter.keras_loss
     flags = engine.adapter.logit_outputs
@@ -67,7 +60,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
         except Exception as exc:  # noqa: BLE001
             raise InputError(
                 f"the loss {engine.loss.name} fails on output '{name}' (shape {tuple(output.shape)}) with labels "
-                f"from column '{columns[1][k]}' (shape {np.shape(label)}): {_one_line(exc)}: fix data.labels or "
+                f"from column '{columns[1][k]}' (shape {np.shape(label)}): {error_text(exc, 300)}: fix data.labels or "
                 "the loss") from None
         if tuple(values.shape) != (len(batch),):
             raise InputError(f"the loss {engine.loss.name} gives shape {tuple(values.shape)} for output '{name}', "
@@ -80,7 +73,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
     except Exception as exc:  # noqa: BLE001
         if not deterministic(exc) and not isinstance(exc, (tf.errors.OpError, LookupError, AttributeError)):
             raise
-        raise InputError(f"the loss or its derivatives fail on the first {len(batch)} rows: {_one_line(exc)}: "
+        raise InputError(f"the loss or its derivatives fail on the first {len(batch)} rows: {error_text(exc, 300)}: "
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
     return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],

@@ -7,8 +7,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+for folder in (os.path.dirname(HERE), HERE):  # tests/ (cases.py) and tests/zoo
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def pytest_terminal_summary(terminalreporter):

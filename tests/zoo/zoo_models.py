@@ -29,24 +29,13 @@ import numpy as np
 import tensorflow as tf
 
 import zoo_losses
+from cases import _Policy  # sets the global dtype policy while building, and restores it
 
 # (case name, precision) -> {quantity: max |engine - reference| / max |reference|}; printed by
 # conftest.py at the end of the run.
 MEASURED: dict = {}
 
 
-class policy:
-    """Sets the global Keras dtype policy while building, and always restores it."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.old = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.name)
-
-    def __exit__(self, *exc):
-        keras.config.set_dtype_policy(self.old)
 
 
 # ----------------------------------------------------------------------------- hand losses
@@ -177,11 +166,11 @@ def _pair(build, seed, post=None, twin=None, mixed=None):
     ``mixed``: build the engine's model under that mixed-precision policy.
     """
     keras.utils.set_random_seed(seed)
-    with policy(mixed or "float32"):
+    with _Policy(mixed or "float32"):
         model = build("float32")
     if post is not None:
         post(model)
-    with policy("float64"):
+    with _Policy("float64"):
         model64 = build("float64")
         model64.set_weights(model.get_weights())
         reference = model64
@@ -557,9 +546,9 @@ def build_subclassed():
 
 def case_subclassed():
     keras.utils.set_random_seed(16)
-    with policy("float32"):
+    with _Policy("float32"):
         model = build_subclassed()
-    with policy("float64"):
+    with _Policy("float64"):
         model64 = build_subclassed()
     model64.set_weights(model.get_weights())
     rng = np.random.default_rng(26)
