@@ -7,6 +7,7 @@ on stderr and exit 2, ``ComputeError`` -> exit 1; a traceback only with ``--debu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -226,6 +227,31 @@ def _import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def _own_stdout(out):
+    """Gives ``out`` (the process's stdout) a private copy of file descriptor 1 and points
+    descriptor 1 at /dev/null while the command runs: what Ray prints from its own threads and
+    processes (``(raylet) ...`` lines when a node dies) then never follows or replaces the
+    run directory, the last line of stdout. Restored afterwards."""
+    if out is not sys.stdout:
+        yield out
+        return
+    sys.stdout.flush()
+    private = os.fdopen(os.dup(1), "w", buffering=1)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    try:
+        yield private
+    finally:
+        private.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        private.close()
+
+
 def main(argv: list[str] | None = None, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -238,8 +264,10 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if args.command in ("run", "validate") and not args.debug:
         _import_tensorflow_quietly()
+    quiet = args.command == "run" and not args.debug
     try:
-        return HANDLERS[args.command](args, out, err)
+        with _own_stdout(out) if quiet else contextlib.nullcontext(out) as product_out:
+            return HANDLERS[args.command](args, product_out, err)
     except PipelineError as exc:
         if args.debug:
             traceback.print_exc(file=err)

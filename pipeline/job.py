@@ -57,6 +57,7 @@ __all__ = [
     "DataSpec",
     "JobSpec",
     "Key",
+    "LimitsSpec",
     "LossSpec",
     "ModelSpec",
     "job_keys",
@@ -101,6 +102,15 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class LimitsSpec:
+    """What a plan may cost before it is refused (extension, README "Cost and limits")."""
+
+    hours: float = 24.0  # estimated wall time of the run
+    memory_gib: float | str = "auto"  # per process (a worker, the driver); auto = what the machine has free
+    force: bool = False  # run even when an estimate is over a limit
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A whole job, validated, with every default filled in and every path resolved."""
 
@@ -115,6 +125,7 @@ class JobSpec:
     precision: str = "float32"
     seed: int = 0
     output: str = "results"  # absolute local path or URI
+    limits: LimitsSpec = LimitsSpec()
     job_path: str | None = None  # absolute path of the job file, None when built from a dict
 
     def to_dict(self) -> dict:
@@ -148,6 +159,8 @@ class JobSpec:
             "seed": self.seed,
             "quantities": {name: _plain(opts) for name, opts in self.quantities.items()},
             "output": self.output,
+            "limits": {"hours": self.limits.hours, "memory_gib": self.limits.memory_gib,
+                       "force": self.limits.force},
         }
 
 
@@ -385,9 +398,10 @@ _QUANTITY_HELP = {
 }
 
 _TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regularization",
-             "precision", "seed", "quantities", "output")
+             "precision", "seed", "quantities", "output", "limits")
 _MODEL_KEYS = ("builder", "weights")
 _DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit", "pad_value")
+_LIMITS_KEYS = ("hours", "memory_gib", "force")
 
 
 def _keys_table() -> dict[str, Key]:
@@ -422,6 +436,11 @@ def _keys_table() -> dict[str, Key]:
         for option, spec in options.items():
             keys[f"quantities.{quantity}.{option}"] = Key(spec.help, spec.default)
     keys["output"] = Key("root directory or URI of the published runs", "results")
+    keys["limits"] = Key("extension: what a plan may cost before it is refused")
+    keys["limits.hours"] = Key("refuse a run estimated to take longer (CPU workers)", 24.0)
+    keys["limits.memory_gib"] = Key("memory per process (worker, driver) in GiB; auto = the machine's free memory",
+                                    "auto")
+    keys["limits.force"] = Key("run even when an estimate is over a limit", False)
     return keys
 
 
@@ -723,6 +742,7 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
         precision=optional("precision", _choice("float32", "float64")),
         seed=optional("seed", _seed),
         output=optional("output", _path(base_dir, "a results directory")),
+        limits=_parse_limits(raw),
         job_path=job_path,
     )
 
@@ -845,6 +865,16 @@ def _parse_data(raw: dict, base_dir: str) -> DataSpec:
         limit=None if limit is None else _positive_int(1000)(limit, "data.limit"),
         pad_value=_pad_value(data.get("pad_value", DEFAULTS["data.pad_value"]), "data.pad_value"),
     )
+
+
+def _parse_limits(raw: dict) -> LimitsSpec:
+    limits = _mapping(raw.get("limits", {}) or {}, "limits", "{hours: 24, memory_gib: auto}")
+    _check_keys(limits, _LIMITS_KEYS, "limits")
+    memory = limits.get("memory_gib", DEFAULTS["limits.memory_gib"])
+    if memory != "auto":
+        memory = _positive_float(16)(memory, "limits.memory_gib")
+    return LimitsSpec(hours=_positive_float(24)(limits.get("hours", DEFAULTS["limits.hours"]), "limits.hours"),
+                      memory_gib=memory, force=_boolean(limits.get("force", DEFAULTS["limits.force"]), "limits.force"))
 
 
 def _pad_value(value: Any, key: str) -> int | float | str:

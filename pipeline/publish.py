@@ -87,6 +87,17 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def published(output_root: str, name: str, date: str, run_id: str) -> bool:
+    """Whether run ``run_id`` of job ``name`` is published under ``output_root`` (False when
+    that cannot be read)."""
+    try:
+        filesystem, fs_root = resolve_filesystem(_root(output_root))
+        path = f"{run_dir(fs_root, name, date, run_id)}/{MANIFEST}"
+        return filesystem.get_file_info(path).type == pafs.FileType.File
+    except (pa.ArrowException, OSError, InputError):
+        return False
+
+
 class RunPublisher:
     """Stage a run's tables, then publish them all at once with their manifest.
 
@@ -235,6 +246,15 @@ class RunPublisher:
             for entry in os.listdir(self._date_path):
                 if entry.startswith(prefix) and entry != own and len(entry) == len(own):
                     shutil.rmtree(f"{self._date_path}/{entry}", ignore_errors=True)
+
+    def published_elsewhere(self) -> bool:
+        """Whether this run id is published by another process (its manifest exists)."""
+        if self._published:
+            return False
+        try:
+            return self._exists(f"{self._final_path}/{MANIFEST}")
+        except InputError:
+            return False
 
     def abort(self) -> None:
         """Remove the staging directory, and the output folders this run made if they are still

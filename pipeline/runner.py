@@ -20,23 +20,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import __version__, cost, memory
 from pipeline.errors import ComputeError, InputError
 from pipeline.reduce import Reducer, finalize
 
 DIAGONAL_COLUMNS = ("hessian_diagonal", "hessian_diagonal_stderr", "ggn_diagonal", "ggn_diagonal_stderr",
                     "fisher_diagonal", "gradient")
 SUMMARY_QUANTITIES = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gradient")
-# An exact Hessian diagonal costs one HVP per parameter and batch: refused above this many
-# gradient-equivalents in total unless ``force: true`` (about a day on one CPU core for a
-# small model).
-EXACT_DIAGONAL_LIMIT = 5e7
 # Every worker must have loaded the model by then, or the run stops (exit 1) instead of
 # waiting for an actor that may never be scheduled.
 WORKER_START_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WORKER_START_SECONDS", "600"))
 # A shard that fails (an exception, or a worker lost after Ray's own restarts) is moved to
 # another worker this many times before the run stops (exit status 1).
 SHARD_RETRIES = 2
+# How often a pass waiting for results checks that the cluster can still run a worker: a run
+# whose nodes all died stops (exit 1) instead of waiting forever (PITFALLS.md).
+LIVENESS_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_LIVENESS_SECONDS", "10"))
 
 
 @dataclass
@@ -56,13 +55,19 @@ class Plan:
     hvp_vectors: np.ndarray | None = None
     hvp_random: bool = False
     notes: list[str] = field(default_factory=list)
+    cost: cost.Cost | None = None
+    workload: cost.Workload | None = None
 
     @property
     def parameters(self) -> int:
         return self.signature.parameters
 
+    @property
+    def batches(self) -> int:
+        return sum(-(-s.rows // self.job.data.batch_size) for s in self.data.shards)
+
     def describe(self) -> str:
-        batches = sum(-(-s.rows // self.job.data.batch_size) for s in self.data.shards)
+        batches = self.batches
         lines = [
             f"job          {self.job.name}",
             f"run          {self.run_id} ({self.date})",
@@ -77,6 +82,9 @@ class Plan:
             f"quantities   {', '.join(self.job.quantities)}",
             f"passes       {self.passes} over the data (estimated)",
         ]
+        if self.cost is not None:
+            table = self.cost.describe(self.workload)
+            lines += [f"{'cost' if i == 0 else '':<13}{line}" for i, line in enumerate(table)]
         lines += [f"note         {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -127,9 +135,10 @@ def inspect_model(job):
 
 
 def probe_data(job, engine, data):
-    """Runs the model and the loss on the first rows (``pipeline.curvature.probe``)."""
-    from pipeline.batch_checks import check_batch
-    from pipeline.curvature.probe import probe
+    """Runs the model and the loss on the first rows, then times one gradient on the first
+    batch (``pipeline.curvature.probe``). Returns ``(ProbeReport, Measurement)``."""
+    from pipeline.batch_checks import check_batch, deterministic, model_refused
+    from pipeline.curvature.probe import measure, probe
     from pipeline.data import first_rows, tensor_columns
 
     columns = tensor_columns(job.data, engine.signature)
@@ -138,29 +147,27 @@ def probe_data(job, engine, data):
     q = job.quantities
     vectorised = (q.get("hessian_diagonal") or {}).get("method") == "exact" or \
         (q.get("trace") or {}).get("method") == "exact" or "fisher_diagonal" in q or "ggn_diagonal" in q
-    return probe(engine, batch, columns, route=vectorised)
-
-
-def estimated_passes(job) -> int:
-    """Passes over the data: one for the per-example sums, plus the spectral algorithms'."""
-    from pipeline.spectrum import trace_passes
-
-    passes = 1
-    q = job.quantities
-    if "trace" in q:
-        passes += trace_passes(q["trace"]["method"], q["trace"]["probes"])
-    if "eigenvalues" in q:
-        passes += q["eigenvalues"]["iterations"] + 1
-    if "spectrum" in q:
-        passes += q["spectrum"]["steps"]
-    return passes
+    report = probe(engine, batch, columns, route=vectorised)
+    if job.data.batch_size > len(batch) and data.rows > len(batch):
+        batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)
+        check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns)
+    try:
+        measured = measure(engine, batch)
+    except Exception as exc:  # noqa: BLE001 - the same rows a worker would read first
+        if not deterministic(exc):
+            raise
+        raise model_refused(exc, batch, "the first batch") from None
+    return report, measured
 
 
 def make_plan(job, output: str | None = None, run_id: str | None = None, workers: int | None = None,
               cluster: dict | None = None, now: _dt.datetime | None = None, shards: int | None = None) -> Plan:
-    """Checks the job against the model and the data and decides shards and workers.
+    """Checks the job against the model and the data, decides shards and workers, and
+    estimates the cost (``pipeline.cost``): a plan over ``job.limits`` is an ``InputError``.
 
     ``shards`` overrides ``job.shards`` (a resumed run keeps the layout it started with).
+    ``cluster``: Ray's ``cluster_resources()``, plus ``node_memory`` (the smallest node's, in
+    bytes) and ``nodes`` when the workers run on other machines than the driver.
     """
     from pipeline.data import check_schema, plan_data
     from pipeline.tables import read_vectors
@@ -175,7 +182,7 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
         workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
     data = plan_data(job.data, shards or job.shards, workers)
     check_schema(data.schema, job.data, signature)
-    trial = probe_data(job, engine, data)
+    trial, measured = probe_data(job, engine, data)
     workers = max(1, min(int(workers), len(data.shards)))
     # An actor asking for a CPU (or GPU) the cluster does not have is never scheduled, silently
     # (PITFALLS.md): start only the workers the cluster can place.
@@ -188,7 +195,7 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
         workers = placed
     plan = Plan(job=job, data=data, signature=signature, workers=workers, gpus=gpus if gpus else 0,
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
-                model_sha256=model_fingerprint(job.model), passes=estimated_passes(job))
+                model_sha256=model_fingerprint(job.model), passes=1)
     plan.notes.extend(plan_notes)
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
     q = job.quantities
@@ -199,49 +206,59 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
         plan.notes.append("the Fisher/GGN per-example products run one example at a time (recurrent loops, or "
                           "einsum/attention in float32 on CPU, which vectorised crashes TensorFlow's oneDNN "
                           "kernels): slower")
-    hvp = job.quantities.get("hvp")
-    if hvp is not None and hvp.get("random"):
-        _check_vector_memory(hvp["random"], signature.parameters, "quantities.hvp.random", "random vectors")
-    diag = job.quantities.get("hessian_diagonal") or {}
-    if diag.get("method") == "hutchinson":
-        _check_vector_memory(diag["probes"], signature.parameters, "quantities.hessian_diagonal.probes",
-                             "Hutchinson probes")
-    if hvp is not None:
-        if hvp.get("vectors"):
-            plan.hvp_vectors = read_vectors(hvp["vectors"], signature.variables, signature.variable_shapes)
-        else:
-            from pipeline.probes import HVP_STREAM, rademacher
-
-            plan.hvp_vectors = rademacher(job.seed, range(hvp["random"]), signature.parameters, stream=HVP_STREAM)
-            plan.hvp_random = True
-    diag = job.quantities.get("hessian_diagonal")
-    exact_trace = job.quantities.get("trace", {}).get("method") == "exact"
-    if (diag and diag["method"] == "exact") or exact_trace:
-        batches = sum(-(-s.rows // job.data.batch_size) for s in data.shards)
-        cost = float(signature.parameters) * batches
+    diag = q.get("hessian_diagonal")
+    if (diag and diag["method"] == "exact") or (q.get("trace") or {}).get("method") == "exact":
         plan.notes.append(f"exact Hessian diagonal: {signature.parameters:,} Hessian-vector products per batch, "
-                          f"{cost:,.0f} in all")
-        if cost > EXACT_DIAGONAL_LIMIT and not (diag or {}).get("force"):
-            raise InputError(
-                f"an exact Hessian diagonal of {signature.parameters:,} parameters over {batches:,} batches needs "
-                f"{cost:,.0f} Hessian-vector products (days of compute): use hessian_diagonal: "
-                "{method: hutchinson}, or set quantities.hessian_diagonal.force=true")
+                          f"{float(signature.parameters) * plan.batches:,.0f} in all")
+    hvp = q.get("hvp")
+    if hvp is not None and hvp.get("vectors"):
+        plan.hvp_vectors = read_vectors(hvp["vectors"], signature.variables, signature.variable_shapes)
+    # Estimated and checked before anything of the quantities' size is built (random vectors).
+    quantities = dict(q)
+    if plan.hvp_vectors is not None:
+        quantities["hvp"] = {**hvp, "count": len(plan.hvp_vectors)}
+    plan.workload = _workload(plan, engine, trial)
+    plan.cost = cost.estimate(quantities, plan.workload, measured)
+    plan.passes = plan.cost.passes
+    cost.check(plan.cost, memory_budget(job.limits, cluster, workers), job.limits, workers, bool(gpus))
+    if hvp is not None and not hvp.get("vectors"):
+        from pipeline.probes import HVP_STREAM, rademacher
+
+        plan.hvp_vectors = rademacher(job.seed, range(hvp["random"]), signature.parameters, stream=HVP_STREAM)
+        plan.hvp_random = True
     return plan
 
 
-# K vectors of P float64 numbers are held in the driver, in every worker and in every partial
-# sum (K x P each): more than this is refused before anything is built.
-VECTOR_BYTES_LIMIT = 2 << 30
+def _workload(plan: Plan, engine, trial) -> cost.Workload:
+    outputs = sum(int(np.prod([d or 1 for d in spec.shape[1:]], dtype=np.int64)) for spec in plan.signature.outputs)
+    return cost.Workload(
+        parameters=plan.parameters, largest_variable=max(engine.sizes), outputs=max(1, outputs),
+        itemsize=8 if plan.job.precision == "float64" else 4, batch_size=plan.job.data.batch_size,
+        batches=plan.batches, rows=plan.data.rows, workers=plan.workers, worker_cpus=_worker_cpus(plan.workers),
+        gpus=plan.gpus > 0, route=trial.route, per_example_route=trial.per_example_route,
+        diagonal_block=engine.diagonal_block, vjp_budget=engine.vjp_budget)
 
 
-def _check_vector_memory(count: int, parameters: int, key: str, what: str) -> None:
-    """Refuses K x P float64 vectors over ``VECTOR_BYTES_LIMIT`` with the numbers and the way out."""
-    size = 8 * int(count) * int(parameters)
-    if size > VECTOR_BYTES_LIMIT:
-        fits = max(1, VECTOR_BYTES_LIMIT // (8 * int(parameters)))
-        raise InputError(
-            f"{key}: {count:,} {what} of {parameters:,} parameters take {size / 2**30:,.1f} GiB (float64) in the "
-            f"driver, in every worker and in every partial sum: use at most {fits:,} (2 GiB)")
+def _worker_cpus(workers: int) -> float:
+    """CPUs each local worker's TensorFlow gets (as ``WorkerPool`` shares them out)."""
+    return max(1.0, float((os.cpu_count() or 1) // max(1, workers)))
+
+
+def memory_budget(limits, cluster: dict, workers: int) -> cost.Budget:
+    """What the plan's memory may reach: ``limits.memory_gib`` per process; else the free memory
+    of this machine shared by the driver and every worker (a local run), or the smallest
+    node's memory shared by the workers Ray places on it (a cluster)."""
+    if limits.memory_gib != "auto":
+        size = limits.memory_gib * (1 << 30)
+        return cost.Budget(worker_bytes=size, driver_bytes=size,
+                           source=f"limits.memory_gib={limits.memory_gib:g} allows per process")
+    available = memory.available_bytes()
+    node = cluster.get("node_memory")
+    if not node:
+        return cost.Budget(machine_bytes=available, source="this machine has free")
+    per_node = -(-workers // max(1, int(cluster.get("nodes", 1))))
+    return cost.Budget(worker_bytes=node / per_node, driver_bytes=available,
+                       source=f"a node can give each of its {per_node} workers (or the driver's machine has free)")
 
 
 def batch_work(job, plan: Plan):
@@ -312,7 +329,7 @@ class Progress:
 class WorkerPool:
     """Ray actors that hold the model; ``map_shards`` is one pass over the data."""
 
-    def __init__(self, plan: Plan, log):
+    def __init__(self, plan: Plan, log, raylets: list[int] | None = None):
         import ray
 
         from pipeline.workers import remote_worker_class
@@ -325,10 +342,15 @@ class WorkerPool:
             free = ray.available_resources().get("CPU", 1.0)
             cpus = max(1.0, float(int(free // plan.workers))) if free >= plan.workers else 1.0
         threads = 0 if gpu else int(cpus)
+        self._need = ("GPU", 1.0) if gpu else ("CPU", cpus)
+        # The raylets of a local Ray this driver started: when one dies, Ray ends this process
+        # (exit 1, no message) about ten seconds later, so it is watched every second.
+        self._raylets = list(raylets or [])
+        self._nodes_checked = time.monotonic()
         actor = remote_worker_class(gpu, cpus if not gpu else 1.0)
         # Workers keep shards in memory only for the passes after the first (spectral
         # quantities): in a one-pass run the cache would grow with the data for nothing.
-        cache = 1 << 30 if plan.passes > 1 else 0
+        cache = cost.SHARD_CACHE_BYTES if plan.passes > 1 else 0
         self._start = lambda: actor.remote(plan.job, plan.data.uri, threads, gpu, cache)
         self.actors = [self._start() for _ in range(plan.workers)]
         try:
@@ -340,6 +362,8 @@ class WorkerPool:
                 f"lack the CPUs/GPUs they ask for, or be busy with other work): check `ray status`, or run "
                 f"with fewer --workers") from None
         self.names = [info["worker"] for info in infos]
+        # Replacements for lost workers until they have loaded the model: info ref -> (actor, started).
+        self._starting: dict = {}
         self.passes = 0
         self.resumed = 0  # shards of the main pass taken from staging
         # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
@@ -389,11 +413,16 @@ class WorkerPool:
         inflight = {}
         idle = []
 
-        def submit(actor):
-            shard = pending.popleft()
-            inflight[getattr(actor, method).remote(shard, argument_ref)] = (actor, shard)
+        durations: list[float] = []  # seconds of each shard of this pass, as the driver saw them
+        backed_up: set[int] = set()
+
+        def submit(actor, shard=None):
+            shard = shard or pending.popleft()
+            inflight[getattr(actor, method).remote(shard, argument_ref)] = (actor, shard, time.monotonic())
 
         def retry(shard, cause: str, lost_worker: bool):
+            if shard.index in finished or any(s.index == shard.index for _, s, _ in inflight.values()):
+                return  # its backup copy has finished it, or is computing it
             attempts[shard.index] = attempts.get(shard.index, 0) + 1
             if attempts[shard.index] > SHARD_RETRIES or not self.actors:
                 what = "lost its worker" if lost_worker else "failed"
@@ -404,66 +433,156 @@ class WorkerPool:
                            f"({attempts[shard.index]} of {SHARD_RETRIES})\n")
             pending.appendleft(shard)
 
-        for actor in list(self.actors):
+        starting = {actor for actor, _ in self._starting.values()}
+        for actor in self.actors:
+            if actor in starting:
+                continue  # joins once it has loaded the model
             if pending:
                 submit(actor)
             else:
                 idle.append(actor)
-        while inflight:
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            actor, shard = inflight.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, (InputError, ComputeError)):
-                    # Bad data or a deterministic failure: trying again cannot help.
-                    raise type(cause)(" ".join(str(cause).split())) from None
-                retry(shard, _cause(err), lost_worker=False)
-            except ray.exceptions.RayError as err:
-                # RayActorError, ObjectLostError, ...: the worker process (or its node) is gone
-                # and Ray's own restarts are spent. Drop it, start a fresh one, move the shard.
-                if actor in self.actors:
-                    self.actors.remove(actor)
-                    try:
-                        ray.kill(actor, no_restart=True)
-                    except Exception:  # noqa: BLE001 - it is already dead
-                        pass
-                    if self.replacements_left > 0:
-                        self.replacements_left -= 1
-                        self.actors.append(self._start())
-                        idle.append(self.actors[-1])
-                retry(shard, f"its worker died ({type(err).__name__})", lost_worker=True)
-                actor = None
+        while len(finished) < len(shards) and (inflight or (pending and self._starting)):
+            waiting = list(inflight) + list(self._starting)
+            done, _ = ray.wait(waiting, num_returns=1, timeout=1.0 if self._raylets else LIVENESS_SECONDS)
+            if not done or self._raylets:
+                self._check_live(bool(inflight), len(finished), len(shards))
+            if not done:
+                if idle and not pending and durations:
+                    self._back_up(inflight, idle, durations, backed_up, finished, submit)
+                continue
+            if done[0] in self._starting:
+                # A replacement worker has loaded the model (or failed to): only then does it
+                # get shards, so a worker no node can host never holds one.
+                actor, _ = self._starting.pop(done[0])
+                try:
+                    ray.get(done[0])
+                    idle.append(actor)
+                except ray.exceptions.RayError:
+                    self._drop(actor)
             else:
-                if result.index != shard.index:
-                    raise ComputeError(f"shard {shard.index} came back as shard {result.index}: "
-                                       f"{self._resume_hint()}")
-                if shard.index not in finished:  # never add a shard twice
-                    finished.add(shard.index)
-                    if store is not None:
-                        store.save(shard, result.partial)
-                        staged_now += 1
-                        if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
-                            faults.die(f"kill-driver after {staged_now} shards")
-                    reducer.add(result.partial)
-                    progress.update(shard.rows, len(shards))
-                    if result.worker not in self.names:
-                        self.names.append(result.worker)
-            if actor is not None:
-                idle.append(actor)
+                actor, shard, submitted = inflight.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, (InputError, ComputeError)):
+                        # Bad data or a deterministic failure: trying again cannot help.
+                        raise type(cause)(" ".join(str(cause).split())) from None
+                    retry(shard, _cause(err), lost_worker=False)
+                    idle.append(actor)
+                except ray.exceptions.RayError as err:
+                    # RayActorError, ObjectLostError, ...: the worker process (or its node) is
+                    # gone and Ray's own restarts are spent. Drop it, start a fresh one, move
+                    # the shard to a worker that is up.
+                    self._drop(actor)
+                    retry(shard, f"its worker died ({type(err).__name__})", lost_worker=True)
+                else:
+                    if result.index != shard.index:
+                        raise ComputeError(f"shard {shard.index} came back as shard {result.index}: "
+                                           f"{self._resume_hint()}")
+                    durations.append(time.monotonic() - submitted)
+                    if shard.index not in finished:  # never add a shard twice
+                        finished.add(shard.index)
+                        if store is not None:
+                            store.save(shard, result.partial)
+                            staged_now += 1
+                            if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
+                                faults.die(f"kill-driver after {staged_now} shards")
+                        reducer.add(result.partial)
+                        progress.update(shard.rows, len(shards))
+                        if result.worker not in self.names:
+                            self.names.append(result.worker)
+                    idle.append(actor)
             while pending and idle:
                 submit(idle.pop(0))
+            if idle and not pending and durations:
+                self._back_up(inflight, idle, durations, backed_up, finished, submit)
         if len(finished) != len(shards):
             missing = sorted({s.index for s in shards} - finished)
             raise ComputeError(f"shards {missing[:10]} were never computed (no worker left): {self._resume_hint()}")
         self.passes += 1
         return reducer
 
-    def call_one(self, method: str, argument):
+    def _back_up(self, inflight: dict, idle: list, durations: list, backed_up: set, finished: set, submit) -> None:
+        """Computes a shard again on a free worker when its own has held it for more than twice
+        the slowest shard of the pass (plus ``LIVENESS_SECONDS``): a worker whose node was lost
+        waits for a restart that Ray may never place. The first copy to finish counts."""
+        now = time.monotonic()
+        late = 2 * max(durations) + LIVENESS_SECONDS
+        for _, shard, submitted in list(inflight.values()):
+            if not idle:
+                return
+            if shard.index in backed_up or shard.index in finished or now - submitted <= late:
+                continue
+            backed_up.add(shard.index)
+            self.log.write(f"shard {shard.index} ({self._rows(shard)}): no result after {now - submitted:.0f} s (its "
+                           f"worker may be waiting for a restart); computing it again on a free worker\n")
+            submit(idle.pop(0), shard)
+
+    def _drop(self, actor) -> None:
+        """Forgets a lost worker and starts a replacement (``replacements_left`` in all)."""
         import ray
 
-        return ray.get(getattr(self.actors[0], method).remote(argument))
+        if actor not in self.actors:
+            return
+        self.actors.remove(actor)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - it is already dead
+            pass
+        if self.replacements_left > 0:
+            self.replacements_left -= 1
+            fresh = self._start()
+            self.actors.append(fresh)
+            self._starting[fresh.info.remote()] = (fresh, time.monotonic())
+
+    def _check_live(self, busy: bool, finished: int, total: int) -> None:
+        """Raises ``ComputeError`` when no live node can run a worker any more, or when nothing
+        is being computed and the replacement workers did not start within ``WORKER_START_SECONDS``."""
+        import ray
+
+        kind, amount = self._need
+        done = f"; {finished} of {total} shards are finished and kept" if total else ""
+        if self._raylets and not all(_running(pid) for pid in self._raylets):
+            raise ComputeError(f"the local Ray node died mid-pass (its raylet process ended: killed, or out of "
+                               f"memory){done}: {self._resume_hint()}")
+        if time.monotonic() - self._nodes_checked < LIVENESS_SECONDS:
+            return
+        self._nodes_checked = time.monotonic()
+        try:
+            nodes = ray.nodes()
+        except Exception:  # noqa: BLE001 - the cluster itself is unreachable: that is the answer too
+            nodes = []
+        if not any(node.get("Alive") and node.get("Resources", {}).get(kind, 0) >= amount for node in nodes):
+            raise ComputeError(
+                f"no live Ray node can run a worker (each needs {amount:g} {kind}): the cluster's nodes died or "
+                f"left mid-pass{done}: check `ray status`, then {self._resume_hint()}")
+        now = time.monotonic()
+        if not busy and self._starting and all(now - t > WORKER_START_SECONDS for _, t in self._starting.values()):
+            raise ComputeError(
+                f"the workers started to replace lost ones did not start within {WORKER_START_SECONDS:.0f} s (the "
+                f"cluster lacks the {kind}s they ask for, or is busy){done}: check `ray status`, then "
+                f"{self._resume_hint()}")
+
+    def peak_memory(self) -> list[int]:
+        """Each live worker's peak resident memory so far, in bytes (for the manifest)."""
+        import ray
+
+        try:
+            return [int(b) for b in ray.get([a.probe_memory.remote() for a in self.actors], timeout=60)]
+        except ray.exceptions.RayError:
+            return []  # a worker lost at the very end: the result stands, the figure is left out
+
+    def call_one(self, method: str, argument):
+        """One call on one worker (the regularization term), with the passes' liveness checks."""
+        import ray
+
+        starting = {actor for actor, _ in self._starting.values()}
+        ready = [actor for actor in self.actors if actor not in starting] or self.actors
+        ref = getattr(ready[0], method).remote(argument)
+        while not ray.wait([ref], timeout=LIVENESS_SECONDS)[0]:
+            self._check_live(True, 0, 0)
+        return ray.get(ref)
 
     def close(self):
         import ray
@@ -473,6 +592,35 @@ class WorkerPool:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - closing after a failure: some may be gone
                 pass
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` is alive (a zombie, ended but not yet reaped, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            stat = handle.read()
+        return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def local_raylets() -> list[int]:
+    """Process ids of the raylets this process started (a local Ray); [] off Linux."""
+    found = []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                stat = handle.read()
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            if name == "raylet" and int(rest[1]) == os.getpid():
+                found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def _cause(err) -> str:
@@ -564,7 +712,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     run, it resumes: the shards staged by ``pipeline.staging`` are not computed again, and
     the run keeps its original start date (docs/failures.md). ``quiet``: Ray logs errors only.
     """
-    from pipeline.publish import RunPublisher
+    from pipeline.publish import RunPublisher, published
 
     stream = stream or sys.stderr
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -583,7 +731,13 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         # An interrupted run with this id keeps its start (and so its date) and its layout.
         store = PartialStore(output or job.output, job.name, run_id)
         now = store.started() or now
-    publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id, now.strftime("%Y-%m-%d"))
+    try:
+        publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id,
+                                                      now.strftime("%Y-%m-%d"))
+    except InputError:
+        if store is not None and published(output or job.output, job.name, now.strftime("%Y-%m-%d"), run_id):
+            store.remove()  # leftovers of a driver that lost a race for this run id
+        raise
     owns_ray = _connect(address, quiet)
     import ray
 
@@ -596,9 +750,10 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             store.open(plan, now)
             stream.write(plan.describe() + "\n")
             try:
-                pool = WorkerPool(plan, stream)
+                pool = WorkerPool(plan, stream, raylets=local_raylets() if owns_ray else None)
                 try:
                     results, passes, extra = _compute(plan, pool, stream, store)
+                    extra["worker_peak_bytes"] = pool.peak_memory()
                 finally:
                     pool.close()
             except InputError:
@@ -622,10 +777,18 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     except BaseException:
         if publisher is not None:
             publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
+            _drop_if_published(store, publisher)
         raise
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _drop_if_published(store, publisher) -> None:
+    """Removes the staged partials of a run id that another driver has published meanwhile
+    (two drivers started with one --run-id: the loser's shards can never be used)."""
+    if store is not None and publisher.published_elsewhere():
+        store.remove()
 
 
 def _compute(plan: Plan, pool: WorkerPool, stream, store=None):
@@ -707,6 +870,10 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "model": {"path": job.model.path or job.model.builder, "weights": job.model.weights,
                   "sha256": plan.model_sha256},
         "data": {"files": list(plan.data.files), "rows": plan.data.rows, "fingerprint": plan.data.fingerprint},
+        # The plan's estimate beside what the run measured, so that a wrong estimate shows.
+        "estimate": plan.cost.as_dict() if plan.cost is not None else None,
+        "memory": {"worker_peak_bytes": list(extra.get("worker_peak_bytes", [])),
+                   "driver_peak_bytes": memory.peak_bytes()},
     }
 
 

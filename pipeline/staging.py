@@ -40,9 +40,9 @@ from pipeline.errors import ComputeError, InputError
 from pipeline.partial import Partial
 
 STATE = "state.json"
-# Job keys that do not change a shard's partial sums: where results go and how many actors
-# compute them (the shard layout is compared on its own).
-_IRRELEVANT_KEYS = ("output", "workers", "shards")
+# Job keys that do not change a shard's partial sums: where results go, how many actors
+# compute them and what the plan may cost (the shard layout is compared on its own).
+_IRRELEVANT_KEYS = ("output", "workers", "shards", "limits")
 
 
 def _first_line(err: BaseException) -> str:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from pipeline.errors import InputError
+from pipeline.errors import ComputeError, InputError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RUN_DIR_LINE = re.compile(r"^\s*(\S.*/date=\d{4}-\d{2}-\d{2}/run=[A-Za-z0-9._-]+)\s*$")
@@ -291,6 +291,10 @@ def _status_text(client, submission_id: str) -> str:
         return ""
 
 
+# How long ``follow`` keeps trying a head it cannot reach before it gives up (exit 1).
+HEAD_LOST_SECONDS = 120.0
+
+
 def follow(client, submission_id: str, stream, poll_s: float = 1.0) -> tuple[object, str]:
     """Streams the job's logs to ``stream`` until it ends; returns its info and the end of its logs."""
     tail = []
@@ -310,9 +314,19 @@ def follow(client, submission_id: str, stream, poll_s: float = 1.0) -> tuple[obj
         asyncio.run(stream_logs())
     except Exception as err:  # noqa: BLE001 - the logs are a courtesy; the status decides
         stream.write(f"(log stream ended: {_first_line(err)}; waiting for the job's status)\n")
+    reached = time.monotonic()
     while True:
-        info = client.get_job_info(submission_id)
-        if str(info.status) in TERMINAL:
+        try:
+            info = client.get_job_info(submission_id)
+            reached = time.monotonic()
+        except Exception as err:  # noqa: BLE001 - the head may be restarting: give it a while
+            if time.monotonic() - reached > HEAD_LOST_SECONDS:
+                raise ComputeError(
+                    f"lost contact with the cluster for {HEAD_LOST_SECONDS:.0f} s while job {submission_id} was "
+                    f"running ({_first_line(err)}): check `ray job status {submission_id}` once the head is back; "
+                    "the run resumes with the same command") from None
+            info = None
+        if info is not None and str(info.status) in TERMINAL:
             break
         time.sleep(poll_s)
     text = "".join(tail)

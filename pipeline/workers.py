@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import memory
 from pipeline.batch_checks import check_batch, deterministic, model_refused
 from pipeline.data import read_shard, tensor_columns
 from pipeline.errors import InputError
@@ -145,10 +146,8 @@ class ShardWorker:
         return self.engine.regularization_partial(work)
 
     def probe_memory(self) -> int:
-        """Peak resident memory of this worker process, in bytes (for benchmarks)."""
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        """Peak resident memory of this worker process, in bytes (the manifest's ``memory``)."""
+        return memory.peak_bytes()
 
 
 def _finite(part: Partial) -> bool:

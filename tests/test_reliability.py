@@ -357,54 +357,144 @@ def test_two_runs_at_once_under_one_output_root(ray_local, files, fault, tmp_pat
     assert sorted(os.listdir(os.path.dirname(mine.run_dir))) == ["run=a", "run=b"]
 
 
+def test_a_driver_that_loses_the_race_for_a_run_id_leaves_nothing(ray_local, files, tmp_path):
+    """Two drivers with one --run-id: the slow one finds the run published when it is done;
+    it ends with exit 2 and removes its staged shards (no orphan .partials/run=ID/)."""
+    root, expected = files
+    output = tmp_path / "out"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=3, workers=1, output=str(output))))
+    slow = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "same"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1.5"})
+    try:
+        deadline = time.time() + 120
+        while not (output / "test-job" / ".partials" / "run=same" / "state.json").exists():
+            assert slow.poll() is None and time.time() < deadline, slow.communicate()
+            time.sleep(0.2)
+        mine = run(load_job(str(job_file)), run_id="same")
+        stdout, stderr = slow.communicate(timeout=300)
+    finally:
+        slow.kill()
+    _assert_matches(mine.run_dir, expected)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert slow.returncode == 2 and len(errors) == 1 and "already published" in errors[0], stderr
+    assert not stdout.strip()
+    assert not (output / "test-job" / ".partials").exists()
+    assert sorted(os.listdir(os.path.dirname(mine.run_dir))) == ["run=same"]
+
+
+def test_run_stays_within_the_memory_its_plan_printed(tmp_path):
+    """The plan's per-process estimate against the peaks the run measured (manifest), under a
+    memory cap: Hutchinson probes make the K x P arrays the largest part of every process."""
+    example = os.path.join(os.path.dirname(__file__), "..", "jobs", "example.yaml")
+    probes = ["--set", "quantities={hessian_diagonal: {method: hutchinson, probes: 3000}}",
+              "--set", "data.limit=512", "--set", "shards=2", "--output", str(tmp_path / "out")]
+    # (A plan over the cap is refused: tests/test_cost.py and test_bad_input.py.)
+    done = _cli(example, *probes, "--set", "limits.memory_gib=3")
+    assert done.returncode == 0, done.stderr
+    assert "whole run" in done.stderr  # the plan printed its cost table
+    manifest = json.load(open(os.path.join(done.stdout.strip().splitlines()[-1], "manifest.json")))
+    estimate, measured = manifest["estimate"], manifest["memory"]
+    peaks = measured["worker_peak_bytes"] + [measured["driver_peak_bytes"]]
+    planned = [estimate["worker_bytes"]] * len(measured["worker_peak_bytes"]) + [estimate["driver_bytes"]]
+    print("\npeak / planned (workers, driver): " + ", ".join(f"{p / q:.2f}" for p, q in zip(peaks, planned)))
+    assert len(measured["worker_peak_bytes"]) == manifest["workers"] >= 1
+    for peak, plan in zip(peaks, planned):
+        assert peak <= 1.5 * plan and peak <= 3 * 2**30
+        assert peak >= plan / 3  # an estimate that tracks the run, not a number too big to matter
+
+
 # ------------------------------------------------------------------------- a lost node (last: own Ray)
-def test_node_lost_mid_run_completes(files, fault, tmp_path):
+def test_node_lost_mid_run_completes_and_no_node_left_ends_the_run(files, fault, tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
+
+    from pipeline import runner
 
     root, expected = files
     if ray.is_initialized():
         ray.shutdown()
     fault("delay:seconds=0.7")
-    # Notice a lost node within about two seconds (Ray's default is tens of seconds).
+    monkeypatch.setattr(runner, "LIVENESS_SECONDS", 2.0)
+    # Notice a lost node within about two seconds (Ray's default is tens of seconds). The head
+    # has no CPU: workers run only on the two nodes that are removed.
     fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 2}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "_system_config": fast})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     output = tmp_path / "out"
     removed = []
 
-    def remove_a_busy_node():
+    def remove_busy_nodes(run_id, count):
         deadline = time.time() + 120
-        while time.time() < deadline:
-            if _partials(str(output), "lost"):
+        while time.time() < deadline and len(removed) < count:
+            if _partials(str(output), run_id):
                 busy = {node for _, _, node in fault.computed()}
                 for node in nodes:
-                    if node.node_id in busy:
+                    if node.node_id in busy and node.node_id not in removed:
                         cluster.remove_node(node, allow_graceful=False)
                         removed.append(node.node_id)
-                        return
+                        break
             time.sleep(0.1)
 
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
-        watcher = threading.Thread(target=remove_a_busy_node, daemon=True)
+        watcher = threading.Thread(target=remove_busy_nodes, args=("lost", 1), daemon=True)
         watcher.start()
         spec = load_job(jobs.job(root, QUANTITIES, shards=10, workers=2, output=str(output)))
         result = run(spec, run_id="lost")
         watcher.join(timeout=5)
+        assert removed, "no node was removed during the run"
+        _assert_matches(result.run_dir, expected)
+        started = fault.computed()
+        again = [s for i, (s, _, node) in enumerate(started) if node == removed[0]
+                 and any(s == t for t, _, other in started[i + 1:] if other != removed[0])]
+        print(f"\nnode {removed[0][:8]} removed mid-run; 10 shards started {len(started)} times; "
+              f"shards moved off the lost node: {again}")
+        # Now the last node that can run a worker dies mid-pass: the run stops with a message
+        # (it waited forever for a replacement worker that no node could host).
+        watcher = threading.Thread(target=remove_busy_nodes, args=("orphaned", 2), daemon=True)
+        watcher.start()
+        began = time.time()
+        with pytest.raises(ComputeError, match=r"no live Ray node can run a worker .* --run-id orphaned to resume"):
+            run(spec, run_id="orphaned", stream=open(os.devnull, "w"))
+        assert len(removed) == 2 and time.time() - began < 120
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert removed, "no node was removed during the run"
-    _assert_matches(result.run_dir, expected)
-    started = fault.computed()
-    again = [s for i, (s, _, node) in enumerate(started) if node == removed[0]
-             and any(s == t for t, _, other in started[i + 1:] if other != removed[0])]
-    print(f"\nnode {removed[0][:8]} removed mid-run; 10 shards started {len(started)} times; "
-          f"shards moved off the lost node: {again}")
+
+
+def test_local_node_killed_mid_run_ends_with_one_line(files, fault, tmp_path):
+    """The only node's raylet is killed (as the OOM killer would): exit 1 within seconds, one
+    error line that says how to resume, nothing on stdout; the finished shards are kept."""
+    root, _ = files
+    output = tmp_path / "out"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(jobs.job(root, {"gradient": {}}, shards=6, workers=1, output=str(output))))
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "dying"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1",
+                                   "HESSIAN_PIPELINE_FAULT_DIR": str(fault.folder)})
+    try:
+        deadline = time.time() + 120
+        while not _partials(str(output), "dying"):
+            assert driver.poll() is None and time.time() < deadline, driver.communicate()
+            time.sleep(0.2)
+        raylets = subprocess.run(["pgrep", "-x", "raylet", "-P", str(driver.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(raylets) == 1
+        os.kill(int(raylets[0]), 9)
+        stdout, stderr = driver.communicate(timeout=90)
+    finally:
+        driver.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert driver.returncode == 1 and len(errors) == 1, stderr
+    assert "the local Ray node died mid-pass" in errors[0] and "--run-id dying to resume" in errors[0]
+    assert stdout == "" and "Traceback" not in stderr
+    assert _partials(str(output), "dying")
 
 
 # ------------------------------------------------------------------ never wait forever

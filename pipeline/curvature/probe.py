@@ -2,17 +2,21 @@
 
 Every shape, rank, dtype and loss-signature problem then surfaces as one ``InputError`` that
 names the column, the output and the fix, before any worker starts (a worker would find the
-same problem in every shard). TensorFlow only.
+same problem in every shard). ``measure`` then times one gradient on the first batch, which
+the plan's cost estimates (``pipeline.cost``) scale. TensorFlow only.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
+from pipeline import memory
 from pipeline.batch_checks import deterministic, error_text
+from pipeline.cost import Measurement
 from pipeline.curvature.engine import BatchWork, CurvatureEngine, batch_tensor
 from pipeline.errors import InputError
 
@@ -78,3 +82,31 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
     return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
                        per_example_route=routes[1])
+
+
+def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:
+    """Times one loss-and-gradient on ``batch`` (after tracing) and the growth of resident
+    memory while it runs (``pipeline.memory``; 0 where the peak cannot be reset).
+
+    Cost: ``repeats + 1`` gradients on the batch. The fastest repeat is kept: the first calls
+    also pay for TensorFlow's one-time set-up.
+    """
+    work = BatchWork(gradient=True)
+
+    def step():
+        engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
+
+    step()  # traces for this batch size
+    best, grown = float("inf"), 0
+    for _ in range(max(1, repeats)):
+        reset = memory.reset_peak()
+        before = memory.resident_bytes()
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+        if reset:
+            grown = max(grown, memory.peak_bytes() - before)
+    arrays = list(batch.inputs) + list(batch.labels) + ([] if batch.weights is None else [batch.weights])
+    row_bytes = sum(np.asarray(a).nbytes for a in arrays) // max(1, len(batch))
+    return Measurement(rows=len(batch), gradient_seconds=best, activation_bytes=int(grown),
+                       process_bytes=memory.resident_bytes(), row_bytes=int(row_bytes))

@@ -1,0 +1,344 @@
+"""What a job will cost before it runs: passes over the data, time, and peak memory per worker
+and in the driver, per quantity; and the refusal of a plan that is over its limits.
+
+Plain arithmetic (no TensorFlow, Ray or PyArrow). The plan hands in the model's sizes, the
+data's layout and one measurement made in the driver (``Measurement``: one loss-and-gradient
+on one batch of the dataset, timed, and the growth of resident memory while it ran). Time is
+counted in *gradient equivalents* (that measured gradient) times factors measured with
+``benchmarks/`` on this project's CPUs; memory is counted array by array from the code paths
+the engine, the workers and the driver take. These are estimates for planning and refusing,
+good to a small factor, not promises: the manifest records the estimate beside the measured
+peaks and seconds (``estimate``, ``memory``), so a wrong one shows.
+
+Example::
+
+    >>> m = Measurement(rows=64, gradient_seconds=0.01, activation_bytes=1 << 20,
+    ...                 process_bytes=600 << 20, row_bytes=520)
+    >>> w = Workload(parameters=2410, largest_variable=2048, outputs=10, itemsize=4, batch_size=64,
+    ...              batches=30, rows=1900, workers=2, worker_cpus=1)
+    >>> c = estimate({"gradient": {}, "eigenvalues": {"top": 3, "iterations": 20}}, w, m)
+    >>> c.passes, [q.name for q in c.quantities]
+    (22, ['gradient', 'eigenvalues'])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from pipeline.errors import InputError
+from pipeline.memory import gib
+from pipeline.spectrum.lanczos import default_block
+from pipeline.spectrum.trace import MAX_BLOCK, trace_passes
+
+# One more Hessian-vector product on a batch whose forward pass and gradient are already on the
+# tape: one backward pass through the gradient computation (an HVP alone measured 1.9x (MLP) to
+# 3x (CNN) a gradient on CPU, i.e. 1 + about 1.5).
+HVP_GRADIENTS = 1.5
+# The exact diagonal's vectorised (pfor) Jacobian blocks against one HVP per parameter
+# (benchmarks/diagonal_bench.py: 6x on an MLP, 13-15x on a CNN; the smaller is used).
+DIAGONAL_VECTORISATION = 6.0
+# One vectorised chunk of per-example products (Fisher, GGN), in gradients of the whole batch
+# (the empirical Fisher measured 5.5 gradients on a CNN in one chunk).
+PER_EXAMPLE_CHUNK = 4.0
+# One example's gradient when per-example products run one example at a time (tf.map_fn).
+PER_EXAMPLE_LOOP = 0.25
+# Ray start, every worker's TensorFlow import, model load and tracing, and publishing.
+STARTUP_SECONDS = 15.0
+# A Ray worker process beyond what the driver measured for TensorFlow and the model.
+WORKER_OVERHEAD_BYTES = 250 << 20
+# Bytes per entry of a published long table (variable string, index, value, ...) while built.
+TABLE_ENTRY_BYTES = 48
+# Float64 copies of the K x P vectors a worker holds at once for Hessian-vector products (the
+# shared vectors, the products as computed and converted, the shard's total; the compute-dtype
+# copy is counted apart), and the driver (the vectors, their copy in Ray's object store, each
+# arriving partial, the running sum, staging's serialised copy, the finalised mean and its
+# standard error). Measured with the bundled example at K = 4,000.
+WORKER_VECTOR_COPIES = 3
+DRIVER_VECTOR_COPIES = 8
+# An exact Hessian diagonal costs one HVP per parameter and batch: refused above this many in
+# total unless ``hessian_diagonal.force`` (about a day on one CPU core for a small model).
+EXACT_DIAGONAL_LIMIT = 5e7
+# Workers keep their shards in memory between passes up to this size (``workers.ShardWorker``).
+SHARD_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the plan measured in the driver on the first batch of the dataset."""
+
+    rows: int  # rows of the measured batch
+    gradient_seconds: float  # one loss-and-gradient on it, after tracing
+    activation_bytes: int  # growth of resident memory while it ran (0 where it cannot be measured)
+    process_bytes: int  # resident memory of the driver with TensorFlow and the model loaded
+    row_bytes: int  # decoded bytes of one row (features, labels, weights)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The sizes a cost depends on."""
+
+    parameters: int
+    largest_variable: int
+    outputs: int  # model output values per example (C)
+    itemsize: int  # bytes of one number in the compute dtype
+    batch_size: int
+    batches: int  # batches in the whole dataset
+    rows: int
+    workers: int
+    worker_cpus: float = 1.0  # CPUs each worker's TensorFlow uses (0 for GPU workers)
+    gpus: bool = False
+    route: str | None = None  # exact diagonal: "vectorised" | "loop"
+    per_example_route: str | None = None  # Fisher/GGN products: "vectorised" | "loop"
+    diagonal_block: int = 512  # CurvatureEngine.diagonal_block
+    vjp_budget: int = 1 << 24  # CurvatureEngine.vjp_budget
+
+
+@dataclass
+class QuantityCost:
+    """One quantity's share: gradient equivalents per batch in the main pass, extra passes
+    (each ``vectors`` Hessian-vector products per batch), and memory beyond the base process."""
+
+    name: str
+    main: float = 0.0
+    passes: int = 0
+    vectors: int = 0
+    worker_bytes: float = 0.0
+    driver_bytes: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Cost:
+    passes: int
+    seconds: float
+    worker_bytes: int
+    driver_bytes: int
+    quantities: list[QuantityCost] = field(default_factory=list)
+    measured: Measurement | None = None
+
+    def as_dict(self) -> dict:
+        """For the manifest: the estimate a run can be checked against."""
+        return {"passes": self.passes, "seconds": round(self.seconds, 1), "worker_bytes": self.worker_bytes,
+                "driver_bytes": self.driver_bytes,
+                "gradient_seconds": None if self.measured is None else self.measured.gradient_seconds}
+
+    def describe(self, workload: Workload) -> list[str]:
+        """The plan's cost table: one line per quantity, then the whole run."""
+        rows = [("quantity", "passes", "time", "worker", "driver")]
+        for q in self.quantities:
+            rows.append((q.name, str(q.passes) if q.passes else "main", _duration(q.seconds),
+                         "+" + gib(q.worker_bytes), "+" + gib(q.driver_bytes)))
+        rows.append(("whole run", str(self.passes), _duration(self.seconds), gib(self.worker_bytes),
+                     gib(self.driver_bytes)))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        m = self.measured
+        where = "GPU workers will be faster" if workload.gpus else f"{workload.workers} workers"
+        if m is not None:
+            lines.append(f"(estimates from one gradient on {m.rows} rows measured in the driver: "
+                         f"{m.gradient_seconds * 1e3:,.1f} ms; {where}; time includes "
+                         f"{STARTUP_SECONDS:.0f} s of start-up)")
+        return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:,.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:,.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 86400:,.1f} days"
+
+
+# ------------------------------------------------------------------------------ per quantity
+def _vectors(w: Workload, count: int) -> float:
+    """A worker's memory for ``count`` vectors of Hessian-vector products."""
+    return count * w.parameters * (8 * WORKER_VECTOR_COPIES + w.itemsize)
+
+
+def _per_example(w: Workload, m: Measurement, products: int) -> tuple[float, float]:
+    """(gradient equivalents, worker bytes) of ``products`` per-example products per example."""
+    rows_per_chunk = max(1, w.vjp_budget // max(1, w.parameters))
+    if w.per_example_route == "loop":
+        main = products * w.batch_size * PER_EXAMPLE_LOOP
+    else:
+        main = products * PER_EXAMPLE_CHUNK * math.ceil(w.batch_size / rows_per_chunk)
+    held = 3 * min(w.vjp_budget, w.batch_size * w.parameters) * w.itemsize + 2 * m.activation_bytes
+    return 1.0 + main, held + 3 * 8 * w.parameters
+
+
+def _diagonal_driver(w: Workload) -> float:
+    """A diagonal quantity in the driver: sums, the reduced total, and its rows in the tables."""
+    return 4 * 8 * w.parameters + 2 * TABLE_ENTRY_BYTES * w.parameters
+
+
+def _gradient(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    return QuantityCost("gradient", worker_bytes=3 * 8 * w.parameters, driver_bytes=_diagonal_driver(w))
+
+
+def _fisher(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    main, held = _per_example(w, m, 1)
+    return QuantityCost("fisher_diagonal", main=main, worker_bytes=held, driver_bytes=_diagonal_driver(w))
+
+
+def _ggn(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    products = w.outputs if options.get("method") == "exact" else int(options.get("samples", 1))
+    main, held = _per_example(w, m, products)
+    held += 8 * w.batch_size * w.outputs * (w.outputs + 2)  # output derivatives and their Hessians
+    return QuantityCost("ggn_diagonal", main=main, worker_bytes=held, driver_bytes=2 * _diagonal_driver(w))
+
+
+def _exact_diagonal(w: Workload, m: Measurement) -> tuple[float, float]:
+    """(gradient equivalents, worker bytes) of diag(H) by P basis-vector HVPs per batch."""
+    block = min(w.diagonal_block, w.largest_variable)
+    if w.route == "loop":
+        rows = max(1, min(w.parameters, w.vjp_budget // max(1, w.parameters)))
+        main = w.parameters * HVP_GRADIENTS + math.ceil(w.parameters / rows)
+        held = 2 * w.vjp_budget * w.itemsize + 2 * m.activation_bytes
+    else:
+        # pfor vectorises ``block`` backward passes at once: each holds its own intermediates
+        # (about one batch's activations) and its row of the variable's Hessian.
+        blocks = math.ceil(w.parameters / max(1, block))
+        main = w.parameters * HVP_GRADIENTS / DIAGONAL_VECTORISATION + blocks
+        held = block * (m.activation_bytes + 2 * w.largest_variable * w.itemsize)
+    return main, held + 3 * 8 * w.parameters
+
+
+def _hessian_diagonal(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    if options.get("method") == "hutchinson":
+        k = int(options["probes"])
+        return QuantityCost("hessian_diagonal", main=k * HVP_GRADIENTS,
+                            worker_bytes=_vectors(w, k) + m.activation_bytes,
+                            driver_bytes=DRIVER_VECTOR_COPIES * 8 * k * w.parameters + 2 * _diagonal_driver(w))
+    main, held = _exact_diagonal(w, m)
+    total = float(w.parameters) * w.batches
+    if total > EXACT_DIAGONAL_LIMIT and not options.get("force"):
+        raise InputError(
+            f"an exact Hessian diagonal of {w.parameters:,} parameters over {w.batches:,} batches needs "
+            f"{total:,.0f} Hessian-vector products (days of compute): use hessian_diagonal: "
+            "{method: hutchinson}, or set quantities.hessian_diagonal.force=true")
+    return QuantityCost("hessian_diagonal", main=main, worker_bytes=held, driver_bytes=_diagonal_driver(w))
+
+
+def _hvp(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    # Vectors from a file have been counted by the plan only once read; a random count is known.
+    k = int(options.get("random") or options.get("count") or 0)
+    tables = (2 if options.get("random") else 1) * TABLE_ENTRY_BYTES * k * w.parameters
+    return QuantityCost("hvp", main=k * HVP_GRADIENTS, worker_bytes=_vectors(w, k) + m.activation_bytes,
+                        driver_bytes=DRIVER_VECTOR_COPIES * 8 * k * w.parameters + tables)
+
+
+def _trace(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    method, probes = options["method"], int(options["probes"])
+    if method == "exact":  # the exact diagonal's products, filtered
+        main, held = _exact_diagonal(w, m)
+        return QuantityCost("trace", main=main, worker_bytes=held)
+    passes = trace_passes(method, probes)
+    block = min(probes, MAX_BLOCK)
+    return QuantityCost("trace", passes=passes, vectors=block, worker_bytes=_vectors(w, block),
+                        driver_bytes=3 * 8 * probes * w.parameters + 4 * 8 * block * w.parameters)
+
+
+def _eigenvalues(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    block = default_block(int(options["top"]))
+    steps = int(options["iterations"]) + 1
+    basis = 8 * w.parameters * block * steps
+    return QuantityCost("eigenvalues", passes=steps, vectors=block, worker_bytes=_vectors(w, block),
+                        driver_bytes=basis + 6 * 8 * block * w.parameters)
+
+
+def _spectrum(options: dict, w: Workload, m: Measurement) -> QuantityCost:
+    runs, steps = int(options["runs"]), int(options["steps"])
+    return QuantityCost("spectrum", passes=steps, vectors=runs, worker_bytes=_vectors(w, runs),
+                        driver_bytes=8 * runs * steps * w.parameters + 6 * 8 * runs * w.parameters)
+
+
+_QUANTITY_COSTS = {
+    "gradient": _gradient,
+    "fisher_diagonal": _fisher,
+    "ggn_diagonal": _ggn,
+    "hessian_diagonal": _hessian_diagonal,
+    "hvp": _hvp,
+    "trace": _trace,
+    "eigenvalues": _eigenvalues,
+    "spectrum": _spectrum,
+}
+
+
+# ------------------------------------------------------------------------------ the whole run
+def estimate(quantities: dict, w: Workload, m: Measurement) -> Cost:
+    """Passes, seconds and peak bytes per worker and in the driver for ``quantities``.
+
+    Time: ``STARTUP_SECONDS`` plus, per pass, ``batches x gradient_seconds x (gradient
+    equivalents per batch)``, shared by the workers (on CPUs, in proportion to the CPUs they
+    use against the driver's, where the gradient was timed). Memory: the driver's own resident
+    memory with the model loaded (plus a Ray worker's overhead, for a worker), one batch and
+    its activations, each quantity's arrays, and the shards a worker keeps between passes.
+    """
+    speedup = max(1.0, w.workers * w.worker_cpus / max(1, os.cpu_count() or 1)) if not w.gpus else float(w.workers)
+    per_batch = m.gradient_seconds * w.batches / speedup
+    parts = [_QUANTITY_COSTS[name](options or {}, w, m) for name, options in quantities.items()]
+    # An exact trace rides on the exact diagonal when both are asked: count its products once.
+    if "hessian_diagonal" in quantities and (quantities.get("hessian_diagonal") or {}).get("method") == "exact":
+        for q in parts:
+            if q.name == "trace" and not q.passes:
+                q.main = q.worker_bytes = 0.0
+    for q in parts:
+        q.seconds = per_batch * (q.main + q.passes * (1.0 + HVP_GRADIENTS * q.vectors))
+    passes = 1 + sum(q.passes for q in parts)
+    seconds = STARTUP_SECONDS + per_batch + sum(q.seconds for q in parts)
+    batch_bytes = m.activation_bytes + w.batch_size * m.row_bytes
+    cache = 0 if passes == 1 else min(SHARD_CACHE_BYTES, math.ceil(w.rows / max(1, w.workers)) * m.row_bytes)
+    worker = m.process_bytes + WORKER_OVERHEAD_BYTES + batch_bytes + cache + sum(q.worker_bytes for q in parts)
+    driver = m.process_bytes + sum(q.driver_bytes for q in parts)
+    return Cost(passes=passes, seconds=seconds, worker_bytes=int(worker), driver_bytes=int(driver),
+                quantities=parts, measured=m)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory the run may use: per worker and in the driver, or both together on one machine."""
+
+    worker_bytes: float | None = None
+    driver_bytes: float | None = None
+    machine_bytes: float | None = None  # local runs: the driver and every worker share it
+    source: str = ""
+
+
+def check(cost: Cost, budget: Budget, limits, workers: int, gpus: bool) -> None:
+    """Refuses a plan over its limits (``InputError`` with the numbers and the way out)."""
+    if limits.force:
+        return
+    way_out = "use fewer probes, vectors or iterations, a smaller data.batch_size"
+    force = "or set limits.force=true to run anyway"
+    if budget.worker_bytes is not None and cost.worker_bytes > budget.worker_bytes:
+        raise InputError(f"each worker would need about {gib(cost.worker_bytes)} "
+                         f"({_largest(cost, lambda q: q.worker_bytes, gib)}), more than the "
+                         f"{gib(budget.worker_bytes)} {budget.source}: {way_out}, {force}")
+    if budget.driver_bytes is not None and cost.driver_bytes > budget.driver_bytes:
+        raise InputError(f"the driver would need about {gib(cost.driver_bytes)} "
+                         f"({_largest(cost, lambda q: q.driver_bytes, gib)}), more than the "
+                         f"{gib(budget.driver_bytes)} {budget.source}: {way_out}, {force}")
+    together = cost.driver_bytes + workers * cost.worker_bytes
+    if budget.machine_bytes is not None and together > budget.machine_bytes:
+        share = _largest(cost, lambda q: q.driver_bytes + workers * q.worker_bytes, gib)
+        raise InputError(
+            f"the driver and {workers} workers would need about {gib(together)} together ({gib(cost.worker_bytes)} "
+            f"per worker, {gib(cost.driver_bytes)} in the driver; {share}), more than the "
+            f"{gib(budget.machine_bytes)} {budget.source}: {way_out}, fewer --workers, {force}")
+    if not gpus and cost.seconds > limits.hours * 3600:
+        raise InputError(
+            f"the run would take about {_duration(cost.seconds)} ({cost.passes:,} passes over the data; "
+            f"{_largest(cost, lambda q: q.seconds, _duration)}), more than limits.hours={limits.hours:g}: "
+            f"{way_out}, more workers, a larger limits.hours, {force}")
+
+
+def _largest(cost: Cost, size, shown) -> str:
+    """The quantity with the largest ``size(q)``, as ``quantities.NAME: SIZE of it``."""
+    top = max(cost.quantities, key=size, default=None)
+    if top is None or size(top) <= 0:
+        return "the model and one batch"
+    return f"quantities.{top.name}: {shown(size(top))} of it"

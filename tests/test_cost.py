@@ -1,0 +1,85 @@
+"""The plan's cost arithmetic and its refusals (``pipeline.cost``): no TensorFlow, no Ray.
+
+The estimate against a real run's measured peaks is in test_reliability
+(``test_run_stays_within_the_memory_its_plan_printed``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import cost
+from pipeline.errors import InputError
+from pipeline.job import LimitsSpec
+from pipeline.runner import memory_budget
+
+MEASURED = cost.Measurement(rows=256, gradient_seconds=0.01, activation_bytes=8 << 20, process_bytes=700 << 20,
+                            row_bytes=260)
+WORK = cost.Workload(parameters=100_000, largest_variable=80_000, outputs=10, itemsize=4, batch_size=256,
+                     batches=400, rows=102_400, workers=2, worker_cpus=1)
+
+
+def test_passes_are_one_main_pass_plus_each_spectral_algorithms():
+    q = {"gradient": {}, "trace": {"method": "hutch++", "probes": 100},
+         "eigenvalues": {"top": 5, "iterations": 30}, "spectrum": {"runs": 4, "steps": 24}}
+    estimate = cost.estimate(q, WORK, MEASURED)
+    assert estimate.passes == 1 + 3 + 31 + 24
+    assert [x.name for x in estimate.quantities] == list(q)
+    # Each pass of V vectors costs batches x (1 + 1.5 V) gradients, shared by the workers.
+    spectrum = estimate.quantities[-1]
+    assert spectrum.seconds == pytest.approx(24 * 400 * 0.01 * (1 + cost.HVP_GRADIENTS * 4))
+
+
+def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
+    few = cost.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
+    many = cost.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)
+    per_probe = WORK.parameters * 8
+    assert many.worker_bytes - few.worker_bytes >= 990 * per_probe * cost.WORKER_VECTOR_COPIES
+    assert many.driver_bytes - few.driver_bytes == 990 * per_probe * cost.DRIVER_VECTOR_COPIES
+    assert many.seconds > 50 * (few.seconds - cost.STARTUP_SECONDS)
+
+
+def test_an_exact_trace_beside_the_exact_diagonal_is_counted_once():
+    diagonal = cost.estimate({"hessian_diagonal": {"method": "exact"}}, WORK, MEASURED)
+    both = cost.estimate({"hessian_diagonal": {"method": "exact"}, "trace": {"method": "exact", "probes": 1}},
+                         WORK, MEASURED)
+    assert both.seconds == pytest.approx(diagonal.seconds) and both.worker_bytes == diagonal.worker_bytes
+
+
+def test_a_plan_over_its_time_limit_is_refused_with_the_numbers_unless_forced():
+    q = {"eigenvalues": {"top": 5, "iterations": 5000}}
+    estimate = cost.estimate(q, WORK, MEASURED)
+    assert estimate.seconds > 24 * 3600
+    with pytest.raises(InputError) as refused:
+        cost.check(estimate, cost.Budget(), LimitsSpec(), workers=2, gpus=False)
+    message = str(refused.value)
+    assert "5,002 passes over the data" in message and "quantities.eigenvalues" in message
+    assert "limits.hours=24" in message and "limits.force=true" in message and "more workers" in message
+    cost.check(estimate, cost.Budget(), LimitsSpec(force=True), workers=2, gpus=False)
+    cost.check(estimate, cost.Budget(), LimitsSpec(hours=1000), workers=2, gpus=False)
+    # Timed on the driver's CPU: GPU workers are not refused on time.
+    cost.check(estimate, cost.Budget(), LimitsSpec(), workers=2, gpus=True)
+
+
+def test_memory_budgets_per_process_per_machine_and_per_node():
+    estimate = cost.estimate({"hvp": {"random": 2000}}, WORK, MEASURED)
+    capped = memory_budget(LimitsSpec(memory_gib=1.0), {}, workers=2)
+    assert capped.worker_bytes == capped.driver_bytes == 2**30 and capped.machine_bytes is None
+    with pytest.raises(InputError, match=r"each worker would need about .* more than the 1.0 GiB "
+                                         r"limits.memory_gib=1 allows per process"):
+        cost.check(estimate, capped, LimitsSpec(memory_gib=1.0), workers=2, gpus=False)
+    local = memory_budget(LimitsSpec(), {"CPU": 2}, workers=2)
+    assert local.machine_bytes > 0 and local.worker_bytes is None
+    machine = cost.Budget(machine_bytes=estimate.driver_bytes + 2 * estimate.worker_bytes - 1, source="x has")
+    with pytest.raises(InputError, match=r"the driver and 2 workers would need about .*quantities.hvp: .* fewer --workers"):
+        cost.check(estimate, machine, LimitsSpec(), workers=2, gpus=False)
+    cost.check(estimate, machine, LimitsSpec(), workers=1, gpus=False)
+    cluster = memory_budget(LimitsSpec(), {"CPU": 8, "node_memory": 8 * 2**30, "nodes": 2}, workers=8)
+    assert cluster.worker_bytes == 2 * 2**30  # four workers share each node
+
+
+def test_the_plan_table_names_every_quantity_and_the_measurement():
+    estimate = cost.estimate({"gradient": {}, "fisher_diagonal": {}}, WORK, MEASURED)
+    lines = estimate.describe(WORK)
+    assert lines[0].split() == ["quantity", "passes", "time", "worker", "driver"]
+    assert [line.split()[0] for line in lines[1:3]] == ["gradient", "fisher_diagonal"]
+    assert lines[3].startswith("whole run") and "10.0 ms" in lines[4]
