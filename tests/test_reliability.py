@@ -331,24 +331,32 @@ def test_two_publishers_under_one_root_do_not_interfere(tmp_path):
     assert sorted(os.listdir(b_dir)) == ["manifest.json", "spectrum.parquet", "trace.parquet"]
 
 
-def test_two_runs_at_once_under_one_output_root(ray_local, files, fault, tmp_path):
-    root, expected = files
+def _beside_a_slow_driver(root, tmp_path, shards: int, theirs: str, mine: str):
+    """Starts a slow CLI run (``--run-id theirs``), runs ``mine`` in this process once the slow
+    one has staged its state, and returns (my RunResult, their exit status, stdout, stderr)."""
     output = tmp_path / "out"
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=4, workers=1, output=str(output))))
-    other = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "a"],
+    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=shards, workers=1,
+                                                output=str(output))))
+    other = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", theirs],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1.5"})
     try:
         deadline = time.time() + 120
-        while not (output / "test-job" / ".partials" / "run=a" / "state.json").exists():
+        while not (output / "test-job" / ".partials" / f"run={theirs}" / "state.json").exists():
             assert other.poll() is None and time.time() < deadline, other.communicate()
             time.sleep(0.2)
-        mine = run(load_job(str(job_file)), run_id="b")
+        result = run(load_job(str(job_file)), run_id=mine)
         stdout, stderr = other.communicate(timeout=300)
     finally:
         other.kill()
-    assert other.returncode == 0, stderr
+    return result, other.returncode, stdout, stderr
+
+
+def test_two_runs_at_once_under_one_output_root(ray_local, files, tmp_path):
+    root, expected = files
+    mine, status, stdout, stderr = _beside_a_slow_driver(root, tmp_path, 4, "a", "b")
+    assert status == 0, stderr
     theirs = stdout.strip().splitlines()[-1]
     a = _assert_matches(theirs, expected)
     b = _assert_matches(mine.run_dir, expected)
@@ -361,26 +369,12 @@ def test_a_driver_that_loses_the_race_for_a_run_id_leaves_nothing(ray_local, fil
     """Two drivers with one --run-id: the slow one finds the run published when it is done;
     it ends with exit 2 and removes its staged shards (no orphan .partials/run=ID/)."""
     root, expected = files
-    output = tmp_path / "out"
-    job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=3, workers=1, output=str(output))))
-    slow = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "same"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1.5"})
-    try:
-        deadline = time.time() + 120
-        while not (output / "test-job" / ".partials" / "run=same" / "state.json").exists():
-            assert slow.poll() is None and time.time() < deadline, slow.communicate()
-            time.sleep(0.2)
-        mine = run(load_job(str(job_file)), run_id="same")
-        stdout, stderr = slow.communicate(timeout=300)
-    finally:
-        slow.kill()
+    mine, status, stdout, stderr = _beside_a_slow_driver(root, tmp_path, 3, "same", "same")
     _assert_matches(mine.run_dir, expected)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert slow.returncode == 2 and len(errors) == 1 and "already published" in errors[0], stderr
+    assert status == 2 and len(errors) == 1 and "already published" in errors[0], stderr
     assert not stdout.strip()
-    assert not (output / "test-job" / ".partials").exists()
+    assert not (tmp_path / "out" / "test-job" / ".partials").exists()
     assert sorted(os.listdir(os.path.dirname(mine.run_dir))) == ["run=same"]
 
 

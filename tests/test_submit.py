@@ -158,7 +158,7 @@ def head():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the Ray head did not start: " + open(log.name).read()[-2000:])
             time.sleep(0.5)
-        yield {"dashboard": address, "gcs": f"127.0.0.1:{gcs}"}
+        yield {"dashboard": address, "gcs": f"127.0.0.1:{gcs}", "process": process}
     finally:
         _stop(process)
         log.close()
@@ -228,3 +228,24 @@ def test_waiting_for_gpus_that_never_come_fails_in_time(head):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "1 GPUs asked for, 0 joined within 2s" in done.stderr and "max_workers" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_head_lost_while_following_a_job_ends_with_one_message(head, monkeypatch):
+    """The head stops while ``submit`` follows a job: no traceback, no endless wait, exit 1
+    (ComputeError) once the head has been unreachable for HEAD_LOST_SECONDS. Last in this
+    module: it ends the module's head."""
+    import threading
+
+    from pipeline import submit as submitting
+    from pipeline.errors import ComputeError
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.setattr(submitting, "HEAD_LOST_SECONDS", 3.0)
+    client = submitting._client(head["dashboard"])
+    job = client.submit_job(entrypoint="sleep 300", submission_id="outlived")
+    threading.Timer(3.0, _stop, args=(head["process"],)).start()
+    began = time.monotonic()
+    with pytest.raises(ComputeError, match=r"lost contact with the cluster for 3 s while job outlived was running"):
+        submitting.follow(client, job, open(os.devnull, "w"), poll_s=0.5)
+    assert time.monotonic() - began < 120
