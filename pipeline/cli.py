@@ -142,6 +142,8 @@ def _validate(args, out, err) -> int:
     plan = make_plan(job, cluster={"CPU": os.cpu_count() or 1})
     out.write(f"ok: {job.name}: model {plan.parameters:,} parameters, data {plan.data.rows:,} rows in "
               f"{len(plan.data.files)} files, quantities {', '.join(job.quantities)}\n")
+    for line in plan.cost.describe(plan.workload):
+        out.write(f"cost: {line}\n")
     for note in plan.notes:
         out.write(f"note: {note}\n")
     return 0

@@ -74,6 +74,9 @@ def test_validate(job_file):
     done = cli("validate", str(job_file))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: test-job")
+    # The plan's cost: one line per quantity, then the whole run (README "Cost and limits").
+    cost = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("cost: ")]
+    assert cost[:4] == ["quantity", "gradient", "hessian_diagonal", "whole"], done.stdout
 
 
 @pytest.mark.parametrize("args,needle", [
