@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -48,7 +49,7 @@ writes PNG plots (800x450) and index.html, which shows them by file name; prints
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hessian-pipeline",
         description="Curvature statistics of trained Keras models over whole Parquet datasets, on Ray.")
     parser.add_argument("--version", action="version", version=f"hessian-pipeline {__version__}")
@@ -230,28 +231,53 @@ def _import_tensorflow_quietly() -> None:
 
 
 @contextlib.contextmanager
-def _own_stdout(out):
-    """Gives ``out`` (the process's stdout) a private copy of file descriptor 1 and points
-    descriptor 1 at /dev/null while the command runs: what Ray prints from its own threads and
-    processes (``(raylet) ...`` lines when a node dies) then never follows or replaces the
-    run directory, the last line of stdout. Restored afterwards."""
-    if out is not sys.stdout:
-        yield out
-        return
-    sys.stdout.flush()
-    private = os.fdopen(os.dup(1), "w", buffering=1)
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
+def _own_streams(out, err):
+    """Gives the product's ``out`` and ``err`` (when they are the process's stdout and stderr)
+    private copies of file descriptors 1 and 2, and points the descriptors at /dev/null while the
+    command runs: what Ray and TensorFlow print from their own threads and C++ code (``(raylet)
+    ...`` lines when a node dies, ``task_manager.cc`` errors, absl's signal reports) then never
+    mixes with the product's lines, and the run directory stays the last line of stdout.
+    Restored afterwards; ``--debug`` does not use it."""
+    streams = []
+    for stream, fd in ((out, 1), (err, 2)):
+        if stream is not (sys.stdout if fd == 1 else sys.stderr):
+            streams.append((stream, None))
+            continue
+        stream.flush()
+        private = os.fdopen(os.dup(fd), "w", buffering=1)
+        saved = os.dup(fd)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        streams.append((private, saved))
     try:
-        yield private
+        yield streams[0][0], streams[1][0]
     finally:
-        private.flush()
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        private.close()
+        for fd, (stream, saved) in zip((1, 2), streams):
+            stream.flush()
+            if saved is not None:
+                (sys.stdout if fd == 1 else sys.stderr).flush()
+                os.dup2(saved, fd)
+                os.close(saved)
+                stream.close()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler stopping the job) ends a run as Ray's driver does once it
+    has started, with ``SystemExit(15)``, so that the run aborts cleanly and says how to resume.
+    Set after TensorFlow's import, whose signal handler would print a report instead."""
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    except ValueError:
+        pass  # not the main thread (the CLI called from a thread in tests): keep the default
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``error:`` line (exit 2), like every other input error."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {self.prog}: {message}: see {self.prog} --help\n")
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None, out=None, err=None) -> int:
@@ -264,18 +290,28 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         return int(exc.code or 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if args.command in ("run", "validate") and not args.debug:
-        _import_tensorflow_quietly()
     quiet = args.command == "run" and not args.debug
-    try:
-        with _own_stdout(out) if quiet else contextlib.nullcontext(out) as product_out:
-            return HANDLERS[args.command](args, product_out, err)
-    except PipelineError as exc:
-        if args.debug:
-            traceback.print_exc(file=err)
-        message = " ".join(str(exc).split())
-        err.write(f"error: {message}\n")
-        return exc.exit_status
-    except KeyboardInterrupt:
-        err.write("error: interrupted; run the same command with the same --run-id to resume\n")
-        return 1
+    with _own_streams(out, err) if quiet else contextlib.nullcontext((out, err)) as (out, err):
+        try:
+            if args.command == "run":
+                _exit_on_sigterm()
+            if args.command in ("run", "validate") and not args.debug:
+                _import_tensorflow_quietly()
+            if args.command == "run":
+                _exit_on_sigterm()  # again: TensorFlow's import installs its own handler
+            return HANDLERS[args.command](args, out, err)
+        except PipelineError as exc:
+            if args.debug:
+                traceback.print_exc(file=err)
+            message = " ".join(str(exc).split())
+            err.write(f"error: {message}\n")
+            return exc.exit_status
+        except KeyboardInterrupt:
+            err.write("error: interrupted; run the same command with the same --run-id to resume\n")
+            return 1
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            # Ray's driver turns SIGTERM into SystemExit(15); the run was stopped like Ctrl-C.
+            err.write("error: terminated (SIGTERM); run the same command with the same --run-id to resume\n")
+            return 1

@@ -657,6 +657,9 @@ def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk:
         metadata = parquet.metadata
         starts = np.concatenate([[0], np.cumsum([metadata.row_group(i).num_rows
                                                  for i in range(metadata.num_row_groups)], dtype=np.int64)])
+        if starts[-1] < piece.stop:
+            raise InputError(f"{piece.file} has {int(starts[-1]):,} rows, but had at least {piece.stop:,} when the run "
+                             "was planned: the data changed during the run; run the job again on data that stays put")
         first = int(np.searchsorted(starts, piece.start, side="right")) - 1
         last = int(np.searchsorted(starts, piece.stop, side="left"))
         groups = [g for g in range(first, last) if starts[g + 1] > starts[g]]

@@ -868,7 +868,8 @@ def _parse_data(raw: dict, base_dir: str) -> DataSpec:
 
 
 def _parse_limits(raw: dict) -> LimitsSpec:
-    limits = _mapping(raw.get("limits", {}) or {}, "limits", "{hours: 24, memory_gib: auto}")
+    limits = raw.get("limits")
+    limits = {} if limits is None else _mapping(limits, "limits", "{hours: 24, memory_gib: auto}")
     _check_keys(limits, _LIMITS_KEYS, "limits")
     memory = limits.get("memory_gib", DEFAULTS["limits.memory_gib"])
     if memory != "auto":

@@ -140,9 +140,13 @@ class RunPublisher:
     def _probe_writable(self, root: str) -> None:
         """Fail now, as an input error, rather than after hours of compute."""
         probe = f"{self._date_path}/.probe-{secrets.token_hex(6)}"
-        # Folders this run makes, removed again (if still empty) when it ends without a result.
-        name_path = self._date_path.rsplit("/", 1)[0]
-        self._created_dirs = [p for p in (self._date_path, name_path) if not self._exists(p)]
+        # Folders this run makes (the date folder, the job's, and any missing part of the output
+        # root), removed again, deepest first and only if still empty, when it ends without a result.
+        self._created_dirs = []
+        path = self._date_path
+        while path and path not in ("/", ".") and not self._exists(path):
+            self._created_dirs.append(path)
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
         try:
             self._fs.create_dir(self._date_path, recursive=True)
             with self._fs.open_output_stream(probe) as stream:
@@ -314,4 +318,36 @@ def read_manifest(run_dir: str) -> dict:
         raise InputError(f"{run_dir}/{MANIFEST} is not valid JSON ({err}): the run is damaged, run it again") from err
     if not isinstance(manifest, dict):
         raise InputError(f"{run_dir}/{MANIFEST} is not a JSON object: the run is damaged, run it again")
+    for field, kinds, what in _MANIFEST_TYPES:
+        value = manifest.get(field)
+        if value is not None and not (isinstance(value, kinds) and _well_formed(field, value)):
+            raise InputError(f"{run_dir}/{MANIFEST}: field '{field}' is not {what} (got {json.dumps(value)[:60]}): "
+                             "the run is damaged or was edited, run it again")
     return manifest
+
+
+# What the read side (show, report, compare, pipeline.load) relies on in a manifest. A missing
+# field is each reader's concern (an older run); a field of the wrong kind is a damaged run.
+_MANIFEST_TYPES = (
+    ("job", dict, "a mapping"),
+    ("variables", list, "a list of {name, shape}"),
+    ("files", list, "a list of file names"),
+    ("worker_names", list, "a list"),
+    ("model", dict, "a mapping"),
+    ("data", dict, "a mapping"),
+    ("versions", dict, "a mapping"),
+    ("run_id", str, "a string"),
+    ("date", str, "a string"),
+    ("examples", int, "an integer"),
+    ("parameters", int, "an integer"),
+    ("loss", (int, float), "a number"),
+)
+
+
+def _well_formed(field: str, value) -> bool:
+    if field == "variables":
+        return all(isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("shape"), list)
+                   and all(isinstance(d, int) for d in v["shape"]) for v in value)
+    if field == "files":
+        return all(isinstance(f, str) for f in value)
+    return not isinstance(value, bool)

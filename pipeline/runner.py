@@ -343,8 +343,8 @@ class WorkerPool:
             cpus = max(1.0, float(int(free // plan.workers))) if free >= plan.workers else 1.0
         threads = 0 if gpu else int(cpus)
         self._need = ("GPU", 1.0) if gpu else ("CPU", cpus)
-        # The raylets of a local Ray this driver started: when one dies, Ray ends this process
-        # (exit 1, no message) about ten seconds later, so it is watched every second.
+        # The raylet and GCS of a local Ray this driver started: when one dies, Ray ends this
+        # process (exit 1, no message) ten to sixty seconds later, so they are watched every second.
         self._raylets = list(raylets or [])
         self._nodes_checked = time.monotonic()
         actor = remote_worker_class(gpu, cpus if not gpu else 1.0)
@@ -362,6 +362,9 @@ class WorkerPool:
                 f"lack the CPUs/GPUs they ask for, or be busy with other work): check `ray status`, or run "
                 f"with fewer --workers") from None
         self.names = [info["worker"] for info in infos]
+        # The local Ray's own processes (agents, worker processes): when its raylet dies they
+        # are orphaned and live on, so a run that stops for that reason ends them.
+        self._ray_children = _children(self._raylets)
         # Replacements for lost workers until they have loaded the model: info ref -> (actor, started).
         self._starting: dict = {}
         self.passes = 0
@@ -544,8 +547,9 @@ class WorkerPool:
         kind, amount = self._need
         done = f"; {finished} of {total} shards are finished and kept" if total else ""
         if self._raylets and not all(_running(pid) for pid in self._raylets):
-            raise ComputeError(f"the local Ray node died mid-pass (its raylet process ended: killed, or out of "
-                               f"memory){done}: {self._resume_hint()}")
+            _end(self._raylets + self._ray_children)
+            raise ComputeError(f"the local Ray node died mid-pass (its raylet or GCS process ended: killed, or out "
+                               f"of memory){done}: {self._resume_hint()}")
         if time.monotonic() - self._nodes_checked < LIVENESS_SECONDS:
             return
         self._nodes_checked = time.monotonic()
@@ -604,8 +608,42 @@ def _running(pid: int) -> bool:
         return False
 
 
-def local_raylets() -> list[int]:
-    """Process ids of the raylets this process started (a local Ray); [] off Linux."""
+def _children(parents: list[int]) -> list[int]:
+    """Process ids whose parent is one of ``parents`` (Linux; [] elsewhere)."""
+    found = []
+    wanted = set(parents)
+    if not wanted:
+        return found
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                stat = handle.read()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) in wanted:
+                found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _end(pids: list[int]) -> None:
+    """SIGKILL to the processes of a local Ray that died (best effort: some are gone)."""
+    import signal
+
+    for pid in pids:
+        if _running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def local_ray_processes() -> list[int]:
+    """Process ids of the raylet and the GCS server this process started (a local Ray); [] off
+    Linux. When either dies, the local Ray instance is gone."""
     found = []
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit()]
@@ -616,7 +654,7 @@ def local_raylets() -> list[int]:
             with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
                 stat = handle.read()
             name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-            if name == "raylet" and int(rest[1]) == os.getpid():
+            if name in ("raylet", "gcs_server") and int(rest[1]) == os.getpid():
                 found.append(int(entry))
         except (OSError, ValueError, IndexError):
             continue
@@ -699,7 +737,28 @@ def _connect(address: str | None, quiet: bool = False):
                      runtime_env=env)
     except ConnectionError as err:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
+    _python_handles_sigterm()
     return True
+
+
+def _python_handles_sigterm() -> None:
+    """Ray's core worker installs a C-level failure handler for SIGTERM that prints a report and
+    aborts the process; a Python-level handler installed after it is in charge again: it notes
+    the signal and exits (as Ray's own does), and ``run`` turns that into a ComputeError that
+    says how to resume."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+_STOPPED: list[int] = []  # signals received by a run (SIGTERM)
+
+
+def _on_sigterm(signum, frame):
+    _STOPPED.append(signum)
+    sys.exit(signum)  # may surface as Ray's own SystemExit(1) when it arrives inside ray.wait
 
 
 def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
@@ -715,6 +774,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     from pipeline.publish import RunPublisher, published
 
     stream = stream or sys.stderr
+    _STOPPED.clear()
     now = _dt.datetime.now(_dt.timezone.utc)
     run_id = run_id or now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
     if dry_run and not (address or os.environ.get("RAY_ADDRESS")):
@@ -750,7 +810,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             store.open(plan, now)
             stream.write(plan.describe() + "\n")
             try:
-                pool = WorkerPool(plan, stream, raylets=local_raylets() if owns_ray else None)
+                pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None)
                 try:
                     results, passes, extra = _compute(plan, pool, stream, store)
                     extra["worker_peak_bytes"] = pool.peak_memory()
@@ -770,14 +830,17 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             except OSError as err:  # a full disk, a revoked permission: the computed shards are kept
                 raise ComputeError(
                     f"cannot write the results under {plan.output}: {err}; nothing was published and the computed "
-                    f"shards are kept: fix the output (free space) and run the same command with --run-id "
+                    f"shards are kept: fix the output (free space, permissions) and run the same command with --run-id "
                     f"{plan.run_id} to resume") from None
         store.remove()
         return RunResult(run_dir=run_dir, manifest=manifest, results=results)
-    except BaseException:
+    except BaseException as exc:
         if publisher is not None:
             publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
             _drop_if_published(store, publisher)
+        if _STOPPED and isinstance(exc, SystemExit):
+            raise ComputeError(f"terminated (SIGTERM); the finished shards are kept: run the same command with "
+                               f"--run-id {run_id} to resume") from None
         raise
     finally:
         if owns_ray:

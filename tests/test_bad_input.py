@@ -252,13 +252,13 @@ def test_labels_out_of_range_cli(root, tmp_path):
     labels[41] = 7
     table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6), "label": pa.array(labels)})
     pq.write_table(table, str(tmp_path / "data" / "part-000.parquet"))
-    spec = jobs.job(root, {"gradient": {}}, shards=2, workers=1, output=str(tmp_path / "out"))
+    spec = jobs.job(root, {"gradient": {}}, shards=2, workers=1, output=str(tmp_path / "out" / "deep"))
     spec["data"]["path"] = str(tmp_path / "data")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     line = cli("run", str(tmp_path / "job.yaml"), "--run-id", "labels")
     assert "column 'label' has label 7 at row 41 (shard 1), outside the valid range 0-2" in line
-    assert _nothing_under(tmp_path / "out")
-    assert not os.listdir(tmp_path / "out"), os.listdir(tmp_path / "out")  # not even an empty date= folder
+    # Not even an empty date= folder, nor the output root the run created (out/deep).
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
 
 
 def test_input_error_before_start_leaves_no_folder(root, tmp_path):

@@ -103,3 +103,25 @@ def test_help_for_every_command():
     for command in ("run", "validate", "show"):
         done = cli(command, "--help")
         assert done.returncode == 0 and "examples:" in done.stdout
+
+
+def test_a_bad_argument_is_one_error_line(job_file):
+    done = cli("run", str(job_file), "--workers", "abc")
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "error: hessian-pipeline run: argument --workers: invalid int value: 'abc': see hessian-pipeline run --help"]
+
+
+def test_ctrl_c_while_tensorflow_loads_is_one_error_line(job_file, tmp_path):
+    """SIGINT during start-up (a hostile trial found a traceback from TensorFlow's import)."""
+    import signal
+    import time
+
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
+                               str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV)
+    time.sleep(1.5)
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 1 and stdout == "", stderr
+    assert stderr.splitlines()[-1:] == ["error: interrupted; run the same command with the same --run-id to resume"]
+    assert "Traceback" not in stderr and not (tmp_path / "out").exists()

@@ -382,3 +382,13 @@ def test_nulls_name_the_column_and_global_row(tmp_path):
     plan = plan_data(spec(root), shards=1)
     with pytest.raises(InputError, match=r"column 'target' has a null value at row 13"):
         read_all(plan, spec(root, features="id", labels="target"), signature(inputs=(("x", (1,), "float32"),)), 4)
+
+
+def test_a_file_that_shrinks_after_the_plan_is_an_input_error(dataset):
+    """A file replaced mid-run by a valid one with fewer rows (found by a hostile trial): an
+    input error naming the file, never an IndexError retried as a compute failure."""
+    plan = plan_data(spec(dataset), shards=2)
+    pq.write_table(rows_table(23, 20), dataset / "sub" / "part-2.parquet")  # 40 rows planned
+    with pytest.raises(InputError, match=r"part-2.parquet has 20 rows, but had at least \d+ when the run was "
+                                         r"planned: the data changed during the run"):
+        read_all(plan, spec(dataset), signature(), 5)

@@ -461,34 +461,43 @@ def test_node_lost_mid_run_completes_and_no_node_left_ends_the_run(files, fault,
         cluster.shutdown()
 
 
-def test_local_node_killed_mid_run_ends_with_one_line(files, fault, tmp_path):
-    """The only node's raylet is killed (as the OOM killer would): exit 1 within seconds, one
-    error line that says how to resume, nothing on stdout; the finished shards are kept."""
+@pytest.mark.parametrize("how", ["SIGTERM", "raylet killed"])
+def test_a_run_stopped_mid_pass_ends_with_one_line(files, fault, tmp_path, how):
+    """SIGTERM to the driver (a scheduler stopping the job), or the only node's raylet killed
+    (as the OOM killer would): exit 1 within seconds, one error line that says how to resume,
+    nothing on stdout, no report from Ray or absl; the finished shards are kept."""
+    import signal
+
     root, _ = files
     output = tmp_path / "out"
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(jobs.job(root, {"gradient": {}}, shards=6, workers=1, output=str(output))))
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "dying"],
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "stopped"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1",
                                    "HESSIAN_PIPELINE_FAULT_DIR": str(fault.folder)})
     try:
         deadline = time.time() + 120
-        while not _partials(str(output), "dying"):
+        while not _partials(str(output), "stopped"):
             assert driver.poll() is None and time.time() < deadline, driver.communicate()
             time.sleep(0.2)
-        raylets = subprocess.run(["pgrep", "-x", "raylet", "-P", str(driver.pid)], capture_output=True,
-                                 text=True).stdout.split()
-        assert len(raylets) == 1
-        os.kill(int(raylets[0]), 9)
+        if how == "SIGTERM":
+            driver.send_signal(signal.SIGTERM)
+        else:
+            raylets = subprocess.run(["pgrep", "-x", "raylet", "-P", str(driver.pid)], capture_output=True,
+                                     text=True).stdout.split()
+            assert len(raylets) == 1
+            os.kill(int(raylets[0]), signal.SIGKILL)
         stdout, stderr = driver.communicate(timeout=90)
     finally:
         driver.kill()
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert driver.returncode == 1 and len(errors) == 1, stderr
-    assert "the local Ray node died mid-pass" in errors[0] and "--run-id dying to resume" in errors[0]
-    assert stdout == "" and "Traceback" not in stderr
-    assert _partials(str(output), "dying")
+    assert driver.returncode == 1 and len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
+    expected = "terminated (SIGTERM)" if how == "SIGTERM" else "the local Ray node died mid-pass"
+    assert expected in errors[0] and "--run-id stopped to resume" in errors[0]
+    assert stdout == "" and "Traceback" not in stderr and "SIGTERM received" not in stderr
+    assert not [line for line in stderr.splitlines() if line.startswith("[")], stderr  # no Ray C++ log lines
+    assert _partials(str(output), "stopped")
 
 
 # ------------------------------------------------------------------ never wait forever

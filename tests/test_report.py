@@ -164,3 +164,28 @@ def test_show_report_and_load_name_a_damaged_file_of_a_run(runs, tmp_path, damag
         assert "the run is damaged" in lines[0]
     with pytest.raises(InputError, match="diagonals.parquet"):
         load(damaged).diagonals
+
+
+@pytest.mark.parametrize("field,value", [("variables", 5), ("job", 0), ("files", 0), ("variables", [["x", "y"]])])
+def test_a_manifest_with_a_field_of_the_wrong_kind_is_a_damaged_run(runs, tmp_path, field, value):
+    """A hand-edited manifest (found by a hostile trial): show, report, compare and load give one
+    error line naming the field, never a traceback."""
+    import json
+    import shutil
+
+    from pipeline.errors import InputError
+
+    edited = str(tmp_path / "run")
+    shutil.copytree(runs[0], edited)
+    path = os.path.join(edited, "manifest.json")
+    manifest = json.load(open(path))
+    manifest[field] = value
+    json.dump(manifest, open(path, "w"))
+    for command in (["show", edited], ["report", edited, "--out", str(tmp_path / "report")],
+                    ["compare", runs[0], edited]):
+        out, err = io.StringIO(), io.StringIO()
+        assert main(command, out=out, err=err) == 2, err.getvalue()
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and f"field '{field}' is not" in lines[0] and "damaged or was edited" in lines[0], lines
+    with pytest.raises(InputError, match=field):
+        load(edited)

@@ -85,27 +85,28 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
 
 
 def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:
-    """Times one loss-and-gradient on ``batch`` (after tracing) and the growth of resident
-    memory while it runs (``pipeline.memory``; 0 where the peak cannot be reset).
+    """Times one loss-and-gradient on ``batch`` and measures the growth of resident memory
+    while the first one runs (``pipeline.memory``; 0 where the peak cannot be reset).
 
-    Cost: ``repeats + 1`` gradients on the batch. The fastest repeat is kept: the first calls
-    also pay for TensorFlow's one-time set-up.
+    The growth is taken on the first call at this batch size: memory freed after a call stays
+    with the process's allocator, so later calls would show none. Cost: ``repeats + 1``
+    gradients on the batch; the fastest repeat is kept (the first call also pays for
+    TensorFlow's one-time set-up).
     """
     work = BatchWork(gradient=True)
 
     def step():
         engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
 
-    step()  # traces for this batch size
-    best, grown = float("inf"), 0
+    reset = memory.reset_peak()
+    before = memory.resident_bytes()
+    step()
+    grown = max(0, memory.peak_bytes() - before) if reset else 0
+    best = float("inf")
     for _ in range(max(1, repeats)):
-        reset = memory.reset_peak()
-        before = memory.resident_bytes()
         start = time.perf_counter()
         step()
         best = min(best, time.perf_counter() - start)
-        if reset:
-            grown = max(grown, memory.peak_bytes() - before)
     arrays = list(batch.inputs) + list(batch.labels) + ([] if batch.weights is None else [batch.weights])
     row_bytes = sum(np.asarray(a).nbytes for a in arrays) // max(1, len(batch))
     return Measurement(rows=len(batch), gradient_seconds=best, activation_bytes=int(grown),
