@@ -13,7 +13,9 @@ import hashlib
 import os
 import platform
 import secrets
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -598,41 +600,41 @@ class WorkerPool:
                 pass
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` is alive (a zombie, ended but not yet reaped, is not)."""
+def _stat(pid) -> tuple[str, str, int] | None:
+    """(name, state, parent id) of process ``pid`` from /proc (Linux); None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
             stat = handle.read()
-        return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+        rest = stat[stat.rindex(")") + 2:].split()
+        return stat[stat.index("(") + 1:stat.rindex(")")], rest[0], int(rest[1])
     except (OSError, ValueError, IndexError):
-        return False
+        return None
 
 
-def _children(parents: list[int]) -> list[int]:
-    """Process ids whose parent is one of ``parents`` (Linux; [] elsewhere)."""
-    found = []
-    wanted = set(parents)
-    if not wanted:
-        return found
+def _processes() -> list[tuple[int, str, int]]:
+    """(pid, name, parent id) of every process on this machine ([] off Linux)."""
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        return found
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                stat = handle.read()
-            if int(stat[stat.rindex(")") + 2:].split()[1]) in wanted:
-                found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+        return []
+    found = ((int(e), _stat(e)) for e in entries)
+    return [(pid, stat[0], stat[2]) for pid, stat in found if stat is not None]
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` is alive (a zombie, ended but not yet reaped, is not)."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] not in ("Z", "X")
+
+
+def _children(parents: list[int]) -> list[int]:
+    """Process ids whose parent is one of ``parents``."""
+    wanted = set(parents)
+    return [pid for pid, _, parent in _processes() if parent in wanted] if wanted else []
 
 
 def _end(pids: list[int]) -> None:
     """SIGKILL to the processes of a local Ray that died (best effort: some are gone)."""
-    import signal
-
     for pid in pids:
         if _running(pid):
             try:
@@ -644,21 +646,8 @@ def _end(pids: list[int]) -> None:
 def local_ray_processes() -> list[int]:
     """Process ids of the raylet and the GCS server this process started (a local Ray); [] off
     Linux. When either dies, the local Ray instance is gone."""
-    found = []
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return found
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                stat = handle.read()
-            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-            if name in ("raylet", "gcs_server") and int(rest[1]) == os.getpid():
-                found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    return [pid for pid, name, parent in _processes()
+            if name in ("raylet", "gcs_server") and parent == os.getpid()]
 
 
 def _cause(err) -> str:
@@ -746,9 +735,6 @@ def _python_handles_sigterm() -> None:
     aborts the process; a Python-level handler installed after it is in charge again: it notes
     the signal and exits (as Ray's own does), and ``run`` turns that into a ComputeError that
     says how to resume."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
 
