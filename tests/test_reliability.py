@@ -225,7 +225,9 @@ def test_driver_killed_then_publish_crash_then_resume(files, tmp_path):
 
     # 1. The driver dies after staging two shards: nothing is published.
     killed = _cli(job_file, "--run-id", "nightly", fault="kill-driver:shards=2", fault_dir=log)
-    assert killed.returncode != 0 and "fault injected: kill-driver after 2 shards" in killed.stderr
+    # The fault ends the process at once (os._exit(1), as a crash would): no error line, and its
+    # own note goes to the descriptor the command line points at /dev/null outside --debug.
+    assert killed.returncode == 1 and "error:" not in killed.stderr and killed.stdout == ""
     assert len(_partials(str(output), "nightly")) == 2
     assert not glob.glob(str(output / "test-job" / "date=*" / "run=*"))
     first, mark = started_since(0)
@@ -239,7 +241,7 @@ def test_driver_killed_then_publish_crash_then_resume(files, tmp_path):
 
     # 2. The same command resumes (3 shards computed), then dies just before the publishing rename.
     crashed = _cli(job_file, "--run-id", "nightly", fault="publish-before-rename", fault_dir=log)
-    assert crashed.returncode != 0 and "fault injected: publish-before-rename" in crashed.stderr, crashed.stderr
+    assert crashed.returncode == 1 and "error:" not in crashed.stderr, crashed.stderr  # died, as a crash does
     assert "resumed 2 of 5 shards" in crashed.stderr
     second, mark = started_since(mark)
     assert second == [2, 3, 4]
@@ -353,21 +355,11 @@ def _beside_a_slow_driver(root, tmp_path, shards: int, theirs: str, mine: str):
     return result, other.returncode, stdout, stderr
 
 
-def test_two_runs_at_once_under_one_output_root(ray_local, files, tmp_path):
-    root, expected = files
-    mine, status, stdout, stderr = _beside_a_slow_driver(root, tmp_path, 4, "a", "b")
-    assert status == 0, stderr
-    theirs = stdout.strip().splitlines()[-1]
-    a = _assert_matches(theirs, expected)
-    b = _assert_matches(mine.run_dir, expected)
-    print(f"\nrun a {a['started_at']} - {a['finished_at']}, run b {b['started_at']} - {b['finished_at']}")
-    assert b["finished_at"] <= a["finished_at"]  # b ran while a was computing
-    assert sorted(os.listdir(os.path.dirname(mine.run_dir))) == ["run=a", "run=b"]
-
-
-def test_a_driver_that_loses_the_race_for_a_run_id_leaves_nothing(ray_local, files, tmp_path):
-    """Two drivers with one --run-id: the slow one finds the run published when it is done;
-    it ends with exit 2 and removes its staged shards (no orphan .partials/run=ID/)."""
+def test_two_drivers_with_one_run_id_at_once(ray_local, files, tmp_path):
+    """Two drivers with one --run-id, computing at the same time under one output root: the one
+    that finishes first publishes; the slow one finds the run published when it is done, ends
+    with exit 2 and removes its staged shards (no orphan .partials/run=ID/). (Separate run ids
+    under one root: test_two_publishers_under_one_root_do_not_interfere.)"""
     root, expected = files
     mine, status, stdout, stderr = _beside_a_slow_driver(root, tmp_path, 3, "same", "same")
     _assert_matches(mine.run_dir, expected)
@@ -438,7 +430,7 @@ def test_node_lost_mid_run_completes_and_no_node_left_ends_the_run(files, fault,
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
         watcher = threading.Thread(target=remove_busy_nodes, args=("lost", 1), daemon=True)
         watcher.start()
-        spec = load_job(jobs.job(root, QUANTITIES, shards=10, workers=2, output=str(output)))
+        spec = load_job(jobs.job(root, QUANTITIES, shards=6, workers=2, output=str(output)))
         result = run(spec, run_id="lost")
         watcher.join(timeout=5)
         assert removed, "no node was removed during the run"
@@ -446,7 +438,7 @@ def test_node_lost_mid_run_completes_and_no_node_left_ends_the_run(files, fault,
         started = fault.computed()
         again = [s for i, (s, _, node) in enumerate(started) if node == removed[0]
                  and any(s == t for t, _, other in started[i + 1:] if other != removed[0])]
-        print(f"\nnode {removed[0][:8]} removed mid-run; 10 shards started {len(started)} times; "
+        print(f"\nnode {removed[0][:8]} removed mid-run; 6 shards started {len(started)} times; "
               f"shards moved off the lost node: {again}")
         # Now the last node that can run a worker dies mid-pass: the run stops with a message
         # (it waited forever for a replacement worker that no node could host).
