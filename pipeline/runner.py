@@ -789,7 +789,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
 
     try:
         staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
-        plan = make_plan(job, output, run_id, workers, ray.cluster_resources(), now, shards=staged_shards)
+        plan = make_plan(job, output, run_id, workers, _cluster(owns_ray), now, shards=staged_shards)
         if dry_run:
             return plan
         with publisher:
@@ -831,6 +831,23 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     finally:
         if owns_ray:
             ray.shutdown()
+
+
+def _cluster(local: bool) -> dict:
+    """Ray's ``cluster_resources()``; for a cluster this driver did not start, also the smallest
+    worker node's memory (``node_memory``, bytes) and the number of such nodes (``nodes``), which
+    ``memory_budget`` shares out among the workers."""
+    import ray
+
+    resources = dict(ray.cluster_resources())
+    if local:
+        return resources
+    nodes = [n["Resources"] for n in ray.nodes()
+             if n.get("Alive") and (n["Resources"].get("CPU", 0) >= 1 or n["Resources"].get("GPU", 0) >= 1)]
+    if nodes:
+        resources["node_memory"] = min(r.get("memory", 0) + r.get("object_store_memory", 0) for r in nodes)
+        resources["nodes"] = len(nodes)
+    return resources
 
 
 def _drop_if_published(store, publisher) -> None:

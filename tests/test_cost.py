@@ -83,3 +83,20 @@ def test_the_plan_table_names_every_quantity_and_the_measurement():
     assert lines[0].split() == ["quantity", "passes", "time", "worker", "driver"]
     assert [line.split()[0] for line in lines[1:3]] == ["gradient", "fisher_diagonal"]
     assert lines[3].startswith("whole run") and "10.0 ms" in lines[4]
+
+
+def test_a_cluster_the_driver_joined_is_budgeted_per_node():
+    """Connected to an existing Ray (not started by this driver): the budget is a node's
+    memory shared by its workers, not the driver machine's free memory."""
+    import ray
+
+    from pipeline.runner import _cluster
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        joined, started = _cluster(local=False), _cluster(local=True)
+    finally:
+        ray.shutdown()
+    assert joined["nodes"] == 1 and joined["node_memory"] > 0 and "node_memory" not in started
+    budget = memory_budget(LimitsSpec(), joined, workers=2)
+    assert budget.worker_bytes == joined["node_memory"] / 2 and budget.machine_bytes is None
