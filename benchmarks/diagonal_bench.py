@@ -33,7 +33,9 @@ import _common  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline.curvature import BatchWork, CurvatureEngine, resolve_loss  # noqa: E402
+from pipeline.curvature.engine import CurvatureEngine  # noqa: E402
+from pipeline.curvature.losses import resolve_loss  # noqa: E402
+from pipeline.curvature.requests import BatchWork  # noqa: E402
 
 LOSS = resolve_loss(SimpleNamespace(name="sparse_categorical_crossentropy", options={"from_logits": True},
                                     function=None))

@@ -55,7 +55,9 @@ import _common  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline.curvature import BatchWork, CurvatureEngine, resolve_loss  # noqa: E402
+from pipeline.curvature.engine import CurvatureEngine  # noqa: E402
+from pipeline.curvature.losses import resolve_loss  # noqa: E402
+from pipeline.curvature.requests import BatchWork  # noqa: E402
 from pipeline.probes import rademacher  # noqa: E402
 
 TARGET_HVP = 2.0  # one HVP <= 2.0 gradients
@@ -287,7 +289,7 @@ def check_hvps(label, engine, refs, inputs, labels, checks):
     close(f"{label}: engine gradient == plain gradient", part.sums["gradient"],
           engine.flatten(grads).numpy(), checks)
     z = rademacher(0, range(2), engine.parameters)
-    probes = engine.partial(inputs, labels, None, rows, BatchWork(hessian_diagonal="hutchinson", probes=z))
+    probes = engine.partial(inputs, labels, None, rows, BatchWork(probes=z))
     hz = refs.reverse_over_reverse(tf.constant(z[1], tf.float32)).numpy()
     close(f"{label}: engine Hutchinson z*(Hz) == reverse-over-reverse", probes.sums["hessian_probes"][1],
           z[1] * hz, checks)
@@ -348,7 +350,7 @@ def bench_model(key, title, model, n, settings, checks):
     add("engine HVP, K=1, no gradient (compiled)", lambda: hvp1_bare(x_t, y_t, s_t, v1_t),
         note="the form of every spectral pass")
     add("engine HVP block K=8 (partial)", partial(BatchWork(hvp_vectors=v8)), per=8)
-    add("Hutchinson K=16 (partial)", partial(BatchWork(hessian_diagonal="hutchinson", probes=z16)), per=16,
+    add("Hutchinson K=16 (partial)", partial(BatchWork(probes=z16)), per=16,
         note="one compiled call of 16 probes")
     hvp16 = engine.hvp_function(specs, 16, probe_products=True)
     z16_t = tf.constant(z16, tf.float32)
@@ -361,7 +363,7 @@ def bench_model(key, title, model, n, settings, checks):
         first_call_s=first["reverse"], note="textbook d(g.v)/dw")
     add("naive nested tapes HVP (eager)", lambda: refs.naive_hvp(v_flat), reps=settings.naive_reps,
         first_call_s=first["naive"], note="the same tapes, no tf.function")
-    add("Fisher diagonal (partial)", partial(BatchWork(fisher_diagonal=True)), note="includes loss and gradient")
+    add("Fisher diagonal (partial)", partial(BatchWork(sum_grad_squared=True)), note="includes loss and gradient")
     add("GGN diagonal exact (partial)", partial(BatchWork(ggn_diagonal="exact")), note="includes loss and gradient")
     add("GGN diagonal MC, 1 sample (partial)", partial(BatchWork(ggn_diagonal="mc", ggn_samples=1)),
         note="includes loss and gradient")

@@ -18,7 +18,7 @@ Figures, all from one run of this script:
 (i)   Efficiency. The compute phase of a pipeline run (``WorkerPool.map_shards``: from the
       first shard submitted to the last partial reduced) against a plain loop in this
       process over the same data with the same kernels (``CurvatureEngine.partial`` over
-      ``pipeline.data.read_shard`` of one shard covering every row, the same ``BatchWork``),
+      ``pipeline.storage.dataset.read_shard`` of one shard covering every row, the same ``BatchWork``),
       timed before and after the pipeline runs and averaged (other jobs on a shared machine
       come and go; the table shows both and the load average at the end of each measure).
       The start-up that every run pays once (planning, worker actors started, TensorFlow
@@ -30,7 +30,7 @@ Figures, all from one run of this script:
       job (4 Hutchinson probes instead of 100) keeps the 4x run short: memory follows the
       data, not the probes.
 
-The pipeline's own code is timed through ``pipeline.runner.run``: ``WorkerPool`` is replaced,
+The pipeline's own code is timed through ``pipeline.driver.run``: ``WorkerPool`` is replaced,
 for this process only, by a subclass that times each pass and asks each worker for its
 ``probe_memory()`` before the pool is closed. Nothing is asserted: figures beside their
 targets are marked PASS or MISS, and the exit status is 0 unless the numbers of the pipeline
@@ -127,7 +127,7 @@ def timed_pool_class():
     """``WorkerPool`` that records its start-up, each pass's time and its workers' memory."""
     import ray
 
-    from pipeline import runner
+    from pipeline import driver as runner
 
     class TimedPool(runner.WorkerPool):
         def __init__(self, plan, log):
@@ -155,8 +155,8 @@ def timed_pool_class():
 
 
 def pipeline_run(spec, workers: int, run_id: str) -> dict:
-    """``pipeline.runner.run`` end to end, with the pool's own record."""
-    from pipeline import runner
+    """``pipeline.driver.run`` end to end, with the pool's own record."""
+    from pipeline import driver as runner
 
     original = runner.WorkerPool
     runner.WorkerPool = timed_pool_class()
@@ -176,15 +176,17 @@ def pipeline_run(spec, workers: int, run_id: str) -> dict:
 
 def in_process(spec) -> dict:
     """The same kernels in a plain loop: one shard covering every row, this process."""
-    from pipeline.curvature import CurvatureEngine, load_model, resolve_loss
-    from pipeline.data import read_shard
+    from pipeline.curvature.engine import CurvatureEngine
+    from pipeline.curvature.losses import resolve_loss
+    from pipeline.curvature.model import load_model
     from pipeline.partial import Partial
-    from pipeline.reduce import finalize
-    from pipeline.runner import batch_work, make_plan
+    from pipeline.plan import make_plan
+    from pipeline.quantities import finalize, main_request
+    from pipeline.storage.dataset import read_shard
 
     plan = make_plan(spec, workers=1, cluster={"CPU": 1})
     (shard,) = plan.data.shards
-    work = batch_work(spec, plan)
+    work = main_request(spec.quantities, plan.context())
     start = time.perf_counter()
     engine = CurvatureEngine(load_model(spec.model), resolve_loss(spec.loss), precision=spec.precision)
     ready = time.perf_counter()

@@ -10,7 +10,7 @@ The job is ``jobs/example.yaml`` (the 64-32-10 digits MLP, P = 2,410, 4,000 rows
 files, float32, batch 256, shards and workers auto) with its ``eigenvalues`` settings alone
 (top 5 largest, at most 30 iterations, tol 1e-5). Figures, all from one run of this script:
 
-(a) Top 5 eigenvalues through ``pipeline.runner.run``: passes over the data (the manifest's
+(a) Top 5 eigenvalues through ``pipeline.driver.run``: passes over the data (the manifest's
     ``passes``: 1 for the per-example sums, the rest block Lanczos, one block of
     ``default_block(5) = 5`` vectors per pass, plus one pass for the true residuals) and wall
     time, end to end and in the Lanczos passes. ``WorkerPool`` is replaced, for this process
@@ -81,7 +81,7 @@ class PassTimes:
     """Installs a ``WorkerPool`` that times each pass, for this process only."""
 
     def __init__(self):
-        from pipeline import runner
+        from pipeline import driver as runner
 
         self.runner = runner
         self.original = runner.WorkerPool
@@ -106,7 +106,7 @@ class PassTimes:
 
 
 def eigenvalue_run(spec) -> dict:
-    from pipeline import runner
+    from pipeline import driver as runner
 
     with PassTimes() as times:
         start = time.perf_counter()
@@ -130,7 +130,9 @@ def block_passes(spec, settings: Settings) -> dict:
     import ray
 
     from pipeline.probes import rademacher
-    from pipeline.runner import HessianOperator, WorkerPool, make_plan
+    from pipeline.cluster.pool import WorkerPool
+    from pipeline.driver import HessianOperator
+    from pipeline.plan import make_plan
 
     plan = make_plan(spec, cluster=ray.cluster_resources())
     pool = WorkerPool(plan, io.StringIO())
@@ -169,11 +171,14 @@ def block_passes(spec, settings: Settings) -> dict:
 
 def block_batch(spec, settings: Settings) -> dict:
     """The same comparison for one batch in this process: the kernels alone."""
-    from pipeline.curvature import BatchWork, CurvatureEngine, load_model, resolve_loss
-    from pipeline.data import read_shard
+    from pipeline.curvature.engine import CurvatureEngine
+    from pipeline.curvature.losses import resolve_loss
+    from pipeline.curvature.model import load_model
+    from pipeline.curvature.requests import BatchWork
+    from pipeline.storage.dataset import read_shard
     from pipeline.job import load_job
     from pipeline.probes import rademacher
-    from pipeline.runner import make_plan
+    from pipeline.plan import make_plan
 
     spec = load_job({**spec.to_dict(), "shards": 1})  # one shard: its first batch is a full one
     plan = make_plan(spec, workers=1, cluster={"CPU": 1})

@@ -1,264 +1,38 @@
-"""The Python API: run a job, load a published run as pandas tables and numpy arrays.
-
-``pipeline.run`` and ``pipeline.load`` (re-exported lazily by ``pipeline/__init__.py``) are
-for notebooks and scripts; the command line is a thin layer over the same functions.
+"""The Python API for notebooks and scripts: ``pipeline.run`` (this module) and
+``pipeline.load`` (``pipeline.read.run``), re-exported by ``pipeline/__init__.py``. The command
+line is a thin layer over the same functions.
 
     >>> import pipeline                                                   # doctest: +SKIP
-    >>> result = pipeline.load("results/digits-mlp/date=2026-11-26/run=r1")  # doctest: +SKIP
+    >>> result = pipeline.run("jobs/example.yaml", overrides=["data.limit=512"])  # doctest: +SKIP
     >>> result.summary.query("variable == '__all__'")                      # doctest: +SKIP
-    >>> result.variable("hidden/kernel").hessian_diagonal.shape           # doctest: +SKIP
-    (64, 32)
-
-Loading reads only PyArrow, pandas and numpy: no TensorFlow, no Ray. Tables are read on first
-use and kept; a run directory may be local or a URI (``s3://``, ``gs://``, ``file://``).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
-
-import numpy as np
-
-from pipeline.errors import InputError
-
-DIAGONAL_QUANTITIES = ("hessian_diagonal", "hessian_diagonal_stderr", "ggn_diagonal", "ggn_diagonal_stderr",
-                       "fisher_diagonal", "gradient")
-# Quantities that become arrays in a variable's own shape (hvp: one leading axis per vector).
-ARRAY_QUANTITIES = DIAGONAL_QUANTITIES + ("hvp", "hvp_vectors")
-TABLES = ("diagonals", "summary", "hvp", "hvp_vectors", "eigenvalues", "trace", "spectrum")
-
-
-@dataclass(frozen=True)
-class Variable:
-    """One trainable variable of a run: its name, shape and every per-parameter quantity.
-
-    ``arrays`` maps a quantity (``hessian_diagonal``, ``gradient``, ``hvp``, ...) to a float64
-    array of the variable's shape (``hvp`` and ``hvp_vectors``: ``[K, *shape]``, one row per
-    vector). Each quantity is also an attribute: ``variable.hessian_diagonal``.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    def __getattr__(self, quantity: str) -> np.ndarray:
-        if quantity.startswith("_") or quantity in ("name", "shape", "arrays"):
-            raise AttributeError(quantity)
-        arrays = self.__dict__.get("arrays", {})
-        if quantity in arrays:
-            return arrays[quantity]
-        if quantity in ARRAY_QUANTITIES:
-            raise AttributeError(f"{quantity} was not computed in this run (present: {', '.join(arrays) or 'none'})")
-        raise AttributeError(f"{type(self).__name__!r} has no attribute {quantity!r}")
-
-    def __repr__(self) -> str:
-        return f"Variable({self.name!r}, shape={self.shape}, quantities={list(self.arrays)})"
-
-
-class Run:
-    """A published run, read from its directory.
-
-    Tables (pandas DataFrames, read on first use): ``diagonals``, ``summary``, ``hvp``,
-    ``hvp_vectors``, ``eigenvalues``, ``trace``, ``spectrum``, in the layouts of the output
-    section of README.md; a table the run did not compute raises ``InputError`` naming the
-    ones it has (``has("spectrum")`` asks first). ``manifest`` is the manifest as a dict.
-    Per variable, ``variable(name)`` and ``arrays(quantity)`` give numpy arrays in each
-    variable's own shape (C order, as the contract flattens them).
-    """
-
-    def __init__(self, run_dir: str):
-        from pipeline.publish import read_manifest
-
-        self.run_dir = run_dir if "://" in str(run_dir) else os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
-        self.manifest: dict[str, Any] = read_manifest(self.run_dir)
-        if self.manifest.get("status") != "complete":
-            raise InputError(f"{run_dir} is not a complete run (status {self.manifest.get('status')!r}): "
-                             "run the job again")
-        self._tables: dict[str, Any] = {}
-
-    # ------------------------------------------------------------------ facts
-    @property
-    def run_id(self) -> str:
-        return self.manifest.get("run_id", "")
-
-    @property
-    def name(self) -> str:
-        return self.manifest.get("job", {}).get("name", "")
-
-    @property
-    def loss(self) -> float:
-        return float(self.manifest.get("loss", float("nan")))
-
-    @property
-    def parameters(self) -> int:
-        return int(self.manifest.get("parameters", 0))
-
-    @property
-    def files(self) -> list[str]:
-        return list(self.manifest.get("files", []))
-
-    def has(self, table: str) -> bool:
-        """Whether the run published ``table`` (``"spectrum"`` or ``"spectrum.parquet"``)."""
-        return f"{table.removesuffix('.parquet')}.parquet" in self.files
-
-    @cached_property
-    def variables(self) -> list[tuple[str, tuple[int, ...]]]:
-        """``(name, shape)`` of every trainable variable, in parameter order."""
-        listed = self.manifest.get("variables")
-        if listed:
-            return [(v["name"], tuple(int(d) for d in v["shape"])) for v in listed]
-        # Without the manifest's shapes (not written by every version) each variable is flat.
-        if self.has("diagonals"):
-            frame = self._read("diagonals", columns=["variable"])
-            counts = frame["variable"].value_counts(sort=False)
-            return [(str(name), (int(count),)) for name, count in counts.items()]
-        raise InputError(f"{self.run_dir}: the manifest has no variables and there is no diagonals.parquet to "
-                         "learn them from")
-
-    # ------------------------------------------------------------------ tables
-    def _read(self, name: str, columns: list[str] | None = None):
-        from pipeline.publish import read_run_table
-
-        if not self.has(name):
-            computed = ", ".join(f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet"))
-            raise InputError(f"run {self.run_id} has no {name}.parquet (it has: {computed or 'nothing'}): add the "
-                             f"quantity to the job and run it again")
-        key = (name, tuple(columns) if columns else None)
-        if key not in self._tables:
-            self._tables[key] = read_run_table(self.run_dir, f"{name}.parquet", columns).to_pandas()
-        return self._tables[key]
-
-    @property
-    def diagonals(self):
-        """One row per parameter: ``variable``, ``index``, then each diagonal quantity computed."""
-        return self._read("diagonals")
-
-    @property
-    def summary(self):
-        """Per (variable, quantity) and ``__all__``: size, mean, std, min, max, abs_mean, sum, l2_norm."""
-        return self._read("summary")
-
-    @property
-    def hvp(self):
-        """Hessian-vector products, long layout: ``vector``, ``variable``, ``index``, ``value``."""
-        return self._read("hvp")
-
-    @property
-    def hvp_vectors(self):
-        """The random vectors the HVPs used (``hvp: {random: K}``), same layout as ``hvp``."""
-        return self._read("hvp_vectors")
-
-    @property
-    def eigenvalues(self):
-        """``rank`` (1 first), ``eigenvalue``, ``residual`` = ``|Hv - lambda v|``."""
-        return self._read("eigenvalues")
-
-    @property
-    def trace(self):
-        """One row: ``method``, ``estimate``, ``stderr``, ``matvecs``."""
-        return self._read("trace")
-
-    @property
-    def spectrum(self):
-        """Stochastic Lanczos quadrature: ``run``, ``node``, ``weight`` (a run's weights sum to 1)."""
-        return self._read("spectrum")
-
-    def spectrum_runs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Nodes and weights per SLQ run, as ``pipeline.spectrum.slq.density`` takes them."""
-        frame = self.spectrum
-        nodes, weights = [], []
-        for _, part in frame.groupby("run", sort=True):
-            nodes.append(part["node"].to_numpy(np.float64))
-            weights.append(part["weight"].to_numpy(np.float64))
-        return nodes, weights
-
-    # ------------------------------------------------------------------ arrays
-    def quantities(self) -> list[str]:
-        """The per-parameter quantities of this run that ``arrays`` and ``variable`` give."""
-        present = [c for c in DIAGONAL_QUANTITIES if self.has("diagonals") and c in self._diagonal_columns]
-        return present + [name for name in ("hvp", "hvp_vectors") if self.has(name)]
-
-    @cached_property
-    def _diagonal_columns(self) -> list[str]:
-        from pipeline.publish import read_run_table
-
-        return list(read_run_table(self.run_dir, "diagonals.parquet", schema_only=True).names)
-
-    def _flat(self, quantity: str) -> np.ndarray:
-        """``[P]`` (diagonal quantities) or ``[K, P]`` (hvp) in parameter order."""
-        if quantity in DIAGONAL_QUANTITIES:
-            if not self.has("diagonals") or quantity not in self._diagonal_columns:
-                raise InputError(f"run {self.run_id} has no {quantity} (per-parameter quantities: "
-                                 f"{', '.join(self.quantities()) or 'none'})")
-            return self.diagonals[quantity].to_numpy(np.float64)
-        if quantity in ("hvp", "hvp_vectors"):
-            frame = self._read(quantity)
-            order = {name: k for k, (name, _) in enumerate(self.variables)}
-            frame = frame.assign(_owner=frame["variable"].map(order)).sort_values(
-                ["vector", "_owner", "index"], kind="stable")
-            count = frame["vector"].nunique()
-            return frame["value"].to_numpy(np.float64).reshape(count, -1)
-        raise InputError(f"unknown quantity {quantity!r}: one of {', '.join(ARRAY_QUANTITIES)}")
-
-    def arrays(self, quantity: str) -> dict[str, np.ndarray]:
-        """``{variable name: array of its shape}`` for one quantity (``hvp``: ``[K, *shape]``)."""
-        flat = self._flat(quantity)
-        sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in self.variables]
-        if flat.shape[-1] != sum(sizes):
-            raise InputError(f"run {self.run_id}: {quantity} has {flat.shape[-1]} values but the variables hold "
-                             f"{sum(sizes)}: the run is damaged")
-        out, start = {}, 0
-        for (name, shape), size in zip(self.variables, sizes):
-            part = flat[..., start:start + size]
-            out[name] = part.reshape(flat.shape[:-1] + tuple(shape))
-            start += size
-        return out
-
-    def variable(self, name: str) -> Variable:
-        """Every per-parameter quantity of one variable, each in the variable's shape."""
-        shapes = dict(self.variables)
-        if name not in shapes:
-            raise InputError(f"run {self.run_id} has no variable {name!r} (variables: "
-                             f"{', '.join(shapes)})")
-        return Variable(name, shapes[name], {q: self.arrays(q)[name] for q in self.quantities()})
-
-    def __repr__(self) -> str:
-        tables = [f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet")]
-        return (f"Run({self.name!r}, run_id={self.run_id!r}, examples={self.manifest.get('examples')}, "
-                f"parameters={self.parameters}, tables={tables})")
-
-
-def load(run_dir: str | os.PathLike) -> Run:
-    """The published run at ``run_dir`` (a directory with ``manifest.json``; local or a URI)."""
-    return Run(os.fspath(run_dir))
+from pipeline import driver
+from pipeline.job import JobSpec, load_job
+from pipeline.plan import Plan
+from pipeline.read.run import Run, load
 
 
 def run(job, *, overrides: list[str] | tuple = (), output: str | None = None, run_id: str | None = None,
-        address: str | None = None, workers: int | None = None, dry_run: bool = False, stream=None):
+        address: str | None = None, workers: int | None = None, dry_run: bool = False,
+        stream=None) -> Run | Plan:
     """Runs ``job`` on Ray and returns the published run, loaded (a ``Run``).
 
     ``job`` is a YAML file path, a mapping in the job file's layout, or a ``JobSpec``;
     ``overrides`` are ``--set`` strings (``["data.batch_size=64"]``). The other options are those
     of ``hessian-pipeline run``. Progress goes to ``stream`` (default: stderr). With ``dry_run``
-    the plan is returned (``print(plan.describe())``) and nothing is computed.
+    the plan is returned (``print(plan.describe())``) and nothing is computed. Raises
+    ``InputError`` (bad input, exit status 2 on the command line) or ``ComputeError`` (a failure
+    that survived its retries, exit status 1).
     """
-    from pipeline.job import JobSpec, load_job
-    from pipeline.runner import Plan
-    from pipeline.runner import run as run_job
-
     if isinstance(job, JobSpec):
         spec = load_job(job.to_dict(), overrides) if overrides else job
     else:
         spec = load_job(job, overrides)
-    result = run_job(spec, output=output, run_id=run_id, address=address, workers=workers, dry_run=dry_run,
-                     stream=stream)
+    result = driver.run(spec, output=output, run_id=run_id, address=address, workers=workers, dry_run=dry_run,
+                        stream=stream)
     if isinstance(result, Plan):
         return result
     return load(result.run_dir)

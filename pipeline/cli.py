@@ -16,6 +16,7 @@ import warnings
 
 from pipeline import __version__
 from pipeline.errors import InputError, PipelineError
+from pipeline.job import load_job
 
 EXAMPLES = {
     "run": """examples:
@@ -117,9 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each command imports its own layers when it runs (deliberately lazy): `show`, `compare` and
+# `report` never import TensorFlow or Ray, and `--help` or a bad argument costs no import at all.
 def _run(args, out, err) -> int:
-    from pipeline.job import load_job
-    from pipeline.runner import Plan, run
+    from pipeline.driver import run  # lazy: TensorFlow and Ray
+    from pipeline.plan import Plan  # lazy: TensorFlow
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be a positive integer, got {args.workers}: e.g. --workers 2")
@@ -136,8 +139,7 @@ def _run(args, out, err) -> int:
 
 
 def _validate(args, out, err) -> int:
-    from pipeline.job import load_job
-    from pipeline.runner import make_plan
+    from pipeline.plan import make_plan  # lazy: TensorFlow
 
     job = load_job(args.job, args.overrides)
     plan = make_plan(job, cluster={"CPU": os.cpu_count() or 1})
@@ -151,14 +153,14 @@ def _validate(args, out, err) -> int:
 
 
 def _show(args, out, err) -> int:
-    from pipeline.show import show_run
+    from pipeline.read.show import show_run  # lazy: PyArrow
 
     out.write(show_run(args.run_dir))
     return 0
 
 
 def _submit(args, out, err) -> int:
-    from pipeline.submit import submit
+    from pipeline.cluster.submit import submit  # lazy: Ray
 
     for flag, value in (("--workers", args.workers), ("--gpus", args.gpus)):
         if value is not None and value < 1:
@@ -172,7 +174,7 @@ def _submit(args, out, err) -> int:
 
 
 def _compare(args, out, err) -> int:
-    from pipeline.compare import RENDERERS, compare_runs
+    from pipeline.read.compare import RENDERERS, compare_runs  # lazy: PyArrow
 
     if args.fail_above is not None and not args.fail_above >= 0:
         raise InputError(f"--fail-above must be a relative change >= 0, got {args.fail_above}: e.g. 0.05 for 5%")
@@ -191,7 +193,7 @@ def _compare(args, out, err) -> int:
 
 
 def _report(args, out, err) -> int:
-    from pipeline.report import write_report
+    from pipeline.read.report import write_report  # lazy: PyArrow and matplotlib
 
     if args.sigma is not None and not args.sigma > 0:
         raise InputError(f"--sigma must be a positive width, got {args.sigma}: e.g. --sigma 0.01")
@@ -220,8 +222,8 @@ def _import_tensorflow_quietly() -> None:
     try:
         os.dup2(devnull, 2)
         try:
-            import keras  # noqa: F401
-            import tensorflow  # noqa: F401
+            import keras  # noqa: F401 - lazy: see the docstring
+            import tensorflow  # noqa: F401 - lazy: see the docstring
         except Exception:  # noqa: BLE001 - shown below, with stderr restored
             pass
     finally:

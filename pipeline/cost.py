@@ -10,13 +10,15 @@ the engine, the workers and the driver take. These are estimates for planning an
 good to a small factor, not promises: the manifest records the estimate beside the measured
 peaks and seconds (``estimate``, ``memory``), so a wrong one shows.
 
-Example::
+Each quantity unit (``pipeline.quantities``) gives its own ``QuantityCost`` from the building
+blocks here; ``combine`` adds them up for the whole run, and ``pipeline.quantities.estimate``
+does both::
 
     >>> m = Measurement(rows=64, gradient_seconds=0.01, activation_bytes=1 << 20,
     ...                 process_bytes=600 << 20, row_bytes=520)
     >>> w = Workload(parameters=2410, largest_variable=2048, outputs=10, itemsize=4, batch_size=64,
     ...              batches=30, rows=1900, workers=2, worker_cpus=1)
-    >>> c = estimate({"gradient": {}, "eigenvalues": {"top": 3, "iterations": 20}}, w, m)
+    >>> c = combine([QuantityCost("gradient"), QuantityCost("eigenvalues", passes=21, vectors=3)], w, m)
     >>> c.passes, [q.name for q in c.quantities]
     (22, ['gradient', 'eigenvalues'])
 """
@@ -29,8 +31,6 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import InputError
 from pipeline.memory import gib
-from pipeline.spectrum.lanczos import default_block
-from pipeline.spectrum.trace import MAX_BLOCK, trace_passes
 
 # One more Hessian-vector product on a batch whose forward pass and gradient are already on the
 # tape: one backward pass through the gradient computation (an HVP alone measured 1.9x (MLP) to
@@ -57,9 +57,6 @@ TABLE_ENTRY_BYTES = 48
 # standard error). Measured with the bundled example at K = 4,000.
 WORKER_VECTOR_COPIES = 3
 DRIVER_VECTOR_COPIES = 8
-# An exact Hessian diagonal costs one HVP per parameter and batch: refused above this many in
-# total unless ``hessian_diagonal.force`` (about a day on one CPU core for a small model).
-EXACT_DIAGONAL_LIMIT = 5e7
 # Workers keep their shards in memory between passes up to this size (``workers.ShardWorker``).
 SHARD_CACHE_BYTES = 1 << 30
 
@@ -153,13 +150,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:,.1f} days"
 
 
-# ------------------------------------------------------------------------------ per quantity
-def _vectors(w: Workload, count: int) -> float:
+# ------------------------------------------------------------------------------ building blocks
+# The engine's building blocks, which the quantity units (``pipeline.quantities``) combine into
+# their own costs.
+def vector_bytes(w: Workload, count: int) -> float:
     """A worker's memory for ``count`` vectors of Hessian-vector products."""
     return count * w.parameters * (8 * WORKER_VECTOR_COPIES + w.itemsize)
 
 
-def _per_example(w: Workload, m: Measurement, products: int) -> tuple[float, float]:
+def driver_vector_bytes(w: Workload, count: int) -> float:
+    """The driver's memory for ``count`` vectors of per-probe or per-vector sums."""
+    return DRIVER_VECTOR_COPIES * 8 * count * w.parameters
+
+
+def per_example(w: Workload, m: Measurement, products: int) -> tuple[float, float]:
     """(gradient equivalents, worker bytes) of ``products`` per-example products per example."""
     rows_per_chunk = max(1, w.vjp_budget // max(1, w.parameters))
     if w.per_example_route == "loop":
@@ -170,28 +174,12 @@ def _per_example(w: Workload, m: Measurement, products: int) -> tuple[float, flo
     return 1.0 + main, held + 3 * 8 * w.parameters
 
 
-def _diagonal_driver(w: Workload) -> float:
+def diagonal_driver_bytes(w: Workload) -> float:
     """A diagonal quantity in the driver: sums, the reduced total, and its rows in the tables."""
     return 4 * 8 * w.parameters + 2 * TABLE_ENTRY_BYTES * w.parameters
 
 
-def _gradient(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    return QuantityCost("gradient", worker_bytes=3 * 8 * w.parameters, driver_bytes=_diagonal_driver(w))
-
-
-def _fisher(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    main, held = _per_example(w, m, 1)
-    return QuantityCost("fisher_diagonal", main=main, worker_bytes=held, driver_bytes=_diagonal_driver(w))
-
-
-def _ggn(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    products = w.outputs if options.get("method") == "exact" else int(options.get("samples", 1))
-    main, held = _per_example(w, m, products)
-    held += 8 * w.batch_size * w.outputs * (w.outputs + 2)  # output derivatives and their Hessians
-    return QuantityCost("ggn_diagonal", main=main, worker_bytes=held, driver_bytes=2 * _diagonal_driver(w))
-
-
-def _exact_diagonal(w: Workload, m: Measurement) -> tuple[float, float]:
+def exact_diagonal(w: Workload, m: Measurement) -> tuple[float, float]:
     """(gradient equivalents, worker bytes) of diag(H) by P basis-vector HVPs per batch."""
     block = min(w.diagonal_block, w.largest_variable)
     if w.route == "loop":
@@ -207,70 +195,10 @@ def _exact_diagonal(w: Workload, m: Measurement) -> tuple[float, float]:
     return main, held + 3 * 8 * w.parameters
 
 
-def _hessian_diagonal(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    if options.get("method") == "hutchinson":
-        k = int(options["probes"])
-        return QuantityCost("hessian_diagonal", main=k * HVP_GRADIENTS,
-                            worker_bytes=_vectors(w, k) + m.activation_bytes,
-                            driver_bytes=DRIVER_VECTOR_COPIES * 8 * k * w.parameters + 2 * _diagonal_driver(w))
-    main, held = _exact_diagonal(w, m)
-    total = float(w.parameters) * w.batches
-    if total > EXACT_DIAGONAL_LIMIT and not options.get("force"):
-        raise InputError(
-            f"an exact Hessian diagonal of {w.parameters:,} parameters over {w.batches:,} batches needs "
-            f"{total:,.0f} Hessian-vector products (days of compute): use hessian_diagonal: "
-            "{method: hutchinson}, or set quantities.hessian_diagonal.force=true")
-    return QuantityCost("hessian_diagonal", main=main, worker_bytes=held, driver_bytes=_diagonal_driver(w))
-
-
-def _hvp(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    # Vectors from a file have been counted by the plan only once read; a random count is known.
-    k = int(options.get("random") or options.get("count") or 0)
-    tables = (2 if options.get("random") else 1) * TABLE_ENTRY_BYTES * k * w.parameters
-    return QuantityCost("hvp", main=k * HVP_GRADIENTS, worker_bytes=_vectors(w, k) + m.activation_bytes,
-                        driver_bytes=DRIVER_VECTOR_COPIES * 8 * k * w.parameters + tables)
-
-
-def _trace(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    method, probes = options["method"], int(options["probes"])
-    if method == "exact":  # the exact diagonal's products, filtered
-        main, held = _exact_diagonal(w, m)
-        return QuantityCost("trace", main=main, worker_bytes=held)
-    passes = trace_passes(method, probes)
-    block = min(probes, MAX_BLOCK)
-    return QuantityCost("trace", passes=passes, vectors=block, worker_bytes=_vectors(w, block),
-                        driver_bytes=3 * 8 * probes * w.parameters + 4 * 8 * block * w.parameters)
-
-
-def _eigenvalues(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    block = default_block(int(options["top"]))
-    steps = int(options["iterations"]) + 1
-    basis = 8 * w.parameters * block * steps
-    return QuantityCost("eigenvalues", passes=steps, vectors=block, worker_bytes=_vectors(w, block),
-                        driver_bytes=basis + 6 * 8 * block * w.parameters)
-
-
-def _spectrum(options: dict, w: Workload, m: Measurement) -> QuantityCost:
-    runs, steps = int(options["runs"]), int(options["steps"])
-    return QuantityCost("spectrum", passes=steps, vectors=runs, worker_bytes=_vectors(w, runs),
-                        driver_bytes=8 * runs * steps * w.parameters + 6 * 8 * runs * w.parameters)
-
-
-_QUANTITY_COSTS = {
-    "gradient": _gradient,
-    "fisher_diagonal": _fisher,
-    "ggn_diagonal": _ggn,
-    "hessian_diagonal": _hessian_diagonal,
-    "hvp": _hvp,
-    "trace": _trace,
-    "eigenvalues": _eigenvalues,
-    "spectrum": _spectrum,
-}
-
-
 # ------------------------------------------------------------------------------ the whole run
-def estimate(quantities: dict, w: Workload, m: Measurement) -> Cost:
-    """Passes, seconds and peak bytes per worker and in the driver for ``quantities``.
+def combine(parts: list[QuantityCost], w: Workload, m: Measurement) -> Cost:
+    """Passes, seconds and peak bytes per worker and in the driver of a run whose quantities
+    cost ``parts`` (each unit's ``Quantity.cost``).
 
     Time: ``STARTUP_SECONDS`` plus, per pass, ``batches x gradient_seconds x (gradient
     equivalents per batch)``, shared by the workers (on CPUs, in proportion to the CPUs they
@@ -280,12 +208,6 @@ def estimate(quantities: dict, w: Workload, m: Measurement) -> Cost:
     """
     speedup = max(1.0, w.workers * w.worker_cpus / max(1, os.cpu_count() or 1)) if not w.gpus else float(w.workers)
     per_batch = m.gradient_seconds * w.batches / speedup
-    parts = [_QUANTITY_COSTS[name](options or {}, w, m) for name, options in quantities.items()]
-    # An exact trace rides on the exact diagonal when both are asked: count its products once.
-    if "hessian_diagonal" in quantities and (quantities.get("hessian_diagonal") or {}).get("method") == "exact":
-        for q in parts:
-            if q.name == "trace" and not q.passes:
-                q.main = q.worker_bytes = 0.0
     for q in parts:
         q.seconds = per_batch * (q.main + q.passes * (1.0 + HVP_GRADIENTS * q.vectors))
     passes = 1 + sum(q.passes for q in parts)

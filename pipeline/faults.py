@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
+import time
 
 FAULT = "HESSIAN_PIPELINE_FAULT"
 FAULT_DIR = "HESSIAN_PIPELINE_FAULT_DIR"
@@ -86,8 +88,6 @@ def record(event: str) -> None:
 
 def die(point: str) -> None:
     """Ends this process at once, as a crash would (no cleanup, no atexit)."""
-    import sys
-
     sys.stderr.write(f"fault injected: {point}: exiting\n")
     sys.stderr.flush()
     os._exit(1)
@@ -100,8 +100,6 @@ def worker_faults(shard_index: int, node: str | None = None) -> None:
         return
     delay = active("delay")
     if delay is not None:
-        import time
-
         time.sleep(float(delay.get("seconds", 1)))
     if active("kill-worker", shard=shard_index) is not None:
         die(f"kill-worker shard {shard_index}")

@@ -38,22 +38,23 @@ Extensions to the contract (section 3), documented in README.md:
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from pipeline import quantities
 from pipeline.errors import InputError
+from pipeline.options import (MISSING, Check, boolean, check_keys, choice, column_name, fail, is_int, one_line,
+                              positive_float, positive_int, resolved_path, show)
 
 __all__ = [
     "DEFAULTS",
     "KEYS",
-    "QUANTITIES",
     "DataSpec",
     "JobSpec",
     "Key",
@@ -178,109 +179,18 @@ def _plain(value: Any) -> Any:
 # (possibly converted) value, or raises InputError with one line.
 
 
-def _show(value: Any) -> str:
-    """A value as the user would recognise it from YAML, short and on one line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        text = "a list " + repr(list(value))
-    elif isinstance(value, dict):
-        text = "a mapping " + repr(value)
-    elif isinstance(value, (str, int, float)):
-        text = repr(value)
-    else:
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(key: str, expected: str, value: Any, fix: str) -> None:
-    raise InputError(f"{key} must be {expected}, got {_show(value)}: {fix}")
-
-
-def _is_int(value: Any) -> bool:
-    # YAML `true` is a bool, and bool is an int subclass: `batch_size: true` must not pass as 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-Check = Callable[[Any, str], Any]
-
-
-def _positive_int(example: int) -> Check:
-    def check(value: Any, key: str) -> int:
-        if not _is_int(value) or value < 1:
-            _fail(key, "a positive integer", value, f"set it to e.g. {example}")
-        return value
-
-    return check
-
-
-def _positive_float(example: float) -> Check:
-    def check(value: Any, key: str) -> float:
-        ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0
-        if not ok:
-            _fail(key, "a positive number", value, f"set it to e.g. {example:g}")
-        return float(value)
-
-    return check
-
-
-def _choice(*allowed: str, example: str | None = None) -> Check:
-    def check(value: Any, key: str) -> str:
-        if not isinstance(value, str) or value not in allowed:
-            _fail(key, "one of " + ", ".join(allowed), value,
-                  f"set it to e.g. {example or allowed[0]}")
-        return value
-
-    return check
-
-
-def _boolean(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        _fail(key, "true or false", value, "set it to true or false")
-    return value
-
-
 def _auto_or_positive_int(value: Any, key: str) -> int | str:
     if isinstance(value, str) and value == "auto":
         return value
-    if not _is_int(value) or value < 1:
-        _fail(key, "auto or a positive integer", value, "set it to auto or e.g. 8")
+    if not is_int(value) or value < 1:
+        fail(key, "auto or a positive integer", value, "set it to auto or e.g. 8")
     return value
 
 
 def _seed(value: Any, key: str) -> int:
-    if not _is_int(value) or not 0 <= value <= 2**31 - 1:
-        _fail(key, "an integer from 0 to 2147483647", value, "set it to e.g. 0")
+    if not is_int(value) or not 0 <= value <= 2**31 - 1:
+        fail(key, "an integer from 0 to 2147483647", value, "set it to e.g. 0")
     return value
-
-
-def _column(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        _fail(key, "a column name", value, "name a column of the Parquet data")
-    return value
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _path(base_dir: str, what: str) -> Check:
-    """A checker that resolves a local path against ``base_dir`` and keeps URIs as written."""
-
-    def check(value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            _fail(key, f"a path or URI of {what}", value, f"set it to {what}")
-        if _is_uri(value):
-            return value
-        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(value)))
-
-    return check
 
 
 _CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -290,30 +200,14 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 def _callable(value: Any, key: str) -> str:
     if not isinstance(value, str) or not _CALLABLE.match(value):
-        _fail(key, 'a "pkg.module:function" reference', value,
+        fail(key, 'a "pkg.module:function" reference', value,
               'write it as "pkg.module:function" with the module importable on the workers')
     return value
 
 
-def _check_keys(mapping: dict, allowed: tuple[str, ...] | list[str], where: str) -> None:
-    """Unknown keys are an error: a misspelt key would otherwise silently use the default."""
-    for key in mapping:
-        if key in allowed:
-            continue
-        dotted = f"{where}.{key}" if where else str(key)
-        hint = ""
-        close = difflib.get_close_matches(str(key), list(allowed), n=1)
-        if close:
-            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)"
-        place = f"in {where}" if where else "at the top level"
-        raise InputError(
-            f"unknown key {dotted}{hint}: the keys allowed {place} are {', '.join(allowed)}"
-        )
-
-
 def _mapping(value: Any, key: str, example: str) -> dict:
     if not isinstance(value, dict):
-        _fail(key, "a mapping", value, f"write it as e.g. {key}: {example}")
+        fail(key, "a mapping", value, f"write it as e.g. {key}: {example}")
     return value
 
 
@@ -328,74 +222,14 @@ def _required(mapping: dict, key: str, where: str, fix: str) -> Any:
 # The keys of a job file, as one table: used to fill defaults, to check quantity options and to
 # let a test check that README.md documents every key.
 
-_MISSING = object()  # a key without a default: required, or one of a pair (hvp)
-
-
 @dataclass(frozen=True)
 class Key:
     """One dotted key of a job file: its default (if any) and a one-line description."""
 
     help: str
-    default: Any = _MISSING
+    default: Any = MISSING
     required: bool = False
 
-
-@dataclass(frozen=True)
-class _Option:
-    check: Check
-    default: Any
-    help: str
-
-
-# Options of each quantity, in the order they are filled in. hvp is checked by _parse_hvp (its
-# two options exclude each other and vectors is a path), so its entries here only document it.
-QUANTITIES: dict[str, dict[str, _Option]] = {
-    "hessian_diagonal": {
-        "method": _Option(_choice("exact", "hutchinson"), "exact",
-                          "exact (one HVP per parameter) or hutchinson (probes HVPs)"),
-        "probes": _Option(_positive_int(100), 100, "Hutchinson probes (used with hutchinson)"),
-        "force": _Option(_boolean, False,
-                         "extension: allow the exact diagonal of a very large model"),
-    },
-    "ggn_diagonal": {
-        "method": _Option(_choice("exact", "mc"), "exact",
-                          "exact, or mc (Monte Carlo with labels sampled from the model)"),
-        "samples": _Option(_positive_int(1), 1, "Monte Carlo samples per example (with mc)"),
-    },
-    "fisher_diagonal": {},
-    "gradient": {},
-    "hvp": {
-        "vectors": _Option(_column, _MISSING, "Parquet file of vectors (layout of hvp.parquet)"),
-        "random": _Option(_positive_int(4), _MISSING, "number of random Rademacher vectors"),
-    },
-    "trace": {
-        "method": _Option(_choice("exact", "hutchinson", "hutch++", example="hutch++"), "hutch++",
-                          "exact, hutchinson or hutch++"),
-        "probes": _Option(_positive_int(100), 100, "matrix-vector products to spend"),
-    },
-    "eigenvalues": {
-        "top": _Option(_positive_int(5), 5, "how many eigenvalues"),
-        "which": _Option(_choice("largest", "smallest", "magnitude"), "largest",
-                         "largest, smallest or magnitude (largest absolute value)"),
-        "iterations": _Option(_positive_int(100), 100, "Lanczos iterations at most"),
-        "tol": _Option(_positive_float(1e-6), 1e-6, "convergence tolerance on the residual"),
-    },
-    "spectrum": {
-        "runs": _Option(_positive_int(4), 4, "stochastic Lanczos quadrature runs"),
-        "steps": _Option(_positive_int(64), 64, "Lanczos steps per run"),
-    },
-}
-
-_QUANTITY_HELP = {
-    "hessian_diagonal": "diag(H) of the objective",
-    "ggn_diagonal": "diagonal of the generalised Gauss-Newton matrix",
-    "fisher_diagonal": "empirical Fisher diagonal (1/N) sum g_i**2; no options",
-    "gradient": "dL/dw; no options",
-    "hvp": "Hessian-vector products; exactly one of vectors or random",
-    "trace": "trace of H",
-    "eigenvalues": "extreme eigenvalues of H (Lanczos)",
-    "spectrum": "spectral density of H (stochastic Lanczos quadrature)",
-}
 
 _TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regularization",
              "precision", "seed", "quantities", "output", "limits")
@@ -431,9 +265,9 @@ def _keys_table() -> dict[str, Key]:
         "seed": Key("seed of every stochastic estimator", 0),
         "quantities": Key("what to compute: any subset, each at most once", required=True),
     }
-    for quantity, options in QUANTITIES.items():
-        keys[f"quantities.{quantity}"] = Key(_QUANTITY_HELP[quantity])
-        for option, spec in options.items():
+    for quantity, unit in quantities.UNITS.items():
+        keys[f"quantities.{quantity}"] = Key(unit.help)
+        for option, spec in unit.options.items():
             keys[f"quantities.{quantity}.{option}"] = Key(spec.help, spec.default)
     keys["output"] = Key("root directory or URI of the published runs", "results")
     keys["limits"] = Key("extension: what a plan may cost before it is refused")
@@ -447,7 +281,7 @@ def _keys_table() -> dict[str, Key]:
 KEYS: dict[str, Key] = _keys_table()
 """Every dotted key a job file may contain, with its default and a one-line description."""
 
-DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items() if v.default is not _MISSING}
+DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items() if v.default is not MISSING}
 """The value each optional key takes when the job file leaves it out."""
 
 
@@ -562,7 +396,7 @@ def _yaml_problem(error: yaml.YAMLError) -> tuple[str, int | None]:
     started (PyYAML's context) is named too: that is where the fix usually goes.
     """
     if not isinstance(error, yaml.MarkedYAMLError):
-        return _one_line(str(error)), None
+        return one_line(str(error)), None
     problem = error.problem or error.context or "invalid YAML"
     mark = error.problem_mark or error.context_mark
     line = mark.line + 1 if mark is not None else None
@@ -570,7 +404,7 @@ def _yaml_problem(error: yaml.YAMLError) -> tuple[str, int | None]:
         started = error.context_mark.line + 1
         if started != line:
             problem += f" ({error.context} from line {started})"
-    return _one_line(problem), line
+    return one_line(problem), line
 
 
 def _read_job_file(job_path: str, shown: str) -> dict:
@@ -613,7 +447,7 @@ def _read_job_file(job_path: str, shown: str) -> dict:
     if not isinstance(raw, dict):
         raise InputError(
             f"job file {shown} must hold a mapping of keys (name, model, ...), got "
-            f"{_show(raw)}: write one key: value per line at the top level"
+            f"{show(raw)}: write one key: value per line at the top level"
         )
     return raw
 
@@ -627,7 +461,7 @@ _OVERRIDE_SEGMENT = re.compile(r"^[^\s=.]+$")
 def _parse_override(text: Any) -> tuple[list[str], Any]:
     if not isinstance(text, str) or "=" not in text:
         raise InputError(
-            f"--set {_show(text)} is not KEY=VALUE: write it as e.g. --set data.batch_size=64"
+            f"--set {show(text)} is not KEY=VALUE: write it as e.g. --set data.batch_size=64"
         )
     key, value_text = text.split("=", 1)
     key = key.strip()
@@ -670,7 +504,7 @@ def _apply_override(raw: dict, text: Any) -> None:
             child = node[segment] = {"name": child}
         elif not isinstance(child, dict):
             raise InputError(
-                f"--set {text!r}: {dotted} is {_show(child)}, not a mapping: "
+                f"--set {text!r}: {dotted} is {show(child)}, not a mapping: "
                 f"set {dotted} as a whole instead, e.g. --set '{dotted}={{...}}'"
             )
         node = child
@@ -698,7 +532,7 @@ def load_job(source: Any, overrides: list[str] | tuple = ()) -> JobSpec:
         base_dir = os.path.dirname(job_path)
     else:
         raise InputError(
-            f"a job must be a YAML file path or a mapping, got {_show(source)}: pass the path"
+            f"a job must be a YAML file path or a mapping, got {show(source)}: pass the path"
         )
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -714,16 +548,16 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
     """
     if not isinstance(raw, dict):
         raise InputError(
-            f"a job must be a mapping of keys (name, model, ...), got {_show(raw)}: "
+            f"a job must be a mapping of keys (name, model, ...), got {show(raw)}: "
             "write one key: value per line at the top level"
         )
     base_dir = os.path.abspath(os.path.expanduser(base_dir))
-    _check_keys(raw, _TOP_KEYS, "")
+    check_keys(raw, _TOP_KEYS, "")
 
     name = _required(raw, "name", "", "add e.g. name: digits-mlp")
     if not isinstance(name, str) or not _JOB_NAME.match(name) or set(name) == {"."}:
         # The name becomes a folder of the output, hence no spaces, slashes or "..".
-        _fail("name", "a string of letters, digits, '.', '_' and '-' (not only dots)", name,
+        fail("name", "a string of letters, digits, '.', '_' and '-' (not only dots)", name,
               "set it to e.g. digits-mlp (quote it if YAML reads it as a number)")
 
     def optional(key: str, check: Check) -> Any:
@@ -735,13 +569,14 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
         model=_parse_model(raw, base_dir),
         loss=_parse_loss(raw),
         data=_parse_data(raw, base_dir),
-        quantities=_parse_quantities(raw, base_dir),
+        quantities=quantities.parse(_required(raw, "quantities", "", "add e.g. quantities: {hessian_diagonal: "
+                                                                     "{method: exact}}"), base_dir),
         shards=optional("shards", _auto_or_positive_int),
         workers=optional("workers", _auto_or_positive_int),
-        include_regularization=optional("include_regularization", _boolean),
-        precision=optional("precision", _choice("float32", "float64")),
+        include_regularization=optional("include_regularization", boolean),
+        precision=optional("precision", choice("float32", "float64")),
         seed=optional("seed", _seed),
-        output=optional("output", _path(base_dir, "a results directory")),
+        output=optional("output", resolved_path(base_dir, "a results directory")),
         limits=_parse_limits(raw),
         job_path=job_path,
     )
@@ -752,25 +587,25 @@ def _parse_model(raw: dict, base_dir: str) -> ModelSpec:
                       'set it to a .keras file or {builder: "pkg.module:function"}')
     if isinstance(model, str):
         if model.endswith(".keras"):
-            return ModelSpec(path=_path(base_dir, "a .keras file")(model, "model"),
+            return ModelSpec(path=resolved_path(base_dir, "a .keras file")(model, "model"),
                              builder=None, weights=None)
         if _CALLABLE.match(model):
             fix = f'write model: {{builder: "{model}"}}'
         else:
             fix = ('save the model with model.save("model.keras") '
                    'or use {builder: "pkg.module:function"}')
-        _fail("model", "a .keras file or a mapping with builder", model, fix)
+        fail("model", "a .keras file or a mapping with builder", model, fix)
     if not isinstance(model, dict):
-        _fail("model", "a .keras file or a mapping with builder", model,
+        fail("model", "a .keras file or a mapping with builder", model,
               'set it to e.g. models/mlp.keras or {builder: "pkg.module:function"}')
-    _check_keys(model, _MODEL_KEYS, "model")
+    check_keys(model, _MODEL_KEYS, "model")
     builder = _callable(
         _required(model, "builder", "model", 'add builder: "pkg.module:function"'),
         "model.builder",
     )
     weights = model.get("weights")
     if weights is not None:
-        weights = _path(base_dir, "a weights file")(weights, "model.weights")
+        weights = resolved_path(base_dir, "a weights file")(weights, "model.weights")
     return ModelSpec(path=None, builder=builder, weights=weights)
 
 
@@ -786,7 +621,7 @@ def _check_plain_data(value: Any, key: str) -> None:
         for item in value.values():
             _check_plain_data(item, key)
         return
-    _fail(key, "plain YAML data (numbers, strings, booleans, lists, mappings)", value,
+    fail(key, "plain YAML data (numbers, strings, booleans, lists, mappings)", value,
           "write it as a plain YAML value")
 
 
@@ -813,13 +648,13 @@ def _parse_loss(raw: dict) -> LossSpec:
             _check_plain_data(value, f"loss.{option}")
         options = copy.deepcopy(options)
     else:
-        _fail("loss", "a loss name or a mapping with name", loss,
+        fail("loss", "a loss name or a mapping with name", loss,
               "set it to e.g. sparse_categorical_crossentropy or {name: ..., from_logits: true}")
     key = "loss.name" if isinstance(loss, dict) else "loss"
     if isinstance(name, str) and ":" in name:
         return LossSpec(name=None, options=options, function=_callable(name, key))
     if not isinstance(name, str) or not _KERAS_NAME.match(name):
-        _fail(key, 'a Keras loss name or "pkg.module:function"', name,
+        fail(key, 'a Keras loss name or "pkg.module:function"', name,
               "set it to e.g. sparse_categorical_crossentropy or mse")
     return LossSpec(name=name, options=options, function=None)
 
@@ -827,42 +662,42 @@ def _parse_loss(raw: dict) -> LossSpec:
 def _parse_columns(value: Any, key: str, allow_mapping: bool, what: str = "input") -> str | tuple | dict:
     """A column, a non-empty list of distinct columns, or {input_name or output_name: column}."""
     if isinstance(value, str):
-        return _column(value, key)
+        return column_name(value, key)
     if isinstance(value, (list, tuple)) and value:
-        columns = tuple(_column(column, key) for column in value)
+        columns = tuple(column_name(column, key) for column in value)
         if len(set(columns)) != len(columns):
-            _fail(key, "a list of distinct columns", value, "list each column once")
+            fail(key, "a list of distinct columns", value, "list each column once")
         return columns
     if allow_mapping and isinstance(value, dict) and value:
         for input_name, column in value.items():
             if not isinstance(input_name, str) or not input_name.strip():
-                _fail(key, f"a mapping of model {what} names to columns", value,
+                fail(key, f"a mapping of model {what} names to columns", value,
                       f"use the model's {what} names as keys")
-            _column(column, f"{key}.{input_name}")
+            column_name(column, f"{key}.{input_name}")
         return dict(value)
     expected = f"a column, a non-empty list of columns or a mapping {{{what}_name: column}}"
     if not allow_mapping:
         expected = "a column or a non-empty list of columns"
-    _fail(key, expected, value, "name the Parquet column(s) to use")
+    fail(key, expected, value, "name the Parquet column(s) to use")
 
 
 def _parse_data(raw: dict, base_dir: str) -> DataSpec:
     data = _required(raw, "data", "", "add data: {path: ..., features: ..., labels: ...}")
     data = _mapping(data, "data", "{path: data/train/, features: x, labels: y}")
-    _check_keys(data, _DATA_KEYS, "data")
+    check_keys(data, _DATA_KEYS, "data")
     path = _required(data, "path", "data", "set it to a Parquet file, directory or glob")
     features = _required(data, "features", "data", "name the column(s) that feed the model")
     labels = _required(data, "labels", "data", "name the column(s) of the labels")
     weights = data.get("weights", DEFAULTS["data.weights"])
     limit = data.get("limit", DEFAULTS["data.limit"])
     return DataSpec(
-        path=_path(base_dir, "the Parquet data")(path, "data.path"),
+        path=resolved_path(base_dir, "the Parquet data")(path, "data.path"),
         features=_parse_columns(features, "data.features", allow_mapping=True),
         labels=_parse_columns(labels, "data.labels", allow_mapping=True, what="output"),
-        weights=None if weights is None else _column(weights, "data.weights"),
-        batch_size=_positive_int(256)(data.get("batch_size", DEFAULTS["data.batch_size"]),
+        weights=None if weights is None else column_name(weights, "data.weights"),
+        batch_size=positive_int(256)(data.get("batch_size", DEFAULTS["data.batch_size"]),
                                       "data.batch_size"),
-        limit=None if limit is None else _positive_int(1000)(limit, "data.limit"),
+        limit=None if limit is None else positive_int(1000)(limit, "data.limit"),
         pad_value=_pad_value(data.get("pad_value", DEFAULTS["data.pad_value"]), "data.pad_value"),
     )
 
@@ -870,59 +705,16 @@ def _parse_data(raw: dict, base_dir: str) -> DataSpec:
 def _parse_limits(raw: dict) -> LimitsSpec:
     limits = raw.get("limits")
     limits = {} if limits is None else _mapping(limits, "limits", "{hours: 24, memory_gib: auto}")
-    _check_keys(limits, _LIMITS_KEYS, "limits")
+    check_keys(limits, _LIMITS_KEYS, "limits")
     memory = limits.get("memory_gib", DEFAULTS["limits.memory_gib"])
     if memory != "auto":
-        memory = _positive_float(16)(memory, "limits.memory_gib")
-    return LimitsSpec(hours=_positive_float(24)(limits.get("hours", DEFAULTS["limits.hours"]), "limits.hours"),
-                      memory_gib=memory, force=_boolean(limits.get("force", DEFAULTS["limits.force"]), "limits.force"))
+        memory = positive_float(16)(memory, "limits.memory_gib")
+    return LimitsSpec(hours=positive_float(24)(limits.get("hours", DEFAULTS["limits.hours"]), "limits.hours"),
+                      memory_gib=memory, force=boolean(limits.get("force", DEFAULTS["limits.force"]), "limits.force"))
 
 
 def _pad_value(value: Any, key: str) -> int | float | str:
-    ok = isinstance(value, str) or ((_is_int(value) or isinstance(value, float)) and math.isfinite(value))
+    ok = isinstance(value, str) or ((is_int(value) or isinstance(value, float)) and math.isfinite(value))
     if not ok:
-        _fail(key, "a number or a string", value, "set it to e.g. 0 (the value a masking layer skips)")
+        fail(key, "a number or a string", value, "set it to e.g. 0 (the value a masking layer skips)")
     return value
-
-
-def _parse_quantities(raw: dict, base_dir: str) -> dict[str, dict]:
-    quantities = _required(raw, "quantities", "",
-                           "add e.g. quantities: {hessian_diagonal: {method: exact}}")
-    if not isinstance(quantities, dict) or not quantities:
-        _fail("quantities", "a non-empty mapping", quantities,
-              "write e.g. quantities: {hessian_diagonal: {}, trace: {}}")
-    _check_keys(quantities, tuple(QUANTITIES), "quantities")
-    resolved = {}
-    for quantity, options in quantities.items():
-        where = f"quantities.{quantity}"
-        if options is None:
-            options = {}
-        if not isinstance(options, dict):
-            _fail(where, "a mapping of options (or {})", options,
-                  f"write e.g. {quantity}: {{}}")
-        schema = QUANTITIES[quantity]
-        if not schema and options:
-            raise InputError(f"{where} takes no options, got {_show(options)}: "
-                             f"write {quantity}: {{}}")
-        _check_keys(options, tuple(schema), where)
-        if quantity == "hvp":
-            resolved[quantity] = _parse_hvp(options, where, base_dir)
-            continue
-        resolved[quantity] = {
-            option: spec.check(options.get(option, spec.default), f"{where}.{option}")
-            for option, spec in schema.items()
-        }
-    return resolved
-
-
-def _parse_hvp(options: dict, where: str, base_dir: str) -> dict:
-    given = [k for k in ("vectors", "random") if options.get(k) is not None]
-    if len(given) != 1:
-        problem = "takes either vectors or random, not both" if given else "needs vectors or random"
-        raise InputError(f"{where} {problem}: write e.g. hvp: {{vectors: vectors.parquet}} "
-                         "or hvp: {random: 4}")
-    if given == ["vectors"]:
-        return {"vectors": _path(base_dir, "a Parquet file of vectors")(
-            options["vectors"], f"{where}.vectors")}
-    return {"random": QUANTITIES["hvp"]["random"].check(options["random"], f"{where}.random")}
-

@@ -27,7 +27,7 @@ def peak_bytes() -> int:
     kib = _status_kib("VmHWM")
     if kib is not None:
         return kib * 1024
-    import resource
+    import resource  # lazy: Unix only, and only where /proc is missing (macOS)
 
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB

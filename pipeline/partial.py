@@ -19,9 +19,8 @@ key                        shape       sum over examples i (rows r for Monte Car
 ``ggn_mc_w2q``             (P,)        w_r**2 * q_r          (for the MC standard error)
 ``ggn_mc_w2q2``            (P,)        w_r**2 * q_r**2
 ``ggn_mc_w2``              ()          w_r**2
-``fisher_diagonal``        (P,)        s_i * g_i**2
+``sum_grad_squared``       (P,)        s_i * g_i**2                       (empirical Fisher)
 ``hvp``                    (K, P)      s_i * H_i v_k
-``hessian_quadratic``      (K,)        s_i * z_k^T H_i z_k       (trace probes, per probe)
 =========================  ==========  =================================================
 
 ``w_r = s_i / M`` for each of the M label samples of example i.

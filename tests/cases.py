@@ -15,7 +15,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from pipeline.curvature import resolve_loss
+from pipeline.curvature.losses import resolve_loss
 
 
 def loss_spec(name, **options):

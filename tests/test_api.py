@@ -14,10 +14,10 @@ import yaml
 
 import pipeline
 import published
-from pipeline.api import Run, Variable
+from pipeline.read.run import Run, Variable
 from pipeline.errors import InputError
 from pipeline.job import load_job
-from pipeline.runner import Plan
+from pipeline.plan import Plan
 
 pytestmark = pytest.mark.slow
 SHAPES = {"hidden/kernel": (6, 5), "hidden/bias": (5,), "out/kernel": (5, 3), "out/bias": (3,)}

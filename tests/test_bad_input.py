@@ -25,8 +25,9 @@ import yaml
 import jobs
 from pipeline.errors import InputError
 from pipeline.job import load_job
-from pipeline.cost import EXACT_DIAGONAL_LIMIT
-from pipeline.runner import make_plan, run
+from pipeline.quantities.hessian_diagonal import EXACT_DIAGONAL_LIMIT
+from pipeline.driver import run
+from pipeline.plan import make_plan
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 ENV.pop("HESSIAN_PIPELINE_FAULT", None)
@@ -277,7 +278,7 @@ def test_input_error_before_start_leaves_no_folder(root, tmp_path):
     ("unknown", "names unknown variable 'hidden/bogus'"),
 ])
 def test_hvp_vectors_file(root, tmp_path, damage, needle):
-    from pipeline.tables import vectors_table
+    from pipeline.storage.tables import vectors_table
 
     signature = plan(root).signature
     table = vectors_table(signature.variables, signature.variable_shapes,

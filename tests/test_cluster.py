@@ -58,7 +58,7 @@ def test_the_validation_catches_mistakes(config):
 
 
 def test_nightly_job_and_kuberay_manifest():
-    from pipeline.submit import prepare_submission
+    from pipeline.cluster.submit import prepare_submission
 
     root = os.path.dirname(CLUSTER)
     # The nightly job is submittable as it stands: its inputs travel with jobs/.

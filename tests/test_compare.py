@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import tables
+from pipeline.storage import tables
 from pipeline.cli import main
-from pipeline.compare import Change, compare_runs
+from pipeline.read.compare import Change, compare_runs
 from pipeline.errors import InputError
-from pipeline.publish import RunPublisher
+from pipeline.storage.publish import RunPublisher
 
 VARIABLES = ("hidden/kernel", "hidden/bias")
 SHAPES = ((3, 2), (2,))

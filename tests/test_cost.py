@@ -1,4 +1,5 @@
-"""The plan's cost arithmetic and its refusals (``pipeline.cost``): no TensorFlow, no Ray.
+"""The plan's cost arithmetic and its refusals (``pipeline.cost``, each quantity unit's ``cost``): no
+TensorFlow, no Ray.
 
 The estimate against a real run's measured peaks is in test_reliability
 (``test_run_stays_within_the_memory_its_plan_printed``)."""
@@ -7,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import cost
+from pipeline import cost, quantities
 from pipeline.errors import InputError
 from pipeline.job import LimitsSpec
-from pipeline.runner import memory_budget
+from pipeline.plan import memory_budget
 
 MEASURED = cost.Measurement(rows=256, gradient_seconds=0.01, activation_bytes=8 << 20, process_bytes=700 << 20,
                             row_bytes=260)
@@ -21,7 +22,7 @@ WORK = cost.Workload(parameters=100_000, largest_variable=80_000, outputs=10, it
 def test_passes_are_one_main_pass_plus_each_spectral_algorithms():
     q = {"gradient": {}, "trace": {"method": "hutch++", "probes": 100},
          "eigenvalues": {"top": 5, "iterations": 30}, "spectrum": {"runs": 4, "steps": 24}}
-    estimate = cost.estimate(q, WORK, MEASURED)
+    estimate = quantities.estimate(q, WORK, MEASURED)
     assert estimate.passes == 1 + 3 + 31 + 24
     assert [x.name for x in estimate.quantities] == list(q)
     # Each pass of V vectors costs batches x (1 + 1.5 V) gradients, shared by the workers.
@@ -30,8 +31,8 @@ def test_passes_are_one_main_pass_plus_each_spectral_algorithms():
 
 
 def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
-    few = cost.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
-    many = cost.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)
+    few = quantities.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
+    many = quantities.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)
     per_probe = WORK.parameters * 8
     assert many.worker_bytes - few.worker_bytes >= 990 * per_probe * cost.WORKER_VECTOR_COPIES
     assert many.driver_bytes - few.driver_bytes == 990 * per_probe * cost.DRIVER_VECTOR_COPIES
@@ -39,15 +40,15 @@ def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
 
 
 def test_an_exact_trace_beside_the_exact_diagonal_is_counted_once():
-    diagonal = cost.estimate({"hessian_diagonal": {"method": "exact"}}, WORK, MEASURED)
-    both = cost.estimate({"hessian_diagonal": {"method": "exact"}, "trace": {"method": "exact", "probes": 1}},
+    diagonal = quantities.estimate({"hessian_diagonal": {"method": "exact"}}, WORK, MEASURED)
+    both = quantities.estimate({"hessian_diagonal": {"method": "exact"}, "trace": {"method": "exact", "probes": 1}},
                          WORK, MEASURED)
     assert both.seconds == pytest.approx(diagonal.seconds) and both.worker_bytes == diagonal.worker_bytes
 
 
 def test_a_plan_over_its_time_limit_is_refused_with_the_numbers_unless_forced():
     q = {"eigenvalues": {"top": 5, "iterations": 5000}}
-    estimate = cost.estimate(q, WORK, MEASURED)
+    estimate = quantities.estimate(q, WORK, MEASURED)
     assert estimate.seconds > 24 * 3600
     with pytest.raises(InputError) as refused:
         cost.check(estimate, cost.Budget(), LimitsSpec(), workers=2, gpus=False)
@@ -61,7 +62,7 @@ def test_a_plan_over_its_time_limit_is_refused_with_the_numbers_unless_forced():
 
 
 def test_memory_budgets_per_process_per_machine_and_per_node():
-    estimate = cost.estimate({"hvp": {"random": 2000}}, WORK, MEASURED)
+    estimate = quantities.estimate({"hvp": {"random": 2000}}, WORK, MEASURED)
     capped = memory_budget(LimitsSpec(memory_gib=1.0), {}, workers=2)
     assert capped.worker_bytes == capped.driver_bytes == 2**30 and capped.machine_bytes is None
     with pytest.raises(InputError, match=r"each worker would need about .* more than the 1.0 GiB "
@@ -78,7 +79,7 @@ def test_memory_budgets_per_process_per_machine_and_per_node():
 
 
 def test_the_plan_table_names_every_quantity_and_the_measurement():
-    estimate = cost.estimate({"gradient": {}, "fisher_diagonal": {}}, WORK, MEASURED)
+    estimate = quantities.estimate({"gradient": {}, "fisher_diagonal": {}}, WORK, MEASURED)
     lines = estimate.describe(WORK)
     assert lines[0].split() == ["quantity", "passes", "time", "worker", "driver"]
     assert [line.split()[0] for line in lines[1:3]] == ["gradient", "fisher_diagonal"]
@@ -90,7 +91,7 @@ def test_a_cluster_the_driver_joined_is_budgeted_per_node():
     memory shared by its workers, not the driver machine's free memory."""
     import ray
 
-    from pipeline.runner import _cluster
+    from pipeline.cluster.connect import cluster_resources as _cluster
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:

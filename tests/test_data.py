@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import check_schema, plan_data, read_shard, resolve_filesystem
+from pipeline.storage.dataset import check_schema, plan_data, read_shard, resolve_filesystem
 from pipeline.errors import InputError
 from pipeline.signature import ModelSignature, TensorSpec
 

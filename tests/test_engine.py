@@ -9,12 +9,14 @@ import pytest
 
 import cases
 import keras
-from pipeline.curvature import BatchWork, CurvatureEngine, resolve_loss
+from pipeline.curvature.engine import CurvatureEngine
+from pipeline.curvature.losses import resolve_loss
+from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
 from pipeline.partial import Partial
-from pipeline.reduce import finalize
+from pipeline.quantities import finalize
 
-EVERYTHING = dict(hessian_diagonal="exact", ggn_diagonal="exact", fisher_diagonal=True)
+EVERYTHING = dict(hessian_diagonal="exact", ggn_diagonal="exact", sum_grad_squared=True)
 
 # (model, loss name, loss options, label kind)
 COMBINATIONS = [
@@ -56,7 +58,7 @@ def test_every_quantity_matches_dense_reference(model_name, loss_name, options, 
     np.testing.assert_allclose(part.sums["gradient"], ref.gradient, atol=1e-12 * scale)
     np.testing.assert_allclose(part.sums["hessian_diagonal"], np.diag(ref.hessian), atol=1e-11 * scale)
     np.testing.assert_allclose(part.sums["hvp"], vectors @ ref.hessian, atol=1e-10 * scale)
-    np.testing.assert_allclose(part.sums["fisher_diagonal"], ref.fisher, atol=1e-11 * scale)
+    np.testing.assert_allclose(part.sums["sum_grad_squared"], ref.fisher, atol=1e-11 * scale)
     ggn = ref.ggn
     if model_name == "mlp_softmax":
         # Keras' cross-entropy reads the logits behind a softmax output; the GGN is taken at that
@@ -120,8 +122,8 @@ def test_sums_are_additive_over_any_split():
     inputs, labels, weights = cases.batch_for(model, n=11, seed=2)
     engine = CurvatureEngine(model, loss, precision="float64")
     probes = np.sign(np.random.default_rng(0).normal(size=(3, engine.parameters)))
-    work = BatchWork(hessian_diagonal="hutchinson", probes=probes, ggn_diagonal="mc", ggn_samples=2,
-                     fisher_diagonal=True, hvp_vectors=probes[:2])
+    work = BatchWork(probes=probes, ggn_diagonal="mc", ggn_samples=2,
+                     sum_grad_squared=True, hvp_vectors=probes[:2])
     rows = np.arange(100, 111)
     whole = engine.partial(inputs, labels, weights, rows, work)
     pieces = None
@@ -138,7 +140,7 @@ def _hutchinson_result(engine, inputs, labels, probes_count, seed=0):
     from pipeline.probes import rademacher
 
     probes = rademacher(seed, range(probes_count), engine.parameters)
-    work = BatchWork(hessian_diagonal="hutchinson", probes=probes)
+    work = BatchWork(probes=probes)
     return finalize(engine.partial(inputs, labels, None, np.arange(len(inputs[0])), work))
 
 
@@ -254,7 +256,7 @@ def test_padding_and_batching_do_not_change_any_quantity():
         tokens[i, :length] = rng.integers(1, 6, length)
         labels[i, :length] = rng.integers(0, 4, length)
     engine = CurvatureEngine(model, loss, precision="float64")
-    work = BatchWork(hessian_diagonal="exact", ggn_diagonal="mc", ggn_samples=3, fisher_diagonal=True,
+    work = BatchWork(hessian_diagonal="exact", ggn_diagonal="mc", ggn_samples=3, sum_grad_squared=True,
                      hvp_vectors=np.random.default_rng(1).normal(size=(2, engine.parameters)), seed=5)
     whole = engine.partial([tokens], [labels], None, np.arange(n), work)
     halves = Partial()
@@ -274,7 +276,7 @@ def test_float32_precision_is_close_to_float64():
     single = CurvatureEngine(model, loss, precision="float32").partial(inputs, labels, weights, np.arange(9), work)
     double = CurvatureEngine(model, loss, precision="float64").partial(inputs, labels, weights, np.arange(9), work)
     assert single.sums["gradient"].dtype == np.float64
-    for key in ("gradient", "hessian_diagonal", "ggn_diagonal", "fisher_diagonal"):
+    for key in ("gradient", "hessian_diagonal", "ggn_diagonal", "sum_grad_squared"):
         np.testing.assert_allclose(single.sums[key], double.sums[key], rtol=1e-4, atol=1e-5, err_msg=key)
     assert not np.array_equal(single.sums["hessian_diagonal"], double.sums["hessian_diagonal"])
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import pipeline.job
+import pipeline.quantities
 from pipeline.errors import InputError
 from pipeline.job import (
     DEFAULTS,
@@ -137,7 +138,7 @@ def test_minimal_job_takes_the_documented_defaults():
 
 
 def test_every_quantity_default_as_documented():
-    spec = load_job(with_("quantities", {q: None for q in pipeline.job.QUANTITIES
+    spec = load_job(with_("quantities", {q: None for q in pipeline.quantities.REGISTRY
                                          if q != "hvp"}))
     for quantity, options in spec.quantities.items():
         for option, value in options.items():

@@ -28,7 +28,8 @@ import jobs
 import kinds
 from pipeline.errors import InputError
 from pipeline.job import load_job
-from pipeline.runner import make_plan, run
+from pipeline.driver import run
+from pipeline.plan import make_plan
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.publish import RunPublisher, read_manifest, run_dir
+from pipeline.storage.publish import RunPublisher, read_manifest, run_dir
 
 DATE = "2025-01-31"
 

@@ -20,12 +20,15 @@ import pytest
 import yaml
 
 import jobs
-from pipeline.curvature import BatchWork, CurvatureEngine, load_model, resolve_loss
+from pipeline.curvature.engine import CurvatureEngine
+from pipeline.curvature.losses import resolve_loss
+from pipeline.curvature.model import load_model
+from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
 from pipeline.job import load_job
-from pipeline.publish import RunPublisher
-from pipeline.reduce import finalize
-from pipeline.runner import run
+from pipeline.storage.publish import RunPublisher
+from pipeline.quantities import finalize
+from pipeline.driver import run
 
 pytestmark = pytest.mark.slow
 QUANTITIES = {"gradient": {}, "fisher_diagonal": {}, "hessian_diagonal": {"method": "exact"}}
@@ -41,7 +44,7 @@ def files(tmp_path_factory):
     engine = CurvatureEngine(load_model(load_job(jobs.job(root, {"gradient": {}})).model),
                              resolve_loss(load_job(jobs.job(root, {"gradient": {}})).loss), precision="float64")
     part = engine.partial([x], [labels], None, np.arange(len(labels)),
-                          BatchWork(hessian_diagonal="exact", fisher_diagonal=True))
+                          BatchWork(hessian_diagonal="exact", sum_grad_squared=True))
     return root, finalize(part)
 
 
@@ -267,7 +270,7 @@ def test_crash_during_publish_leaves_previous_state_or_complete_run(tmp_path):
     """The publisher alone, killed at its last step, in a subprocess (no Ray, no TensorFlow)."""
     script = f"""
 import pyarrow as pa
-from pipeline.publish import RunPublisher
+from pipeline.storage.publish import RunPublisher
 p = RunPublisher({str(tmp_path)!r}, "job", "r1", "2026-01-02")
 p.write_table("trace.parquet", pa.table({{"estimate": [1.0]}}), {{"run_id": "r1"}})
 print(p.publish({{"run_id": "r1", "status": "complete"}}))
@@ -287,9 +290,9 @@ print(p.publish({{"run_id": "r1", "status": "complete"}}))
 def test_staged_partials_round_trip_and_refuse_damage(tmp_path):
     from types import SimpleNamespace
 
-    from pipeline.data import Shard
+    from pipeline.storage.dataset import Shard
     from pipeline.partial import Partial
-    from pipeline.staging import PartialStore
+    from pipeline.storage.staging import PartialStore
 
     shards = (Shard(0, 0, 5, ()), Shard(1, 5, 4, ()))
     plan = SimpleNamespace(job=load_job({"name": "n", "model": "/m.keras", "loss": "mse", "quantities": {"gradient": {}},
@@ -396,13 +399,13 @@ def test_node_lost_mid_run_completes_and_no_node_left_ends_the_run(files, fault,
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline import runner
+    from pipeline.cluster import pool
 
     root, expected = files
     if ray.is_initialized():
         ray.shutdown()
     fault("delay:seconds=0.7")
-    monkeypatch.setattr(runner, "LIVENESS_SECONDS", 2.0)
+    monkeypatch.setattr(pool, "LIVENESS_SECONDS", 2.0)
     # Notice a lost node within about two seconds (Ray's default is tens of seconds). The head
     # has no CPU: workers run only on the two nodes that are removed.
     fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 2}
@@ -496,7 +499,7 @@ def test_a_run_stopped_mid_pass_ends_with_one_line(files, fault, tmp_path, how):
 def test_more_workers_than_the_cluster_can_place_are_not_started(tmp_path):
     """--workers 3 on 2 CPUs: the plan starts 2 and says so (an actor asking for a CPU the
     cluster lacks would never be scheduled)."""
-    from pipeline.runner import make_plan
+    from pipeline.plan import make_plan
 
     jobs.write_data(tmp_path / "data", rows=60, files=1)
     jobs.write_model(str(tmp_path / "model.keras"))
@@ -510,11 +513,12 @@ def test_workers_that_cannot_start_end_the_run_with_a_message(tmp_path, monkeypa
     deadline with exit status 1 and one message, instead of waiting forever."""
     import ray
 
-    from pipeline import runner
+    from pipeline import driver
+    from pipeline.cluster import pool
 
     jobs.write_data(tmp_path / "data", rows=60, files=1)
     jobs.write_model(str(tmp_path / "model.keras"))
-    monkeypatch.setattr(runner, "WORKER_START_SECONDS", 5.0)
+    monkeypatch.setattr(pool, "WORKER_START_SECONDS", 5.0)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         @ray.remote(num_cpus=2)
@@ -525,7 +529,7 @@ def test_workers_that_cannot_start_end_the_run_with_a_message(tmp_path, monkeypa
         hog = Hog.remote()
         ray.get(hog.ready.remote())
         with pytest.raises(ComputeError, match=r"did not all start within 5 s .* check `ray status`"):
-            runner.run(load_job(jobs.job(tmp_path, {"gradient": {}}, workers=1)), run_id="starved",
+            driver.run(load_job(jobs.job(tmp_path, {"gradient": {}}, workers=1)), run_id="starved",
                        stream=open(os.devnull, "w"))
     finally:
         ray.shutdown()

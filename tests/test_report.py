@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import published
-from pipeline import tables
-from pipeline.api import load
+from pipeline.storage import tables
+from pipeline.read.run import load
 from pipeline.cli import main
-from pipeline.publish import RunPublisher
-from pipeline.report import PLOT_PIXELS, plot_diagonals, write_report
-from pipeline.show import show_run
+from pipeline.storage.publish import RunPublisher
+from pipeline.read.report import PLOT_PIXELS, plot_diagonals, write_report
+from pipeline.read.show import show_run
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

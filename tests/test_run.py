@@ -10,11 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import jobs
-from pipeline.curvature import BatchWork, CurvatureEngine, load_model, resolve_loss
+from pipeline.curvature.engine import CurvatureEngine
+from pipeline.curvature.losses import resolve_loss
+from pipeline.curvature.model import load_model
+from pipeline.curvature.requests import BatchWork
 from pipeline.job import load_job
 from pipeline.probes import PROBE_STREAM, rademacher
-from pipeline.reduce import finalize
-from pipeline.runner import run
+from pipeline.quantities import finalize
+from pipeline.driver import run
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +75,7 @@ def test_published_numbers_equal_the_in_process_engine(ray_local, files):
 
     vectors = rademacher(0, range(2), 53, stream=1)
     engine, expected = _in_process(root, x, labels, weights,
-                                   BatchWork(hessian_diagonal="exact", ggn_diagonal="exact", fisher_diagonal=True,
+                                   BatchWork(hessian_diagonal="exact", ggn_diagonal="exact", sum_grad_squared=True,
                                              hvp_vectors=vectors))
     diagonals = _read(run_dir, "diagonals.parquet").to_pydict()
     assert diagonals["variable"][0] == engine.names[0] and len(diagonals["index"]) == engine.parameters
@@ -99,8 +102,8 @@ def test_result_does_not_depend_on_shards_or_workers(ray_local, files, layout, t
     assert result.manifest["shards"] == layout["shards"]
     probes = rademacher(0, range(5), 53, stream=PROBE_STREAM)
     _, expected = _in_process(root, x, labels, weights,
-                              BatchWork(hessian_diagonal="hutchinson", probes=probes, ggn_diagonal="mc",
-                                        ggn_samples=2, fisher_diagonal=True), use_weights=True)
+                              BatchWork(probes=probes, ggn_diagonal="mc",
+                                        ggn_samples=2, sum_grad_squared=True), use_weights=True)
     diagonals = _read(result.run_dir, "diagonals.parquet").to_pydict()
     for column in ("hessian_diagonal", "hessian_diagonal_stderr", "ggn_diagonal", "ggn_diagonal_stderr",
                    "fisher_diagonal", "gradient"):
@@ -114,7 +117,7 @@ def test_streaming_with_limit_uneven_batches_and_weights(ray_local, files, tmp_p
     result = run(spec, run_id="limit")
     assert result.manifest["examples"] == 203
     assert result.manifest["weight_sum"] == pytest.approx(weights[:203].sum())
-    _, expected = _in_process(root, x, labels, weights, BatchWork(fisher_diagonal=True), use_weights=True, rows=203)
+    _, expected = _in_process(root, x, labels, weights, BatchWork(sum_grad_squared=True), use_weights=True, rows=203)
     diagonals = _read(result.run_dir, "diagonals.parquet").to_pydict()
     np.testing.assert_allclose(diagonals["gradient"], expected["gradient"], rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(diagonals["fisher_diagonal"], expected["fisher_diagonal"], rtol=1e-9, atol=1e-13)

@@ -19,11 +19,14 @@ import pytest
 
 import jobs
 from pipeline.cli import main
-from pipeline.curvature import BatchWork, CurvatureEngine, load_model, resolve_loss
+from pipeline.curvature.engine import CurvatureEngine
+from pipeline.curvature.losses import resolve_loss
+from pipeline.curvature.model import load_model
+from pipeline.curvature.requests import BatchWork
 from pipeline.job import load_job
-from pipeline.publish import read_manifest
-from pipeline.reduce import finalize
-from pipeline.runner import run
+from pipeline.storage.publish import read_manifest
+from pipeline.quantities import finalize
+from pipeline.driver import run
 
 pytestmark = pytest.mark.slow
 BUCKET = "hessian-test"

@@ -29,11 +29,12 @@ import pytest
 import cases
 import jobs
 from pipeline import spectrum
-from pipeline.curvature import load_model, resolve_loss
+from pipeline.curvature.losses import resolve_loss
+from pipeline.curvature.model import load_model
 from pipeline.curvature.model import to_precision
 from pipeline.job import load_job
 from pipeline.probes import SPECTRUM_STREAM, rademacher
-from pipeline.runner import run
+from pipeline.driver import run
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ import yaml
 
 import jobs
 from pipeline.errors import InputError
-from pipeline.submit import dashboard_address, prepare_submission, run_dir_in_logs
+from pipeline.cluster.submit import dashboard_address, prepare_submission, run_dir_in_logs
 
 TOKEN = "hessian-pipeline-test-token-7d1f2c9a"
 BIN = os.path.dirname(sys.executable)
@@ -237,7 +237,7 @@ def test_a_head_lost_while_following_a_job_ends_with_one_message(head, monkeypat
     module: it ends the module's head."""
     import threading
 
-    from pipeline import submit as submitting
+    from pipeline.cluster import submit as submitting
     from pipeline.errors import ComputeError
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)

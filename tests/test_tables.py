@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.tables import (diagonals_table, eigenvalues_table, read_vectors, spectrum_table, summary_table,
+from pipeline.storage.tables import (diagonals_table, eigenvalues_table, read_vectors, spectrum_table, summary_table,
                              trace_table, vectors_table)
 
 VARIABLES = ("dense/kernel", "dense/bias", "out/kernel", "scale")

@@ -25,33 +25,20 @@ examples (one "gradient" = one forward and one backward pass over the batch):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
+import tensorflow as tf
 
+from pipeline.curvature.adapter import ModelAdapter
+from pipeline.curvature.model import to_precision
+from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
 from pipeline.partial import Partial
 from pipeline.probes import row_uniforms
 
 
-@dataclass(frozen=True)
-class BatchWork:
-    """What to compute for each batch. Vectors are float64 arrays of shape [K, P]."""
-
-    gradient: bool = True
-    hessian_diagonal: str | None = None  # "exact" | "hutchinson"
-    probes: np.ndarray | None = None  # Hutchinson probes z_k
-    hvp_vectors: np.ndarray | None = None
-    ggn_diagonal: str | None = None  # "exact" | "mc"
-    ggn_samples: int = 1
-    fisher_diagonal: bool = False
-    seed: int = 0
-
-
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
     """TensorFlow's pools can be sized once per process, before any op runs."""
-    import tensorflow as tf
-
     if not threads:
         return
     try:
@@ -83,12 +70,7 @@ class CurvatureEngine:
     def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
                  diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None,
                  builder=None, route: str | None = None):
-        _set_threads(threads)
-        import tensorflow as tf
-
-        from pipeline.curvature.adapter import ModelAdapter
-        from pipeline.curvature.model import to_precision
-
+        set_threads(threads)
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
         self.model = to_precision(model, precision, builder)
@@ -120,40 +102,28 @@ class CurvatureEngine:
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
         """Concatenates per-variable tensors (leading dims kept) into [..., P], C order."""
-        import tensorflow as tf
-
         lead = tensors[0].shape[: tensors[0].shape.rank - len(self.shapes[0])]
         return tf.concat([tf.reshape(t, list(lead) + [-1]) for t in tensors], axis=-1)
 
     def unflatten(self, flat):
         """Splits [..., P] into per-variable tensors of the variables' shapes."""
-        import tensorflow as tf
-
         lead = list(flat.shape[:-1])
         parts = tf.split(flat, self.sizes, axis=-1)
         return [tf.reshape(p, lead + list(s)) for p, s in zip(parts, self.shapes)]
 
     def _loss_vector(self, inputs, labels):
-        import tensorflow as tf
-
         return tf.cast(self.adapter.loss_of_inputs(list(inputs), list(labels)), self.dtype)
 
     def _objective(self, inputs, labels, weights):
-        import tensorflow as tf
-
         return tf.reduce_sum(weights * self._loss_vector(inputs, labels))
 
     def _regularization(self, *_):
-        import tensorflow as tf
-
         losses = [tf.cast(value, self.dtype) for value in self.model.losses]
         if not losses:
             return tf.constant(0.0, self.dtype)
         return tf.add_n(losses)
 
     def _gradient_flat(self, tape, value):
-        import tensorflow as tf
-
         grads = tape.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self.flatten([tf.cast(g, self.dtype) for g in _dense(grads)])
 
@@ -164,14 +134,10 @@ class CurvatureEngine:
                         for a, spec in zip(inputs, self.signature.inputs)]
         label_specs = [_tensor_spec(a, spec.shape, self.dtype)
                        for a, spec in zip(labels, self.signature.outputs)]
-        import tensorflow as tf
-
         return inputs_specs, label_specs, tf.TensorSpec([None], self.dtype)
 
     def _compiled(self, key, build, signature):
         """One ``tf.function`` per kind of call, traced once (batch dimension left open)."""
-        import tensorflow as tf
-
         fn = self._functions.get(key)
         if fn is None:
             fn = tf.function(build, input_signature=signature, reduce_retracing=True)
@@ -179,8 +145,6 @@ class CurvatureEngine:
         return fn
 
     def _cast_batch(self, inputs, labels, weights):
-        import tensorflow as tf
-
         def cast(a):
             return batch_tensor(a, self.dtype)
 
@@ -190,8 +154,6 @@ class CurvatureEngine:
 
     # ------------------------------------------------------------------ building blocks
     def _loss_and_gradient(self, objective, inputs, labels, weights):
-        import tensorflow as tf
-
         with tf.GradientTape() as tape:
             value = objective(inputs, labels, weights)
         return value, self._gradient_flat(tape, value)
@@ -205,8 +167,6 @@ class CurvatureEngine:
         it is computed only ``with_gradient``. With ``probe_products`` the rows are
         ``v_k * (H v_k)`` (Hutchinson), formed here in the compute dtype.
         """
-        import tensorflow as tf
-
         with tf.GradientTape(persistent=True) as outer:
             with tf.GradientTape() as inner:
                 value = objective(inputs, labels, weights)
@@ -240,8 +200,6 @@ class CurvatureEngine:
         A vectorised Jacobian of ``size`` gradient entries with respect to that variable only:
         ``size`` Hessian-vector products with basis vectors, done by ``pfor`` in one call.
         """
-        import tensorflow as tf
-
         variable = self.variables[index]
         n = self.sizes[index]
         with tf.GradientTape() as outer:
@@ -260,8 +218,6 @@ class CurvatureEngine:
         ``inputs`` holds one row per product (an example may repeat), ``cotangents`` [R, C]
         the vectors u_r in the flattened output space. Vectorised over rows.
         """
-        import tensorflow as tf
-
         def one(args):
             xs, u = args
             with tf.GradientTape() as tape:
@@ -285,8 +241,6 @@ class CurvatureEngine:
     def _output_derivatives(self, inputs, labels, hessian: bool):
         """Flattened outputs f [B, C], dl_i/df_i [B, C], if asked Lambda_i [B, C, C], and the
         fraction of each output's positions that its mask keeps, [B, outputs] (1 unmasked)."""
-        import tensorflow as tf
-
         outputs, masks = self.adapter.forward(list(inputs))
         static = [o.shape[1:] for o in outputs]
         if all(d is not None for shape in static for d in shape):
@@ -330,7 +284,7 @@ class CurvatureEngine:
         specs = self._specs(inputs, labels)
         part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
         self._curvature(part, self._objective, (x, y, s), specs, work, data=True)
-        if work.fisher_diagonal or work.ggn_diagonal:
+        if work.sum_grad_squared or work.ggn_diagonal:
             self._outer_products(part, inputs, x, y, s, specs, rows, work)
         return part
 
@@ -340,8 +294,6 @@ class CurvatureEngine:
         Not divided by the example count: the reducer adds them after dividing (the contract
         adds regularization once to L). Fisher and GGN are defined over the data loss only.
         """
-        import tensorflow as tf
-
         inputs = [np.zeros((1, *[d or 1 for d in spec.shape]), dtype=np.float32) for spec in self.signature.inputs]
         x = [tf.constant(a, dtype=self.dtype) for a in inputs]
         y = [tf.constant(np.zeros((1,), dtype=np.float32), dtype=self.dtype)]
@@ -357,7 +309,7 @@ class CurvatureEngine:
         blocks = []  # (key, vectors): everything that needs Hessian-vector products
         if work.hvp_vectors is not None and len(work.hvp_vectors):
             blocks.append(("hvp", np.asarray(work.hvp_vectors)))
-        if work.hessian_diagonal == "hutchinson":
+        if work.probes is not None and len(work.probes):
             blocks.append(("hessian_probes", np.asarray(work.probes)))
         tag = "data" if data else "reg"
         loss_value = gradient = None
@@ -385,8 +337,6 @@ class CurvatureEngine:
 
     def _vector_tensor(self, vectors, start, count):
         """Vectors as tensors of the compute dtype, converted once for all batches of a shard."""
-        import tensorflow as tf
-
         key = (id(vectors), vectors.shape, start, count)
         if key not in self._vectors:
             if len(self._vectors) > 64:
@@ -407,8 +357,6 @@ class CurvatureEngine:
         in float32 on a CPU also take ``tf.map_fn``: vectorised, TensorFlow 2.21's oneDNN
         kernels corrupt the heap and the process dies (tests/zoo/repro_mha_onednn.py).
         """
-        import tensorflow as tf
-
         if self.route is None or self.per_example_route is None:
             traced = tf.function(lambda a, b, c: self._loss_and_gradient(objective, a, b, c))
             kinds = {op.type for op in traced.get_concrete_function(*specs).graph.get_operations()}
@@ -426,8 +374,6 @@ class CurvatureEngine:
         return self.route, self.per_example_route
 
     def _exact_diagonal(self, objective, batch, specs, tag):
-        import tensorflow as tf
-
         if self.route_for(objective, specs) == "vectorised":
             try:
                 return self._diagonal_vectorised(objective, batch, specs, tag)
@@ -437,8 +383,6 @@ class CurvatureEngine:
         return self._diagonal_loop(objective, batch, specs, tag)
 
     def _diagonal_vectorised(self, objective, batch, specs, tag):
-        import tensorflow as tf
-
         pieces = []
         for index, n in enumerate(self.sizes):
             size = min(n, self.diagonal_block)
@@ -459,8 +403,6 @@ class CurvatureEngine:
         layers is what costs here); each block holds ``size x P`` numbers, within
         ``vjp_budget``. P backward passes in all.
         """
-        import tensorflow as tf
-
         size = max(1, min(self.parameters, self.diagonal_block, self.vjp_budget // self.parameters))
         fn = self._compiled((tag, "diagonal-loop", size),
                             lambda a, b, c, start: self._diagonal_rows(objective, a, b, c, start, size),
@@ -472,8 +414,6 @@ class CurvatureEngine:
         return np.concatenate(pieces)
 
     def _diagonal_rows(self, objective, inputs, labels, weights, start, size):
-        import tensorflow as tf
-
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 value = objective(inputs, labels, weights)
@@ -487,16 +427,14 @@ class CurvatureEngine:
 
     # ------------------------------------------------------------------ Fisher and GGN
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
-        import tensorflow as tf
-
         self.route_for(self._objective, specs)
         need_hessian = work.ggn_diagonal == "exact"
         fn = self._compiled(("outputs", need_hessian),
                             lambda a, b: self._output_derivatives(a, b, need_hessian), specs[:2])
         flat, dl, lam, valid = fn(x, y)
         weights = s.numpy().astype(np.float64)
-        if work.fisher_diagonal:
-            part.sums["fisher_diagonal"] = self._squares(raw_inputs, np.arange(len(weights)), dl.numpy(),
+        if work.sum_grad_squared:
+            part.sums["sum_grad_squared"] = self._squares(raw_inputs, np.arange(len(weights)), dl.numpy(),
                                                          weights, moments=False)[0]
         if work.ggn_diagonal == "exact":
             values, vectors = np.linalg.eigh(lam.numpy().astype(np.float64))  # [B, C], [B, C, C]
@@ -526,8 +464,6 @@ class CurvatureEngine:
 
     def _squares(self, raw_inputs, example, cotangents, row_weights, moments):
         """Runs ``_sum_sq_vjp`` over rows in chunks that keep rows x P under the budget."""
-        import tensorflow as tf
-
         in_specs = self._specs(raw_inputs, [])[0]
         loop = self.per_example_route == "loop"
         fn = self._compiled(("squares", moments, loop),
@@ -615,39 +551,18 @@ class CurvatureEngine:
         known = int(np.prod([d for d in shapes[0] if d is not None]))
         return [tuple(width // known if d is None else d for d in shapes[0])]
 
-    # ------------------------------------------------------------------ costs
-    def cost_per_batch(self, work: BatchWork) -> dict:
-        """Rough cost of one batch in gradient-equivalents, for plans and refusals."""
-        hvps = 0
-        if work.hvp_vectors is not None:
-            hvps += len(work.hvp_vectors)
-        if work.hessian_diagonal == "hutchinson" and work.probes is not None:
-            hvps += len(work.probes)
-        if work.hessian_diagonal == "exact":
-            hvps += self.parameters
-        outputs = sum(int(np.prod(o.shape)) for o in self.signature.outputs)
-        per_example = (1 if work.fisher_diagonal else 0) + (
-            outputs if work.ggn_diagonal == "exact" else work.ggn_samples if work.ggn_diagonal == "mc" else 0)
-        return {"hessian_vector_products": hvps, "per_example_products": per_example}
-
 
 def _vector_spec(count, parameters, dtype):
-    import tensorflow as tf
-
     return tf.TensorSpec([count, parameters], dtype)
 
 
 def _dense(gradients):
     """Gradients as dense tensors (an Embedding's gradient is ``tf.IndexedSlices``)."""
-    import tensorflow as tf
-
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]
 
 
 def _valid_fraction(mask, batch, dtype):
     """[B]: the fraction of an output's positions its mask keeps (ones without a mask)."""
-    import tensorflow as tf
-
     if mask is None:
         return tf.ones([batch], dtype)
     mask = tf.cast(mask, dtype)
@@ -662,8 +577,6 @@ def _is_text(array) -> bool:
 
 def batch_tensor(array, dtype):
     """A batch array as a tensor: floats in the compute dtype, text as tf.string."""
-    import tensorflow as tf
-
     array = np.asarray(array)
     if array.dtype.kind == "f":
         return tf.constant(array, dtype=dtype)
@@ -674,8 +587,6 @@ def batch_tensor(array, dtype):
 
 def _tensor_spec(array, model_shape, dtype):
     """TensorSpec for a batch array: axes the model leaves open (None) stay open."""
-    import tensorflow as tf
-
     array = np.asarray(array)
     # Leading axes line up with the model's (a sparse label [T] beside an output [T, C]).
     shape = [None if k < len(model_shape) and model_shape[k] is None else d
@@ -690,12 +601,4 @@ def _tensor_spec(array, model_shape, dtype):
 
 
 def _as_dtype(array, dtype):
-    import tensorflow as tf
-
     return tf.constant(np.asarray(array), dtype=dtype)
-
-
-def engine_threads() -> int | None:
-    """Threads for TensorFlow's pools in a worker: the CPUs Ray gave it (OMP_NUM_THREADS)."""
-    value = os.environ.get("OMP_NUM_THREADS")
-    return int(value) if value and value.isdigit() else None

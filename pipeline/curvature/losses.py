@@ -8,8 +8,12 @@ run into a float32 one (see PITFALLS.md).
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
+import keras
+
+from pipeline.curvature.adapter import KerasLoss
 from pipeline.curvature.model import import_callable
 from pipeline.errors import InputError
 
@@ -54,9 +58,6 @@ class PerExampleLoss:
         self.from_logits = bool(options.get("from_logits", False))
 
     def __call__(self, labels: list, outputs: list):
-        # Deliberately lazy: the adapter imports TensorFlow, which plain option checks avoid.
-        from pipeline.curvature.adapter import KerasLoss
-
         return KerasLoss(self, outputs[0].dtype).per_example_loss(list(labels), list(outputs),
                                                                   [None] * len(outputs))
 
@@ -67,8 +68,6 @@ class PerExampleLoss:
 
 def resolve_loss(loss_spec) -> PerExampleLoss:
     """Turns the job's ``loss`` (``pipeline.job.LossSpec``) into a ``PerExampleLoss``."""
-    import keras
-
     if loss_spec.function or (loss_spec.name and ":" in loss_spec.name):
         reference = loss_spec.function or loss_spec.name
         fn = import_callable(reference, "loss function")
@@ -94,8 +93,6 @@ def resolve_loss(loss_spec) -> PerExampleLoss:
     canonical = fn.__name__
     family = FAMILIES.get(canonical) or FAMILIES.get(name)
     try:  # a wrong option (e.g. a typo) must fail now, not inside a worker
-        import inspect
-
         inspect.signature(fn).bind(None, None, **loss_spec.options)
     except TypeError:
         raise InputError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 import re
+import zipfile
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from pipeline.errors import InputError
 
@@ -33,26 +35,13 @@ def import_callable(reference: str, what: str):
     return target
 
 
-def _local_copy(path: str) -> str:
-    """Keras loads from local files only: a URI is copied to a temporary file first."""
-    if "://" not in path or path.startswith("file://"):
-        local = path[len("file://"):] if path.startswith("file://") else path
-        if not os.path.exists(local):
-            raise InputError(f"model file {path} not found: check the job's 'model' path")
-        return local
-    import tempfile
-
-    import pyarrow.fs as pafs
-
+def hide_gpus() -> None:
+    """Keeps this process off the GPUs (the driver's plan, a CPU worker on a GPU node: Ray does
+    not hide GPUs from actors that ask for none, PITFALLS.md). Before TensorFlow's first op."""
     try:
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        suffix = os.path.basename(inner)
-        handle, local = tempfile.mkstemp(suffix="-" + suffix)
-        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as src:
-            out.write(src.read())
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"model file {path} cannot be read ({exc}): check the URI and credentials") from None
-    return local
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # already initialised in this process: it keeps what it has
 
 
 def model_builder(model_spec):
@@ -61,8 +50,6 @@ def model_builder(model_spec):
 
 
 def _call_builder(build, reference: str):
-    import keras
-
     try:
         model = build()
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: any failure is the user's input
@@ -72,18 +59,18 @@ def _call_builder(build, reference: str):
     return model
 
 
-def load_model(model_spec):
+def load_model(model_spec, fetch=None):
     """Loads a ``.keras`` file with ``safe_mode`` on, or calls a builder and loads weights.
 
     ``model_spec`` has ``path``, ``builder`` and ``weights`` (``pipeline.job.ModelSpec``).
+    ``fetch(path) -> local path`` gets a file's bytes onto this machine (the storage layer's
+    ``local_copy``, for URIs); without it paths are read as local files.
     Raises ``InputError`` naming the file and the way out when the model cannot be loaded.
     """
-    import keras
-
     if model_spec.builder:
         model = _call_builder(model_builder(model_spec), model_spec.builder)
         if model_spec.weights:
-            local = _local_copy(model_spec.weights)
+            local = fetch(model_spec.weights) if fetch else model_spec.weights
             try:
                 model.load_weights(local)
             except Exception as exc:  # noqa: BLE001
@@ -93,9 +80,7 @@ def load_model(model_spec):
                     "it once, before its weights load)".replace("\n", " ")
                 ) from None
         return model
-    local = _local_copy(model_spec.path)
-    import zipfile
-
+    local = fetch(model_spec.path) if fetch else model_spec.path
     if not zipfile.is_zipfile(local):  # Keras would say "File not found" about a file that exists
         raise InputError(f"model {model_spec.path} is not a Keras 3 model file (a .keras file is a zip archive): "
                          "save it with model.save('name.keras')")
@@ -150,8 +135,6 @@ def precision_mismatch(model, precision: str) -> str | None:
     A layer under a ``mixed_float16``/``mixed_bfloat16`` policy computes in half precision
     although its variables are float32 (PITFALLS.md): its compute dtype is what counts.
     """
-    import keras
-
     for layer in model._flatten_layers(include_self=False):  # Keras' own walk over nested layers
         if isinstance(layer, keras.Model):
             continue  # a nested model computes nothing itself: its own layers are in the walk
@@ -192,8 +175,6 @@ def to_precision(model, precision: str, builder=None):
     mixed-precision models under ``precision: float32``. Raises ``InputError`` naming the
     layer when no copy computes in ``precision``.
     """
-    import keras
-
     if precision_mismatch(model, precision) is None:
         return model
     copy = None

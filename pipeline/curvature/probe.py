@@ -17,7 +17,8 @@ import tensorflow as tf
 from pipeline import memory
 from pipeline.batch_checks import deterministic, error_text
 from pipeline.cost import Measurement
-from pipeline.curvature.engine import BatchWork, CurvatureEngine, batch_tensor
+from pipeline.curvature.engine import CurvatureEngine, batch_tensor
+from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
 
 

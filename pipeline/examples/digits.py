@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import keras
 import numpy as np
+
+from pipeline.storage.dataset import write_columns
 
 ROWS = 4000
 FILES = 4
@@ -35,8 +38,6 @@ def make_data(rows: int = ROWS, seed: int = 0):
 
 
 def make_model(seed: int = 0):
-    import keras
-
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((8, 8, 1), name="pixels"),
@@ -47,23 +48,11 @@ def make_model(seed: int = 0):
 
 
 def write_dataset(folder: str, pixels, labels, weights) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    os.makedirs(folder, exist_ok=True)
-    for index, part in enumerate(np.array_split(np.arange(len(labels)), FILES)):
-        table = pa.table({
-            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels[part].ravel()), 64),
-            "label": pa.array(labels[part]),
-            "weight": pa.array(weights[part]),
-        })
-        pq.write_table(table, os.path.join(folder, f"part-{index:04d}.parquet"), row_group_size=ROW_GROUP)
+    write_columns(folder, {"pixels": pixels, "label": labels, "weight": weights}, FILES, ROW_GROUP)
 
 
 def build(folder: str, epochs: int = 8) -> None:
     """Writes ``folder/model.keras`` and ``folder/data/part-*.parquet``."""
-    import keras
-
     os.makedirs(folder, exist_ok=True)
     pixels, labels, weights = make_data()
     model = make_model()

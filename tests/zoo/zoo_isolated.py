@@ -35,7 +35,7 @@ def main(name, precision, weights_path, out_prefix):
     engine, first, vectors = zoo_models.run_engine(case, precision, work=zoo_models.CURVATURE_ONLY)
     _save(out_prefix + ".curvature.npz", first, vectors)
     _, second, _ = zoo_models.run_engine(case, precision, engine=engine,
-                                         work=dict(gradient=False, ggn_diagonal="exact", fisher_diagonal=True))
+                                         work=dict(gradient=False, ggn_diagonal="exact", sum_grad_squared=True))
     first.sums.update(second.sums)
     _save(out_prefix + ".all.npz", first, vectors)
 

@@ -680,7 +680,7 @@ def get_reference(name) -> SimpleNamespace:
 
 # ----------------------------------------------------------------------------- the engine
 
-EVERYTHING = dict(gradient=True, hessian_diagonal="exact", ggn_diagonal="exact", fisher_diagonal=True)
+EVERYTHING = dict(gradient=True, hessian_diagonal="exact", ggn_diagonal="exact", sum_grad_squared=True)
 CURVATURE_ONLY = dict(gradient=True, hessian_diagonal="exact")  # no per-example products
 
 
@@ -691,7 +691,9 @@ def unit_vectors(parameters, k=2, seed=5):
 
 def run_engine(case: Case, precision, engine=None, inputs=None, labels=None, weights=None, work=None):
     """(engine, partial sums of one batch, the HVP vectors): every quantity unless ``work``."""
-    from pipeline.curvature import BatchWork, CurvatureEngine, resolve_loss
+    from pipeline.curvature.engine import CurvatureEngine
+    from pipeline.curvature.losses import resolve_loss
+    from pipeline.curvature.requests import BatchWork
 
     inputs = case.inputs if inputs is None else inputs
     labels = case.labels if labels is None else labels

@@ -6,7 +6,7 @@ then one rename), to ``OUTPUT/NAME/.partials/run=RUN_ID/shard-00003.npz``, besid
 
     {"run_id": ..., "date": "2026-11-26", "started_at": "2026-11-26T23:59:01+00:00",
      "fingerprint": {"job": {...}, "model_sha256": ..., "data_fingerprint": ..., "shards": [[0, 58], ...],
-                     "hvp_vectors_sha256": ..., "version": ...}}
+                     "inputs_sha256": {"hvp": ...}, "version": ...}}
 
 Running the same command with the same ``--run-id`` reads ``state.json``: the run keeps its
 original start date (a run resumed after midnight UTC still publishes under the day it
@@ -35,9 +35,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline import __version__
-from pipeline.data import resolve_filesystem
 from pipeline.errors import ComputeError, InputError
 from pipeline.partial import Partial
+from pipeline.storage.layout import output_root_of, partials_dir, plain_name
+from pipeline.storage.uri import first_line, resolve_filesystem
 
 STATE = "state.json"
 # Job keys that do not change a shard's partial sums: where results go, how many actors
@@ -45,23 +46,18 @@ STATE = "state.json"
 _IRRELEVANT_KEYS = ("output", "workers", "shards", "limits")
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def fingerprint(plan) -> dict:
     """Everything a staged partial depends on, as JSON-able data."""
     job = {k: v for k, v in plan.job.to_dict().items() if k not in _IRRELEVANT_KEYS}
-    vectors = None
-    if plan.hvp_vectors is not None:
-        vectors = hashlib.sha256(np.ascontiguousarray(plan.hvp_vectors, dtype=np.float64).tobytes()).hexdigest()
+    # Arrays read at plan time (an HVP vectors file): their bytes, not just their path.
+    inputs = {name: hashlib.sha256(np.ascontiguousarray(array, dtype=np.float64).tobytes()).hexdigest()
+              for name, array in sorted(plan.inputs.items())}
     return {
         "job": json.loads(json.dumps(job, default=str)),
         "model_sha256": plan.model_sha256,
         "data_fingerprint": plan.data.fingerprint,
         "shards": [[int(s.first_row), int(s.rows)] for s in plan.data.shards],
-        "hvp_vectors_sha256": vectors,
+        "inputs_sha256": inputs,
         "version": __version__,
     }
 
@@ -73,7 +69,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if a == b:
             continue
         name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) and isinstance(b, dict) and name != "inputs_sha256":
             said += _differences(a, b, name + ".")
         else:
             said.append(name)
@@ -81,7 +77,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 _WHAT = {"model_sha256": "the model file", "data_fingerprint": "the data files", "shards": "the shard layout",
-         "hvp_vectors_sha256": "the HVP vectors", "version": "the hessian-pipeline version"}
+         "inputs_sha256": "the quantities' input files (HVP vectors)", "version": "the hessian-pipeline version"}
 
 
 class PartialStore:
@@ -96,15 +92,13 @@ class PartialStore:
     """
 
     def __init__(self, output_root: str, name: str, run_id: str):
-        from pipeline.publish import _plain, _root
-
-        _plain(run_id, "run id", "--run-id")
-        _plain(name, "job name", "name in the job file")
-        root = _root(output_root)
-        self.location = f"{root}/{name}/.partials/run={run_id}"
+        plain_name(run_id, "run id", "--run-id")
+        plain_name(name, "job name", "name in the job file")
+        root = output_root_of(output_root)
+        self.location = partials_dir(root, name, run_id)
         self.run_id = run_id
         self._fs, fs_root = resolve_filesystem(root)
-        self._path = f"{fs_root.rstrip('/')}/{name}/.partials/run={run_id}"
+        self._path = partials_dir(fs_root, name, run_id)
         self._state: dict | None = None
 
     # ------------------------------------------------------------------------ files
@@ -115,7 +109,7 @@ class PartialStore:
             with self._fs.open_input_stream(path) as stream:
                 return stream.read()
         except (pa.ArrowException, OSError) as err:
-            raise InputError(f"cannot read staged state {self.location}: {_first_line(err)}: check --output "
+            raise InputError(f"cannot read staged state {self.location}: {first_line(err)}: check --output "
                              "and its permissions") from err
 
     def _write_atomic(self, path: str, payload: bytes) -> None:
@@ -139,7 +133,7 @@ class PartialStore:
             self._state = json.loads(payload.decode("utf-8"))
             return _dt.datetime.fromisoformat(self._state["started_at"])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-            raise InputError(f"staged state {self.location}/{STATE} is damaged ({_first_line(err)}): delete "
+            raise InputError(f"staged state {self.location}/{STATE} is damaged ({first_line(err)}): delete "
                              f"{self.location} to start run {self.run_id} over") from err
 
     @property
@@ -165,7 +159,7 @@ class PartialStore:
         try:
             self._write_atomic(f"{self._path}/{STATE}", (json.dumps(self._state, indent=2) + "\n").encode())
         except (pa.ArrowException, OSError) as err:
-            raise InputError(f"cannot write staged state under {self.location}: {_first_line(err)}: choose a "
+            raise InputError(f"cannot write staged state under {self.location}: {first_line(err)}: choose a "
                              "writable --output") from err
 
     # ------------------------------------------------------------------------ partials
@@ -181,7 +175,7 @@ class PartialStore:
         try:
             self._write_atomic(self._shard_path(shard.index), buffer.getvalue())
         except (pa.ArrowException, OSError) as err:
-            raise ComputeError(f"cannot stage shard {shard.index} under {self.location}: {_first_line(err)}; free "
+            raise ComputeError(f"cannot stage shard {shard.index} under {self.location}: {first_line(err)}; free "
                                f"space or fix permissions, then run the same command with --run-id {self.run_id} "
                                "to resume") from err
 
@@ -191,7 +185,7 @@ class PartialStore:
         try:
             listed = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
         except (pa.ArrowException, OSError) as err:
-            raise InputError(f"cannot list staged partials {self.location}: {_first_line(err)}") from err
+            raise InputError(f"cannot list staged partials {self.location}: {first_line(err)}") from err
         names = {posixpath.basename(i.path) for i in listed if i.type == pafs.FileType.File}
         for shard in shards:
             name = posixpath.basename(self._shard_path(shard.index))

@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.signature import ModelSignature, TensorSpec
+from pipeline.storage.uri import GLOB_CHARS, is_uri, resolve_filesystem
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
-_GLOB_CHARS = "*?["
 _FOOTER_THREADS = 16  # footers are tiny; on object stores latency, not bandwidth, dominates
 
 
@@ -93,34 +93,6 @@ class Batch:
 # ----------------------------------------------------------------------------- filesystems
 
 
-def _is_uri(path: str) -> bool:
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.isidentifier()
-
-
-def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and the path inside it, for a local path or a URI (s3://, gs://, file://).
-
-    Glob characters are kept out of URI parsing (a ``[`` is not valid in a URI) and put back
-    on the returned path.
-    """
-    if not isinstance(path, str) or not path:
-        raise InputError(f"data path {path!r} is not a path: set a file, directory, glob or URI")
-    if not _is_uri(path):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    scheme_end = path.index("://") + 3
-    cut = min((i for i in (path.find(c, scheme_end) for c in _GLOB_CHARS) if i >= 0),
-              default=len(path))
-    literal, pattern = path[:cut], path[cut:]
-    try:
-        fs, inner = pafs.FileSystem.from_uri(literal)
-    except (pa.ArrowException, ValueError, OSError) as err:
-        raise InputError(f"cannot open {path}: {_one_line(err)}: check the URI and credentials") from err
-    if pattern and literal.endswith("/") and not inner.endswith("/"):
-        inner += "/"
-    return fs, inner + pattern
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -159,9 +131,9 @@ def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> tuple[list[str], 
         files = [i.path for i in listed if i.type == pafs.FileType.File
                  and i.path.endswith(PARQUET_SUFFIXES) and not _hidden(i.path[len(root) + 1:])]
         return sorted(files), root
-    if any(c in stripped for c in _GLOB_CHARS):
+    if any(c in stripped for c in GLOB_CHARS):
         parts = stripped.split("/")
-        first = next(i for i, p in enumerate(parts) if any(c in p for c in _GLOB_CHARS))
+        first = next(i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS))
         root = "/".join(parts[:first]) or ("/" if stripped.startswith("/") else "")
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             return [], root
@@ -285,7 +257,7 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
         raise InputError(f"data.limit must be a non-negative integer or null, got {limit!r}: fix data.limit")
 
     fs, path = resolve_filesystem(shown)
-    uri = shown if _is_uri(shown) else path
+    uri = shown if is_uri(shown) else path
     files, root = _list_files(fs, path, shown)
     if not files:
         raise InputError(f"no Parquet files under {shown}: check data.path")
@@ -743,3 +715,16 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
     if emitted != shard.rows:
         raise InputError(f"shard {shard.index} read {emitted} rows but planned {shard.rows}: the data changed "
                          f"since planning, plan the run again")
+
+
+def write_columns(folder: str, columns: dict[str, np.ndarray], files: int = 1, row_group_size: int = 1 << 16) -> None:
+    """Writes ``columns`` (arrays of equal length; a 2-D array becomes a fixed-size list column)
+    as ``files`` Parquet files ``folder/part-0000.parquet``, ... of consecutive rows."""
+    os.makedirs(folder, exist_ok=True)
+    rows = len(next(iter(columns.values())))
+    for index, part in enumerate(np.array_split(np.arange(rows), files)):
+        table = pa.table({
+            name: (pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), values.shape[1])
+                   if np.ndim(values) == 2 else pa.array(values[part]))
+            for name, values in columns.items()})
+        pq.write_table(table, os.path.join(folder, f"part-{index:04d}.parquet"), row_group_size=row_group_size)

@@ -26,19 +26,31 @@ and sent as ``Authorization: Bearer <token>``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as _dt
 import json
 import os
 import re
+import secrets
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 
+import ray
 import yaml
+from ray.autoscaler.sdk import request_resources
+from ray.job_submission import JobSubmissionClient
 
+import pipeline
 from pipeline.errors import ComputeError, InputError
+from pipeline.job import load_job
+
+try:  # what Ray's own packaging of a working directory uses to read .gitignore/.rayignore
+    from ray._private.thirdparty.pathspec import PathSpec
+except ImportError:  # pragma: no cover - moved in another Ray version
+    PathSpec = None
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RUN_DIR_LINE = re.compile(r"^\s*(\S.*/date=\d{4}-\d{2}-\d{2}/run=[A-Za-z0-9._-]+)\s*$")
@@ -101,9 +113,7 @@ def _literal_prefix(path: str) -> str:
 
 def _ignored_by(working_dir: str, relative: str, is_dir: bool) -> str | None:
     """The ignore file at the top of ``working_dir`` that keeps ``relative`` from travelling."""
-    try:
-        from ray._private.thirdparty.pathspec import PathSpec  # what Ray's packaging uses
-    except ImportError:  # pragma: no cover - moved in another Ray version
+    if PathSpec is None:  # pragma: no cover - moved in another Ray version
         return None
     names = [".rayignore"]
     if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1":
@@ -157,9 +167,6 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
                        gpu_timeout: float = GPU_WAIT_DEFAULT_S, now: _dt.datetime | None = None) -> Submission:
     """Checks the job here (an input error costs a second, not a cluster round trip) and builds
     the Ray Job: entrypoint, runtime environment, submission id."""
-    import pipeline
-    from pipeline.job import load_job
-
     job = load_job(job_file, overrides)
     job_path = os.path.abspath(job_file)
     working_dir = os.path.abspath(os.path.expanduser(working_dir or os.path.dirname(job_path)))
@@ -195,8 +202,6 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
     if not submission_id:
         submission_id = default_submission_id(job.name, now)
         if dry_run:  # a look at the plan must not use up the day's id
-            import secrets
-
             submission_id += "-dry-run-" + secrets.token_hex(2)
     if not re.match(r"^[A-Za-z0-9._-]+$", submission_id):
         raise InputError(f"submission id {submission_id!r} is not a plain name (letters, digits, . _ -): "
@@ -214,7 +219,7 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         command.append("--debug")
     entrypoint = shlex.join(command)
     if gpus:
-        entrypoint = (shlex.join(["python", "-m", "pipeline.submit", "--await-gpus", str(gpus),
+        entrypoint = (shlex.join(["python", "-m", "pipeline.cluster.submit", "--await-gpus", str(gpus),
                                   "--timeout", str(int(gpu_timeout))]) + " && " + entrypoint)
     runtime_env = {
         "working_dir": working_dir,
@@ -230,8 +235,6 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
 
 # ----------------------------------------------------------------------------------- sending
 def _client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -395,9 +398,6 @@ def await_gpus(count: int, timeout_s: float, stream=None, poll_s: float = 5.0) -
     GPU when the job starts, and ``run`` plans one worker per GPU it sees. The request is
     withdrawn once the GPUs are there (the nodes then stay while the run uses them).
     """
-    import ray
-    from ray.autoscaler.sdk import request_resources
-
     stream = stream or sys.stderr
     ray.init(logging_level="WARNING", log_to_driver=False)
     try:
@@ -420,9 +420,7 @@ def await_gpus(count: int, timeout_s: float, stream=None, poll_s: float = 5.0) -
 
 
 def _main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.submit",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.submit",
                                      description="(used inside submitted jobs) wait for autoscaled GPUs")
     parser.add_argument("--await-gpus", type=int, required=True, metavar="N")
     parser.add_argument("--timeout", type=float, default=GPU_WAIT_DEFAULT_S, metavar="SECONDS")

@@ -24,37 +24,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.data import resolve_filesystem
+from pipeline import faults
 from pipeline.errors import InputError
+from pipeline.storage.layout import MANIFEST, PLAIN_NAME, output_root_of, plain_name, run_dir
+from pipeline.storage.uri import first_line, resolve_filesystem
 
-MANIFEST = "manifest.json"
 PROVENANCE_KEY = b"hessian_pipeline"
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def _is_uri(path: str) -> bool:
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.isidentifier()
-
-
-def _root(output_root: str) -> str:
-    """Output root as shown to users: URIs as given, local paths absolute; no trailing slash."""
-    if _is_uri(output_root):
-        stripped = output_root.rstrip("/")
-        return output_root if stripped.endswith(":") else stripped
-    return os.path.abspath(os.path.expanduser(output_root))
-
-
-def run_dir(output_root: str, name: str, date: str, run_id: str) -> str:
-    """Where a run is published (the contract's Hive-style layout)."""
-    root = output_root.rstrip("/") if output_root.rstrip("/") else ""
-    return f"{root}/{name}/date={date}/run={run_id}"
-
-
-def _plain(value: str, what: str, flag: str) -> None:
-    if not isinstance(value, str) or not _PLAIN_NAME.match(value) or value in (".", ".."):
-        raise InputError(f"{what} {value!r} is not a plain name (letters, digits, . _ -): fix {flag}")
 
 
 def _json_default(value: Any) -> Any:
@@ -75,23 +51,15 @@ def _dumps(value: dict, **kwargs) -> str:
 def _fault(point: str) -> None:
     """Test hook: ``HESSIAN_PIPELINE_FAULT=publish-before-rename`` ends the process here
     (see ``pipeline/faults.py``), to show that a crash mid-publish leaves no half result."""
-    if point in os.environ.get("HESSIAN_PIPELINE_FAULT", ""):
-        from pipeline.faults import active, die
-
-        if active(point) is not None:
-            die(point)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    if point in os.environ.get("HESSIAN_PIPELINE_FAULT", "") and faults.active(point) is not None:
+        faults.die(point)
 
 
 def published(output_root: str, name: str, date: str, run_id: str) -> bool:
     """Whether run ``run_id`` of job ``name`` is published under ``output_root`` (False when
     that cannot be read)."""
     try:
-        filesystem, fs_root = resolve_filesystem(_root(output_root))
+        filesystem, fs_root = resolve_filesystem(output_root_of(output_root))
         path = f"{run_dir(fs_root, name, date, run_id)}/{MANIFEST}"
         return filesystem.get_file_info(path).type == pafs.FileType.File
     except (pa.ArrowException, OSError, InputError):
@@ -107,11 +75,11 @@ class RunPublisher:
     """
 
     def __init__(self, output_root: str, name: str, run_id: str, date: str):
-        _plain(run_id, "run id", "--run-id")
-        _plain(name, "job name", "name in the job file")
+        plain_name(run_id, "run id", "--run-id")
+        plain_name(name, "job name", "name in the job file")
         if not isinstance(date, str) or not _DATE.match(date):
             raise InputError(f"date {date!r} is not YYYY-MM-DD: pass the run's UTC start date")
-        root = _root(output_root)
+        root = output_root_of(output_root)
         self.run_id = run_id
         self.final_dir = run_dir(root, name, date, run_id)
         self._fs, fs_root = resolve_filesystem(root)
@@ -134,7 +102,7 @@ class RunPublisher:
         try:
             return self._fs.get_file_info(path).type != pafs.FileType.NotFound
         except (pa.ArrowException, OSError) as err:
-            raise InputError(f"cannot read output {self.final_dir}: {_first_line(err)}: check --output and "
+            raise InputError(f"cannot read output {self.final_dir}: {first_line(err)}: check --output and "
                              f"credentials") from err
 
     def _probe_writable(self, root: str) -> None:
@@ -153,7 +121,7 @@ class RunPublisher:
                 stream.write(b"probe")
             self._fs.delete_file(probe)
         except (pa.ArrowException, OSError) as err:
-            raise InputError(f"cannot write to output {root}: {_first_line(err)}: choose a writable --output") from err
+            raise InputError(f"cannot write to output {root}: {first_line(err)}: choose a writable --output") from err
 
     def _ensure_staging(self) -> None:
         if not self._created_staging:
@@ -163,7 +131,7 @@ class RunPublisher:
     def _check_open(self, filename: str) -> None:
         if self._published:
             raise RuntimeError(f"run {self.run_id} is already published; cannot write {filename}")
-        if "/" in filename or "\\" in filename or not _PLAIN_NAME.match(filename) or filename in (".", ".."):
+        if "/" in filename or "\\" in filename or not PLAIN_NAME.match(filename) or filename in (".", ".."):
             raise ValueError(f"file name {filename!r} must be a plain name")
 
     # ------------------------------------------------------------------------- public
@@ -176,9 +144,7 @@ class RunPublisher:
         metadata = dict(table.schema.metadata or {})
         metadata[PROVENANCE_KEY] = _dumps(provenance, sort_keys=True).encode()
         self._ensure_staging()
-        from pipeline.faults import active  # a test hook (docs/failures.md), off unless asked for
-
-        if active("disk-full") is not None:
+        if faults.active("disk-full") is not None:  # a test hook (docs/failures.md), off unless asked for
             raise OSError(errno.ENOSPC, "No space left on device (fault injected)", filename)
         pq.write_table(table.replace_schema_metadata(metadata), f"{self._staging_path}/{filename}",
                        filesystem=self._fs)
@@ -295,7 +261,7 @@ def read_run_table(run_dir: str, filename: str, columns: list[str] | None = None
         with fs.open_input_file(f"{root.rstrip('/')}/{filename}") as handle:
             return pq.read_schema(handle) if schema_only else pq.read_table(handle, columns=columns)
     except (pa.ArrowException, OSError) as err:
-        raise InputError(f"cannot read {run_dir.rstrip('/')}/{filename} ({_first_line(err)}): the run is damaged, "
+        raise InputError(f"cannot read {run_dir.rstrip('/')}/{filename} ({first_line(err)}): the run is damaged, "
                          "run it again") from None
 
 
@@ -311,7 +277,7 @@ def read_manifest(run_dir: str) -> dict:
     except (pa.ArrowException, OSError) as err:
         if not fs.get_file_info(target).type == pafs.FileType.File:
             raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
-        raise InputError(f"cannot read {target}: {_first_line(err)}: check the path and credentials") from err
+        raise InputError(f"cannot read {target}: {first_line(err)}: check the path and credentials") from err
     try:
         manifest = json.loads(text)
     except ValueError as err:

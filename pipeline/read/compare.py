@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from pipeline.errors import InputError
+from pipeline.read.run import Run
 
 STATISTICS = ("mean", "l2_norm", "sum")
 COLUMNS = ("variable", "quantity", "statistic", "a", "b", "change", "relative_change")
@@ -81,12 +81,6 @@ class Comparison:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_table(run_dir: str, name: str) -> list[dict]:
-    from pipeline.publish import read_run_table
-
-    return read_run_table(run_dir, name).to_pylist()
-
-
 def _files(manifest: dict) -> set[str]:
     return set(manifest.get("files") or [])
 
@@ -102,12 +96,8 @@ def _short(text) -> str:
 # ---------------------------------------------------------------------------------- comparing
 def compare_runs(run_a: str, run_b: str) -> Comparison:
     """Compares two complete runs (local directories or URIs); ``InputError`` if one is not a run."""
-    from pipeline.publish import read_manifest
-
-    manifest_a, manifest_b = read_manifest(run_a), read_manifest(run_b)
-    for run, manifest in ((run_a, manifest_a), (run_b, manifest_b)):
-        if manifest.get("status") != "complete":
-            raise InputError(f"{run} is not a complete run (status {manifest.get('status')!r}): compare finished runs")
+    loaded_a, loaded_b = Run(run_a), Run(run_b)
+    manifest_a, manifest_b = loaded_a.manifest, loaded_b.manifest
     result = Comparison(run_a, run_b, manifest_a, manifest_b)
     _provenance_warnings(result)
 
@@ -115,18 +105,18 @@ def compare_runs(run_a: str, run_b: str) -> Comparison:
                                  _float(manifest_b.get("loss"))))
     files_a, files_b = _files(manifest_a), _files(manifest_b)
     if "summary.parquet" in files_a and "summary.parquet" in files_b:
-        result.changes += _summary_changes(result, _read_table(run_a, "summary.parquet"),
-                                           _read_table(run_b, "summary.parquet"))
+        result.changes += _summary_changes(result, loaded_a.rows("summary.parquet"),
+                                           loaded_b.rows("summary.parquet"))
     if "trace.parquet" in files_a and "trace.parquet" in files_b:
-        trace_a, trace_b = _read_table(run_a, "trace.parquet")[0], _read_table(run_b, "trace.parquet")[0]
+        trace_a, trace_b = loaded_a.rows("trace.parquet")[0], loaded_b.rows("trace.parquet")[0]
         if trace_a["method"] != trace_b["method"]:
             result.warnings.append(f"the trace was estimated by {trace_a['method']} in A and by "
                                    f"{trace_b['method']} in B")
         result.changes.append(Change("__all__", "trace", "estimate", _float(trace_a["estimate"]),
                                      _float(trace_b["estimate"])))
     if "eigenvalues.parquet" in files_a and "eigenvalues.parquet" in files_b:
-        result.changes += _eigenvalue_changes(result, _read_table(run_a, "eigenvalues.parquet"),
-                                              _read_table(run_b, "eigenvalues.parquet"))
+        result.changes += _eigenvalue_changes(result, loaded_a.rows("eigenvalues.parquet"),
+                                              loaded_b.rows("eigenvalues.parquet"))
     only = sorted((files_a ^ files_b) & {"summary.parquet", "trace.parquet", "eigenvalues.parquet"})
     if only:
         result.warnings.append(f"only one run has {', '.join(only)}: not compared")

@@ -1,5 +1,8 @@
 """The Ray worker: loads the model once, turns shards into float64 partial sums.
 
+The one module that imports TensorFlow, Ray and PyArrow together: it is where the three layers
+meet (a Ray actor that reads shards through the storage layer and computes with the engine).
+
 One ``ShardWorker`` actor per GPU (``num_gpus=1``, TensorFlow memory growth on) or, without
 GPUs, one per CPU slot with TensorFlow's thread pools sized to the CPUs Ray gave it. A worker
 streams its shard from Parquet batch by batch and returns one ``Partial`` per shard; between
@@ -14,12 +17,19 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
+import tensorflow as tf
 
 from pipeline import memory
 from pipeline.batch_checks import check_batch, deterministic, model_refused
-from pipeline.data import read_shard, tensor_columns
+from pipeline.curvature.engine import CurvatureEngine, set_threads
+from pipeline.curvature.losses import resolve_loss
+from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.errors import InputError
+from pipeline.faults import environment, worker_faults
 from pipeline.partial import Partial
+from pipeline.storage.dataset import read_shard, tensor_columns
+from pipeline.storage.uri import local_copy
 
 
 MAX_RESTARTS = 2
@@ -37,33 +47,18 @@ class ShardWorker:
     """Computes partials for shards. Created through ``remote_worker_class()``."""
 
     def __init__(self, job, plan_uri: str, threads: int, gpu: bool, cache_bytes: int = 1 << 30):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import tensorflow as tf
-
-        from pipeline.curvature.engine import _set_threads
-
         if gpu:
             for device in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(device, True)
         else:
-            # Ray does not hide GPUs from actors that ask for none (PITFALLS.md): a CPU
-            # worker on a GPU node must not grab GPU memory.
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:
-                pass
-        _set_threads(threads)
-
-        from pipeline.curvature import CurvatureEngine, load_model, model_builder, resolve_loss
-
+            hide_gpus()  # a CPU worker on a GPU node must not grab GPU memory
+        set_threads(threads)
         self.job = job
         self.uri = plan_uri
-        self.engine = CurvatureEngine(load_model(job.model), resolve_loss(job.loss), precision=job.precision,
+        self.engine = CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
                                       builder=model_builder(job.model))
         self.signature = self.engine.signature
         self.columns = tensor_columns(job.data, self.signature)
-        import ray
-
         self.name = f"{os.uname().nodename}:{os.getpid()}" + (":gpu" if gpu else "")
         self.node_id = ray.get_runtime_context().get_node_id()
         self.cache_bytes = int(cache_bytes)
@@ -71,8 +66,6 @@ class ShardWorker:
         self._cached_bytes = 0
 
     def info(self) -> dict:
-        import tensorflow as tf
-
         return {"worker": self.name, "gpus": len(tf.config.get_visible_devices("GPU")),
                 "parameters": self.engine.parameters, "node_id": self.node_id}
 
@@ -102,8 +95,6 @@ class ShardWorker:
         loss) and a non-finite loss or gradient are ``InputError``s that name the shard and
         the row: retrying would fail the same way.
         """
-        from pipeline.faults import worker_faults
-
         worker_faults(shard.index, self.node_id)
         start = time.perf_counter()
         total = Partial()
@@ -157,14 +148,10 @@ def _finite(part: Partial) -> bool:
 
 def remote_worker_class(gpu: bool, cpus: float):
     """``ShardWorker`` as a Ray actor class asking for one GPU, or for ``cpus`` CPUs."""
-    import ray
-
-    from pipeline.faults import environment
-
     options = {"num_gpus": 1, "num_cpus": cpus} if gpu else {"num_cpus": cpus}
     env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning", **environment()}
     # A worker process that dies is restarted by Ray and its in-flight shard run again on the
     # new process (up to MAX_RESTARTS times); the driver then moves the shard to another worker
-    # (runner.WorkerPool), and counts each shard once, by its index.
+    # (``pool.WorkerPool``), and counts each shard once, by its index.
     return ray.remote(ShardWorker).options(
         **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.storage.uri import resolve_filesystem
 
 VECTOR_COLUMNS = ("vector", "variable", "index", "value")
 
@@ -146,8 +147,6 @@ def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[
     every vector must appear exactly once: anything else is an input error that names the
     entry, since a silently zero-filled vector would give a wrong HVP.
     """
-    from pipeline.data import resolve_filesystem  # storage helper; PyArrow only
-
     fix = "fix the vectors file (quantities.hvp.vectors)"
     sizes = _sizes(variables, shapes)
     total = int(sizes.sum())

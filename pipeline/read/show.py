@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import InputError
+from pipeline.read.run import Run
 
 
 def _table(rows: list[list[str]], header: list[str], text_columns: int = 2) -> str:
@@ -28,13 +28,8 @@ def _number(value) -> str:
 
 def show_run(run_dir: str) -> str:
     """The run as text: manifest facts, then one table per result file present."""
-    import pyarrow.compute as pc
-
-    from pipeline.publish import read_manifest, read_run_table
-
-    manifest = read_manifest(run_dir)
-    if not manifest.get("status") == "complete":
-        raise InputError(f"{run_dir} is not a complete run (status {manifest.get('status')!r})")
+    run = Run(run_dir)
+    manifest = run.manifest
     variables = ", ".join(f"{v['name']} {tuple(v['shape'])}" for v in manifest.get("variables", []))
     facts = [
         ("run", manifest.get("run_id")), ("date", manifest.get("date")), ("status", manifest.get("status")),
@@ -50,12 +45,7 @@ def show_run(run_dir: str) -> str:
     ]
     width = max(len(k) for k, _ in facts)
     text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in facts) + "\n"
-    def read_table(name, columns=None):
-        return read_run_table(run_dir, name, columns)
-
-    def read(name):
-        return read_table(name).to_pylist()
-
+    read = run.rows
     files = set(manifest.get("files", []))
     if "summary.parquet" in files:
         rows = read("summary.parquet")
@@ -73,7 +63,7 @@ def show_run(run_dir: str) -> str:
                                             for r in rows], ["rank", "eigenvalue", "residual"], text_columns=0)
     present = []
     if "hvp.parquet" in files:
-        vectors = len(pc.unique(read_table("hvp.parquet", ["vector"]).column("vector")))  # K x P rows: no lists
+        vectors = len({r["vector"] for r in read("hvp.parquet", ["vector"])})  # K x P rows: one column read
         source = "random, saved in hvp_vectors.parquet" if "hvp_vectors.parquet" in files else "given vectors"
         present.append(("hvp", f"{vectors} Hessian-vector products ({source}) in hvp.parquet"))
     if "spectrum.parquet" in files:

@@ -35,18 +35,25 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import matplotlib.style
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from pipeline.api import Run, load
 from pipeline.errors import InputError
+from pipeline.quantities import UNITS
+from pipeline.read.run import Run, load
+from pipeline.spectrum.slq import density
 
 PLOT_INCHES = (8.0, 4.5)
 PLOT_DPI = 100
 PLOT_PIXELS = (800, 450)  # width, height of every PNG
-DIAGONALS = (("hessian_diagonal", "Hessian"), ("ggn_diagonal", "GGN"), ("fisher_diagonal", "Fisher"))
-COLORS = {"hessian_diagonal": "#1f77b4", "ggn_diagonal": "#ff7f0e", "fisher_diagonal": "#2ca02c"}
-# The Hessian drawn wider, under the others: for a last linear layer it equals the GGN exactly.
-WIDTHS = {"hessian_diagonal": 2.6, "ggn_diagonal": 1.4, "fisher_diagonal": 1.4}
+# The curvature diagonals, with each unit's label, colour and line width (the gradient has no label).
+DIAGONALS = tuple((unit.name, unit.label) for unit in UNITS.values() if unit.label)
+COLORS = {unit.name: unit.color for unit in UNITS.values() if unit.label}
+# Line widths: the Hessian drawn wider, under the others (for a last linear layer it equals the
+# GGN exactly).
+WIDTHS = {unit.name: unit.line_width for unit in UNITS.values() if unit.label}
 RUN_COLOR, BASELINE_COLOR = "#1f77b4", "#d62728"
 BINS = 60
 # The spectral density is drawn down to this fraction of its peak: below it the Gaussian
@@ -61,8 +68,6 @@ def _default_style(plot):
 
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
-        import matplotlib.style
-
         with matplotlib.style.context("default"):
             return plot(*args, **kwargs)
 
@@ -70,8 +75,6 @@ def _default_style(plot):
 
 
 def _figure():
-    from matplotlib.figure import Figure
-
     return Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI, layout="constrained")
 
 
@@ -186,14 +189,10 @@ def plot_diagonals(run: Run, variable: str | None = None, baseline: Run | None =
 
 
 def _integer_locator():
-    from matplotlib.ticker import MaxNLocator
-
     return MaxNLocator(integer=True)
 
 
 def _absolute_count_formatter():
-    from matplotlib.ticker import FuncFormatter
-
     return FuncFormatter(lambda value, _: f"{abs(value):,.0f}")
 
 
@@ -303,8 +302,6 @@ def spectrum_facts(run: Run) -> dict:
 @_default_style
 def plot_spectrum(run: Run, baseline: Run | None = None, sigma: float | None = None):
     """Gaussian-smoothed SLQ spectral density of H on a log scale; top eigenvalues marked."""
-    from pipeline.spectrum.slq import density
-
     sources = [(s, style, prefix) for s, style, prefix in _runs(run, baseline) if s.has("spectrum")]
     if not sources or not run.has("spectrum"):
         raise InputError(f"run {run.run_id} has no spectrum.parquet")

@@ -1,0 +1,293 @@
+"""Passes over the data on Ray: ``WorkerPool`` runs every shard on a worker actor and adds the
+partial sums as they arrive.
+
+The pool holds the actors (one per GPU, or per CPU slot), pulls work (a worker that finishes a
+shard takes the next), and applies the failure policy (``policy``): a failed shard is moved to
+another worker, a lost worker is replaced, a late shard is computed again on a free worker, and
+every wait has a deadline and a liveness check (the local Ray's processes every second, the
+cluster's nodes every ``LIVENESS_SECONDS``). Ray only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+import ray
+
+from pipeline import faults
+from pipeline.cluster import policy, processes
+from pipeline.cluster.progress import Progress
+from pipeline.cluster.worker import remote_worker_class
+from pipeline.cost import SHARD_CACHE_BYTES
+from pipeline.errors import ComputeError, InputError
+from pipeline.reduce import Reducer
+
+# Every worker must have loaded the model by then, or the run stops (exit 1) instead of
+# waiting for an actor that may never be scheduled.
+WORKER_START_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WORKER_START_SECONDS", "600"))
+# How often a pass waiting for results checks that the cluster can still run a worker: a run
+# whose nodes all died stops (exit 1) instead of waiting forever (PITFALLS.md).
+LIVENESS_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_LIVENESS_SECONDS", "10"))
+
+
+class WorkerPool:
+    """Ray actors that hold the model; ``map_shards`` is one pass over the data."""
+
+    def __init__(self, plan, log, raylets: list[int] | None = None):
+        self.plan = plan
+        self.log = log
+        gpu = plan.gpus > 0
+        cpus = 1.0
+        if not gpu:
+            free = ray.available_resources().get("CPU", 1.0)
+            cpus = max(1.0, float(int(free // plan.workers))) if free >= plan.workers else 1.0
+        threads = 0 if gpu else int(cpus)
+        self._need = ("GPU", 1.0) if gpu else ("CPU", cpus)
+        # The raylet and GCS of a local Ray this driver started: when one dies, Ray ends this
+        # process (exit 1, no message) ten to sixty seconds later, so they are watched every second.
+        self._raylets = list(raylets or [])
+        self._nodes_checked = time.monotonic()
+        actor = remote_worker_class(gpu, cpus if not gpu else 1.0)
+        # Workers keep shards in memory only for the passes after the first (spectral
+        # quantities): in a one-pass run the cache would grow with the data for nothing.
+        cache = SHARD_CACHE_BYTES if plan.passes > 1 else 0
+        self._start = lambda: actor.remote(plan.job, plan.data.uri, threads, gpu, cache)
+        self.actors = [self._start() for _ in range(plan.workers)]
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=WORKER_START_SECONDS)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ComputeError(
+                f"the {plan.workers} workers did not all start within {WORKER_START_SECONDS:.0f} s (the cluster may "
+                f"lack the CPUs/GPUs they ask for, or be busy with other work): check `ray status`, or run "
+                f"with fewer --workers") from None
+        self.names = [info["worker"] for info in infos]
+        # The local Ray's own processes (agents, worker processes): when its raylet dies they
+        # are orphaned and live on, so a run that stops for that reason ends them.
+        self._ray_children = processes.children(self._raylets)
+        # Replacements for lost workers until they have loaded the model: info ref -> (actor, started).
+        self._starting: dict = {}
+        self.passes = 0
+        self.resumed = 0  # shards of the main pass taken from staging
+        # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
+        self.replacements_left = 2 * plan.workers
+
+    def _rows(self, shard) -> str:
+        return f"rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
+
+    def _resume_hint(self) -> str:
+        return f"run the same command with --run-id {self.plan.run_id} to resume (finished shards are kept)"
+
+    def map_shards(self, method: str, argument, label: str, progress_stream, show: bool = True,
+                   store=None) -> Reducer:
+        """Runs ``actor.<method>(shard, argument)`` on every shard, adding results as they arrive.
+
+        Each shard is added once, by its index, whatever happens to the workers. A shard whose
+        worker died (after Ray restarted it and ran the shard again ``MAX_RESTARTS`` times) or
+        that raised an ordinary exception is moved to another worker, up to ``policy.SHARD_RETRIES``
+        more times; then the run stops with a ``ComputeError`` naming the shard. Input errors
+        found by a worker stop the run at once. With ``store`` (a ``staging.PartialStore``),
+        shards already staged are not computed again and each new one is staged as it arrives.
+        """
+        shards = self.plan.data.shards
+        reducer = Reducer()
+        progress = Progress(progress_stream, self.plan.data.rows, label, enabled=show)
+        finished: set[int] = set()
+        if store is not None:
+            staged = store.load(shards)
+            for index, partial in sorted(staged.items()):
+                reducer.add(partial)
+                finished.add(index)
+            self.resumed = len(staged)
+            if staged:
+                progress_stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
+                                      f"computing {len(shards) - len(staged)}\n")
+                progress.rows = sum(s.rows for s in shards if s.index in finished)
+                progress.shards = len(finished)
+        pending = deque(s for s in shards if s.index not in finished)
+        kill_driver = faults.active("kill-driver") if store is not None else None
+        staged_now = 0
+        attempts: dict[int, int] = {}
+        argument_ref = ray.put(argument)
+        inflight = {}
+        idle = []
+
+        durations: list[float] = []  # seconds of each shard of this pass, as the driver saw them
+        backed_up: set[int] = set()
+
+        def submit(actor, shard=None):
+            shard = shard or pending.popleft()
+            inflight[getattr(actor, method).remote(shard, argument_ref)] = (actor, shard, time.monotonic())
+
+        def retry(shard, cause: str, kind: str):
+            if shard.index in finished or any(s.index == shard.index for _, s, _ in inflight.values()):
+                return  # its backup copy has finished it, or is computing it
+            attempts[shard.index] = attempts.get(shard.index, 0) + 1
+            if policy.decide(kind, attempts[shard.index], len(self.actors)) == "raise":
+                what = "lost its worker" if kind == policy.LOST else "failed"
+                raise ComputeError(
+                    f"shard {shard.index} ({self._rows(shard)}) {what} after its retries: {cause}; "
+                    f"{self._resume_hint()}") from None
+            self.log.write(f"shard {shard.index} ({self._rows(shard)}): {cause}; trying again "
+                           f"({attempts[shard.index]} of {policy.SHARD_RETRIES})\n")
+            pending.appendleft(shard)
+
+        starting = {actor for actor, _ in self._starting.values()}
+        for actor in self.actors:
+            if actor in starting:
+                continue  # joins once it has loaded the model
+            if pending:
+                submit(actor)
+            else:
+                idle.append(actor)
+        while len(finished) < len(shards) and (inflight or (pending and self._starting)):
+            waiting = list(inflight) + list(self._starting)
+            done, _ = ray.wait(waiting, num_returns=1, timeout=1.0 if self._raylets else LIVENESS_SECONDS)
+            if not done or self._raylets:
+                self._check_live(bool(inflight), len(finished), len(shards))
+            if not done:
+                if idle and not pending and durations:
+                    self._back_up(inflight, idle, durations, backed_up, finished, submit)
+                continue
+            if done[0] in self._starting:
+                # A replacement worker has loaded the model (or failed to): only then does it
+                # get shards, so a worker no node can host never holds one.
+                actor, _ = self._starting.pop(done[0])
+                try:
+                    ray.get(done[0])
+                    idle.append(actor)
+                except ray.exceptions.RayError:
+                    self._drop(actor)
+            else:
+                actor, shard, submitted = inflight.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, (InputError, ComputeError)):
+                        kind = policy.INPUT if isinstance(cause, InputError) else policy.DETERMINISTIC
+                        if policy.decide(kind, 1, len(self.actors)) == "raise":
+                            raise type(cause)(" ".join(str(cause).split())) from None
+                    retry(shard, _cause(err), policy.ERROR)
+                    idle.append(actor)
+                except ray.exceptions.RayError as err:
+                    # RayActorError, ObjectLostError, ...: the worker process (or its node) is
+                    # gone and Ray's own restarts are spent. Drop it, start a fresh one, move
+                    # the shard to a worker that is up.
+                    self._drop(actor)
+                    retry(shard, f"its worker died ({type(err).__name__})", policy.LOST)
+                else:
+                    if result.index != shard.index:
+                        raise ComputeError(f"shard {shard.index} came back as shard {result.index}: "
+                                           f"{self._resume_hint()}")
+                    durations.append(time.monotonic() - submitted)
+                    if shard.index not in finished:  # never add a shard twice
+                        finished.add(shard.index)
+                        if store is not None:
+                            store.save(shard, result.partial)
+                            staged_now += 1
+                            if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
+                                faults.die(f"kill-driver after {staged_now} shards")
+                        reducer.add(result.partial)
+                        progress.update(shard.rows, len(shards))
+                        if result.worker not in self.names:
+                            self.names.append(result.worker)
+                    idle.append(actor)
+            while pending and idle:
+                submit(idle.pop(0))
+            if idle and not pending and durations:
+                self._back_up(inflight, idle, durations, backed_up, finished, submit)
+        if len(finished) != len(shards):
+            missing = sorted({s.index for s in shards} - finished)
+            raise ComputeError(f"shards {missing[:10]} were never computed (no worker left): {self._resume_hint()}")
+        self.passes += 1
+        return reducer
+
+    def _back_up(self, inflight: dict, idle: list, durations: list, backed_up: set, finished: set, submit) -> None:
+        """Computes a shard again on a free worker when its own has held it for more than twice
+        the slowest shard of the pass (plus ``LIVENESS_SECONDS``): a worker whose node was lost
+        waits for a restart that Ray may never place. The first copy to finish counts."""
+        now = time.monotonic()
+        for _, shard, submitted in list(inflight.values()):
+            if not idle:
+                return
+            if shard.index in backed_up or shard.index in finished or not policy.late(now - submitted, durations,
+                                                                                     LIVENESS_SECONDS):
+                continue
+            backed_up.add(shard.index)
+            self.log.write(f"shard {shard.index} ({self._rows(shard)}): no result after {now - submitted:.0f} s (its "
+                           f"worker may be waiting for a restart); computing it again on a free worker\n")
+            submit(idle.pop(0), shard)
+
+    def _drop(self, actor) -> None:
+        """Forgets a lost worker and starts a replacement (``replacements_left`` in all)."""
+        if actor not in self.actors:
+            return
+        self.actors.remove(actor)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - it is already dead
+            pass
+        if self.replacements_left > 0:
+            self.replacements_left -= 1
+            fresh = self._start()
+            self.actors.append(fresh)
+            self._starting[fresh.info.remote()] = (fresh, time.monotonic())
+
+    def _check_live(self, busy: bool, finished: int, total: int) -> None:
+        """Raises ``ComputeError`` when no live node can run a worker any more, or when nothing
+        is being computed and the replacement workers did not start within ``WORKER_START_SECONDS``."""
+        kind, amount = self._need
+        done = f"; {finished} of {total} shards are finished and kept" if total else ""
+        if self._raylets and not all(processes.running(pid) for pid in self._raylets):
+            processes.end(self._raylets + self._ray_children)
+            raise ComputeError(f"the local Ray node died mid-pass (its raylet or GCS process ended: killed, or out "
+                               f"of memory){done}: {self._resume_hint()}")
+        if time.monotonic() - self._nodes_checked < LIVENESS_SECONDS:
+            return
+        self._nodes_checked = time.monotonic()
+        try:
+            nodes = ray.nodes()
+        except Exception:  # noqa: BLE001 - the cluster itself is unreachable: that is the answer too
+            nodes = []
+        if not any(node.get("Alive") and node.get("Resources", {}).get(kind, 0) >= amount for node in nodes):
+            raise ComputeError(
+                f"no live Ray node can run a worker (each needs {amount:g} {kind}): the cluster's nodes died or "
+                f"left mid-pass{done}: check `ray status`, then {self._resume_hint()}")
+        now = time.monotonic()
+        if not busy and self._starting and all(now - t > WORKER_START_SECONDS for _, t in self._starting.values()):
+            raise ComputeError(
+                f"the workers started to replace lost ones did not start within {WORKER_START_SECONDS:.0f} s (the "
+                f"cluster lacks the {kind}s they ask for, or is busy){done}: check `ray status`, then "
+                f"{self._resume_hint()}")
+
+    def peak_memory(self) -> list[int]:
+        """Each live worker's peak resident memory so far, in bytes (for the manifest)."""
+        try:
+            return [int(b) for b in ray.get([a.probe_memory.remote() for a in self.actors], timeout=60)]
+        except ray.exceptions.RayError:
+            return []  # a worker lost at the very end: the result stands, the figure is left out
+
+    def call_one(self, method: str, argument):
+        """One call on one worker (the regularization term), with the passes' liveness checks."""
+        starting = {actor for actor, _ in self._starting.values()}
+        ready = [actor for actor in self.actors if actor not in starting] or self.actors
+        ref = getattr(ready[0], method).remote(argument)
+        while not ray.wait([ref], timeout=LIVENESS_SECONDS)[0]:
+            self._check_live(True, 0, 0)
+        return ray.get(ref)
+
+    def close(self):
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - closing after a failure: some may be gone
+                pass
+
+
+def _cause(err) -> str:
+    """The last line of a worker's exception: its type and message, not Ray's traceback."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

@@ -1,0 +1,64 @@
+"""What the engine computes for each batch: the request every quantity unit adds to.
+
+TensorFlow-free, so the driver, the quantity units and the worker pool can build and pass it
+without importing TensorFlow. The engine fuses every field of one request into one forward
+pass and one gradient per batch (``pipeline.curvature.engine``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """The building blocks to sum over each batch. Vectors are float64 arrays of shape [K, P].
+
+    - ``gradient``: ``sum_i s_i g_i`` (the loss sum ``sum_i s_i l_i`` is always computed);
+    - ``hessian_diagonal="exact"``: ``sum_i s_i diag(H_i)`` by P basis-vector HVPs;
+    - ``probes``: ``sum_i s_i z_k * (H_i z_k)`` for each row ``z_k`` (Hutchinson; both may be
+      asked at once: an exact trace beside a Hutchinson diagonal);
+    - ``hvp_vectors``: ``sum_i s_i H_i v_k``;
+    - ``ggn_diagonal``: ``"exact"`` (``diag(J^T Lambda J)``) or ``"mc"`` (``ggn_samples``
+      labels per example drawn from ``(seed, sample, row)``);
+    - ``sum_grad_squared``: ``sum_i s_i g_i**2`` (BackPACK's ``SumGradSquared``).
+    """
+
+    gradient: bool = True
+    hessian_diagonal: str | None = None  # "exact"
+    probes: np.ndarray | None = None  # Hutchinson probes z_k
+    hvp_vectors: np.ndarray | None = None
+    ggn_diagonal: str | None = None  # "exact" | "mc"
+    ggn_samples: int = 1
+    sum_grad_squared: bool = False
+    seed: int = 0
+
+    def merged(self, **asked) -> "BatchWork":
+        """This request with ``asked`` added: flags are or-ed, and a field two quantities set
+        to different values is an error of the units that asked (never silently one of them)."""
+        changes = {}
+        for name, value in asked.items():
+            current = getattr(self, name)
+            if value is None or value is False or current is value:
+                continue
+            if current not in (None, False) and not _same(current, value) and name not in ("gradient", "seed"):
+                raise ValueError(f"two quantities ask the engine for different {name}: {current!r} and {value!r}")
+            changes[name] = value
+        return replace(self, **changes)
+
+    @property
+    def per_parameter(self) -> bool:
+        """Whether the request forms per-parameter (exact diagonal) or per-example (Fisher,
+        GGN) products, whose route (vectorised or loop) the plan decides on the first rows."""
+        return self.hessian_diagonal == "exact" or self.sum_grad_squared or self.ggn_diagonal is not None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return a is b
+    return a == b
+
+
+FIELDS = tuple(f.name for f in fields(BatchWork))

@@ -1,0 +1,225 @@
+"""A run from job to published results: plan -> main pass -> spectral passes -> publish.
+
+The driver holds only small things: the plan, one running ``Partial`` (the reducer), and the
+Krylov state of the spectral algorithms. Each product with the Hessian over the whole dataset
+is one *pass* (``cluster.pool.WorkerPool.map_shards``). What is computed, and how it is
+finalised and published, is the quantity units' business (``pipeline.quantities``): this module
+only walks them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import __version__, memory, quantities
+from pipeline.cluster import connect
+from pipeline.cluster.pool import WorkerPool
+from pipeline.cluster.processes import local_ray_processes
+from pipeline.curvature.requests import BatchWork
+from pipeline.errors import ComputeError, InputError
+from pipeline.plan import Plan, make_plan, new_run_id
+from pipeline.reduce import Sums
+from pipeline.storage.publish import RunPublisher, published
+from pipeline.storage.staging import PartialStore
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    manifest: dict
+    results: dict
+
+
+class HessianOperator:
+    """``V [K, P] -> (H V^T)^T`` over the whole dataset: one pass per call."""
+
+    def __init__(self, pool: WorkerPool, regularization: bool, stream):
+        self.pool = pool
+        self.regularization = regularization
+        self.stream = stream
+        self.calls = 0
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
+        work = BatchWork(gradient=False, hvp_vectors=vectors)
+        self.calls += 1
+        reducer = self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False)
+        if self.regularization:
+            reducer.add_regularization(self.pool.call_one("regularization", work))
+        return reducer.sums().mean("hvp")
+
+
+def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
+        workers: int | None = None, dry_run: bool = False, stream=None, quiet: bool = False) -> RunResult | Plan:
+    """Runs ``job`` (a ``JobSpec``) and publishes its results; returns the run.
+
+    With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
+    local run). Input problems (an existing run, an unwritable output, a bad model or data)
+    are found before any worker starts. Called again with the ``run_id`` of an interrupted
+    run, it resumes: the shards staged by ``pipeline.storage.staging`` are not computed again,
+    and the run keeps its original start date (docs/failures.md). ``quiet``: Ray logs errors only.
+    """
+    stream = stream or sys.stderr
+    connect.STOPPED.clear()
+    now = _dt.datetime.now(_dt.timezone.utc)
+    run_id = run_id or new_run_id(now)
+    if dry_run and not (address or os.environ.get("RAY_ADDRESS")):
+        return make_plan(job, output, run_id, workers, connect.local_resources(), now)
+
+    started = time.time()
+    store = None
+    if not dry_run:
+        # An interrupted run with this id keeps its start (and so its date) and its layout.
+        store = PartialStore(output or job.output, job.name, run_id)
+        now = store.started() or now
+    try:
+        publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id,
+                                                      now.strftime("%Y-%m-%d"))
+    except InputError:
+        if store is not None and published(output or job.output, job.name, now.strftime("%Y-%m-%d"), run_id):
+            store.remove()  # leftovers of a driver that lost a race for this run id
+        raise
+    owns_ray = connect.connect(address, quiet)
+    try:
+        staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
+        plan = make_plan(job, output, run_id, workers, connect.cluster_resources(owns_ray), now,
+                         shards=staged_shards)
+        if dry_run:
+            return plan
+        with publisher:
+            store.open(plan, now)
+            stream.write(plan.describe() + "\n")
+            try:
+                pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None)
+                try:
+                    results, extra = _compute(plan, pool, stream, store)
+                    extra["worker_peak_bytes"] = pool.peak_memory()
+                finally:
+                    pool.close()
+            except InputError:
+                # Bad data found while computing: the staged partials can never be resumed
+                # (the data must change), so leave nothing behind.
+                store.remove()
+                raise
+            extra["resumed_shards"] = pool.resumed
+            manifest = _manifest(plan, results, pool.passes, extra, started, now.isoformat(timespec="seconds"),
+                                 pool.names)
+            try:
+                _write_tables(publisher, plan, results, manifest)
+                run_dir = publisher.publish(manifest)
+            except OSError as err:  # a full disk, a revoked permission: the computed shards are kept
+                raise ComputeError(
+                    f"cannot write the results under {plan.output}: {err}; nothing was published and the computed "
+                    f"shards are kept: fix the output (free space, permissions) and run the same command with --run-id "
+                    f"{plan.run_id} to resume") from None
+        store.remove()
+        return RunResult(run_dir=run_dir, manifest=manifest, results=results)
+    except BaseException as exc:
+        if publisher is not None:
+            publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
+            _drop_if_published(store, publisher)
+        if connect.STOPPED and isinstance(exc, SystemExit):
+            raise ComputeError(f"terminated (SIGTERM); the finished shards are kept: run the same command with "
+                               f"--run-id {run_id} to resume") from None
+        raise
+    finally:
+        if owns_ray:
+            connect.shutdown()
+
+
+def _drop_if_published(store, publisher) -> None:
+    """Removes the staged partials of a run id that another driver has published meanwhile
+    (two drivers started with one --run-id: the loser's shards can never be used)."""
+    if store is not None and publisher.published_elsewhere():
+        store.remove()
+
+
+def _compute(plan: Plan, pool: WorkerPool, stream, store=None) -> tuple[dict, dict]:
+    """The main pass (every quantity's per-batch sums, staged shard by shard so that it can be
+    resumed), then each quantity's driver-side algorithm over passes of HVPs."""
+    job = plan.job
+    context = plan.context(stream)
+    work = quantities.main_request(job.quantities, context)
+    reducer = pool.map_shards("compute", work, job.name, stream, store=store)
+    if job.include_regularization:
+        reducer.add_regularization(pool.call_one("regularization", work))
+    if reducer.total.examples != plan.data.rows:
+        raise ComputeError(f"reduced {reducer.total.examples} examples but planned {plan.data.rows}: a shard was "
+                           f"lost or counted twice; run the same command with --run-id {plan.run_id} to resume")
+    if not reducer.total.weight_sum > 0:
+        raise InputError(f"column '{job.data.weights}' sums to {reducer.total.weight_sum:g} over all "
+                         f"{reducer.total.examples:,} rows: the weighted mean is undefined; give some rows a "
+                         "positive weight, or drop data.weights")
+    sums: Sums = reducer.sums()
+    results = quantities.finalize(sums, job.quantities)
+    operator = HessianOperator(pool, job.include_regularization, stream)
+    results.update(quantities.compute(job.quantities, context, operator, sums))
+    return results, {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
+
+
+def _versions() -> dict:
+    """Versions of the product and the libraries it computed with (read from the installed
+    distributions, so the driver imports none of them for it)."""
+    versions = {"hessian-pipeline": __version__, "python": platform.python_version()}
+    for name, *other_names in (("tensorflow", "tensorflow-cpu"), ("keras",), ("ray",), ("pyarrow",), ("numpy",)):
+        versions[name] = None
+        for distribution in (name, *other_names):
+            try:
+                versions[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: float, started_at: str,
+              worker_names: list[str]) -> dict:
+    job = plan.job
+    finished = time.time()
+    return {
+        "run_id": plan.run_id,
+        "date": plan.date,
+        "status": "complete",
+        "job": job.to_dict(),
+        "examples": int(extra["examples"]),
+        "weight_sum": float(extra["weight_sum"]),
+        "loss": float(results["loss"]),
+        "shards": len(plan.data.shards),
+        "workers": len(worker_names),
+        "worker_names": worker_names,
+        "parameters": plan.parameters,
+        "variables": [{"name": n, "shape": list(s)} for n, s in zip(plan.signature.variables,
+                                                                    plan.signature.variable_shapes)],
+        "passes": passes,
+        "resumed_shards": int(extra.get("resumed_shards", 0)),
+        "started_at": started_at,
+        "finished_at": _now(),
+        "seconds": round(finished - started, 3),
+        "versions": _versions(),
+        "model": {"path": job.model.path or job.model.builder, "weights": job.model.weights,
+                  "sha256": plan.model_sha256},
+        "data": {"files": list(plan.data.files), "rows": plan.data.rows, "fingerprint": plan.data.fingerprint},
+        # The plan's estimate beside what the run measured, so that a wrong estimate shows.
+        "estimate": plan.cost.as_dict() if plan.cost is not None else None,
+        "memory": {"worker_peak_bytes": list(extra.get("worker_peak_bytes", [])),
+                   "driver_peak_bytes": memory.peak_bytes()},
+    }
+
+
+def _write_tables(publisher, plan: Plan, results: dict, manifest: dict) -> None:
+    provenance = {k: manifest[k] for k in ("run_id", "date", "job", "examples", "loss", "parameters", "model",
+                                           "data", "versions", "started_at")}
+    for filename, table in quantities.tables(plan.job.quantities, results, plan.context()).items():
+        publisher.write_table(filename, table, provenance)

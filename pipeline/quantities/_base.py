@@ -1,0 +1,127 @@
+"""The ``Quantity`` unit: everything about one quantity in one place.
+
+A unit owns its job options and their checks, its plan-time cost, what it asks the engine to
+sum over each batch of the main pass, how its sums become results, any driver-side algorithm
+(the spectral ones, each product with ``H`` a pass over the data), and the columns and files it
+publishes. The driver only walks the registry (``pipeline/quantities/__init__.py``).
+
+The idea is optax's ``GradientTransformation``: one small protocol that everything implements
+and that composes. NumPy only here; tables are built by ``pipeline.storage.tables``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from pipeline.cost import Measurement, QuantityCost, Workload
+from pipeline.errors import InputError
+from pipeline.options import Option, check_keys, show
+from pipeline.reduce import Sums
+from pipeline.signature import ModelSignature
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """What the plan found on the first rows that a unit's notes may mention."""
+
+    parameters: int
+    batches: int
+    route: str | None  # exact diagonal: "vectorised" | "loop"
+    per_example_route: str | None  # Fisher/GGN products: "vectorised" | "loop"
+
+
+@dataclass
+class Context:
+    """What a unit sees while a run computes and publishes."""
+
+    signature: ModelSignature
+    seed: int
+    # Arrays prepared at plan time, by quantity name (``Quantity.prepare``): the HVP vectors.
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    log: TextIO | None = None
+
+    @property
+    def parameters(self) -> int:
+        return self.signature.parameters
+
+    def say(self, line: str) -> None:
+        if self.log is not None:
+            self.log.write(line + "\n")
+
+
+class Quantity:
+    """One curvature quantity. Subclasses set the class attributes and override what applies.
+
+    ``columns``: its columns of ``diagonals.parquet`` (a value, then its standard error), the
+    first one also summarised in ``summary.parquet``; ``files``: its own result files.
+    """
+
+    name: str = ""
+    help: str = ""
+    options: dict[str, Option] = {}
+    columns: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    label: str = ""  # its short name in plots
+    color: str = ""  # its colour in plots
+
+    # -------------------------------------------------------------------- the job file
+    def parse(self, options: Any, where: str, base_dir: str) -> dict:
+        """The options as written (``None`` for ``{}``) -> every option checked, defaults filled."""
+        options = self._mapping(options, where)
+        check_keys(options, tuple(self.options), where)
+        return {option: spec.check(options.get(option, spec.default), f"{where}.{option}")
+                for option, spec in self.options.items()}
+
+    def _mapping(self, options: Any, where: str) -> dict:
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise InputError(f"{where} must be a mapping of options (or {{}}), got {show(options)}: "
+                             f"write e.g. {self.name}: {{}}")
+        if not self.options and options:
+            raise InputError(f"{where} takes no options, got {show(options)}: write {self.name}: {{}}")
+        return options
+
+    # -------------------------------------------------------------------- the plan
+    def per_parameter(self, options: dict) -> bool:
+        """Whether it needs per-parameter or per-example products (the plan then finds their
+        route, vectorised or loop, on the first rows)."""
+        return False
+
+    def notes(self, options: dict, facts: PlanFacts) -> list[str]:
+        """Lines the plan prints about this quantity."""
+        return []
+
+    def prepare(self, options: dict, signature: ModelSignature, seed: int) -> np.ndarray | None:
+        """An array it needs for every batch, made once at plan time (after the cost check)."""
+        return None
+
+    def cost(self, options: dict, w: Workload, m: Measurement, asked: dict) -> QuantityCost:
+        """Its share of the run's passes, time and memory (``pipeline.cost``); ``asked`` is every
+        quantity of the job (a unit that shares another's products counts them once)."""
+        return QuantityCost(self.name)
+
+    # -------------------------------------------------------------------- the main pass
+    def request(self, options: dict, context: Context) -> dict:
+        """``BatchWork`` fields it asks the engine for on every batch of the main pass."""
+        return {}
+
+    def finalize(self, options: dict | None, sums: Sums) -> dict[str, np.ndarray]:
+        """Its per-parameter results from the reduced sums (``options`` None: whatever the sums
+        hold, for tests of the engine)."""
+        return {}
+
+    # -------------------------------------------------------------------- after the main pass
+    def compute(self, options: dict, context: Context, operator, sums: Sums) -> Any:
+        """A driver-side algorithm over ``operator`` (``V [K, P] -> (H V^T)^T``, one pass over
+        the data per call); its result is published by ``tables``."""
+        return None
+
+    # -------------------------------------------------------------------- publishing
+    def tables(self, options: dict, result: Any, context: Context) -> dict:
+        """``{file name: pyarrow.Table}`` of its own files."""
+        return {}
+

@@ -1,0 +1,44 @@
+"""The run layout: where a run is published and where its finished shards are staged.
+
+```
+OUTPUT/NAME/date=YYYY-MM-DD/run=RUN_ID/      a published run (manifest.json written last)
+OUTPUT/NAME/.partials/run=RUN_ID/            its staged shards until it is published
+```
+
+Paths only (strings): ``publish`` and ``staging`` open them through ``pipeline.storage.uri``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.errors import InputError
+from pipeline.storage.uri import absolute, is_uri
+
+MANIFEST = "manifest.json"
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def output_root_of(output_root: str) -> str:
+    """The output root as shown to users: URIs as given, local paths absolute; no trailing slash."""
+    if is_uri(output_root):
+        stripped = output_root.rstrip("/")
+        return output_root if stripped.endswith(":") else stripped
+    return absolute(output_root)
+
+
+def run_dir(output_root: str, name: str, date: str, run_id: str) -> str:
+    """Where a run is published (the contract's Hive-style layout)."""
+    root = output_root.rstrip("/") if output_root.rstrip("/") else ""
+    return f"{root}/{name}/date={date}/run={run_id}"
+
+
+def partials_dir(output_root: str, name: str, run_id: str) -> str:
+    """Where a run's finished shards are staged until it is published."""
+    return f"{output_root.rstrip('/')}/{name}/.partials/run={run_id}"
+
+
+def plain_name(value: str, what: str, flag: str) -> None:
+    """A run id or job name becomes a folder: letters, digits, ``. _ -`` only (no ``..``)."""
+    if not isinstance(value, str) or not PLAIN_NAME.match(value) or value in (".", ".."):
+        raise InputError(f"{what} {value!r} is not a plain name (letters, digits, . _ -): fix {flag}")

@@ -1,0 +1,95 @@
+"""The one rule for "URI or local path", and the PyArrow file system behind each.
+
+A URI is ``scheme://...`` with an identifier as its scheme (``s3://``, ``gs://``, ``file://``,
+``hdfs://``); anything else is a local path, made absolute (``~`` expanded). Every module that
+touches a file goes through ``resolve_filesystem``, so local paths and object stores behave
+alike. PyArrow only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.errors import InputError
+
+GLOB_CHARS = "*?["
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names an object in a file system other than the local one by URI."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
+def absolute(path: str, base_dir: str | None = None) -> str:
+    """A URI as written; a local path absolute (relative to ``base_dir`` when given)."""
+    if is_uri(path):
+        return path
+    path = os.path.expanduser(path)
+    return os.path.abspath(os.path.join(base_dir, path) if base_dir else path)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (PyArrow's run over several)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and the path inside it, for a local path or a URI (s3://, gs://, file://).
+
+    Glob characters are kept out of URI parsing (a ``[`` is not valid in a URI) and put back
+    on the returned path. Raises ``InputError`` for a URI PyArrow cannot open.
+    """
+    if not isinstance(path, str) or not path:
+        raise InputError(f"data path {path!r} is not a path: set a file, directory, glob or URI")
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    scheme_end = path.index("://") + 3
+    cut = min((i for i in (path.find(c, scheme_end) for c in GLOB_CHARS) if i >= 0),
+              default=len(path))
+    literal, pattern = path[:cut], path[cut:]
+    try:
+        fs, inner = pafs.FileSystem.from_uri(literal)
+    except (pa.ArrowException, ValueError, OSError) as err:
+        raise InputError(f"cannot open {path}: {' '.join(str(err).split())}: check the URI and credentials") from err
+    if pattern and literal.endswith("/") and not inner.endswith("/"):
+        inner += "/"
+    return fs, inner + pattern
+
+
+def sha256(path: str) -> str:
+    """sha256 of a file's bytes (local or URI), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    filesystem, inner = resolve_filesystem(path)
+    with filesystem.open_input_stream(inner) as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_copy(path: str, what: str = "model file") -> str:
+    """A local file with the bytes of ``path``: the path itself when local (``file://`` too),
+    else a temporary copy (Keras loads from local files only). ``InputError`` when missing
+    or unreadable."""
+    if not is_uri(path) or path.startswith("file://"):
+        local = path[len("file://"):] if path.startswith("file://") else path
+        if not os.path.exists(local):
+            raise InputError(f"{what} {path} not found: check the job's 'model' path")
+        return local
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        handle, local = tempfile.mkstemp(suffix="-" + os.path.basename(inner))
+        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as src:
+            out.write(src.read())
+    except Exception as exc:  # noqa: BLE001 - any failure to read a user's URI is their input
+        raise InputError(f"{what} {path} cannot be read ({exc}): check the URI and credentials") from None
+    return local
