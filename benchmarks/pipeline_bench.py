@@ -181,7 +181,7 @@ def in_process(spec) -> dict:
     from pipeline.curvature.model import load_model
     from pipeline.partial import Partial
     from pipeline.plan import make_plan
-    from pipeline.quantities import finalize, main_request
+    from pipeline.quantities.registry import finalize, main_request
     from pipeline.storage.dataset import read_shard
 
     plan = make_plan(spec, workers=1, cluster={"CPU": 1})

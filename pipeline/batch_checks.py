@@ -42,7 +42,7 @@ def model_refused(exc: BaseException, batch, where: str) -> InputError:
 def check_batch(batch, where: str, data_spec, loss, signature, columns) -> None:
     """Non-finite values, negative weights and sparse labels out of range, as input errors.
 
-    ``columns`` is ``pipeline.data.tensor_columns(data_spec, signature)``: the column name(s)
+    ``columns`` is ``pipeline.storage.dataset.tensor_columns(data_spec, signature)``: the column name(s)
     of each input and label tensor, in the order of ``batch.inputs`` and ``batch.labels``.
     """
     _check_finite(batch, where, data_spec, columns)

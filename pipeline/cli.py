@@ -1,4 +1,4 @@
-"""The command line: a thin layer over ``pipeline.runner`` and friends.
+"""The command line: a thin layer over the driver (``pipeline.driver``), the plan and the read side.
 
 Errors are turned into exit codes here and only here: ``InputError`` -> one ``error:`` line
 on stderr and exit 2, ``ComputeError`` -> exit 1; a traceback only with ``--debug``.

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import __version__, memory, quantities
+from pipeline import __version__, memory
+from pipeline.quantities import registry
 from pipeline.cluster import connect
 from pipeline.cluster.pool import WorkerPool
 from pipeline.cluster.processes import local_ray_processes
@@ -147,7 +148,7 @@ def _compute(plan: Plan, pool: WorkerPool, stream, store=None) -> tuple[dict, di
     resumed), then each quantity's driver-side algorithm over passes of HVPs."""
     job = plan.job
     context = plan.context(stream)
-    work = quantities.main_request(job.quantities, context)
+    work = registry.main_request(job.quantities, context)
     reducer = pool.map_shards("compute", work, job.name, stream, store=store)
     if job.include_regularization:
         reducer.add_regularization(pool.call_one("regularization", work))
@@ -159,9 +160,9 @@ def _compute(plan: Plan, pool: WorkerPool, stream, store=None) -> tuple[dict, di
                          f"{reducer.total.examples:,} rows: the weighted mean is undefined; give some rows a "
                          "positive weight, or drop data.weights")
     sums: Sums = reducer.sums()
-    results = quantities.finalize(sums, job.quantities)
+    results = registry.finalize(sums, job.quantities)
     operator = HessianOperator(pool, job.include_regularization, stream)
-    results.update(quantities.compute(job.quantities, context, operator, sums))
+    results.update(registry.compute(job.quantities, context, operator, sums))
     return results, {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
 
 
@@ -221,5 +222,5 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
 def _write_tables(publisher, plan: Plan, results: dict, manifest: dict) -> None:
     provenance = {k: manifest[k] for k in ("run_id", "date", "job", "examples", "loss", "parameters", "model",
                                            "data", "versions", "started_at")}
-    for filename, table in quantities.tables(plan.job.quantities, results, plan.context()).items():
+    for filename, table in registry.tables(plan.job.quantities, results, plan.context()).items():
         publisher.write_table(filename, table, provenance)

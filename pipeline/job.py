@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import quantities
+from pipeline.quantities import registry
 from pipeline.errors import InputError
 from pipeline.options import (MISSING, Check, boolean, check_keys, choice, column_name, fail, is_int, one_line,
                               positive_float, positive_int, resolved_path, show)
@@ -265,7 +265,7 @@ def _keys_table() -> dict[str, Key]:
         "seed": Key("seed of every stochastic estimator", 0),
         "quantities": Key("what to compute: any subset, each at most once", required=True),
     }
-    for quantity, unit in quantities.UNITS.items():
+    for quantity, unit in registry.UNITS.items():
         keys[f"quantities.{quantity}"] = Key(unit.help)
         for option, spec in unit.options.items():
             keys[f"quantities.{quantity}.{option}"] = Key(spec.help, spec.default)
@@ -569,7 +569,7 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
         model=_parse_model(raw, base_dir),
         loss=_parse_loss(raw),
         data=_parse_data(raw, base_dir),
-        quantities=quantities.parse(_required(raw, "quantities", "", "add e.g. quantities: {hessian_diagonal: "
+        quantities=registry.parse(_required(raw, "quantities", "", "add e.g. quantities: {hessian_diagonal: "
                                                                      "{method: exact}}"), base_dir),
         shards=optional("shards", _auto_or_positive_int),
         workers=optional("workers", _auto_or_positive_int),

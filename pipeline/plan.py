@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import cost, memory, quantities
+from pipeline import cost, memory
+from pipeline.quantities import registry
 from pipeline.batch_checks import check_batch, deterministic, model_refused
 from pipeline.curvature.engine import CurvatureEngine
 from pipeline.curvature.losses import resolve_loss
@@ -57,9 +58,9 @@ class Plan:
     def batches(self) -> int:
         return sum(-(-s.rows // self.job.data.batch_size) for s in self.data.shards)
 
-    def context(self, log=None) -> quantities.Context:
+    def context(self, log=None) -> registry.Context:
         """What the quantity units see while this plan runs."""
-        return quantities.Context(signature=self.signature, seed=self.job.seed, inputs=self.inputs, log=log)
+        return registry.Context(signature=self.signature, seed=self.job.seed, inputs=self.inputs, log=log)
 
     def describe(self) -> str:
         batches = self.batches
@@ -113,7 +114,7 @@ def probe_data(job, engine, data):
     columns = tensor_columns(job.data, engine.signature)
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
     check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns)
-    report = probe(engine, batch, columns, route=quantities.per_parameter(job.quantities))
+    report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
         batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)
         check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns)
@@ -161,14 +162,14 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                 model_sha256=model_fingerprint(job.model), passes=1)
     plan.notes.extend(plan_notes)
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
-    facts = quantities.PlanFacts(parameters=signature.parameters, batches=plan.batches, route=trial.route,
+    facts = registry.PlanFacts(parameters=signature.parameters, batches=plan.batches, route=trial.route,
                                  per_example_route=trial.per_example_route)
-    plan.notes.extend(quantities.notes(job.quantities, facts))
+    plan.notes.extend(registry.notes(job.quantities, facts))
     # Estimated and checked before anything of the quantities' size is built (random vectors
     # are drawn only when the main pass asks for them).
-    plan.inputs = quantities.prepare(job.quantities, signature, job.seed)
+    plan.inputs = registry.prepare(job.quantities, signature, job.seed)
     plan.workload = _workload(plan, engine, trial)
-    plan.cost = quantities.estimate(job.quantities, plan.workload, measured, plan.inputs)
+    plan.cost = registry.estimate(job.quantities, plan.workload, measured, plan.inputs)
     plan.passes = plan.cost.passes
     cost.check(plan.cost, memory_budget(job.limits, cluster, workers), job.limits, workers, bool(gpus))
     return plan

@@ -36,9 +36,6 @@ def gaussian(seed: int, indices, size: int, stream: int) -> np.ndarray:
                      for k in indices]) if len(indices) else np.zeros((0, size))
 
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = values + np.uint64(0x9E3779B97F4A7C15)

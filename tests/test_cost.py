@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import cost, quantities
+from pipeline import cost
+from pipeline.quantities import registry
 from pipeline.errors import InputError
 from pipeline.job import LimitsSpec
 from pipeline.plan import memory_budget
@@ -22,7 +23,7 @@ WORK = cost.Workload(parameters=100_000, largest_variable=80_000, outputs=10, it
 def test_passes_are_one_main_pass_plus_each_spectral_algorithms():
     q = {"gradient": {}, "trace": {"method": "hutch++", "probes": 100},
          "eigenvalues": {"top": 5, "iterations": 30}, "spectrum": {"runs": 4, "steps": 24}}
-    estimate = quantities.estimate(q, WORK, MEASURED)
+    estimate = registry.estimate(q, WORK, MEASURED)
     assert estimate.passes == 1 + 3 + 31 + 24
     assert [x.name for x in estimate.quantities] == list(q)
     # Each pass of V vectors costs batches x (1 + 1.5 V) gradients, shared by the workers.
@@ -31,8 +32,8 @@ def test_passes_are_one_main_pass_plus_each_spectral_algorithms():
 
 
 def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
-    few = quantities.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
-    many = quantities.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)
+    few = registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
+    many = registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)
     per_probe = WORK.parameters * 8
     assert many.worker_bytes - few.worker_bytes >= 990 * per_probe * cost.WORKER_VECTOR_COPIES
     assert many.driver_bytes - few.driver_bytes == 990 * per_probe * cost.DRIVER_VECTOR_COPIES
@@ -40,15 +41,15 @@ def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
 
 
 def test_an_exact_trace_beside_the_exact_diagonal_is_counted_once():
-    diagonal = quantities.estimate({"hessian_diagonal": {"method": "exact"}}, WORK, MEASURED)
-    both = quantities.estimate({"hessian_diagonal": {"method": "exact"}, "trace": {"method": "exact", "probes": 1}},
+    diagonal = registry.estimate({"hessian_diagonal": {"method": "exact"}}, WORK, MEASURED)
+    both = registry.estimate({"hessian_diagonal": {"method": "exact"}, "trace": {"method": "exact", "probes": 1}},
                          WORK, MEASURED)
     assert both.seconds == pytest.approx(diagonal.seconds) and both.worker_bytes == diagonal.worker_bytes
 
 
 def test_a_plan_over_its_time_limit_is_refused_with_the_numbers_unless_forced():
     q = {"eigenvalues": {"top": 5, "iterations": 5000}}
-    estimate = quantities.estimate(q, WORK, MEASURED)
+    estimate = registry.estimate(q, WORK, MEASURED)
     assert estimate.seconds > 24 * 3600
     with pytest.raises(InputError) as refused:
         cost.check(estimate, cost.Budget(), LimitsSpec(), workers=2, gpus=False)
@@ -62,7 +63,7 @@ def test_a_plan_over_its_time_limit_is_refused_with_the_numbers_unless_forced():
 
 
 def test_memory_budgets_per_process_per_machine_and_per_node():
-    estimate = quantities.estimate({"hvp": {"random": 2000}}, WORK, MEASURED)
+    estimate = registry.estimate({"hvp": {"random": 2000}}, WORK, MEASURED)
     capped = memory_budget(LimitsSpec(memory_gib=1.0), {}, workers=2)
     assert capped.worker_bytes == capped.driver_bytes == 2**30 and capped.machine_bytes is None
     with pytest.raises(InputError, match=r"each worker would need about .* more than the 1.0 GiB "
@@ -79,7 +80,7 @@ def test_memory_budgets_per_process_per_machine_and_per_node():
 
 
 def test_the_plan_table_names_every_quantity_and_the_measurement():
-    estimate = quantities.estimate({"gradient": {}, "fisher_diagonal": {}}, WORK, MEASURED)
+    estimate = registry.estimate({"gradient": {}, "fisher_diagonal": {}}, WORK, MEASURED)
     lines = estimate.describe(WORK)
     assert lines[0].split() == ["quantity", "passes", "time", "worker", "driver"]
     assert [line.split()[0] for line in lines[1:3]] == ["gradient", "fisher_diagonal"]

@@ -14,7 +14,7 @@ from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
 from pipeline.partial import Partial
-from pipeline.quantities import finalize
+from pipeline.quantities.registry import finalize
 
 EVERYTHING = dict(hessian_diagonal="exact", ggn_diagonal="exact", sum_grad_squared=True)
 

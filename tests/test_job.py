@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import pipeline.job
-import pipeline.quantities
+import pipeline.quantities.registry
 from pipeline.errors import InputError
 from pipeline.job import (
     DEFAULTS,
@@ -138,7 +138,7 @@ def test_minimal_job_takes_the_documented_defaults():
 
 
 def test_every_quantity_default_as_documented():
-    spec = load_job(with_("quantities", {q: None for q in pipeline.quantities.REGISTRY
+    spec = load_job(with_("quantities", {q: None for q in pipeline.quantities.registry.REGISTRY
                                          if q != "hvp"}))
     for quantity, options in spec.quantities.items():
         for option, value in options.items():

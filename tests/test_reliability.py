@@ -27,7 +27,7 @@ from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
 from pipeline.job import load_job
 from pipeline.storage.publish import RunPublisher
-from pipeline.quantities import finalize
+from pipeline.quantities.registry import finalize
 from pipeline.driver import run
 
 pytestmark = pytest.mark.slow
@@ -297,7 +297,7 @@ def test_staged_partials_round_trip_and_refuse_damage(tmp_path):
     shards = (Shard(0, 0, 5, ()), Shard(1, 5, 4, ()))
     plan = SimpleNamespace(job=load_job({"name": "n", "model": "/m.keras", "loss": "mse", "quantities": {"gradient": {}},
                                          "data": {"path": "/d", "features": "x", "labels": "y"}}),
-                           hvp_vectors=None, model_sha256="abc", data=SimpleNamespace(fingerprint="f", shards=shards),
+                           inputs={}, model_sha256="abc", data=SimpleNamespace(fingerprint="f", shards=shards),
                            date="2026-01-02")
     import datetime as dt
 

@@ -16,7 +16,7 @@ from pipeline.curvature.model import load_model
 from pipeline.curvature.requests import BatchWork
 from pipeline.job import load_job
 from pipeline.probes import PROBE_STREAM, rademacher
-from pipeline.quantities import finalize
+from pipeline.quantities.registry import finalize
 from pipeline.driver import run
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from pipeline.curvature.model import load_model
 from pipeline.curvature.requests import BatchWork
 from pipeline.job import load_job
 from pipeline.storage.publish import read_manifest
-from pipeline.quantities import finalize
+from pipeline.quantities.registry import finalize
 from pipeline.driver import run
 
 pytestmark = pytest.mark.slow

@@ -71,7 +71,7 @@ def test_entrypoint_runtime_env_and_submission_id(project, tmp_path):
     assert os.path.basename(sub.runtime_env["py_modules"][0]) == "pipeline"
     gpus = prepare_submission(str(project / "job.yaml"), output="s3://b/r", gpus=2, gpu_timeout=60,
                               submission_id="x1", run_id="r1")
-    assert gpus.entrypoint.startswith("python -m pipeline.submit --await-gpus 2 --timeout 60 && python -m pipeline")
+    assert gpus.entrypoint.startswith("python -m pipeline.cluster.submit --await-gpus 2 --timeout 60 && python -m pipeline")
     assert "--run-id r1" in gpus.entrypoint and "--output s3://b/r" in gpus.entrypoint
 
 
@@ -224,7 +224,7 @@ def test_waiting_for_gpus_that_never_come_fails_in_time(head):
     # What `submit --gpus N` runs before `run` in the job: here no autoscaler can add a GPU.
     env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
            "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.submit", "--await-gpus", "1", "--timeout", "2"],
+    done = subprocess.run([sys.executable, "-m", "pipeline.cluster.submit", "--await-gpus", "1", "--timeout", "2"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "1 GPUs asked for, 0 joined within 2s" in done.stderr and "max_workers" in done.stderr

@@ -40,7 +40,7 @@ def _shapes(arrays) -> str:
 def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
 
-    ``columns`` is ``pipeline.data.tensor_columns``: the column(s) behind each input and label.
+    ``columns`` is ``pipeline.storage.dataset.tensor_columns``: the column(s) behind each input and label.
     Raises ``InputError`` naming what failed. Cost: one forward pass per output loss check
     plus one traced gradient on a few rows.
     """

@@ -36,14 +36,15 @@ class BatchWork:
     seed: int = 0
 
     def merged(self, **asked) -> "BatchWork":
-        """This request with ``asked`` added: flags are or-ed, and a field two quantities set
-        to different values is an error of the units that asked (never silently one of them)."""
+        """This request with ``asked`` added. A field left at its default takes the asked value;
+        a field two quantities set to different values is an error of the units that asked
+        (never silently one of them)."""
         changes = {}
         for name, value in asked.items():
-            current = getattr(self, name)
-            if value is None or value is False or current is value:
+            current, default = getattr(self, name), _DEFAULTS[name]
+            if _same(value, default) or _same(current, value):
                 continue
-            if current not in (None, False) and not _same(current, value) and name not in ("gradient", "seed"):
+            if not _same(current, default):
                 raise ValueError(f"two quantities ask the engine for different {name}: {current!r} and {value!r}")
             changes[name] = value
         return replace(self, **changes)
@@ -61,4 +62,5 @@ def _same(a, b) -> bool:
     return a == b
 
 
-FIELDS = tuple(f.name for f in fields(BatchWork))
+_DEFAULTS = {f.name: f.default for f in fields(BatchWork)}
+

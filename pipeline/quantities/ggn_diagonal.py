@@ -54,7 +54,7 @@ class GgnDiagonal(Quantity):
                                  driver_bytes=2 * cost.diagonal_driver_bytes(w))
 
     def request(self, options, context):
-        return {"ggn_diagonal": options["method"], "ggn_samples": options["samples"], "seed": context.seed}
+        return {"ggn_diagonal": options["method"], "ggn_samples": options["samples"]}
 
     def finalize(self, options, sums):
         if "ggn_mc" in sums and (options is None or options["method"] == "mc"):

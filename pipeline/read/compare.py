@@ -28,7 +28,6 @@ from pipeline.read.run import Run
 
 STATISTICS = ("mean", "l2_norm", "sum")
 COLUMNS = ("variable", "quantity", "statistic", "a", "b", "change", "relative_change")
-FORMATS = ("table", "json", "csv")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from pipeline.errors import InputError
-from pipeline.quantities import UNITS
+from pipeline.quantities.registry import UNITS
 from pipeline.read.run import Run, load
 from pipeline.spectrum.slq import density
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.quantities import DIAGONAL_COLUMNS
+from pipeline.quantities.registry import DIAGONAL_COLUMNS
 from pipeline.storage.publish import read_manifest, read_run_table
 from pipeline.storage.uri import absolute
 
