@@ -56,7 +56,8 @@ class Quantity:
     """One curvature quantity. Subclasses set the class attributes and override what applies.
 
     ``columns``: its columns of ``diagonals.parquet`` (a value, then its standard error), the
-    first one also summarised in ``summary.parquet``; ``files``: its own result files.
+    first one also summarised in ``summary.parquet``; ``files``: its own result files, of which
+    ``vector_tables`` hold per-parameter vectors that ``pipeline.load`` reads back as arrays.
     """
 
     name: str = ""
@@ -64,6 +65,7 @@ class Quantity:
     options: dict[str, Option] = {}
     columns: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
+    vector_tables: tuple[str, ...] = ()  # its files of [K, P] vectors in the long layout (hvp)
     label: str = ""  # its short name in plots
     color: str = ""  # its colour in plots
 
@@ -125,3 +127,19 @@ class Quantity:
         """``{file name: pyarrow.Table}`` of its own files."""
         return {}
 
+    # -------------------------------------------------------------------- reading back
+    def arrays_in(self, run) -> list[str]:
+        """Names of the per-parameter results it published in ``run`` (a ``pipeline.read.run.Run``)."""
+        return [c for c in self.columns if c in run.diagonal_columns] + \
+            [f for f in self.vector_tables if run.has(f)]
+
+    def read_array(self, run, name: str) -> np.ndarray:
+        """One of them, flat in parameter order: ``[P]`` (a column of ``diagonals.parquet``) or
+        ``[K, P]`` (a file of vectors in the long layout, rows ordered by vector, variable, index)."""
+        if name in self.columns:
+            return run.diagonals[name].to_numpy(np.float64)
+        frame = run.table(name)
+        order = {variable: k for k, (variable, _) in enumerate(run.variables)}
+        frame = frame.assign(_owner=frame["variable"].map(order)).sort_values(["vector", "_owner", "index"],
+                                                                               kind="stable")
+        return frame["value"].to_numpy(np.float64).reshape(frame["vector"].nunique(), -1)

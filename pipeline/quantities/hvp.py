@@ -27,6 +27,7 @@ class Hvp(Quantity):
         "random": Option(positive_int(4), MISSING, "number of random Rademacher vectors"),
     }
     files = ("hvp.parquet", "hvp_vectors.parquet")
+    vector_tables = ("hvp", "hvp_vectors")
 
     def parse(self, options, where, base_dir):
         options = self._mapping(options, where)

@@ -23,12 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.quantities.registry import DIAGONAL_COLUMNS
+from pipeline.quantities.registry import ARRAY_QUANTITIES, UNITS
 from pipeline.storage.publish import read_manifest, read_run_table
 from pipeline.storage.uri import absolute
 
-# Quantities that become arrays in a variable's own shape (hvp: one leading axis per vector).
-ARRAY_QUANTITIES = DIAGONAL_COLUMNS + ("hvp", "hvp_vectors")
 
 
 @dataclass(frozen=True)
@@ -67,10 +65,11 @@ class Run:
 
     Tables (pandas DataFrames, read on first use): ``diagonals``, ``summary``, ``hvp``,
     ``hvp_vectors``, ``eigenvalues``, ``trace``, ``spectrum``, in the layouts of the output
-    section of README.md; a table the run did not compute raises ``InputError`` naming the
-    ones it has (``has("spectrum")`` asks first). ``manifest`` is the manifest as a dict.
-    Per variable, ``variable(name)`` and ``arrays(quantity)`` give numpy arrays in each
-    variable's own shape (C order, as the contract flattens them).
+    section of README.md, and ``table(name)`` for any of them; a table the run did not compute
+    raises ``InputError`` naming the ones it has (``has("spectrum")`` asks first). ``manifest``
+    is the manifest as a dict. Per variable, ``variable(name)`` and ``arrays(quantity)`` give
+    numpy arrays in each variable's own shape (C order, as the contract flattens them), read
+    back by the quantity unit that published them (``Quantity.read_array``).
     """
 
     def __init__(self, run_dir: str):
@@ -114,7 +113,7 @@ class Run:
             return [(v["name"], tuple(int(d) for d in v["shape"])) for v in listed]
         # Without the manifest's shapes (not written by every version) each variable is flat.
         if self.has("diagonals"):
-            frame = self._read("diagonals", columns=["variable"])
+            frame = self.table("diagonals", columns=["variable"])
             counts = frame["variable"].value_counts(sort=False)
             return [(str(name), (int(count),)) for name, count in counts.items()]
         raise InputError(f"{self.run_dir}: the manifest has no variables and there is no diagonals.parquet to "
@@ -128,7 +127,10 @@ class Run:
             raise InputError(f"run {self.run_id} has no {name}.parquet (it has: {computed or 'nothing'}): add the "
                              f"quantity to the job and run it again")
 
-    def _read(self, name: str, columns: list[str] | None = None):
+    def table(self, name: str, columns: list[str] | None = None):
+        """One table of the run as a pandas DataFrame (``"spectrum"``, or any file a quantity
+        publishes), read on first use and kept; ``InputError`` when the run has no such table."""
+        name = name.removesuffix(".parquet")
         self._check_has(name)
         key = (name, tuple(columns) if columns else None)
         if key not in self._tables:
@@ -144,37 +146,37 @@ class Run:
     @property
     def diagonals(self):
         """One row per parameter: ``variable``, ``index``, then each diagonal quantity computed."""
-        return self._read("diagonals")
+        return self.table("diagonals")
 
     @property
     def summary(self):
         """Per (variable, quantity) and ``__all__``: size, mean, std, min, max, abs_mean, sum, l2_norm."""
-        return self._read("summary")
+        return self.table("summary")
 
     @property
     def hvp(self):
         """Hessian-vector products, long layout: ``vector``, ``variable``, ``index``, ``value``."""
-        return self._read("hvp")
+        return self.table("hvp")
 
     @property
     def hvp_vectors(self):
         """The random vectors the HVPs used (``hvp: {random: K}``), same layout as ``hvp``."""
-        return self._read("hvp_vectors")
+        return self.table("hvp_vectors")
 
     @property
     def eigenvalues(self):
         """``rank`` (1 first), ``eigenvalue``, ``residual`` = ``|Hv - lambda v|``."""
-        return self._read("eigenvalues")
+        return self.table("eigenvalues")
 
     @property
     def trace(self):
         """One row: ``method``, ``estimate``, ``stderr``, ``matvecs``."""
-        return self._read("trace")
+        return self.table("trace")
 
     @property
     def spectrum(self):
         """Stochastic Lanczos quadrature: ``run``, ``node``, ``weight`` (a run's weights sum to 1)."""
-        return self._read("spectrum")
+        return self.table("spectrum")
 
     def spectrum_runs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Nodes and weights per SLQ run, as ``pipeline.spectrum.slq.density`` takes them."""
@@ -188,27 +190,24 @@ class Run:
     # ------------------------------------------------------------------ arrays
     def quantities(self) -> list[str]:
         """The per-parameter quantities of this run that ``arrays`` and ``variable`` give."""
-        present = [c for c in DIAGONAL_COLUMNS if self.has("diagonals") and c in self._diagonal_columns]
-        return present + [name for name in ("hvp", "hvp_vectors") if self.has(name)]
+        return [name for unit in UNITS.values() for name in unit.arrays_in(self)]
 
     @cached_property
-    def _diagonal_columns(self) -> list[str]:
+    def diagonal_columns(self) -> list[str]:
+        """The columns of ``diagonals.parquet`` ([] without one), read from its schema only."""
+        if not self.has("diagonals"):
+            return []
         return list(read_run_table(self.run_dir, "diagonals.parquet", schema_only=True).names)
 
     def _flat(self, quantity: str) -> np.ndarray:
-        """``[P]`` (diagonal quantities) or ``[K, P]`` (hvp) in parameter order."""
-        if quantity in DIAGONAL_COLUMNS:
-            if not self.has("diagonals") or quantity not in self._diagonal_columns:
-                raise InputError(f"run {self.run_id} has no {quantity} (per-parameter quantities: "
-                                 f"{', '.join(self.quantities()) or 'none'})")
-            return self.diagonals[quantity].to_numpy(np.float64)
-        if quantity in ("hvp", "hvp_vectors"):
-            frame = self._read(quantity)
-            order = {name: k for k, (name, _) in enumerate(self.variables)}
-            frame = frame.assign(_owner=frame["variable"].map(order)).sort_values(
-                ["vector", "_owner", "index"], kind="stable")
-            count = frame["vector"].nunique()
-            return frame["value"].to_numpy(np.float64).reshape(count, -1)
+        """``[P]`` (diagonal quantities) or ``[K, P]`` (hvp) in parameter order: read by the
+        quantity unit that published it."""
+        for unit in UNITS.values():
+            if quantity in unit.arrays_in(self):
+                return unit.read_array(self, quantity)
+        if quantity in ARRAY_QUANTITIES:
+            raise InputError(f"run {self.run_id} has no {quantity} (per-parameter quantities: "
+                             f"{', '.join(self.quantities()) or 'none'})")
         raise InputError(f"unknown quantity {quantity!r}: one of {', '.join(ARRAY_QUANTITIES)}")
 
     def arrays(self, quantity: str) -> dict[str, np.ndarray]:
