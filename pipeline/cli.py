@@ -16,7 +16,6 @@ import warnings
 
 from pipeline import __version__
 from pipeline.errors import InputError, PipelineError
-from pipeline.job import load_job
 
 EXAMPLES = {
     "run": """examples:
@@ -122,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 # `report` never import TensorFlow or Ray, and `--help` or a bad argument costs no import at all.
 def _run(args, out, err) -> int:
     from pipeline.driver import run  # lazy: TensorFlow and Ray
+    from pipeline.job import load_job  # lazy: YAML, PyArrow
     from pipeline.plan import Plan  # lazy: TensorFlow
 
     if args.workers is not None and args.workers < 1:
@@ -139,6 +139,7 @@ def _run(args, out, err) -> int:
 
 
 def _validate(args, out, err) -> int:
+    from pipeline.job import load_job  # lazy: YAML, PyArrow
     from pipeline.plan import make_plan  # lazy: TensorFlow
 
     job = load_job(args.job, args.overrides)
