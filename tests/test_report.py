@@ -139,6 +139,23 @@ def test_show_aligns_headers_with_numbers_and_names_hvp_and_spectrum(runs):
     assert "hidden/kernel (6, 5)" in text
 
 
+def test_a_table_show_has_no_layout_for_is_shown_and_loaded_by_name(tmp_path):
+    """A quantity's own file that show and load know nothing of (a quantity added later): its
+    rows shown when few, its size otherwise, and ``load(...).table(name)`` reads it."""
+    import pyarrow as pa
+
+    manifest = {"run_id": "extra", "date": "2026-01-01", "status": "complete", "examples": 1, "loss": 0.0,
+                "parameters": 1, "job": {"name": "extra", "quantities": {}}, "variables": []}
+    with RunPublisher(str(tmp_path), "extra", "extra", "2026-01-01") as publisher:
+        publisher.write_table("norm.parquet", pa.table({"value": [0.125]}), {})
+        publisher.write_table("many.parquet", pa.table({"i": list(range(30))}), {})
+        run_dir = publisher.publish(manifest)
+    text = show_run(run_dir)
+    assert re.search(r"^norm\n *value\n *-+\n *0\.125$", text, re.M), text
+    assert re.search(r"^many +30 rows in many.parquet$", text, re.M), text
+    assert load(run_dir).table("norm")["value"].tolist() == [0.125]
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_show_report_and_load_name_a_damaged_file_of_a_run(runs, tmp_path, damage):
     """A published run whose summary or diagonals file was deleted or cut short: one error line

@@ -3,7 +3,7 @@
 A unit owns its job options and their checks, its plan-time cost, what it asks the engine to
 sum over each batch of the main pass, how its sums become results, any driver-side algorithm
 (the spectral ones, each product with ``H`` a pass over the data), and the columns and files it
-publishes. The driver only walks the registry (``pipeline/quantities/__init__.py``).
+publishes. The driver only walks the registry (``pipeline/quantities/registry.py``).
 
 The idea is optax's ``GradientTransformation``: one small protocol that everything implements
 and that composes. NumPy only here; tables are built by ``pipeline.storage.tables``.
@@ -98,12 +98,15 @@ class Quantity:
         return []
 
     def prepare(self, options: dict, signature: ModelSignature, seed: int) -> np.ndarray | None:
-        """An array it needs for every batch, made once at plan time (after the cost check)."""
+        """An array it reads at plan time, before the cost is estimated (the HVP vectors of a
+        file); it reaches ``request`` and ``tables`` as ``context.inputs[name]``."""
         return None
 
-    def cost(self, options: dict, w: Workload, m: Measurement, asked: dict) -> QuantityCost:
+    def cost(self, options: dict, w: Workload, m: Measurement, asked: dict,
+             prepared: np.ndarray | None = None) -> QuantityCost:
         """Its share of the run's passes, time and memory (``pipeline.cost``); ``asked`` is every
-        quantity of the job (a unit that shares another's products counts them once)."""
+        quantity of the job (a unit that shares another's products counts them once);
+        ``prepared`` what its ``prepare`` returned."""
         return QuantityCost(self.name)
 
     # -------------------------------------------------------------------- the main pass
@@ -112,19 +115,21 @@ class Quantity:
         return {}
 
     def finalize(self, options: dict | None, sums: Sums) -> dict[str, np.ndarray]:
-        """Its per-parameter results from the reduced sums (``options`` None: whatever the sums
-        hold, for tests of the engine)."""
+        """Its results from the reduced sums (``options`` None: whatever the sums hold, for tests
+        of the engine): its ``columns``, and/or its own result under its ``name``, which
+        ``tables`` then publishes."""
         return {}
 
     # -------------------------------------------------------------------- after the main pass
     def compute(self, options: dict, context: Context, operator, sums: Sums) -> Any:
         """A driver-side algorithm over ``operator`` (``V [K, P] -> (H V^T)^T``, one pass over
-        the data per call); its result is published by ``tables``."""
+        the data per call); its result (kept under its ``name``) is published by ``tables``."""
         return None
 
     # -------------------------------------------------------------------- publishing
     def tables(self, options: dict, result: Any, context: Context) -> dict:
-        """``{file name: pyarrow.Table}`` of its own files."""
+        """``{file name: pyarrow.Table}`` of its own ``files``, from ``result`` (what ``finalize``
+        or ``compute`` returned under its ``name``); built by ``pipeline.storage.tables``."""
         return {}
 
     # -------------------------------------------------------------------- reading back

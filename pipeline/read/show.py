@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pipeline.read.run import Run
 
+# A table without a layout of its own here is shown in full up to this many rows.
+OTHER_ROWS = 20
+
 
 def _table(rows: list[list[str]], header: list[str], text_columns: int = 2) -> str:
     """Aligned columns: the first ``text_columns`` to the left, numbers (and their headers)
@@ -72,6 +75,19 @@ def show_run(run_dir: str) -> str:
         nodes = [r["node"] for r in rows]
         present.append(("spectrum", f"{runs} SLQ runs, {len(nodes)} nodes from {_number(min(nodes))} to "
                                     f"{_number(max(nodes))} in spectrum.parquet (plots: hessian-pipeline report)"))
+    # Any other table (a quantity this module has no layout for): small ones in full, large
+    # ones by size, so that a new quantity shows without changes here.
+    shown = {"diagonals.parquet", "summary.parquet", "trace.parquet", "eigenvalues.parquet", "hvp.parquet",
+             "hvp_vectors.parquet", "spectrum.parquet"}
+    for name in sorted(f for f in files - shown if f.endswith(".parquet")):
+        rows = read(name)
+        if rows and len(rows) <= OTHER_ROWS:
+            header = list(rows[0])
+            text += f"\n{name.removesuffix('.parquet')}\n" + _table(
+                [[_number(r[c]) if isinstance(r[c], float) else r[c] for c in header] for r in rows], header,
+                text_columns=0)
+        else:
+            present.append((name.removesuffix(".parquet"), f"{len(rows)} rows in {name}"))
     if present:
         width = max(len(k) for k, _ in present)
         text += "\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in present) + "\n"
