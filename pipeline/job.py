@@ -125,6 +125,7 @@ class JobSpec:
     include_regularization: bool = False
     precision: str = "float32"
     seed: int = 0
+    variables: str | tuple[str, ...] = "all"  # glob patterns over variable paths (extension 5.1)
     output: str = "results"  # absolute local path or URI
     limits: LimitsSpec = LimitsSpec()
     job_path: str | None = None  # absolute path of the job file, None when built from a dict
@@ -158,6 +159,7 @@ class JobSpec:
             "include_regularization": self.include_regularization,
             "precision": self.precision,
             "seed": self.seed,
+            "variables": _plain(self.variables),
             "quantities": {name: _plain(opts) for name, opts in self.quantities.items()},
             "output": self.output,
             "limits": {"hours": self.limits.hours, "memory_gib": self.limits.memory_gib,
@@ -232,7 +234,7 @@ class Key:
 
 
 _TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regularization",
-             "precision", "seed", "quantities", "output", "limits")
+             "precision", "seed", "variables", "quantities", "output", "limits")
 _MODEL_KEYS = ("builder", "weights")
 _DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit", "pad_value")
 _LIMITS_KEYS = ("hours", "memory_gib", "force")
@@ -263,6 +265,8 @@ def _keys_table() -> dict[str, Key]:
         "include_regularization": Key("add model.losses to the objective", False),
         "precision": Key("float32 or float64", "float32"),
         "seed": Key("seed of every stochastic estimator", 0),
+        "variables": Key("the parameters w every quantity is taken with respect to: all, or a list of glob patterns "
+                         "over variable paths (\"dense_2/*\"); the others are constants", "all"),
         "quantities": Key("what to compute: any subset, each at most once", required=True),
     }
     for quantity, unit in registry.UNITS.items():
@@ -576,10 +580,22 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
         include_regularization=optional("include_regularization", boolean),
         precision=optional("precision", choice("float32", "float64")),
         seed=optional("seed", _seed),
+        variables=optional("variables", _variables),
         output=optional("output", resolved_path(base_dir, "a results directory")),
         limits=_parse_limits(raw),
         job_path=job_path,
     )
+
+
+def _variables(value: Any, key: str) -> str | tuple[str, ...]:
+    if value == "all":
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        fail(key, "all or a non-empty list of glob patterns over variable paths", value,
+             'write e.g. variables: ["dense_2/*"] (validate lists the model\'s variable paths)')
+    return tuple(dict.fromkeys(value))
 
 
 def _parse_model(raw: dict, base_dir: str) -> ModelSpec:

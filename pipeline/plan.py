@@ -105,7 +105,7 @@ def inspect_model(job) -> CurvatureEngine:
     job's precision, called through the model adapter. Returns the curvature engine."""
     hide_gpus()
     return CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
-                           builder=model_builder(job.model))
+                           builder=model_builder(job.model), selected=job.variables)
 
 
 def probe_data(job, engine, data):

@@ -7,7 +7,10 @@ to turn Parquet columns into arrays of the right shapes, in the order of ``model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import fnmatch
+from dataclasses import dataclass, field, replace
+
+from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -46,3 +49,19 @@ class ModelSignature:
                 size *= dim
             total += size
         return total
+
+    def select(self, patterns) -> tuple[list[int], "ModelSignature"]:
+        """The variables matched by any of the glob ``patterns`` (``"dense_2/*"``, ``"*/kernel"``:
+        ``fnmatch`` over ``variable.path``), in model order: their positions, and this signature
+        with only them. ``patterns`` "all" (or None) selects every variable. A pattern that
+        matches nothing is an ``InputError`` listing the variable paths."""
+        if patterns in (None, "all"):
+            return list(range(len(self.variables))), self
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in self.variables):
+                shown = ", ".join(self.variables[:20]) + (", ..." if len(self.variables) > 20 else "")
+                raise InputError(f"variables: pattern {pattern!r} matches no trainable variable (the model's are: "
+                                 f"{shown}): fix the pattern, e.g. {self.variables[-1].rsplit('/', 1)[0]}/*")
+        chosen = [i for i, name in enumerate(self.variables) if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        return chosen, replace(self, variables=tuple(self.variables[i] for i in chosen),
+                               variable_shapes=tuple(self.variable_shapes[i] for i in chosen))

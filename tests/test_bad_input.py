@@ -120,6 +120,14 @@ def test_missing_model_file(root, tmp_path):
     expect(lambda: plan(root, model=str(tmp_path / "nope.keras")), "not found")
 
 
+def test_variables_that_match_nothing_or_are_not_patterns(root):
+    expect(lambda: plan(root, variables=["out/*", "dense_9/*"]),
+           "pattern 'dense_9/*' matches no trainable variable (the model's are: hidden/kernel, hidden/bias, "
+           "out/kernel, out/bias)")
+    expect(lambda: plan(root, variables=[]), "variables must be all or a non-empty list of glob patterns")
+    expect(lambda: plan(root, variables={"out": 1}), "variables must be all or a non-empty list of glob patterns")
+
+
 def test_file_that_is_not_a_model(root, tmp_path):
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"this is not a zip file")

@@ -91,6 +91,34 @@ def test_published_numbers_equal_the_in_process_engine(ray_local, files):
     assert json.loads(meta)["run_id"] == "whole"
 
 
+def test_selected_variables_give_the_sub_block_of_the_whole_model(ray_local, files, tmp_path):
+    """``variables: ["out/*"]`` (contract 5.1): every quantity is taken with respect to the output
+    layer only, the rest held constant: its diagonals are the whole model's entries for those
+    variables, its HVPs are ``H_ss v_s`` (the selected rows and columns of H), and the manifest
+    lists and counts only them."""
+    root, x, labels, weights = files
+    quantities = {"hessian_diagonal": {"method": "exact"}, "ggn_diagonal": {"method": "exact"},
+                  "fisher_diagonal": {}, "gradient": {}, "hvp": {"random": 2}}
+    spec = load_job(jobs.job(root, quantities, variables=["out/*"], output=str(tmp_path)))
+    run_dir = run(spec, run_id="selected").run_dir
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    assert [v["name"] for v in manifest["variables"]] == ["out/kernel", "out/bias"]
+    assert manifest["parameters"] == 18 and manifest["job"]["variables"] == ["out/*"]
+    selected = slice(53 - 18, 53)  # hidden/kernel (6, 5) and hidden/bias (5,) come first
+    used = np.reshape(_read(run_dir, "hvp_vectors.parquet").to_pydict()["value"], (2, 18))
+    whole = np.zeros((2, 53))
+    whole[:, selected] = used
+    _, expected = _in_process(root, x, labels, weights, BatchWork(hessian_diagonal="exact", ggn_diagonal="exact",
+                                                                  sum_grad_squared=True, hvp_vectors=whole))
+    diagonals = _read(run_dir, "diagonals.parquet").to_pydict()
+    assert set(diagonals["variable"]) == {"out/kernel", "out/bias"}
+    for column in ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gradient"):
+        np.testing.assert_allclose(diagonals[column], expected[column][selected], rtol=1e-9, atol=1e-13,
+                                   err_msg=column)
+    hvp = np.reshape(_read(run_dir, "hvp.parquet").to_pydict()["value"], (2, 18))
+    np.testing.assert_allclose(hvp, expected["hvp"][:, selected], rtol=1e-9, atol=1e-13)
+
+
 @pytest.mark.parametrize("layout", [{"shards": 1, "workers": 1}, {"shards": 7, "workers": 1},
                                     {"shards": 7, "workers": 2}])
 def test_result_does_not_depend_on_shards_or_workers(ray_local, files, layout, tmp_path):

@@ -56,7 +56,7 @@ class ShardWorker:
         self.job = job
         self.uri = plan_uri
         self.engine = CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
-                                      builder=model_builder(job.model))
+                                      builder=model_builder(job.model), selected=job.variables)
         self.signature = self.engine.signature
         self.columns = tensor_columns(job.data, self.signature)
         self.name = f"{os.uname().nodename}:{os.getpid()}" + (":gpu" if gpu else "")

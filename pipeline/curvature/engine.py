@@ -65,11 +65,13 @@ class CurvatureEngine:
         hvp_block: vectors per compiled HVP call (they share one forward pass and gradient).
         diagonal_block: gradient entries per vectorised Jacobian block (exact diagonal).
         vjp_budget: floats held at once by per-example products (rows x P).
+        selected: glob patterns over variable paths (``ModelSignature.select``): the variables
+            every quantity is taken with respect to; None or "all" for every trainable variable.
     """
 
     def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
                  diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None,
-                 builder=None, route: str | None = None):
+                 builder=None, route: str | None = None, selected=None):
         set_threads(threads)
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
@@ -80,10 +82,12 @@ class CurvatureEngine:
         # The backend tf.Variables, not the Keras wrappers: TensorFlow's gradient code reads
         # ``.dtype`` as a DType (Keras variables give a string, and unconnected gradients or
         # ForwardAccumulator then fail, see PITFALLS.md).
-        self.variables = [getattr(v, "value", v) for v in self.model.trainable_variables]
-        if not self.variables:
+        variables = [getattr(v, "value", v) for v in self.model.trainable_variables]
+        if not variables:
             raise InputError("the model has no trainable variables: nothing to differentiate")
-        self.signature = self.adapter.signature
+        # The parameters w (job key ``variables``): the others are constants of every quantity.
+        chosen, self.signature = self.adapter.signature.select(selected)
+        self.variables = [variables[i] for i in chosen]
         self.names = list(self.signature.variables)
         self.shapes = [tuple(s) for s in self.signature.variable_shapes]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
