@@ -429,7 +429,7 @@ BAD = [
     ("quantities", ..., "quantities"),
     ("quantities", {}, "quantities"),
     ("quantities", ["gradient"], "quantities"),
-    ("quantities", {"hessian": {}}, "quantities.hessian"),
+    ("quantities", {"hessian_full": {}}, "quantities.hessian_full"),
     ("quantities", {"gradient": {"method": "exact"}}, "quantities.gradient"),
     ("quantities", {"fisher_diagonal": {"samples": 2}}, "quantities.fisher_diagonal"),
     ("quantities", {"trace": 10}, "quantities.trace"),

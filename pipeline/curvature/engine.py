@@ -338,6 +338,8 @@ class CurvatureEngine:
             part.sums["gradient"] = gradient.numpy().astype(np.float64)
         if work.hessian_diagonal == "exact":
             part.sums["hessian_diagonal"] = self._exact_diagonal(objective, batch, specs, tag)
+        for number, block in enumerate(work.hessian_blocks):
+            part.sums[f"hessian_block_{number}"] = self._hessian_block(objective, batch, specs, tag, tuple(block))
 
     def _vector_tensor(self, vectors, start, count):
         """Vectors as tensors of the compute dtype, converted once for all batches of a shard."""
@@ -428,6 +430,42 @@ class CurvatureEngine:
                               experimental_use_pfor=False)
         rows = self.flatten([tf.cast(r, self.dtype) for r in rows])  # [size, P]
         return tf.gather(rows, positions, axis=1, batch_dims=1)
+
+    def _hessian_block(self, objective, batch, specs, tag, block: tuple[int, ...]):
+        """``H_bb`` [b, b] of the variables ``block`` (positions in ``self.variables``), their
+        entries in flat order: the rows of the block's gradient entries, differentiated with
+        respect to the block's variables only, ``diagonal_block`` rows per call (vectorised by
+        ``pfor``; TensorFlow's ``while_loop`` Jacobian on the loop route): b HVPs in all."""
+        if self.route_for(objective, specs) == "vectorised":
+            try:
+                return self._hessian_block_rows(objective, batch, specs, tag, block, loop=False)
+            except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+                self.route = "loop"  # pfor could not vectorise an op of this model: the same numbers
+        return self._hessian_block_rows(objective, batch, specs, tag, block, loop=True)
+
+    def _hessian_block_rows(self, objective, batch, specs, tag, block, loop: bool):
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        positions = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in block]).astype(np.int32)
+        size = max(1, min(len(positions), self.diagonal_block))
+        fn = self._compiled((tag, "hessian-block", block, size, loop),
+                            lambda a, b, c, rows: self._hessian_rows(objective, a, b, c, rows, block, loop),
+                            (*specs, tf.TensorSpec([size], tf.int32)))
+        pieces = []
+        for start in range(0, len(positions), size):
+            rows = positions[start:start + size]
+            padded = np.concatenate([rows, np.full(size - len(rows), rows[-1], np.int32)])
+            pieces.append(fn(*batch, tf.constant(padded)).numpy()[:len(rows)].astype(np.float64))
+        return np.concatenate(pieces)
+
+    def _hessian_rows(self, objective, inputs, labels, weights, rows, block, loop: bool):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = objective(inputs, labels, weights)
+            grads = _dense(inner.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            entries = tf.gather(self.flatten(grads), rows)
+        columns = outer.jacobian(entries, [self.variables[i] for i in block],
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=not loop)
+        return tf.concat([tf.reshape(tf.cast(c, self.dtype), [tf.shape(rows)[0], -1]) for c in columns], axis=1)
 
     # ------------------------------------------------------------------ Fisher and GGN
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):

@@ -23,7 +23,9 @@ class BatchWork:
     - ``hvp_vectors``: ``sum_i s_i H_i v_k``;
     - ``ggn_diagonal``: ``"exact"`` (``diag(J^T Lambda J)``) or ``"mc"`` (``ggn_samples``
       labels per example drawn from ``(seed, sample, row)``);
-    - ``sum_grad_squared``: ``sum_i s_i g_i**2`` (BackPACK's ``SumGradSquared``).
+    - ``sum_grad_squared``: ``sum_i s_i g_i**2`` (BackPACK's ``SumGradSquared``);
+    - ``hessian_blocks``: ``sum_i s_i (H_i)_bb`` for each block ``b``, given as the positions of
+      its variables among the engine's (their entries in flat order), as ``hessian_block_<k>``.
     """
 
     gradient: bool = True
@@ -33,6 +35,7 @@ class BatchWork:
     ggn_diagonal: str | None = None  # "exact" | "mc"
     ggn_samples: int = 1
     sum_grad_squared: bool = False
+    hessian_blocks: tuple[tuple[int, ...], ...] = ()  # variable positions of each dense block
     seed: int = 0
 
     def merged(self, **asked) -> "BatchWork":
@@ -48,12 +51,6 @@ class BatchWork:
                 raise ValueError(f"two quantities ask the engine for different {name}: {current!r} and {value!r}")
             changes[name] = value
         return replace(self, **changes)
-
-    @property
-    def per_parameter(self) -> bool:
-        """Whether the request forms per-parameter (exact diagonal) or per-example (Fisher,
-        GGN) products, whose route (vectorised or loop) the plan decides on the first rows."""
-        return self.hessian_diagonal == "exact" or self.sum_grad_squared or self.ggn_diagonal is not None
 
 
 def _same(a, b) -> bool:

@@ -23,7 +23,7 @@ from pipeline.reduce import Sums
 from pipeline.storage import tables as storage_tables
 
 REGISTRY = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gradient", "hvp", "trace", "eigenvalues",
-            "spectrum")
+            "spectrum", "hessian")
 
 UNITS: dict[str, Quantity] = {name: importlib.import_module(f"pipeline.quantities.{name}").UNIT for name in REGISTRY}
 

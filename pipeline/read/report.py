@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import matplotlib.style
 import numpy as np
+from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -231,6 +232,37 @@ def plot_variables(run: Run, baseline: Run | None = None):
         ax.set_xlabel(f"variable (1 to {len(names)}, in parameter order)")
     ax.grid(True, which="major", axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=2 if baseline is not None else 1)
+    return figure
+
+
+def hessian_blocks(run: Run) -> list[str]:
+    """The blocks of ``hessian.parquet``, in the order published."""
+    return list(dict.fromkeys(run.table("hessian", columns=["block"])["block"])) if run.has("hessian") else []
+
+
+@_default_style
+def plot_hessian(run: Run, block: str = "__all__"):
+    """One dense Hessian block: a heat map on a symmetric log colour scale (linear below 1e-4 of
+    its largest entry, so that signs and orders of magnitude both show) and the histogram of its
+    eigenvalues (``numpy.linalg.eigvalsh``)."""
+    matrix = run.hessian(block)
+    size = matrix.shape[0]
+    scale = max(float(np.abs(matrix).max()), 1e-300)
+    figure = _figure()
+    heat, counts = figure.subplots(1, 2, width_ratios=[1.0, 1.1])
+    image = heat.imshow(matrix, cmap="RdBu_r", interpolation="nearest",
+                        norm=SymLogNorm(linthresh=1e-4 * scale, vmin=-scale, vmax=scale))
+    ticks = [sign * scale * 10.0 ** -power for sign in (-1, 1) for power in (0, 2, 4)] + [0.0]
+    figure.colorbar(image, ax=heat, shrink=0.85, ticks=sorted(ticks), format="%.1e")
+    heat.set_title(f"H of {block} ({size:,} x {size:,})", fontsize=9)
+    heat.set_xlabel("parameter (block order)")
+    eigenvalues = np.linalg.eigvalsh(matrix)
+    counts.hist(eigenvalues, bins=min(BINS, max(10, size // 2)), color=RUN_COLOR)
+    counts.set_yscale("log")
+    counts.set_xlabel("eigenvalue")
+    counts.set_ylabel("count")
+    counts.set_title(f"eigenvalues: {eigenvalues[0]:.3g} to {eigenvalues[-1]:.3g}, trace {eigenvalues.sum():.4g}",
+                     fontsize=9)
     return figure
 
 
@@ -430,6 +462,8 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
         save("eigenvalues", plot_eigenvalues(run, baseline), "eigenvalues.png", "top eigenvalues of H")
     if run.has("spectrum"):
         save("spectrum", plot_spectrum(run, baseline, sigma), "spectrum.png", "spectral density of H")
+    for k, block in enumerate(hessian_blocks(run), start=1):
+        save("hessian", plot_hessian(run, block), f"hessian-{k:02d}-{_slug(block)}.png", f"block {block}")
     if has_diagonals:
         save("diagonals", plot_variables(run, baseline), "variables.png", "mean |diagonal| per variable")
         save("diagonals", plot_diagonals(run, None, baseline), "diagonals-all.png", "all parameters")
@@ -551,6 +585,19 @@ def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, st
     else:
         parts.append("<p>Not computed.</p>\n")
     parts.append(_figures(sections.get("spectrum", [])))
+
+    parts.append("<h2>Hessian blocks</h2>\n")
+    if sections.get("hessian"):
+        rows = []
+        for block in hessian_blocks(run):
+            eigenvalues = np.linalg.eigvalsh(run.hessian(block))
+            rows.append([block, f"{len(eigenvalues):,}", _fmt(eigenvalues.sum()), _fmt(eigenvalues[-1]),
+                         _fmt(eigenvalues[0])])
+        parts.append(_table(["block", "parameters", "trace", "largest eigenvalue", "smallest eigenvalue"], rows,
+                            numeric={1, 2, 3, 4}))
+        parts.append(_figures(sections["hessian"]))
+    else:
+        parts.append("<p>Not computed.</p>\n")
 
     parts.append("<h2>Diagonals</h2>\n")
     if sections.get("diagonals"):

@@ -178,6 +178,17 @@ class Run:
         """Stochastic Lanczos quadrature: ``run``, ``node``, ``weight`` (a run's weights sum to 1)."""
         return self.table("spectrum")
 
+    def hessian(self, block: str = "__all__") -> np.ndarray:
+        """One dense block of ``hessian.parquet`` as a float64 ``[b, b]`` matrix, rows and columns
+        in the block's flat order (``"__all__"`` for ``blocks: full``; a variable path or a
+        layer name otherwise)."""
+        frame = self.table("hessian")
+        part = frame[frame["block"] == block]
+        if part.empty:
+            raise InputError(f"run {self.run_id} has no Hessian block {block!r} (blocks: "
+                             f"{', '.join(dict.fromkeys(frame['block']))})")
+        return np.stack([np.asarray(row, dtype=np.float64) for row in part["row"]])
+
     def spectrum_runs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Nodes and weights per SLQ run, as ``pipeline.spectrum.slq.density`` takes them."""
         frame = self.spectrum

@@ -226,6 +226,30 @@ def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[
     return result.reshape(len(ids), total)
 
 
+def hessian_table(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[int]], np.ndarray]]) -> pa.Table:
+    """``hessian.parquet``: for each ``(block name, its variables, their shapes, matrix [b, b])``,
+    one row per parameter of the block: ``block``, ``variable``, ``index`` (C order inside the
+    variable), ``row`` list<float64> = that parameter's row of the block's matrix."""
+    parts = []
+    for name, variables, shapes, matrix in blocks:
+        sizes = _sizes(variables, shapes)
+        total = int(sizes.sum())
+        matrix = np.asarray(matrix, dtype=np.float64)
+        if matrix.shape != (total, total):
+            raise ValueError(f"block {name!r} has a {matrix.shape} matrix, expected ({total}, {total})")
+        names, index = _parameter_columns(variables, sizes)
+        offsets = pa.array(np.arange(0, total * total + 1, max(total, 1), dtype=np.int32)[:total + 1], pa.int32())
+        parts.append(pa.table({
+            "block": pa.array([name] * total, pa.string()),
+            "variable": names,
+            "index": index,
+            "row": pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), pa.float64())),
+        }))
+    schema = pa.schema([("block", pa.string()), ("variable", pa.string()), ("index", pa.int64()),
+                        ("row", pa.list_(pa.float64()))])
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
 def eigenvalues_table(eigenvalues: Sequence[float], residuals: Sequence[float]) -> pa.Table:
     """``rank`` (1 first, in the order given), ``eigenvalue``, ``residual`` = ||Hv - lambda v||."""
     eigenvalues = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
