@@ -150,9 +150,9 @@ RUNS = {
     # name: (quantities, regression, layout)
     "largest": (CLASSIFICATION, False, {"shards": 1, "workers": 1}),
     "largest-sharded": (CLASSIFICATION, False, {"shards": 5, "workers": 2}),
-    "magnitude": ({"eigenvalues": {"top": 5, "which": "magnitude", "tol": TOL},
+    "magnitude": ({"eigenvalues": {"top": 5, "which": "magnitude", "tol": TOL, "vectors": True},
                    "trace": {"method": "hutchinson", "probes": 40}}, True, {"shards": 3, "workers": 2}),
-    "smallest": ({"eigenvalues": {"top": 5, "which": "smallest", "tol": TOL},
+    "smallest": ({"eigenvalues": {"top": 5, "which": "smallest", "tol": TOL, "vectors": True},
                   "trace": {"method": "exact"}}, True, {"shards": 2, "workers": 1}),
     "exact-trace": ({"trace": {"method": "exact"}}, False, {"shards": 2, "workers": 2}),
 }
@@ -207,6 +207,26 @@ def test_top_eigenvalues_equal_eigvalsh_of_the_dense_hessian(runs, problems, nam
     assert np.all(residuals >= 0) and np.all(residuals <= TOL * norm * 1.1), residuals
     distance = np.abs(values[:, None] - exact[None, :]).min(axis=1)
     assert np.all(distance <= residuals + 1e-12 * norm)
+    if not RUNS[name][0]["eigenvalues"].get("vectors"):
+        assert not os.path.exists(os.path.join(result.run_dir, "eigenvectors.parquet"))
+        return
+    # eigenvalues: {vectors: true}: unit Ritz vectors, signed by their largest entry, along the
+    # dense eigenvectors of every eigenvalue separated from the rest of the spectrum.
+    vectors = _read(result.run_dir, "eigenvectors.parquet")
+    assert set(vectors["block"]) == {"__all__"} and sorted(set(vectors["rank"])) == [1, 2, 3, 4, 5]
+    found = np.reshape(vectors["value"], (5, -1))
+    np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, rtol=1e-12)
+    assert np.all(found[np.arange(5), np.argmax(np.abs(found), axis=1)] > 0)
+    dense_values, dense_vectors = np.linalg.eigh(hessian)
+    checked = 0
+    for rank, value in enumerate(values):
+        nearest = int(np.argmin(np.abs(dense_values - value)))
+        gap = np.sort(np.abs(np.delete(dense_values, nearest) - dense_values[nearest]))[0]
+        if gap > 100 * residuals[rank] + 1e-3 * norm:
+            cosine = abs(found[rank] @ dense_vectors[:, nearest])
+            assert cosine >= 0.999, (rank, cosine, gap)
+            checked += 1
+    assert checked >= 3, checked  # the spectra chosen above are separated at the ends asked for
 
 
 @pytest.mark.parametrize("name,method", [("smallest", "exact"), ("exact-trace", "exact"),

@@ -226,6 +226,20 @@ def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[
     return result.reshape(len(ids), total)
 
 
+def eigenvectors_table(variables: Sequence[str], shapes: Sequence[Sequence[int]], vectors: np.ndarray,
+                       block: str = "__all__") -> pa.Table:
+    """``eigenvectors.parquet``: ``[k, P]`` vectors, one row per (rank, parameter): ``block``,
+    ``rank`` int32 (1 first), ``variable``, ``index``, ``value``."""
+    long = vectors_table(variables, shapes, vectors)
+    return pa.table({
+        "block": pa.array([block] * long.num_rows, pa.string()),
+        "rank": pc.add(long.column("vector"), pa.scalar(1, pa.int32())),
+        "variable": long.column("variable"),
+        "index": long.column("index"),
+        "value": long.column("value"),
+    })
+
+
 def hessian_table(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[int]], np.ndarray]]) -> pa.Table:
     """``hessian.parquet``: for each ``(block name, its variables, their shapes, matrix [b, b])``,
     one row per parameter of the block: ``block``, ``variable``, ``index`` (C order inside the
