@@ -119,7 +119,7 @@ def test_full_job_resolves_every_default_and_path(tmp_path):
         "gradient": {},
         "hvp": {"vectors": str(job_dir / "vectors.parquet")},
         "trace": {"method": "hutchinson", "probes": 30},
-        "eigenvalues": {"top": 3, "which": "largest", "iterations": 100, "tol": 1e-4},
+        "eigenvalues": {"top": 3, "which": "largest", "iterations": 100, "tol": 1e-4, "vectors": False},
         "spectrum": {"runs": 4, "steps": 64},
     }
     assert list(spec.quantities) == ["hessian_diagonal", "ggn_diagonal", "fisher_diagonal",
