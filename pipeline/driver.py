@@ -88,8 +88,10 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         if store is not None and published(output or job.output, job.name, now.strftime("%Y-%m-%d"), run_id):
             store.remove()  # leftovers of a driver that lost a race for this run id
         raise
-    owns_ray = connect.connect(address, quiet)
+    owns_ray = False
     try:
+        owns_ray = connect.connect(address, quiet)
+        connect.release_signals()  # a Ctrl-C while Ray started arrives here, as KeyboardInterrupt
         staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
         plan = make_plan(job, output, run_id, workers, connect.cluster_resources(owns_ray), now,
                          shards=staged_shards)
@@ -132,6 +134,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
                                f"--run-id {run_id} to resume") from None
         raise
     finally:
+        connect.release_signals()
         if owns_ray:
             connect.shutdown()
 

@@ -122,7 +122,7 @@ def test_signed_diagonals_are_counted_apart_and_zeros_named(tmp_path):
     assert report.plots == ["variables.png", "diagonals-all.png", "diagonals-01-w.png"]  # no trace: no exact diag
     check_plots(report.out_dir, report.plots)
     page = open(report.html, encoding="utf-8").read()
-    assert page.count("Not computed.") == 4  # trace, eigenvalues, spectrum, hvp
+    assert page.count("Not computed.") == 5  # trace, eigenvalues, spectrum, hessian blocks, hvp
 
 
 def test_show_aligns_headers_with_numbers_and_names_hvp_and_spectrum(runs):

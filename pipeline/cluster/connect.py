@@ -14,10 +14,18 @@ from pipeline.errors import InputError
 STOPPED: list[int] = []  # signals received by a run (SIGTERM)
 
 
+HELD = {signal.SIGINT, signal.SIGTERM}
+
+
 def connect(address: str | None, quiet: bool = False) -> bool:
     """Uses a Ray already initialised in this process, a cluster at ``address``, or a new local
     one; returns whether this call started it (and must shut it down).
 
+    Ctrl-C and SIGTERM are held while Ray starts and stay held when this returns: Ray's core
+    worker installs C-level handlers for them during ``ray.init``, which swallowed a Ctrl-C
+    (the run went on) or ended the process with no status after the product's own line. The
+    Python handlers are put back, and ``release_signals`` (called once the caller knows whether
+    it owns Ray) delivers what arrived meanwhile as ``KeyboardInterrupt`` or ``SystemExit``.
     ``quiet`` (the command line without ``--debug``): Ray logs errors only, so its start-up
     warnings (token authentication, ...) do not precede the product's own lines.
     """
@@ -26,6 +34,9 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
     level = "ERROR" if quiet else "WARNING"
+    hold = threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     try:
         if address:
             ray.init(address=address, logging_level=level, log_to_driver=False, runtime_env=env)
@@ -37,21 +48,30 @@ def connect(address: str | None, quiet: bool = False) -> bool:
                      runtime_env=env)
     except ConnectionError as err:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
-    python_handles_sigterm()
+    python_handles_signals()
     return True
+
+
+def release_signals() -> None:
+    """Delivers the Ctrl-C or SIGTERM held while Ray started (see ``connect``)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
 
 
 def shutdown() -> None:
     ray.shutdown()
 
 
-def python_handles_sigterm() -> None:
-    """Ray's core worker installs a C-level failure handler for SIGTERM that prints a report and
-    aborts the process; a Python-level handler installed after it is in charge again: it notes
-    the signal and exits (as Ray's own does), and the driver turns that into a ComputeError that
-    says how to resume."""
+def python_handles_signals() -> None:
+    """Ray's core worker installs C-level handlers: for SIGTERM, a failure handler that prints a
+    report and aborts the process; for SIGINT, one that took Ctrl-C away from Python. Python's
+    handlers installed after them are in charge again: Ctrl-C raises ``KeyboardInterrupt``;
+    SIGTERM is noted and exits (as Ray's own does), and the driver turns that into a
+    ComputeError that says how to resume."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, None):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _on_sigterm(signum, frame):
