@@ -66,8 +66,9 @@ class Quantity:
     columns: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     vector_tables: tuple[str, ...] = ()  # its files of [K, P] vectors in the long layout (hvp)
-    label: str = ""  # its short name in plots
+    label: str = ""  # its short name in plots (a curvature diagonal's)
     color: str = ""  # its colour in plots
+    line_width: float = 1.4  # its line width in plots
 
     # -------------------------------------------------------------------- the job file
     def parse(self, options: Any, where: str, base_dir: str) -> dict:

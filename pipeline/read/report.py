@@ -240,12 +240,19 @@ def hessian_blocks(run: Run) -> list[str]:
     return list(dict.fromkeys(run.table("hessian", columns=["block"])["block"])) if run.has("hessian") else []
 
 
+def hessian_spectrum(run: Run, block: str) -> tuple[np.ndarray, np.ndarray]:
+    """A block of ``hessian.parquet`` and its eigenvalues (``numpy.linalg.eigvalsh``, ascending)."""
+    matrix = run.hessian(block)
+    return matrix, np.linalg.eigvalsh(matrix)
+
+
 @_default_style
-def plot_hessian(run: Run, block: str = "__all__"):
+def plot_hessian(run: Run, block: str = "__all__", spectrum: tuple[np.ndarray, np.ndarray] | None = None):
     """One dense Hessian block: a heat map on a symmetric log colour scale (linear below 1e-4 of
     its largest entry, so that signs and orders of magnitude both show) and the histogram of its
-    eigenvalues (``numpy.linalg.eigvalsh``)."""
-    matrix = run.hessian(block)
+    eigenvalues. ``spectrum``: ``hessian_spectrum(run, block)`` when the caller has it already
+    (an eigendecomposition of a 10,000-parameter block takes minutes)."""
+    matrix, eigenvalues = spectrum if spectrum is not None else hessian_spectrum(run, block)
     size = matrix.shape[0]
     scale = max(float(np.abs(matrix).max()), 1e-300)
     figure = _figure()
@@ -256,7 +263,6 @@ def plot_hessian(run: Run, block: str = "__all__"):
     figure.colorbar(image, ax=heat, shrink=0.85, ticks=sorted(ticks), format="%.1e")
     heat.set_title(f"H of {block} ({size:,} x {size:,})", fontsize=9)
     heat.set_xlabel("parameter (block order)")
-    eigenvalues = np.linalg.eigvalsh(matrix)
     counts.hist(eigenvalues, bins=min(BINS, max(10, size // 2)), color=RUN_COLOR)
     counts.set_yscale("log")
     counts.set_xlabel("eigenvalue")
@@ -462,8 +468,9 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
         save("eigenvalues", plot_eigenvalues(run, baseline), "eigenvalues.png", "top eigenvalues of H")
     if run.has("spectrum"):
         save("spectrum", plot_spectrum(run, baseline, sigma), "spectrum.png", "spectral density of H")
-    for k, block in enumerate(hessian_blocks(run), start=1):
-        save("hessian", plot_hessian(run, block), f"hessian-{k:02d}-{_slug(block)}.png", f"block {block}")
+    spectra = {block: hessian_spectrum(run, block) for block in hessian_blocks(run)}
+    for k, (block, spectrum) in enumerate(spectra.items(), start=1):
+        save("hessian", plot_hessian(run, block, spectrum), f"hessian-{k:02d}-{_slug(block)}.png", f"block {block}")
     if has_diagonals:
         save("diagonals", plot_variables(run, baseline), "variables.png", "mean |diagonal| per variable")
         save("diagonals", plot_diagonals(run, None, baseline), "diagonals-all.png", "all parameters")
@@ -471,7 +478,7 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
             save("diagonals", plot_diagonals(run, name, baseline), f"diagonals-{k:02d}-{_slug(name)}.png",
                  f"{name} {tuple(shape)}")
     with open(report.html, "w", encoding="utf-8") as handle:
-        handle.write(_html(run, baseline, sections))
+        handle.write(_html(run, baseline, sections, {b: values for b, (_, values) in spectra.items()}))
     return report
 
 
@@ -540,7 +547,8 @@ def _figures(items: list[tuple[str, str]]) -> str:
                    f"<figcaption>{_e(caption)} ({_e(name)})</figcaption></figure>\n" for name, caption in items)
 
 
-def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, str]]]) -> str:
+def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, str]]],
+          hessian_eigenvalues: dict[str, np.ndarray]) -> str:
     title = f"{run.name} {run.run_id}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
              f"<style>{_CSS}</style></head><body>\n<h1>{_e(run.name)} <small>{_e(run.run_id)}</small></h1>\n"]
@@ -589,8 +597,7 @@ def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, st
     parts.append("<h2>Hessian blocks</h2>\n")
     if sections.get("hessian"):
         rows = []
-        for block in hessian_blocks(run):
-            eigenvalues = np.linalg.eigvalsh(run.hessian(block))
+        for block, eigenvalues in hessian_eigenvalues.items():
             rows.append([block, f"{len(eigenvalues):,}", _fmt(eigenvalues.sum()), _fmt(eigenvalues[-1]),
                          _fmt(eigenvalues[0])])
         parts.append(_table(["block", "parameters", "trace", "largest eigenvalue", "smallest eigenvalue"], rows,
