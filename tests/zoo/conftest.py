@@ -17,7 +17,7 @@ def pytest_terminal_summary(terminalreporter):
     rows = getattr(zoo_models, "MEASURED", None)
     if not rows:
         return
-    quantities = ["loss", "gradient", "hessian_diagonal", "hvp", "ggn_diagonal", "fisher_diagonal"]
+    quantities = ["loss", "gradient", "hessian_diagonal", "hvp", "hessian", "ggn_diagonal", "fisher_diagonal"]
     terminalreporter.section("model zoo: max |engine - reference| / max |reference| per quantity")
     header = f"{'case':<46}{'prec':<8}" + "".join(f"{q[:12]:>13}" for q in quantities) + f"{'max':>11}"
     terminalreporter.write_line(header)

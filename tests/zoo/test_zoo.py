@@ -69,6 +69,7 @@ def errors_of(part, ref, vectors):
         "gradient": _max(part.sums["gradient"] - ref.gradient) / _max(ref.gradient),
         "hessian_diagonal": _max(part.sums["hessian_diagonal"] - np.diag(ref.hessian)) / h,
         "hvp": _max(part.sums["hvp"] - vectors @ ref.hessian) / h,  # H symmetric: row k = (H v_k)^T
+        "hessian": _max(part.sums["hessian_block_0"] - ref.hessian) / h,  # the dense block, every entry
     }
     if "ggn_diagonal" in part.sums:
         errors["ggn_diagonal"] = _max(part.sums["ggn_diagonal"] - ref.ggn) / _max(ref.ggn)

@@ -702,7 +702,9 @@ def run_engine(case: Case, precision, engine=None, inputs=None, labels=None, wei
         engine = CurvatureEngine(case.model, resolve_loss(case.loss.spec), precision=precision,
                                  builder=case.builder)
     vectors = unit_vectors(engine.parameters)
-    work = BatchWork(hvp_vectors=vectors, **(work or EVERYTHING))
+    # The full Hessian as one dense block (quantities.hessian) beside the other quantities.
+    work = BatchWork(hvp_vectors=vectors, hessian_blocks=(tuple(range(len(engine.variables))),),
+                     **(work or EVERYTHING))
     part = engine.partial(inputs, labels, weights, np.arange(len(weights)), work)
     return engine, part, vectors
 
