@@ -90,6 +90,19 @@ class Workload:
     per_example_route: str | None = None  # Fisher/GGN products: "vectorised" | "loop"
     diagonal_block: int = 512  # CurvatureEngine.diagonal_block
     vjp_budget: int = 1 << 24  # CurvatureEngine.vjp_budget
+    # The selected variables (paths and shapes, model order), for costs per block of H.
+    variables: tuple[str, ...] = ()
+    variable_shapes: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One diagonal block of a quantity taken per block (``blocks: variable | layer``)."""
+
+    name: str
+    parameters: int
+    vectors: int  # Hessian-vector products per batch in each of its passes
+    driver_bytes: float
 
 
 @dataclass
@@ -104,6 +117,11 @@ class QuantityCost:
     worker_bytes: float = 0.0
     driver_bytes: float = 0.0
     seconds: float = 0.0
+    blocks: tuple[BlockCost, ...] = ()  # per block, when it runs on several blocks of H
+
+
+#: Blocks the plan lists per quantity; the rest are summed up in one line.
+SHOWN_BLOCKS = 8
 
 
 @dataclass
@@ -131,6 +149,8 @@ class Cost:
                      gib(self.driver_bytes)))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        for q in self.quantities:
+            lines += _block_lines(q)
         m = self.measured
         where = "GPU workers will be faster" if workload.gpus else f"{workload.workers} workers"
         if m is not None:
@@ -138,6 +158,21 @@ class Cost:
                          f"{m.gradient_seconds * 1e3:,.1f} ms; {where}; time includes "
                          f"{STARTUP_SECONDS:.0f} s of start-up)")
         return lines
+
+
+def _block_lines(q: QuantityCost) -> list[str]:
+    """``eigenvalues per block: dense_1 650 parameters, 4 HVPs per batch, +1.2 MiB driver; ...``."""
+    if len(q.blocks) < 2:
+        return []
+    shown = [f"{b.name} {b.parameters:,} parameters, {b.vectors:,} HVPs per batch, +{gib(b.driver_bytes)} driver"
+             for b in q.blocks[:SHOWN_BLOCKS]]
+    rest = q.blocks[SHOWN_BLOCKS:]
+    if rest:
+        shown.append(f"{len(rest)} more blocks of {min(b.parameters for b in rest):,} to "
+                     f"{max(b.parameters for b in rest):,} parameters")
+    together = (f"side by side, each pass {q.vectors:,} HVPs per batch in all" if q.passes else
+                "in the main pass, basis-vector HVPs")
+    return [f"{q.name}: {len(q.blocks)} blocks {together}"] + [f"  {line}" for line in shown]
 
 
 def _duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ Example::
     ...                  "data": {"path": "s3://b/train/", "features": "x", "labels": "y"},
     ...                  "quantities": {"trace": None}}, overrides=["data.batch_size=64"])
     >>> spec.data.batch_size, spec.quantities["trace"]
-    (64, {'method': 'hutch++', 'probes': 100})
+    (64, {'method': 'hutch++', 'probes': 100, 'blocks': 'full'})
 
 Extensions to the contract (section 3), documented in README.md:
 

@@ -182,7 +182,8 @@ def _workload(plan: Plan, engine, trial) -> cost.Workload:
         itemsize=8 if plan.job.precision == "float64" else 4, batch_size=plan.job.data.batch_size,
         batches=plan.batches, rows=plan.data.rows, workers=plan.workers, worker_cpus=worker_cpus(plan.workers),
         gpus=plan.gpus > 0, route=trial.route, per_example_route=trial.per_example_route,
-        diagonal_block=engine.diagonal_block, vjp_budget=engine.vjp_budget)
+        diagonal_block=engine.diagonal_block, vjp_budget=engine.vjp_budget,
+        variables=tuple(plan.signature.variables), variable_shapes=tuple(plan.signature.variable_shapes))
 
 
 def worker_cpus(workers: int) -> float:

@@ -37,9 +37,9 @@ def test_run_returns_the_loaded_run_with_every_table(made):
         "summary": ["variable", "quantity", "size", "mean", "std", "min", "max", "abs_mean", "sum", "l2_norm"],
         "hvp": ["vector", "variable", "index", "value"],
         "hvp_vectors": ["vector", "variable", "index", "value"],
-        "eigenvalues": ["rank", "eigenvalue", "residual"],
-        "trace": ["method", "estimate", "stderr", "matvecs"],
-        "spectrum": ["run", "node", "weight"],
+        "eigenvalues": ["block", "rank", "eigenvalue", "residual"],
+        "trace": ["block", "method", "estimate", "stderr", "matvecs"],
+        "spectrum": ["block", "run", "node", "weight"],
     }
     for name, columns in expected.items():
         frame = getattr(run, name)

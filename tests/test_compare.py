@@ -32,10 +32,11 @@ def publish(root, run_id, *, scale=1.0, sha="a" * 64, fingerprint="f" * 64, eige
     publisher.write_table("diagonals.parquet", tables.diagonals_table(VARIABLES, SHAPES, values), provenance)
     publisher.write_table("summary.parquet", tables.summary_table(VARIABLES, SHAPES, values), provenance)
     publisher.write_table("eigenvalues.parquet",
-                          tables.eigenvalues_table(np.array(eigenvalues) * scale, [1e-8] * len(eigenvalues)),
+                          tables.eigenvalues_table([("__all__", np.array(eigenvalues) * scale,
+                                                    [1e-8] * len(eigenvalues))]),
                           provenance)
     if with_trace:
-        publisher.write_table("trace.parquet", tables.trace_table("hutch++", trace * scale, 0.1, 30), provenance)
+        publisher.write_table("trace.parquet", tables.trace_table([("__all__", "hutch++", trace * scale, 0.1, 30)]), provenance)
     manifest = {"run_id": run_id, "date": "2026-11-26", "status": "complete", "examples": 100, "loss": loss * scale,
                 "job": {"name": "drift", "quantities": {"eigenvalues": {"which": which}}},
                 "model": {"path": "m.keras", "sha256": sha}, "data": {"fingerprint": fingerprint, "rows": 100}}

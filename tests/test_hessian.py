@@ -22,7 +22,7 @@ from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
 from pipeline.job import load_job
 from pipeline.plan import make_plan
-from pipeline.quantities.hessian import blocks
+from pipeline import blocks
 from pipeline.read.report import write_report
 
 
@@ -67,20 +67,21 @@ def test_blocks_equal_the_dense_reference_and_its_sub_blocks(name, precision):
     reference = _dense_hessian(model, loss, inputs, labels, weights)
     engine = CurvatureEngine(model, loss, precision=precision, diagonal_block=8)
     names = engine.names
-    wanted = {kind: blocks(kind, names) for kind in ("full", "variable", "layer")}
-    every = tuple(members for kind in wanted.values() for _, members in kind)
-    part = engine.partial(inputs, labels, weights, np.arange(len(weights)), BatchWork(hessian_blocks=every))
+    shapes = [(size,) for size in engine.sizes]
+    wanted = {kind: blocks.of(kind, names, shapes) for kind in ("full", "variable", "layer")}
+    every = [block for kind in wanted.values() for block in kind]
+    part = engine.partial(inputs, labels, weights, np.arange(len(weights)),
+                          BatchWork(hessian_blocks=tuple(block.members for block in every)))
     scale = np.abs(reference).max()
     tolerance = 1e-11 if precision == "float64" else 2e-4
-    offsets = np.concatenate([[0], np.cumsum(engine.sizes)])
-    for number, members in enumerate(every):
+    for number, block in enumerate(every):
         got = part.sums[f"hessian_block_{number}"]
-        where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])
-        np.testing.assert_allclose(got, reference[np.ix_(where, where)], atol=tolerance * scale, err_msg=str(members))
+        where = blocks.positions(block, shapes)
+        np.testing.assert_allclose(got, reference[np.ix_(where, where)], atol=tolerance * scale, err_msg=block.name)
         # The raw (unsymmetrised) sums are symmetric to float rounding.
         assert np.abs(got - got.T).max() <= (1e-13 if precision == "float64" else 1e-5) * scale
-    assert [n for n, _ in wanted["full"]] == ["__all__"]
-    assert [n for n, _ in wanted["variable"]] == names
+    assert [b.name for b in wanted["full"]] == ["__all__"]
+    assert [b.name for b in wanted["variable"]] == names
     assert len(wanted["layer"]) == len({n.rsplit("/", 1)[0] for n in names})
 
 
@@ -142,7 +143,7 @@ def test_the_full_hessian_is_shard_invariant_symmetric_and_read_back(published):
     row_type = table.schema.field("row").type
     assert pa.types.is_list(row_type) and pa.types.is_float64(row_type.value_type)
     assert table.column("variable").to_pylist()[:2] == ["hidden/kernel", "hidden/kernel"]
-    with pytest.raises(InputError, match="no Hessian block 'out'"):
+    with pytest.raises(InputError, match="no block 'out' in hessian.parquet"):
         runs["one"].hessian("out")
 
 

@@ -118,9 +118,10 @@ def test_full_job_resolves_every_default_and_path(tmp_path):
         "fisher_diagonal": {},
         "gradient": {},
         "hvp": {"vectors": str(job_dir / "vectors.parquet")},
-        "trace": {"method": "hutchinson", "probes": 30},
-        "eigenvalues": {"top": 3, "which": "largest", "iterations": 100, "tol": 1e-4, "vectors": False},
-        "spectrum": {"runs": 4, "steps": 64},
+        "trace": {"method": "hutchinson", "probes": 30, "blocks": "full"},
+        "eigenvalues": {"top": 3, "which": "largest", "iterations": 100, "tol": 1e-4, "vectors": False,
+                        "blocks": "full"},
+        "spectrum": {"runs": 4, "steps": 64, "blocks": "full"},
     }
     assert list(spec.quantities) == ["hessian_diagonal", "ggn_diagonal", "fisher_diagonal",
                                      "gradient", "hvp", "trace", "eigenvalues", "spectrum"]
@@ -143,7 +144,7 @@ def test_every_quantity_default_as_documented():
     for quantity, options in spec.quantities.items():
         for option, value in options.items():
             assert DEFAULTS[f"quantities.{quantity}.{option}"] == value
-    assert spec.quantities["trace"] == {"method": "hutch++", "probes": 100}
+    assert spec.quantities["trace"] == {"method": "hutch++", "probes": 100, "blocks": "full"}
     assert spec.quantities["eigenvalues"]["tol"] == 1e-6
 
 
@@ -279,7 +280,7 @@ def test_overrides_set_nested_keys_and_add_quantities(tmp_path):
     ])
     assert spec.data.batch_size == 64
     assert spec.quantities["hessian_diagonal"]["method"] == "exact"
-    assert spec.quantities["spectrum"] == {"runs": 4, "steps": 16}
+    assert spec.quantities["spectrum"] == {"runs": 4, "steps": 16, "blocks": "full"}
     assert spec.quantities["trace"]["probes"] == 10
     assert spec.workers == 3
     assert spec.loss.options == {"from_logits": False}

@@ -257,3 +257,74 @@ def test_counting_operator_and_docstring_examples():
         operator(np.ones(4))
     for module in (spectrum, _base, lanczos, trace, slq):
         assert doctest.testmod(module).failed == 0
+
+
+# ---------------------------------------------------------------- blocks side by side
+
+
+def _coupled(sizes, seed=21) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A symmetric H whose diagonal blocks (interleaved positions, as variables of a model are
+    not contiguous in general) have separated spectra, plus strong off-block coupling that
+    ``side_by_side`` must drop."""
+    rng = np.random.default_rng(seed)
+    size = sum(sizes)
+    order = rng.permutation(size)
+    positions = np.split(order, np.cumsum(sizes)[:-1])
+    matrix = rng.normal(size=(size, size))
+    matrix = (matrix + matrix.T) * 3.0  # the coupling, larger than the blocks' own entries
+    for b, p in enumerate(positions):
+        spectrum_b = np.concatenate([[20.0 + 5 * b, 15.0 + 5 * b, 10.0 + 5 * b, -8.0 - b],
+                                     rng.uniform(-1, 1, p.size - 4)])
+        matrix[np.ix_(p, p)] = symmetric(spectrum_b, seed=seed + b)
+    return matrix, positions
+
+
+@pytest.mark.parametrize("algorithm", ["lanczos", "hutchinson", "hutch++", "slq"])
+def test_side_by_side_equals_each_block_alone_in_the_passes_of_the_slowest(algorithm):
+    sizes = [40, 7, 25]
+    matrix, positions = _coupled(sizes)
+
+    def steps(size):
+        if algorithm == "lanczos":
+            return spectrum.top_eigenvalues_steps(size, top=3, tol=1e-9, seed=4)
+        if algorithm == "hutchinson":
+            return spectrum.hutchinson_steps(size, probes=70, seed=4, max_block=32)
+        if algorithm == "hutch++":
+            return spectrum.hutchpp_steps(size, probes=30, seed=4)
+        return spectrum.spectral_density_steps(size, runs=3, steps=min(20, size), seed=4)
+
+    operator = operator_of(matrix)
+    together = spectrum.side_by_side([steps(s) for s in sizes], positions, operator, sum(sizes))
+    alone = [spectrum.drive(steps(s), operator_of(matrix[np.ix_(p, p)])) for s, p in zip(sizes, positions)]
+    for block, (mine, theirs) in enumerate(zip(together, alone)):
+        assert (mine.passes, mine.matvecs) == (theirs.passes, theirs.matvecs), block
+        if algorithm == "lanczos":
+            # The blocks' own eigenvalues: the coupling (which would change them) is dropped.
+            np.testing.assert_allclose(mine.eigenvalues, [20.0 + 5 * block, 15.0 + 5 * block, 10.0 + 5 * block],
+                                       atol=1e-7)
+            np.testing.assert_allclose(mine.eigenvalues, theirs.eigenvalues, rtol=1e-12)
+            np.testing.assert_allclose(np.abs(mine.eigenvectors @ theirs.eigenvectors.T).diagonal(), 1.0,
+                                       atol=1e-9)
+            assert mine.eigenvectors.shape == (3, sizes[block])
+        elif algorithm == "slq":
+            for a, b in zip(mine.nodes + mine.weights, theirs.nodes + theirs.weights):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        else:
+            assert mine.estimate == pytest.approx(theirs.estimate, rel=1e-12)
+            assert mine.stderr == pytest.approx(theirs.stderr, rel=1e-9)
+    # One pass carries every unfinished block's vectors: as many passes as the slowest block.
+    assert operator.passes == max(r.passes for r in alone)
+    assert operator.matvecs == sum(r.matvecs for r in alone)
+
+
+def test_side_by_side_checks_its_blocks():
+    with pytest.raises(ValueError, match="2 algorithms but 1 blocks"):
+        spectrum.side_by_side([spectrum.hutchinson_steps(2, 4), spectrum.hutchinson_steps(2, 4)],
+                              [np.arange(2)], lambda V: V, 4)
+    # A single block of every parameter is the algorithm alone, to the bit.
+    matrix = symmetric(np.linspace(-3, 9, 30), seed=5)
+    alone = spectrum.top_eigenvalues(lambda V: V @ matrix, 30, top=2, seed=1)
+    (together,) = spectrum.side_by_side([spectrum.top_eigenvalues_steps(30, top=2, seed=1)], [np.arange(30)],
+                                        lambda V: V @ matrix, 30)
+    assert np.array_equal(together.eigenvalues, alone.eigenvalues)
+    assert np.array_equal(together.eigenvectors, alone.eigenvectors)

@@ -67,15 +67,32 @@ def test_summary_of_an_empty_variable_is_nan():
 
 
 def test_small_tables():
-    eig = eigenvalues_table([5.0, 2.0], [1e-7, 2e-7])
+    eig = eigenvalues_table([("__all__", [5.0, 2.0], [1e-7, 2e-7])])
     assert eig.schema.field("rank").type == pa.int32()
-    assert eig.to_pydict() == {"rank": [1, 2], "eigenvalue": [5.0, 2.0], "residual": [1e-7, 2e-7]}
-    trace = trace_table("hutch++", 12.5, 0.25, np.int64(300))
-    assert trace.to_pylist() == [{"method": "hutch++", "estimate": 12.5, "stderr": 0.25, "matvecs": 300}]
+    assert eig.to_pydict() == {"block": ["__all__"] * 2, "rank": [1, 2], "eigenvalue": [5.0, 2.0],
+                               "residual": [1e-7, 2e-7]}
+    trace = trace_table([("__all__", "hutch++", 12.5, 0.25, np.int64(300))])
+    assert trace.to_pylist() == [{"block": "__all__", "method": "hutch++", "estimate": 12.5, "stderr": 0.25,
+                                  "matvecs": 300}]
     assert trace.schema.field("matvecs").type == pa.int64()
-    spectrum = spectrum_table([np.array([1.0, 2.0]), np.array([3.0])], [np.array([0.25, 0.75]), np.array([1.0])])
+    spectrum = spectrum_table([("__all__", [np.array([1.0, 2.0]), np.array([3.0])],
+                                [np.array([0.25, 0.75]), np.array([1.0])])])
     assert spectrum.schema.field("run").type == pa.int32()
-    assert spectrum.to_pydict() == {"run": [0, 0, 1], "node": [1.0, 2.0, 3.0], "weight": [0.25, 0.75, 1.0]}
+    assert spectrum.to_pydict() == {"block": ["__all__"] * 3, "run": [0, 0, 1], "node": [1.0, 2.0, 3.0],
+                                    "weight": [0.25, 0.75, 1.0]}
+
+
+def test_small_tables_per_block_keep_each_block_in_order_with_its_own_ranks_and_runs():
+    eig = eigenvalues_table([("a/kernel", [5.0, 2.0], [1e-7, 2e-7]), ("b/kernel", [9.0], [0.0])])
+    assert eig.to_pydict()["block"] == ["a/kernel", "a/kernel", "b/kernel"]
+    assert eig.to_pydict()["rank"] == [1, 2, 1]
+    trace = trace_table([("a", "exact", 1.0, 0.0, 0), ("b", "exact", 2.0, 0.0, 0)])
+    assert trace.column("block").to_pylist() == ["a", "b"]
+    spectrum = spectrum_table([("a", [np.array([1.0])], [np.array([1.0])]),
+                               ("b", [np.array([2.0]), np.array([3.0])], [np.array([1.0]), np.array([1.0])])])
+    assert spectrum.to_pydict()["run"] == [0, 0, 1] and spectrum.to_pydict()["block"] == ["a", "b", "b"]
+    empty = eigenvalues_table([])
+    assert empty.num_rows == 0 and empty.schema.field("eigenvalue").type == pa.float64()
 
 
 # --------------------------------------------------------------------------- HVP vectors

@@ -12,11 +12,12 @@ and that composes. NumPy only here; tables are built by ``pipeline.storage.table
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from pipeline.cost import Measurement, QuantityCost, Workload
+from pipeline import blocks, spectrum
+from pipeline.cost import BlockCost, Measurement, QuantityCost, Workload, vector_bytes
 from pipeline.errors import InputError
 from pipeline.options import Option, check_keys, show
 from pipeline.reduce import Sums
@@ -50,6 +51,10 @@ class Context:
     def say(self, line: str) -> None:
         if self.log is not None:
             self.log.write(line + "\n")
+
+    def blocks(self, kind: str) -> list[blocks.Block]:
+        """The diagonal blocks of ``blocks: kind`` over the selected variables."""
+        return blocks.of(kind, self.signature.variables, self.signature.variable_shapes)
 
 
 class Quantity:
@@ -149,3 +154,41 @@ class Quantity:
         frame = frame.assign(_owner=frame["variable"].map(order)).sort_values(["vector", "_owner", "index"],
                                                                                kind="stable")
         return frame["value"].to_numpy(np.float64).reshape(frame["vector"].nunique(), -1)
+
+
+# ---------------------------------------------------------------------- per block of H
+# ``eigenvalues``, ``trace`` and ``spectrum`` take ``blocks: full | variable | layer`` (contract
+# 5.3): the same algorithm on every diagonal block H_bb, side by side in the same passes.
+
+def per_block(options: dict, context: Context, operator,
+              steps_of: Callable[[blocks.Block], spectrum.Steps]) -> list[tuple[str, Any]]:
+    """``(block name, result)`` of the algorithm ``steps_of(block)`` (step by step, sized to the
+    block) on each block of ``options["blocks"]``, all in the same passes over the data
+    (``pipeline.spectrum.side_by_side``); one block, ``"__all__"``, for ``blocks: full``."""
+    named = context.blocks(options.get("blocks", "full"))
+    shapes = context.signature.variable_shapes
+    results = spectrum.side_by_side([steps_of(block) for block in named],
+                                    [blocks.positions(block, shapes) for block in named],
+                                    operator, context.parameters)
+    return [(block.name, result) for block, result in zip(named, results)]
+
+
+def per_block_cost(name: str, options: dict, w: Workload,
+                   one: Callable[[int], tuple[int, int, float]]) -> QuantityCost:
+    """A quantity run per block: ``one(size) -> (passes, vectors per pass, driver bytes)`` of its
+    algorithm on one block of ``size`` parameters. The blocks share passes (the most any of them
+    takes) and each pass carries all their vectors, embedded in the P parameters."""
+    if w.variables:
+        named = blocks.of(options.get("blocks", "full"), w.variables, w.variable_shapes)
+        sizes = [(block.name, block.size) for block in named]
+    else:  # a workload without its variables (cost arithmetic alone): all of H
+        sizes = [(blocks.ALL, w.parameters)]
+    parts = [(block, size, *one(size)) for block, size in sizes]
+    vectors = sum(count for _, _, _, count, _ in parts)
+    driver = sum(held for *_, held in parts)
+    if len(parts) > 1:  # the embedded vectors and their products, [vectors, P], twice over
+        driver += 3 * 8.0 * vectors * w.parameters
+    return QuantityCost(name, passes=max(passes for _, _, passes, _, _ in parts), vectors=vectors,
+                        worker_bytes=vector_bytes(w, vectors), driver_bytes=driver,
+                        blocks=tuple(BlockCost(block, size, count, held) for block, size, _, count, held in parts)
+                        if len(parts) > 1 else ())

@@ -5,6 +5,11 @@ vectors Lanczos already holds (``eigenvectors.parquet``, signed so that each one
 largest-magnitude entry is positive). One pass over the data per iteration
 (a block of ``b`` HVPs per batch); the driver holds the Krylov basis, P x b x iterations floats.
 
+``blocks: variable | layer`` (contract 5.3): the same on every diagonal block ``H_bb`` (one per
+variable or per Keras layer), all blocks' Lanczos runs side by side in the same passes
+(``pipeline.spectrum.side_by_side``): as many passes as the slowest block, each with every
+block's vectors. Each block's result is that of a run with ``variables:`` set to the block.
+
 Source: Golub and Underwood (1977), block Lanczos; residuals as in ARPACK/scipy ``eigsh``.
 """
 
@@ -12,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import cost, spectrum
+from pipeline import blocks, spectrum
 from pipeline.options import Option, boolean, choice, positive_float, positive_int
-from pipeline.quantities._base import Quantity
+from pipeline.quantities._base import Quantity, per_block, per_block_cost
 from pipeline.storage import tables
 
 
@@ -28,28 +33,36 @@ class Eigenvalues(Quantity):
         "iterations": Option(positive_int(100), 100, "Lanczos iterations at most"),
         "tol": Option(positive_float(1e-6), 1e-6, "convergence tolerance on the residual"),
         "vectors": Option(boolean, False, "also publish the unit eigenvectors (eigenvectors.parquet)"),
+        "blocks": blocks.OPTION,
     }
     files = ("eigenvalues.parquet", "eigenvectors.parquet")
 
     def cost(self, options, w, m, asked, prepared=None):
-        block = spectrum.default_block(int(options["top"]))
-        steps = int(options["iterations"]) + 1
-        basis = 8 * w.parameters * block * steps
-        return cost.QuantityCost(self.name, passes=steps, vectors=block, worker_bytes=cost.vector_bytes(w, block),
-                                 driver_bytes=basis + 6 * 8 * block * w.parameters)
+        width, steps = spectrum.default_block(int(options["top"])), int(options["iterations"]) + 1
+
+        def one(size: int) -> tuple[int, int, float]:
+            block = min(width, size)
+            return steps, block, 8.0 * size * block * steps + 6 * 8 * block * size  # the basis, a block's work
+
+        return per_block_cost(self.name, options, w, one)
 
     def compute(self, options, context, operator, sums):
-        size = context.parameters
-        result = spectrum.top_eigenvalues(operator, size, top=min(options["top"], size), which=options["which"],
-                                          iterations=options["iterations"], tol=options["tol"], seed=context.seed)
-        context.say(f"eigenvalues ({options['which']}): {np.array2string(result.eigenvalues, precision=6)}")
-        return result
+        results = per_block(options, context, operator, lambda block: spectrum.top_eigenvalues_steps(
+            block.size, top=min(options["top"], block.size), which=options["which"],
+            iterations=options["iterations"], tol=options["tol"], seed=context.seed))
+        for name, result in results:
+            where = "" if name == blocks.ALL else f" of block {name}"
+            context.say(f"eigenvalues{where} ({options['which']}): {np.array2string(result.eigenvalues, precision=6)}")
+        return results
 
     def tables(self, options, result, context):
-        out = {"eigenvalues.parquet": tables.eigenvalues_table(result.eigenvalues, result.residuals)}
+        out = {"eigenvalues.parquet": tables.eigenvalues_table(
+            [(name, r.eigenvalues, r.residuals) for name, r in result])}
         if options.get("vectors"):
+            named = {block.name: block for block in context.blocks(options.get("blocks", "full"))}
             out["eigenvectors.parquet"] = tables.eigenvectors_table(
-                context.signature.variables, context.signature.variable_shapes, unit_vectors(result.eigenvectors))
+                [(name, named[name].variables, named[name].shapes, unit_vectors(r.eigenvectors))
+                 for name, r in result])
         return out
 
 

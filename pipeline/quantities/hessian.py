@@ -4,7 +4,7 @@ third recipe.
 - ``blocks: full``: one block, ``H`` over all selected parameters (``"__all__"``);
 - ``blocks: variable``: one block per variable, ``H_vv`` (named by the variable's path);
 - ``blocks: layer``: one block per Keras layer, its selected variables together (named by the
-  layer's path, the variable path without its last part).
+  layer's path, the variable path without its last part); see ``pipeline.blocks``.
 
 A block of ``b`` parameters costs ``b`` Hessian-vector products with basis vectors per batch
 (vectorised like the exact diagonal) and ``b x b`` float64 sums per worker and in the driver,
@@ -19,34 +19,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import cost
+from pipeline import blocks, cost
 from pipeline.errors import InputError
 from pipeline.memory import gib
-from pipeline.options import Option, choice, positive_int
+from pipeline.options import Option, positive_int
 from pipeline.quantities._base import Quantity
 from pipeline.storage import tables
-
-ALL = "__all__"
-
-
-def blocks(kind: str, names) -> list[tuple[str, tuple[int, ...]]]:
-    """``(block name, positions of its variables)`` in model order, for ``blocks: kind``."""
-    if kind == "full":
-        return [(ALL, tuple(range(len(names))))]
-    if kind == "variable":
-        return [(name, (i,)) for i, name in enumerate(names)]
-    grouped: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        grouped.setdefault(name.rsplit("/", 1)[0] if "/" in name else name, []).append(i)
-    return [(layer, tuple(members)) for layer, members in grouped.items()]
 
 
 class Hessian(Quantity):
     name = "hessian"
     help = "dense Hessian blocks: full, per variable or per layer"
     options = {
-        "blocks": Option(choice("full", "variable", "layer"), "full",
-                         "full (one block), variable (one per variable) or layer (one per Keras layer)"),
+        "blocks": blocks.OPTION,
         "max_parameters": Option(positive_int(10000), 10000, "largest block allowed, in parameters"),
     }
     files = ("hessian.parquet",)
@@ -54,22 +39,18 @@ class Hessian(Quantity):
     def per_parameter(self, options):
         return True
 
-    def _sizes(self, options, signature) -> list[tuple[str, tuple[int, ...], int]]:
-        sizes = [int(np.prod(shape, dtype=np.int64)) for shape in signature.variable_shapes]
-        return [(name, members, sum(sizes[i] for i in members))
-                for name, members in blocks(options["blocks"], signature.variables)]
-
     def prepare(self, options, signature, seed):
         """The blocks' sizes (for the cost), after refusing a block over ``max_parameters``."""
-        sizes = self._sizes(options, signature)
-        for name, _, size in sizes:
+        named = blocks.of(options["blocks"], signature.variables, signature.variable_shapes)
+        for block in named:
+            name, size = block.name, block.size
             if size > options["max_parameters"]:
                 raise InputError(
                     f"quantities.hessian: block {name!r} has {size:,} parameters, more than max_parameters="
                     f"{options['max_parameters']:,} (its float64 sums alone take {gib(8.0 * size * size)} per "
                     f"worker and in the driver): use hessian: {{blocks: variable}} or layer, select fewer "
                     "parameters with variables:, or raise quantities.hessian.max_parameters")
-        return np.array([size for _, _, size in sizes], dtype=np.int64)
+        return np.array([block.size for block in named], dtype=np.int64)
 
     def cost(self, options, w, m, asked, prepared=None):
         sizes = np.asarray(prepared if prepared is not None else [w.parameters], dtype=np.float64)
@@ -80,18 +61,21 @@ class Hessian(Quantity):
         squares = 8.0 * float((sizes * sizes).sum())
         held = squares * cost.WORKER_VECTOR_COPIES + \
             min(w.diagonal_block, largest) * (m.activation_bytes + 2 * largest * w.itemsize)
+        named = blocks.of(options["blocks"], w.variables, w.variable_shapes) if w.variables else []
         # The running sum, an arriving partial, staging's copy, the symmetrised matrix, the table.
-        return cost.QuantityCost(self.name, main=main, worker_bytes=held, driver_bytes=6 * squares)
+        return cost.QuantityCost(self.name, main=main, worker_bytes=held, driver_bytes=6 * squares,
+                                 blocks=tuple(cost.BlockCost(block.name, block.size, block.size,
+                                                             6 * 8.0 * block.size ** 2) for block in named)
+                                 if len(named) > 1 else ())
 
     def request(self, options, context):
-        return {"hessian_blocks": tuple(members for _, members in blocks(options["blocks"],
-                                                                         context.signature.variables))}
+        return {"hessian_blocks": tuple(block.members for block in _blocks(options, context))}
 
     def compute(self, options, context, operator, sums):
         """Each block's mean, symmetrised; the raw asymmetry (float rounding) said per block."""
-        named = blocks(options["blocks"], context.signature.variables)
         out = []
-        for number, (name, _) in enumerate(named):
+        for number, block in enumerate(_blocks(options, context)):
+            name = block.name
             raw = sums.mean(f"hessian_block_{number}")
             asymmetry = float(np.abs(raw - raw.T).max()) / max(float(np.abs(raw).max()), 1e-300)
             context.say(f"hessian block {name}: {raw.shape[0]:,} parameters, raw asymmetry {asymmetry:.1e} "
@@ -100,14 +84,14 @@ class Hessian(Quantity):
         return out
 
     def tables(self, options, result, context):
-        signature = context.signature
-        named = blocks(options["blocks"], signature.variables)
-        parts = []
-        for number, matrix, asymmetry in result:
-            name, members = named[number]
-            parts.append((name, [signature.variables[i] for i in members],
-                          [signature.variable_shapes[i] for i in members], matrix))
+        named = _blocks(options, context)
+        parts = [(named[number].name, named[number].variables, named[number].shapes, matrix)
+                 for number, matrix, _ in result]
         return {"hessian.parquet": tables.hessian_table(parts)}
+
+
+def _blocks(options, context) -> list[blocks.Block]:
+    return blocks.of(options["blocks"], context.signature.variables, context.signature.variable_shapes)
 
 
 UNIT = Hessian()

@@ -8,13 +8,17 @@
   products sketch the top of the spectrum exactly, the rest estimate the remainder.
 
 Every estimate comes with its standard error (0 when exact) and its count of products.
+
+``blocks: variable | layer`` (contract 5.3): ``tr(H_bb)`` of every diagonal block (one per
+variable or per Keras layer), the blocks' estimators side by side in the same passes
+(``pipeline.spectrum.side_by_side``); the exact one sums the block's part of the diagonal.
 """
 
 from __future__ import annotations
 
-from pipeline import cost, spectrum
+from pipeline import blocks, cost, spectrum
 from pipeline.options import Option, choice, positive_int
-from pipeline.quantities._base import Quantity
+from pipeline.quantities._base import Quantity, per_block, per_block_cost
 from pipeline.quantities.hessian_diagonal import exact_diagonal_notes, loop_notes
 from pipeline.spectrum.trace import MAX_BLOCK
 from pipeline.storage import tables
@@ -27,6 +31,7 @@ class Trace(Quantity):
         "method": Option(choice("exact", "hutchinson", "hutch++", example="hutch++"), "hutch++",
                          "exact, hutchinson or hutch++"),
         "probes": Option(positive_int(100), 100, "matrix-vector products to spend"),
+        "blocks": blocks.OPTION,
     }
     files = ("trace.parquet",)
 
@@ -44,9 +49,8 @@ class Trace(Quantity):
             main, held = cost.exact_diagonal(w, m)
             return cost.QuantityCost(self.name, main=main, worker_bytes=held)
         block = min(probes, MAX_BLOCK)
-        return cost.QuantityCost(self.name, passes=spectrum.trace_passes(method, probes), vectors=block,
-                                 worker_bytes=cost.vector_bytes(w, block),
-                                 driver_bytes=3 * 8 * probes * w.parameters + 4 * 8 * block * w.parameters)
+        return per_block_cost(self.name, options, w, lambda size: (
+            spectrum.trace_passes(method, probes), block, 3 * 8 * probes * size + 4 * 8 * block * size))
 
     def request(self, options, context):
         return {"hessian_diagonal": "exact"} if options["method"] == "exact" else {}
@@ -54,16 +58,22 @@ class Trace(Quantity):
     def compute(self, options, context, operator, sums):
         method = options["method"]
         if method == "exact":
-            result = spectrum.exact_trace(sums.mean("hessian_diagonal"))
-        elif method == "hutchinson":
-            result = spectrum.hutchinson_trace(operator, context.parameters, options["probes"], context.seed)
+            diagonal = sums.mean("hessian_diagonal")
+            shapes = context.signature.variable_shapes
+            results = [(block.name, spectrum.exact_trace(diagonal[blocks.positions(block, shapes)]))
+                       for block in context.blocks(options.get("blocks", "full"))]
         else:
-            result = spectrum.hutchpp_trace(operator, context.parameters, options["probes"], context.seed)
-        context.say(f"trace ({method}): {result.estimate:.6g} +- {result.stderr:.2g}")
-        return result
+            steps = spectrum.hutchinson_steps if method == "hutchinson" else spectrum.hutchpp_steps
+            results = per_block(options, context, operator,
+                                lambda block: steps(block.size, options["probes"], context.seed))
+        for name, result in results:
+            where = "" if name == blocks.ALL else f" of block {name}"
+            context.say(f"trace{where} ({method}): {result.estimate:.6g} +- {result.stderr:.2g}")
+        return results
 
     def tables(self, options, result, context):
-        return {"trace.parquet": tables.trace_table(result.method, result.estimate, result.stderr, result.matvecs)}
+        return {"trace.parquet": tables.trace_table([(name, r.method, r.estimate, r.stderr, r.matvecs)
+                                                     for name, r in result])}
 
 
 UNIT = Trace()

@@ -2,7 +2,9 @@
 
 For every (variable, quantity) row the two runs' ``summary.parquet`` share, the change of
 ``mean``, ``l2_norm`` and ``sum``; the change of the loss, of the trace estimate and of each
-top eigenvalue (by rank, when both runs asked for the same ``which``). Each change is given
+top eigenvalue (by rank, when both runs asked for the same ``which``), per block of H when the
+runs computed them per block (``blocks: variable | layer``: the per-layer sharpness drift;
+the ``variable`` column then names the block). Each change is given
 absolute, ``b - a``, and relative, ``(b - a) / |a|`` (``inf`` when ``a`` is 0 and ``b`` is not,
 0 when both are 0, NaN when either is NaN: an empty variable).
 
@@ -24,6 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from pipeline.blocks import ALL
 from pipeline.read.run import Run
 
 STATISTICS = ("mean", "l2_norm", "sum")
@@ -107,15 +110,9 @@ def compare_runs(run_a: str, run_b: str) -> Comparison:
         result.changes += _summary_changes(result, loaded_a.rows("summary.parquet"),
                                            loaded_b.rows("summary.parquet"))
     if "trace.parquet" in files_a and "trace.parquet" in files_b:
-        trace_a, trace_b = loaded_a.rows("trace.parquet")[0], loaded_b.rows("trace.parquet")[0]
-        if trace_a["method"] != trace_b["method"]:
-            result.warnings.append(f"the trace was estimated by {trace_a['method']} in A and by "
-                                   f"{trace_b['method']} in B")
-        result.changes.append(Change("__all__", "trace", "estimate", _float(trace_a["estimate"]),
-                                     _float(trace_b["estimate"])))
+        result.changes += _trace_changes(result, loaded_a.trace, loaded_b.trace)
     if "eigenvalues.parquet" in files_a and "eigenvalues.parquet" in files_b:
-        result.changes += _eigenvalue_changes(result, loaded_a.rows("eigenvalues.parquet"),
-                                              loaded_b.rows("eigenvalues.parquet"))
+        result.changes += _eigenvalue_changes(result, loaded_a.eigenvalues, loaded_b.eigenvalues)
     only = sorted((files_a ^ files_b) & {"summary.parquet", "trace.parquet", "eigenvalues.parquet"})
     if only:
         result.warnings.append(f"only one run has {', '.join(only)}: not compared")
@@ -154,7 +151,31 @@ def _summary_changes(result: Comparison, rows_a: list[dict], rows_b: list[dict])
     return changes
 
 
-def _eigenvalue_changes(result: Comparison, rows_a: list[dict], rows_b: list[dict]) -> list[Change]:
+def _shared_blocks(result: Comparison, what: str, blocks_a: list[str], blocks_b: list[str]) -> list[str]:
+    """The blocks both runs hold, in A's order; a warning names those only one run has."""
+    only = [b for b in blocks_a if b not in blocks_b] + [b for b in blocks_b if b not in blocks_a]
+    if only:
+        result.warnings.append(f"{what} of blocks {', '.join(only)} are in only one run: not compared")
+    return [b for b in blocks_a if b in blocks_b]
+
+
+def _trace_changes(result: Comparison, frame_a, frame_b) -> list[Change]:
+    """The trace of each block both runs hold (``variable`` = the block: ``__all__``, a variable
+    path or a layer name)."""
+    rows_a = {r["block"]: r for r in frame_a.to_dict("records")}
+    rows_b = {r["block"]: r for r in frame_b.to_dict("records")}
+    changes = []
+    for block in _shared_blocks(result, "traces", list(rows_a), list(rows_b)):
+        a, b = rows_a[block], rows_b[block]
+        if a["method"] != b["method"]:
+            where = "" if block == ALL else f" of block {block}"
+            result.warnings.append(f"the trace{where} was estimated by {a['method']} in A and by {b['method']} in B")
+        changes.append(Change(block, "trace", "estimate", _float(a["estimate"]), _float(b["estimate"])))
+    return changes
+
+
+def _eigenvalue_changes(result: Comparison, frame_a, frame_b) -> list[Change]:
+    """Each eigenvalue by (block, rank), when both runs asked for the same ``which``."""
     def which(manifest):
         return ((manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues", {}).get("which", "largest")
 
@@ -162,10 +183,17 @@ def _eigenvalue_changes(result: Comparison, rows_a: list[dict], rows_b: list[dic
     if which_a != which_b:
         result.warnings.append(f"eigenvalues are the {which_a} in A and the {which_b} in B: not compared")
         return []
-    by_rank_b = {int(r["rank"]): r for r in rows_b}
-    return [Change("__all__", "eigenvalues", f"rank_{int(r['rank'])}", _float(r["eigenvalue"]),
-                   _float(by_rank_b[int(r["rank"])]["eigenvalue"]))
-            for r in sorted(rows_a, key=lambda r: int(r["rank"])) if int(r["rank"]) in by_rank_b]
+    by_key_b = {(r["block"], int(r["rank"])): r for r in frame_b.to_dict("records")}
+    rows_a = frame_a.to_dict("records")
+    changes = []
+    for block in _shared_blocks(result, "eigenvalues", list(dict.fromkeys(frame_a["block"])),
+                                list(dict.fromkeys(frame_b["block"]))):
+        for row in sorted((r for r in rows_a if r["block"] == block), key=lambda r: int(r["rank"])):
+            other = by_key_b.get((block, int(row["rank"])))
+            if other is not None:
+                changes.append(Change(block, "eigenvalues", f"rank_{int(row['rank'])}", _float(row["eigenvalue"]),
+                                      _float(other["eigenvalue"])))
+    return changes
 
 
 # ---------------------------------------------------------------------------------- rendering

@@ -41,6 +41,7 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from pipeline.blocks import ALL
 from pipeline.errors import InputError
 from pipeline.quantities.registry import UNITS
 from pipeline.read.run import Run, load
@@ -56,6 +57,10 @@ COLORS = {unit.name: unit.color for unit in UNITS.values() if unit.label}
 # GGN exactly).
 WIDTHS = {unit.name: unit.line_width for unit in UNITS.values() if unit.label}
 RUN_COLOR, BASELINE_COLOR = "#1f77b4", "#d62728"
+# Blocks of H drawn side by side (per-block spectra): matplotlib's ten default colours, and how
+# many blocks one plot shows before it becomes unreadable.
+BLOCK_COLORS = tuple(f"C{k}" for k in range(10))
+SHOWN_BLOCKS = 10
 BINS = 60
 # The spectral density is drawn down to this fraction of its peak: below it the Gaussian
 # tails of the smoothing, not the spectrum, would fill the log scale.
@@ -237,7 +242,7 @@ def plot_variables(run: Run, baseline: Run | None = None):
 
 def hessian_blocks(run: Run) -> list[str]:
     """The blocks of ``hessian.parquet``, in the order published."""
-    return list(dict.fromkeys(run.table("hessian", columns=["block"])["block"])) if run.has("hessian") else []
+    return run.blocks("hessian") if run.has("hessian") else []
 
 
 def hessian_spectrum(run: Run, block: str) -> tuple[np.ndarray, np.ndarray]:
@@ -273,15 +278,16 @@ def plot_hessian(run: Run, block: str = "__all__", spectrum: tuple[np.ndarray, n
 
 
 @_default_style
-def plot_eigenvalues(run: Run, baseline: Run | None = None):
-    """Top eigenvalues by rank; error bars are the residuals ``|Hv - theta v|``."""
+def plot_eigenvalues(run: Run, baseline: Run | None = None, block: str = ALL):
+    """Top eigenvalues of one block of H (all of it by default) by rank; error bars are the
+    residuals ``|Hv - theta v|``."""
     figure = _figure()
     ax = figure.add_subplot()
     values = []
     for offset, (source, style, prefix) in enumerate(_runs(run, baseline)):
-        if not source.has("eigenvalues"):
+        if not source.has("eigenvalues") or block not in source.blocks("eigenvalues"):
             continue
-        frame = source.eigenvalues.sort_values("rank")
+        frame = source.block("eigenvalues", block).sort_values("rank")
         rank = frame["rank"].to_numpy() + 0.12 * offset
         eigen = frame["eigenvalue"].to_numpy(np.float64)
         residual = frame["residual"].to_numpy(np.float64)
@@ -295,7 +301,7 @@ def plot_eigenvalues(run: Run, baseline: Run | None = None):
                         ha="left" if prefix else "right", fontsize=7, color=color)
         values.append(eigen)
     if not values:
-        raise InputError(f"run {run.run_id} has no eigenvalues.parquet")
+        raise InputError(f"run {run.run_id} has no eigenvalues of block {block!r}")
     every = np.concatenate(values)
     nonzero = np.abs(every[every != 0])
     scale = "linear scale"
@@ -311,7 +317,8 @@ def plot_eigenvalues(run: Run, baseline: Run | None = None):
     ax.set_xlabel("rank")
     ax.set_ylabel(f"eigenvalue of H ({scale})")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title("extreme eigenvalues of H; error bar = residual |Hv - θv| (an eigenvalue lies within it)",
+    matrix = "H" if block == ALL else f"H of {block}"
+    ax.set_title(f"extreme eigenvalues of {matrix}; error bar = residual |Hv - θv| (an eigenvalue lies within it)",
                  fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -325,11 +332,11 @@ def default_sigma(low: float, high: float) -> float:
     return width / 400 if width > 0 else max(abs(high), 1.0) * 1e-3
 
 
-def spectrum_facts(run: Run) -> dict:
-    """SLQ facts: runs, nodes, range, mass below zero and the trace estimate it implies."""
-    nodes, weights = run.spectrum_runs()
+def spectrum_facts(run: Run, block: str = ALL) -> dict:
+    """SLQ facts of one block: runs, nodes, range, mass below zero and the trace estimate it implies."""
+    nodes, weights = run.spectrum_runs(block)
     per_run = np.array([float(np.dot(n, w)) for n, w in zip(nodes, weights)])
-    size = run.parameters
+    size = run.block_size(block)
     negative = float(np.mean([np.sum(w[n < 0]) for n, w in zip(nodes, weights)]))
     stderr = float(size * per_run.std(ddof=1) / np.sqrt(per_run.size)) if per_run.size > 1 else float("nan")
     return {"runs": len(nodes), "nodes": max(len(n) for n in nodes), "low": float(min(n.min() for n in nodes)),
@@ -339,46 +346,115 @@ def spectrum_facts(run: Run) -> dict:
 
 @_default_style
 def plot_spectrum(run: Run, baseline: Run | None = None, sigma: float | None = None):
-    """Gaussian-smoothed SLQ spectral density of H on a log scale; top eigenvalues marked."""
+    """Gaussian-smoothed SLQ spectral density of H on a log scale; top eigenvalues marked. A run
+    with per-block spectra (``blocks: variable | layer``) draws each block's density in its own
+    colour (at most ``SHOWN_BLOCKS``, the first in model order)."""
     sources = [(s, style, prefix) for s, style, prefix in _runs(run, baseline) if s.has("spectrum")]
     if not sources or not run.has("spectrum"):
         raise InputError(f"run {run.run_id} has no spectrum.parquet")
-    facts = [spectrum_facts(s) for s, _, _ in sources]
-    low, high = min(f["low"] for f in facts), max(f["high"] for f in facts)
+    shown = run.blocks("spectrum")[:SHOWN_BLOCKS]
+    curves = [(source, style, prefix, block, spectrum_facts(source, block))
+              for source, style, prefix in sources for block in shown if block in source.blocks("spectrum")]
+    low, high = min(c[-1]["low"] for c in curves), max(c[-1]["high"] for c in curves)
     sigma = float(sigma) if sigma else default_sigma(low, high)
     pad = max(5 * sigma, 0.02 * (high - low))
     grid = np.linspace(low - pad, high + pad, 2001)
     figure = _figure()
     ax = figure.add_subplot()
     peak = 0.0
-    for (source, style, prefix), fact in zip(sources, facts):
-        nodes, weights = source.spectrum_runs()
+    single = shown == [ALL]
+    for source, style, prefix, block, fact in curves:
+        nodes, weights = source.spectrum_runs(block)
         phi = density(nodes, weights, grid, sigma)
         peak = max(peak, float(phi.max()))
-        color = BASELINE_COLOR if prefix else RUN_COLOR
+        color = (BASELINE_COLOR if prefix else RUN_COLOR) if single else BLOCK_COLORS[shown.index(block) % 10]
+        name = _label(source) if single else (f"{prefix}{block}" if prefix else block)
         ax.plot(grid, phi, linestyle=style, color=color, linewidth=1.4,
-                label=f"{prefix}{_label(source)}: {fact['runs']} runs x {fact['nodes']} nodes, "
+                label=f"{prefix if single else ''}{name}: {fact['runs']} runs x {fact['nodes']} nodes, "
                       f"mass below 0: {fact['negative_mass']:.2%}")
-        if source.has("eigenvalues"):
-            for k, value in enumerate(source.eigenvalues["eigenvalue"].to_numpy(np.float64)):
+        if source.has("eigenvalues") and block in source.blocks("eigenvalues"):
+            for k, value in enumerate(source.block("eigenvalues", block)["eigenvalue"].to_numpy(np.float64)):
                 ax.axvline(value, color=color, linestyle=":", linewidth=0.9, alpha=0.7,
-                           label=f"{prefix}top eigenvalues (Lanczos)" if k == 0 else None)
+                           label=f"{prefix}top eigenvalues (Lanczos)" if k == 0 and single else None)
     ax.set_yscale("log")
     ax.set_ylim(peak * DENSITY_FLOOR, peak * 3)
     ax.set_xlim(grid[0], grid[-1])
     ax.axvline(0, color="0.5", linewidth=0.6)
-    ax.set_xlabel("eigenvalue of H")
+    ax.set_xlabel("eigenvalue of H" if single else "eigenvalue of the block of H")
     ax.set_ylabel("density (log scale)")
-    ax.set_title(f"spectral density of H (stochastic Lanczos quadrature), Gaussian σ = {sigma:.3g}", fontsize=10)
-    ax.legend(fontsize=7.5, loc="upper right")
+    what = "H" if single else f"each block of H ({len(run.blocks('spectrum'))} blocks"
+    what += "" if single else (f", first {len(shown)} shown)" if len(shown) < len(run.blocks("spectrum")) else ")")
+    ax.set_title(f"spectral density of {what} (stochastic Lanczos quadrature), Gaussian σ = {sigma:.3g}",
+                 fontsize=10)
+    ax.legend(fontsize=7 if single else 6.5, loc="upper right")
+    return figure
+
+
+def block_rows(run: Run) -> list[dict]:
+    """Per block of H (runs with ``blocks: variable | layer``), in model order: ``block``,
+    ``parameters``, ``trace`` and ``trace_stderr`` (from trace.parquet), ``top`` (the rank-1
+    eigenvalue of eigenvalues.parquet) and ``residual``; NaN where the run has no such number."""
+    names = [b for table in ("trace", "eigenvalues") if run.has(table) for b in run.blocks(table) if b != ALL]
+    rows = []
+    for block in dict.fromkeys(names):
+        row = {"block": block, "parameters": run.block_size(block), "trace": np.nan, "trace_stderr": np.nan,
+               "top": np.nan, "residual": np.nan}
+        if run.has("trace") and block in run.blocks("trace"):
+            trace = run.block("trace", block).iloc[0]
+            row.update(trace=float(trace["estimate"]), trace_stderr=float(trace["stderr"]))
+        if run.has("eigenvalues") and block in run.blocks("eigenvalues"):
+            first = run.block("eigenvalues", block).sort_values("rank").iloc[0]
+            row.update(top=float(first["eigenvalue"]), residual=float(first["residual"]))
+        rows.append(row)
+    return rows
+
+
+@_default_style
+def plot_blocks(run: Run, baseline: Run | None = None):
+    """Per block of H (layer or variable, in model order): the rank-1 eigenvalue (the block's
+    sharpness, error bar its residual) and the trace (error bar one standard error), the
+    baseline's beside them: the per-layer drift of nightly runs."""
+    rows = block_rows(run)
+    if not rows:
+        raise InputError(f"run {run.run_id} has no per-block trace or eigenvalues (blocks: variable or layer)")
+    figure = _figure()
+    panels = figure.subplots(1, 2)
+    for ax, (key, error, title) in zip(panels, (("top", "residual", "top eigenvalue of each block"),
+                                                ("trace", "trace_stderr", "trace of each block"))):
+        # Each panel has the blocks of its own quantity (eigenvalues and trace may be taken per
+        # layer and per variable in one run).
+        names = [r["block"] for r in rows if np.isfinite(r[key])]
+        if not names:
+            ax.set_axis_off()
+            ax.set_title(f"{title}: not computed per block", fontsize=10)
+            continue
+        for offset, (source, _, prefix) in enumerate(_runs(run, baseline)):
+            theirs = {r["block"]: r for r in block_rows(source)}
+            y = np.array([theirs.get(n, {}).get(key, np.nan) for n in names], dtype=np.float64)
+            e = np.array([theirs.get(n, {}).get(error, np.nan) for n in names], dtype=np.float64)
+            color = BASELINE_COLOR if prefix else RUN_COLOR
+            ax.errorbar(np.arange(len(names)) + 0.15 * offset, y, yerr=np.where(np.isfinite(e), e, 0.0),
+                        fmt="s" if prefix else "o", linestyle="none", capsize=3, markersize=5, color=color,
+                        markerfacecolor="none" if prefix else color, label=f"{prefix}{_label(source)}")
+        values = np.array([r[key] for r in rows if r["block"] in names], dtype=np.float64)
+        if np.all(values > 0) and values.max() > 10 * values.min():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        if len(names) <= 24:
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        else:
+            ax.set_xlabel(f"block (1 to {len(names)}, in model order)")
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
     return figure
 
 
 def trace_estimates(run: Run) -> list[tuple[str, float, float]]:
     """``(label, estimate, stderr)`` for every estimate of ``trace(H)`` the run holds."""
     out = []
-    if run.has("trace"):
-        row = run.trace.iloc[0]
+    if run.has("trace") and ALL in run.blocks("trace"):
+        row = run.block("trace").iloc[0]
         out.append((f"trace ({row['method']}, {int(row['matvecs'])} HVPs)", float(row["estimate"]),
                     float(row["stderr"])))
     diagonal = run.manifest.get("job", {}).get("quantities", {}).get("hessian_diagonal") or {}
@@ -387,7 +463,7 @@ def trace_estimates(run: Run) -> list[tuple[str, float, float]]:
         row = summary[(summary["variable"] == "__all__") & (summary["quantity"] == "hessian_diagonal")]
         if not row.empty:
             out.append(("sum of the exact Hessian diagonal", float(row["sum"].iloc[0]), 0.0))
-    if run.has("spectrum"):
+    if run.has("spectrum") and ALL in run.blocks("spectrum"):
         facts = spectrum_facts(run)
         out.append((f"SLQ ({facts['runs']} probes)", facts["trace"], facts["trace_stderr"]))
     return out
@@ -462,10 +538,12 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
         sections.setdefault(section, []).append((name, caption))
 
     has_diagonals = bool(set(run.quantities()) & {c for c, _ in DIAGONALS})
-    if run.has("trace") or run.has("spectrum") or (has_diagonals and trace_estimates(run)):
+    if trace_estimates(run):
         save("trace", plot_trace(run, baseline), "trace.png", "trace(H): every estimate in the run")
-    if run.has("eigenvalues"):
+    if run.has("eigenvalues") and ALL in run.blocks("eigenvalues"):
         save("eigenvalues", plot_eigenvalues(run, baseline), "eigenvalues.png", "top eigenvalues of H")
+    if block_rows(run):
+        save("blocks", plot_blocks(run, baseline), "blocks.png", "top eigenvalue and trace of each block of H")
     if run.has("spectrum"):
         save("spectrum", plot_spectrum(run, baseline, sigma), "spectrum.png", "spectral density of H")
     spectra = {block: hessian_spectrum(run, block) for block in hessian_blocks(run)}
@@ -572,24 +650,43 @@ def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, st
 
     parts.append("<h2>Top eigenvalues</h2>\n")
     if run.has("eigenvalues"):
-        rows = [[int(r["rank"]), _fmt(r["eigenvalue"]), _fmt(r["residual"])] for _, r in run.eigenvalues.iterrows()]
-        header = ["rank", "eigenvalue", "residual |Hv - θv|"]
+        rows = [[r["block"], int(r["rank"]), _fmt(r["eigenvalue"]), _fmt(r["residual"])]
+                for _, r in run.eigenvalues.iterrows()]
+        header = ["block", "rank", "eigenvalue", "residual |Hv - θv|"]
         if baseline is not None and baseline.has("eigenvalues"):
-            theirs = {int(r["rank"]): r for _, r in baseline.eigenvalues.iterrows()}
-            rows = [row + ([_fmt(theirs[row[0]]["eigenvalue"]), _fmt(theirs[row[0]]["residual"])]
-                           if row[0] in theirs else ["", ""]) for row in rows]
+            theirs = {(r["block"], int(r["rank"])): r for _, r in baseline.eigenvalues.iterrows()}
+            rows = [row + ([_fmt(theirs[tuple(row[:2])]["eigenvalue"]), _fmt(theirs[tuple(row[:2])]["residual"])]
+                           if tuple(row[:2]) in theirs else ["", ""]) for row in rows]
             header += ["baseline eigenvalue", "baseline residual"]
-        parts.append(_table(header, rows, numeric=set(range(len(header)))))
+        parts.append(_table(header, rows, numeric=set(range(1, len(header)))))
     else:
         parts.append("<p>Not computed.</p>\n")
     parts.append(_figures(sections.get("eigenvalues", [])))
 
+    parts.append("<h2>Per block</h2>\n")
+    blocks = block_rows(run)
+    if blocks:
+        theirs = {r["block"]: r for r in block_rows(baseline)} if baseline is not None else {}
+        header = ["block", "parameters", "top eigenvalue", "residual", "trace", "standard error"]
+        if baseline is not None:
+            header += ["baseline top eigenvalue", "baseline trace"]
+        rows = [[r["block"], _fmt(r["parameters"]), _fmt(r["top"]), _fmt(r["residual"]), _fmt(r["trace"]),
+                 _fmt(r["trace_stderr"])] + ([_fmt(theirs.get(r["block"], {}).get("top", "")),
+                                              _fmt(theirs.get(r["block"], {}).get("trace", ""))]
+                                             if baseline is not None else []) for r in blocks]
+        parts.append(_table(header, rows, numeric=set(range(1, len(header)))))
+        parts.append(_figures(sections.get("blocks", [])))
+    else:
+        parts.append("<p>Not computed (eigenvalues or trace with blocks: variable or layer).</p>\n")
+
     parts.append("<h2>Spectral density</h2>\n")
     if run.has("spectrum"):
-        facts = spectrum_facts(run)
-        parts.append(f"<p>{facts['runs']} stochastic Lanczos quadrature runs of up to {facts['nodes']} nodes; nodes "
-                     f"from {_fmt(facts['low'])} to {_fmt(facts['high'])}; mass below zero "
-                     f"{facts['negative_mass']:.2%}.</p>\n")
+        for block in run.blocks("spectrum"):
+            facts = spectrum_facts(run, block)
+            where = "" if block == ALL else f"Block {block}: "
+            parts.append(f"<p>{_e(where)}{facts['runs']} stochastic Lanczos quadrature runs of up to {facts['nodes']} "
+                         f"nodes; nodes from {_fmt(facts['low'])} to {_fmt(facts['high'])}; mass below zero "
+                         f"{facts['negative_mass']:.2%}.</p>\n")
     else:
         parts.append("<p>Not computed.</p>\n")
     parts.append(_figures(sections.get("spectrum", [])))

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.blocks import ALL, layer_of
 from pipeline.errors import InputError
 from pipeline.quantities.registry import ARRAY_QUANTITIES, UNITS
 from pipeline.storage.publish import read_manifest, read_run_table
@@ -165,33 +166,69 @@ class Run:
 
     @property
     def eigenvalues(self):
-        """``rank`` (1 first), ``eigenvalue``, ``residual`` = ``|Hv - lambda v|``."""
-        return self.table("eigenvalues")
+        """``block``, ``rank`` (1 first in each block), ``eigenvalue``, ``residual`` = ``|Hv - lambda v|``."""
+        return self._blocked("eigenvalues")
 
     @property
     def trace(self):
-        """One row: ``method``, ``estimate``, ``stderr``, ``matvecs``."""
-        return self.table("trace")
+        """One row per block: ``block``, ``method``, ``estimate``, ``stderr``, ``matvecs``."""
+        return self._blocked("trace")
 
     @property
     def spectrum(self):
-        """Stochastic Lanczos quadrature: ``run``, ``node``, ``weight`` (a run's weights sum to 1)."""
-        return self.table("spectrum")
+        """Stochastic Lanczos quadrature: ``block``, ``run``, ``node``, ``weight`` (a run's weights
+        sum to 1)."""
+        return self._blocked("spectrum")
+
+    @property
+    def eigenvectors(self):
+        """``block``, ``rank``, ``variable``, ``index``, ``value``: unit norm per (block, rank)."""
+        return self.table("eigenvectors")
+
+    def _blocked(self, name: str):
+        """A per-block table; runs published before per-block results (no ``block`` column)
+        read as the single block ``"__all__"``."""
+        frame = self.table(name)
+        if "block" not in frame.columns:
+            frame.insert(0, "block", ALL)
+        return frame
+
+    def blocks(self, name: str) -> list[str]:
+        """The blocks of H a table of the run holds (``"eigenvalues"``, ``"trace"``,
+        ``"spectrum"``, ``"hessian"``, ``"eigenvectors"``), in the order published (model order)."""
+        frame = self.table(name, columns=["block"]) if name in ("hessian", "eigenvectors") else self._blocked(name)
+        return list(dict.fromkeys(frame["block"]))
+
+    def block_size(self, block: str) -> int:
+        """Parameters of a block: all of them (``"__all__"``), a variable's, or a layer's."""
+        if block == ALL:
+            return self.parameters
+        sizes = [int(np.prod(shape, dtype=np.int64)) for name, shape in self.variables
+                 if name == block or layer_of(name) == block]
+        if not sizes:
+            raise InputError(f"run {self.run_id} has no variable or layer {block!r}")
+        return sum(sizes)
+
+    def block(self, name: str, block: str = ALL):
+        """The rows of the per-block table ``name`` for one block; ``InputError`` naming the
+        blocks it has when there is no such block."""
+        frame = self._blocked(name) if name in ("eigenvalues", "trace", "spectrum") else self.table(name)
+        part = frame[frame["block"] == block]
+        if part.empty:
+            raise InputError(f"run {self.run_id} has no block {block!r} in {name}.parquet (blocks: "
+                             f"{', '.join(dict.fromkeys(frame['block']))})")
+        return part
 
     def hessian(self, block: str = "__all__") -> np.ndarray:
         """One dense block of ``hessian.parquet`` as a float64 ``[b, b]`` matrix, rows and columns
         in the block's flat order (``"__all__"`` for ``blocks: full``; a variable path or a
         layer name otherwise)."""
-        frame = self.table("hessian")
-        part = frame[frame["block"] == block]
-        if part.empty:
-            raise InputError(f"run {self.run_id} has no Hessian block {block!r} (blocks: "
-                             f"{', '.join(dict.fromkeys(frame['block']))})")
+        part = self.block("hessian", block)
         return np.stack([np.asarray(row, dtype=np.float64) for row in part["row"]])
 
-    def spectrum_runs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Nodes and weights per SLQ run, as ``pipeline.spectrum.slq.density`` takes them."""
-        frame = self.spectrum
+    def spectrum_runs(self, block: str = ALL) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Nodes and weights per SLQ run of one block, as ``pipeline.spectrum.slq.density`` takes them."""
+        frame = self.block("spectrum", block)
         nodes, weights = [], []
         for _, part in frame.groupby("run", sort=True):
             nodes.append(part["node"].to_numpy(np.float64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.blocks import ALL
 from pipeline.read.run import Run
 
 # A table without a layout of its own here is shown in full up to this many rows.
@@ -27,6 +28,16 @@ def _number(value) -> str:
         return f"{float(value):.6g}"
     except (TypeError, ValueError):
         return str(value)
+
+
+def _with_block(rows: list[dict]) -> list[dict]:
+    """Rows of a per-block table; a run published before per-block results is one block."""
+    return [r if "block" in r else {"block": ALL, **r} for r in rows]
+
+
+def _per_block(rows: list[dict]) -> int:
+    """1 when the rows hold blocks other than all of H (then a ``block`` column is shown), else 0."""
+    return int(any(r["block"] != ALL for r in rows))
 
 
 def show_run(run_dir: str) -> str:
@@ -57,28 +68,43 @@ def show_run(run_dir: str) -> str:
             [[r["variable"], r["quantity"], r["size"], *[_number(r[c]) for c in columns]] for r in rows],
             ["variable", "quantity", "size", *columns])
     if "trace.parquet" in files:
-        rows = read("trace.parquet")
-        text += "\ntrace\n" + _table([[r["method"], _number(r["estimate"]), _number(r["stderr"]), r["matvecs"]]
-                                      for r in rows], ["method", "estimate", "stderr", "matvecs"], text_columns=1)
+        rows = _with_block(read("trace.parquet"))
+        blocked = _per_block(rows)
+        text += "\ntrace\n" + _table(
+            [[r["block"]] * blocked + [r["method"], _number(r["estimate"]), _number(r["stderr"]), r["matvecs"]]
+             for r in rows], ["block"] * blocked + ["method", "estimate", "stderr", "matvecs"],
+            text_columns=1 + blocked)
     if "eigenvalues.parquet" in files:
-        rows = read("eigenvalues.parquet")
-        text += "\neigenvalues\n" + _table([[r["rank"], _number(r["eigenvalue"]), _number(r["residual"])]
-                                            for r in rows], ["rank", "eigenvalue", "residual"], text_columns=0)
+        rows = _with_block(read("eigenvalues.parquet"))
+        blocked = _per_block(rows)
+        text += "\neigenvalues\n" + _table(
+            [[r["block"]] * blocked + [r["rank"], _number(r["eigenvalue"]), _number(r["residual"])] for r in rows],
+            ["block"] * blocked + ["rank", "eigenvalue", "residual"], text_columns=blocked)
     present = []
     if "hvp.parquet" in files:
         vectors = len({r["vector"] for r in read("hvp.parquet", ["vector"])})  # K x P rows: one column read
         source = "random, saved in hvp_vectors.parquet" if "hvp_vectors.parquet" in files else "given vectors"
         present.append(("hvp", f"{vectors} Hessian-vector products ({source}) in hvp.parquet"))
+    if "eigenvectors.parquet" in files:
+        rows = _with_block(read("eigenvectors.parquet", ["block", "rank"]))
+        pairs = {(r["block"], r["rank"]) for r in rows}
+        blocks = {block for block, _ in pairs}
+        present.append(("eigenvectors", f"{len(pairs)} unit eigenvectors"
+                                        + (f" of {len(blocks)} blocks" if _per_block(rows) else "")
+                                        + " in eigenvectors.parquet"))
     if "spectrum.parquet" in files:
-        rows = read("spectrum.parquet")
-        runs = len({r["run"] for r in rows})
-        nodes = [r["node"] for r in rows]
-        present.append(("spectrum", f"{runs} SLQ runs, {len(nodes)} nodes from {_number(min(nodes))} to "
-                                    f"{_number(max(nodes))} in spectrum.parquet (plots: hessian-pipeline report)"))
+        rows = _with_block(read("spectrum.parquet"))
+        for block in dict.fromkeys(r["block"] for r in rows):
+            part = [r for r in rows if r["block"] == block]
+            nodes = [r["node"] for r in part]
+            label = "spectrum" if block == ALL else f"spectrum {block}"
+            present.append((label, f"{len({r['run'] for r in part})} SLQ runs, {len(nodes)} nodes from "
+                                   f"{_number(min(nodes))} to {_number(max(nodes))} in spectrum.parquet "
+                                   "(plots: hessian-pipeline report)"))
     # Any other table (a quantity this module has no layout for): small ones in full, large
     # ones by size, so that a new quantity shows without changes here.
     shown = {"diagonals.parquet", "summary.parquet", "trace.parquet", "eigenvalues.parquet", "hvp.parquet",
-             "hvp_vectors.parquet", "spectrum.parquet"}
+             "hvp_vectors.parquet", "spectrum.parquet", "eigenvectors.parquet"}
     for name in sorted(f for f in files - shown if f.endswith(".parquet")):
         rows = read(name)
         if rows and len(rows) <= OTHER_ROWS:

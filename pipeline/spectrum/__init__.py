@@ -18,13 +18,17 @@ function                    method                         passes
                             (Ubaru et al. 2017; Ghorbani
                             et al. 2019)
 ==========================  =============================  ====================================
+
+Each is also written step by step (``top_eigenvalues_steps``, ``hutchinson_steps``,
+``hutchpp_steps``, ``spectral_density_steps``: generators that yield the vectors to multiply),
+so that ``side_by_side`` can run one per diagonal block of H in the same passes.
 """
 
-from pipeline.spectrum._base import CountingOperator
-from pipeline.spectrum.lanczos import EigenResult, default_block, top_eigenvalues
-from pipeline.spectrum.slq import SpectrumResult, density, spectral_density
-from pipeline.spectrum.trace import (TraceResult, exact_trace, hutchinson_trace, hutchpp_trace,
-                                     trace_passes)
+from pipeline.spectrum._base import CountingOperator, drive, side_by_side
+from pipeline.spectrum.lanczos import EigenResult, default_block, top_eigenvalues, top_eigenvalues_steps
+from pipeline.spectrum.slq import SpectrumResult, density, spectral_density, spectral_density_steps
+from pipeline.spectrum.trace import (TraceResult, exact_trace, hutchinson_steps, hutchinson_trace,
+                                     hutchpp_steps, hutchpp_trace, trace_passes)
 
 __all__ = [
     "CountingOperator",
@@ -33,10 +37,16 @@ __all__ = [
     "TraceResult",
     "default_block",
     "density",
+    "drive",
     "exact_trace",
+    "hutchinson_steps",
     "hutchinson_trace",
+    "hutchpp_steps",
     "hutchpp_trace",
+    "side_by_side",
     "spectral_density",
+    "spectral_density_steps",
     "top_eigenvalues",
+    "top_eigenvalues_steps",
     "trace_passes",
 ]

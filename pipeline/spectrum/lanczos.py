@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.probes import EIGENVALUE_STREAM, gaussian
-from pipeline.spectrum._base import CountingOperator, Matvec, orthogonalise, orthonormal_rows
+from pipeline.spectrum._base import CountingOperator, Matvec, Steps, drive, orthogonalise, orthonormal_rows
 
 # Lanczos start (and refill) vector k comes from (seed, EIGENVALUE_STREAM, k) alone.
 
@@ -126,6 +126,14 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     >>> np.round(result.eigenvalues, 6).tolist(), result.converged
     ([100.0, 99.0, 98.0], True)
     """
+    return drive(top_eigenvalues_steps(size, top, which, iterations, tol, seed, block, eigenvectors), matvec)
+
+
+def top_eigenvalues_steps(size: int, top: int = 5, which: str = "largest", iterations: int = 100,
+                          tol: float = 1e-6, seed: int = 0, block: int | None = None,
+                          eigenvectors: bool = True) -> Steps[EigenResult]:
+    """``top_eigenvalues`` step by step (``pipeline.spectrum._base.Steps``): yields each block of
+    vectors to multiply by ``H`` and returns the ``EigenResult``."""
     size, top, iterations = int(size), int(top), int(iterations)
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
@@ -137,7 +145,7 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     if width < 1:
         raise ValueError(f"block must be positive, got {block}")
     top, width = min(top, size), min(width, size)
-    operator = CountingOperator(matvec, size)
+    operator = CountingOperator(None, size)
 
     def draw(first: int, count: int) -> np.ndarray:
         return gaussian(seed, range(first, first + count), size, EIGENVALUE_STREAM)
@@ -151,7 +159,7 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     below: list[np.ndarray] = []
     scale = 0.0  # running lower bound on ||H||_2
     for _ in range(iterations):
-        products = operator(current)
+        products = yield from operator.ask(current)
         scale = max(scale, float(np.linalg.norm(products, axis=1).max()))
         a = current @ products.T
         a = (a + a.T) / 2
@@ -190,7 +198,7 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     starts = np.cumsum([0] + [x.shape[0] for x in basis])
     vectors = sum(ritz[starts[j]:starts[j + 1], wanted].T @ x for j, x in enumerate(basis))
     values = theta[wanted]
-    residuals = np.linalg.norm(operator(vectors) - values[:, None] * vectors, axis=1)
+    residuals = np.linalg.norm((yield from operator.ask(vectors)) - values[:, None] * vectors, axis=1)
     return EigenResult(
         eigenvalues=values,
         residuals=residuals,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.probes import SPECTRUM_STREAM, rademacher
-from pipeline.spectrum._base import CountingOperator, Matvec
+from pipeline.spectrum._base import CountingOperator, Matvec, Steps, drive
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,15 @@ def spectral_density(matvec: Matvec, size: int, runs: int = 4, steps: int = 64,
     >>> [np.round(n, 9).tolist() for n in result.nodes], [round(float(np.sum(w)), 12) for w in result.weights]
     ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [1.0, 1.0])
     """
+    return drive(spectral_density_steps(size, runs, steps, seed), matvec)
+
+
+def spectral_density_steps(size: int, runs: int = 4, steps: int = 64, seed: int = 0) -> Steps[SpectrumResult]:
+    """``spectral_density`` step by step (``pipeline.spectrum._base.Steps``)."""
     size, runs, steps = int(size), int(runs), int(steps)
     if size < 1 or runs < 1 or steps < 1:
         raise ValueError(f"size, runs and steps must be positive, got {size}, {runs}, {steps}")
-    operator = CountingOperator(matvec, size)
+    operator = CountingOperator(None, size)
     steps = min(steps, size)  # a Krylov space has at most `size` dimensions
     current = rademacher(seed, range(runs), size, SPECTRUM_STREAM) / np.sqrt(size)
     previous = np.zeros_like(current)
@@ -71,7 +76,7 @@ def spectral_density(matvec: Matvec, size: int, runs: int = 4, steps: int = 64,
     active = np.arange(runs)
     for step in range(steps):
         basis[active, step] = current[active]
-        products = operator(current[active])
+        products = yield from operator.ask(current[active])
         scale[active] = np.maximum(scale[active], np.linalg.norm(products, axis=1))
         alpha = np.einsum("kp,kp->k", current[active], products)
         alphas[active, step] = alpha

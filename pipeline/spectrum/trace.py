@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.probes import TRACE_STREAM, rademacher
-from pipeline.spectrum._base import (CountingOperator, Matvec, apply_in_chunks, orthogonalise,
+from pipeline.spectrum._base import (CountingOperator, Matvec, Steps, _chunks, drive, orthogonalise,
                                      orthonormal_rows)
 
 #: Most vectors sent in one pass (bounds the memory of a pass on the workers).
@@ -85,16 +85,19 @@ def hutchinson_trace(matvec: Matvec, size: int, probes: int = 100, seed: int = 0
     >>> result.estimate, result.stderr, result.matvecs, result.passes
     (6.0, 0.0, 8, 1)
     """
+    return drive(hutchinson_steps(size, probes, seed, max_block), matvec)
+
+
+def hutchinson_steps(size: int, probes: int = 100, seed: int = 0, max_block: int = MAX_BLOCK) -> Steps[TraceResult]:
+    """``hutchinson_trace`` step by step (``pipeline.spectrum._base.Steps``)."""
     size, probes = int(size), int(probes)
     _check(size, probes, 1)
-    operator = CountingOperator(matvec, size)
-    if max_block < 1:
-        raise ValueError(f"max_block must be at least 1, got {max_block}")
+    operator = CountingOperator(None, size)
     quadratic = []
     # Probes are drawn pass by pass: memory is one pass's vectors, not all K of them.
-    for indices in np.array_split(np.arange(probes), -(-probes // max_block)):
+    for indices in _chunks(np.arange(probes), max_block):
         z = rademacher(seed, indices, size, stream=TRACE_STREAM)
-        quadratic.append(np.einsum("kp,kp->k", z, operator(z)))
+        quadratic.append(np.einsum("kp,kp->k", z, (yield from operator.ask(z))))
     quadratic = np.concatenate(quadratic)
     estimate, stderr = _mean_and_stderr(quadratic)
     return TraceResult("hutchinson", estimate, stderr, operator.matvecs, operator.passes)
@@ -130,12 +133,17 @@ def hutchpp_trace(matvec: Matvec, size: int, probes: int = 100, seed: int = 0,
     >>> round(result.estimate, 9), round(result.stderr, 9), result.matvecs, result.passes
     (110.0, 0.0, 9, 2)
     """
+    return drive(hutchpp_steps(size, probes, seed, max_block), matvec)
+
+
+def hutchpp_steps(size: int, probes: int = 100, seed: int = 0, max_block: int = MAX_BLOCK) -> Steps[TraceResult]:
+    """``hutchpp_trace`` step by step (``pipeline.spectrum._base.Steps``)."""
     size, probes = int(size), int(probes)
     _check(size, probes, 3)
-    operator = CountingOperator(matvec, size)
+    operator = CountingOperator(None, size)
     sketch = probes // 3
-    products = apply_in_chunks(operator, rademacher(seed, range(sketch), size, TRACE_STREAM),
-                               max_block)
+    products = yield from operator.ask_in_chunks(rademacher(seed, range(sketch), size, TRACE_STREAM),
+                                                 max_block)
     scale = np.linalg.norm(products, axis=1).max()
     # Directions of the sketch at rounding level carry nothing: drop them, give the
     # products they would have cost to the Hutchinson part.
@@ -144,7 +152,7 @@ def hutchpp_trace(matvec: Matvec, size: int, probes: int = 100, seed: int = 0,
     count = probes - sketch - rank
     residual = orthogonalise(
         rademacher(seed, range(sketch, sketch + count), size, TRACE_STREAM), [basis])
-    images = apply_in_chunks(operator, np.concatenate([basis, residual]), max_block)
+    images = yield from operator.ask_in_chunks(np.concatenate([basis, residual]), max_block)
     exact_part = float(np.einsum("kp,kp->", basis, images[:rank]))
     if rank >= size:  # Q spans everything: the projected probes are rounding noise
         estimate, stderr = exact_part, 0.0

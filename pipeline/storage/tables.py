@@ -226,18 +226,23 @@ def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[
     return result.reshape(len(ids), total)
 
 
-def eigenvectors_table(variables: Sequence[str], shapes: Sequence[Sequence[int]], vectors: np.ndarray,
-                       block: str = "__all__") -> pa.Table:
-    """``eigenvectors.parquet``: ``[k, P]`` vectors, one row per (rank, parameter): ``block``,
-    ``rank`` int32 (1 first), ``variable``, ``index``, ``value``."""
-    long = vectors_table(variables, shapes, vectors)
-    return pa.table({
-        "block": pa.array([block] * long.num_rows, pa.string()),
-        "rank": pc.add(long.column("vector"), pa.scalar(1, pa.int32())),
-        "variable": long.column("variable"),
-        "index": long.column("index"),
-        "value": long.column("value"),
-    })
+def eigenvectors_table(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[int]], np.ndarray]]) -> pa.Table:
+    """``eigenvectors.parquet``: for each ``(block name, its variables, their shapes, vectors [k, b])``,
+    one row per (rank, parameter of the block): ``block``, ``rank`` int32 (1 first), ``variable``,
+    ``index``, ``value``."""
+    parts = []
+    for name, variables, shapes, vectors in blocks:
+        long = vectors_table(variables, shapes, vectors)
+        parts.append(pa.table({
+            "block": pa.array([name] * long.num_rows, pa.string()),
+            "rank": pc.add(long.column("vector"), pa.scalar(1, pa.int32())),
+            "variable": long.column("variable"),
+            "index": long.column("index"),
+            "value": long.column("value"),
+        }))
+    schema = pa.schema([("block", pa.string()), ("rank", pa.int32()), ("variable", pa.string()),
+                        ("index", pa.int64()), ("value", pa.float64())])
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def hessian_table(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[int]], np.ndarray]]) -> pa.Table:
@@ -264,42 +269,63 @@ def hessian_table(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[i
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def eigenvalues_table(eigenvalues: Sequence[float], residuals: Sequence[float]) -> pa.Table:
-    """``rank`` (1 first, in the order given), ``eigenvalue``, ``residual`` = ||Hv - lambda v||."""
-    eigenvalues = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
-    residuals = np.asarray(residuals, dtype=np.float64).reshape(-1)
-    if eigenvalues.shape != residuals.shape:
-        raise ValueError(f"{eigenvalues.size} eigenvalues but {residuals.size} residuals")
+def eigenvalues_table(blocks: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> pa.Table:
+    """For each ``(block name, eigenvalues, residuals)``: ``block``, ``rank`` (1 first, in the
+    order given), ``eigenvalue``, ``residual`` = ||Hv - lambda v||."""
+    names, ranks, values, norms = [], [], [], []
+    for name, eigenvalues, residuals in blocks:
+        eigenvalues = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+        residuals = np.asarray(residuals, dtype=np.float64).reshape(-1)
+        if eigenvalues.shape != residuals.shape:
+            raise ValueError(f"block {name!r}: {eigenvalues.size} eigenvalues but {residuals.size} residuals")
+        names += [name] * eigenvalues.size
+        ranks.append(np.arange(1, eigenvalues.size + 1, dtype=np.int32))
+        values.append(eigenvalues)
+        norms.append(residuals)
     return pa.table({
-        "rank": pa.array(np.arange(1, eigenvalues.size + 1, dtype=np.int32), pa.int32()),
-        "eigenvalue": pa.array(eigenvalues, pa.float64()),
-        "residual": pa.array(residuals, pa.float64()),
+        "block": pa.array(names, pa.string()),
+        "rank": pa.array(_joined(ranks, np.int32), pa.int32()),
+        "eigenvalue": pa.array(_joined(values, np.float64), pa.float64()),
+        "residual": pa.array(_joined(norms, np.float64), pa.float64()),
     })
 
 
-def trace_table(method: str, estimate: float, stderr: float, matvecs: int) -> pa.Table:
-    """One row: the trace estimate, its standard error (0 for exact) and the HVPs it cost."""
+def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+
+def trace_table(blocks: Sequence[tuple[str, str, float, float, int]]) -> pa.Table:
+    """One row per ``(block name, method, estimate, stderr, matvecs)``: the trace estimate of the
+    block, its standard error (0 for exact) and the HVPs it cost."""
+    blocks = list(blocks)
     return pa.table({
-        "method": pa.array([str(method)], pa.string()),
-        "estimate": pa.array([float(estimate)], pa.float64()),
-        "stderr": pa.array([float(stderr)], pa.float64()),
-        "matvecs": pa.array([int(matvecs)], pa.int64()),
+        "block": pa.array([str(b[0]) for b in blocks], pa.string()),
+        "method": pa.array([str(b[1]) for b in blocks], pa.string()),
+        "estimate": pa.array([float(b[2]) for b in blocks], pa.float64()),
+        "stderr": pa.array([float(b[3]) for b in blocks], pa.float64()),
+        "matvecs": pa.array([int(b[4]) for b in blocks], pa.int64()),
     })
 
 
-def spectrum_table(nodes: Sequence[np.ndarray], weights: Sequence[np.ndarray]) -> pa.Table:
-    """Stochastic Lanczos quadrature: one row per node of each run (a run's weights sum to 1)."""
-    if len(nodes) != len(weights):
-        raise ValueError(f"{len(nodes)} runs of nodes but {len(weights)} of weights")
-    nodes = [np.asarray(n, dtype=np.float64).reshape(-1) for n in nodes]
-    weights = [np.asarray(w, dtype=np.float64).reshape(-1) for w in weights]
-    for run, (n, w) in enumerate(zip(nodes, weights)):
-        if n.shape != w.shape:
-            raise ValueError(f"run {run}: {n.size} nodes but {w.size} weights")
-    lengths = np.array([n.size for n in nodes], dtype=np.int64)
-    empty = np.array([], dtype=np.float64)
+def spectrum_table(blocks: Sequence[tuple[str, Sequence[np.ndarray], Sequence[np.ndarray]]]) -> pa.Table:
+    """Stochastic Lanczos quadrature, for each ``(block name, nodes per run, weights per run)``:
+    one row per node of each run, ``block``, ``run``, ``node``, ``weight`` (a run's weights sum to 1)."""
+    names, runs, all_nodes, all_weights = [], [], [], []
+    for name, nodes, weights in blocks:
+        if len(nodes) != len(weights):
+            raise ValueError(f"block {name!r}: {len(nodes)} runs of nodes but {len(weights)} of weights")
+        for run, (n, w) in enumerate(zip(nodes, weights)):
+            n = np.asarray(n, dtype=np.float64).reshape(-1)
+            w = np.asarray(w, dtype=np.float64).reshape(-1)
+            if n.shape != w.shape:
+                raise ValueError(f"block {name!r}, run {run}: {n.size} nodes but {w.size} weights")
+            names += [name] * n.size
+            runs.append(np.full(n.size, run, dtype=np.int32))
+            all_nodes.append(n)
+            all_weights.append(w)
     return pa.table({
-        "run": pa.array(np.repeat(np.arange(len(nodes), dtype=np.int32), lengths), pa.int32()),
-        "node": pa.array(np.concatenate(nodes) if nodes else empty, pa.float64()),
-        "weight": pa.array(np.concatenate(weights) if weights else empty, pa.float64()),
+        "block": pa.array(names, pa.string()),
+        "run": pa.array(_joined(runs, np.int32), pa.int32()),
+        "node": pa.array(_joined(all_nodes, np.float64), pa.float64()),
+        "weight": pa.array(_joined(all_weights, np.float64), pa.float64()),
     })
