@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import signal
 import sys
 import traceback
 import warnings
 
-from pipeline import __version__
-from pipeline.errors import InputError, PipelineError
+from pipeline import __version__, interrupts
+from pipeline.errors import ComputeError, InputError, PipelineError
 
 EXAMPLES = {
     "run": """examples:
@@ -122,13 +123,23 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args, out, err) -> int:
     from pipeline.driver import run  # lazy: TensorFlow and Ray
     from pipeline.job import load_job  # lazy: YAML, PyArrow
-    from pipeline.plan import Plan  # lazy: TensorFlow
+    from pipeline.plan import Plan, new_run_id  # lazy: TensorFlow
 
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers must be a positive integer, got {args.workers}: e.g. --workers 2")
-    job = load_job(args.job, args.overrides)
-    result = run(job, output=args.output, run_id=args.run_id, address=args.address, workers=args.workers,
-                 dry_run=args.dry_run, stream=err, quiet=not args.debug)
+    # Chosen here, so that an interrupted run's message can name it (the driver would choose the same).
+    run_id = args.run_id or new_run_id(datetime.datetime.now(datetime.timezone.utc))
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise InputError(f"--workers must be a positive integer, got {args.workers}: e.g. --workers 2")
+        job = load_job(args.job, args.overrides)
+        result = run(job, output=args.output, run_id=run_id, address=args.address, workers=args.workers,
+                     dry_run=args.dry_run, stream=err, quiet=not args.debug)
+    except KeyboardInterrupt:
+        if args.dry_run:
+            raise
+        raise ComputeError(f"interrupted; run the same command with --run-id {run_id} to resume (finished "
+                           "shards are kept)") from None
+    finally:
+        interrupts.release()  # held by main() while the libraries started; a Ctrl-C held comes now
     if isinstance(result, Plan):
         out.write(result.describe() + "\n")
         return 0
@@ -294,6 +305,10 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     quiet = args.command == "run" and not args.debug
+    if args.command == "run":
+        # Before TensorFlow, pyarrow and Ray create their threads, which inherit this mask and so
+        # never take Ctrl-C; the driver releases it once Ray has started (pipeline.interrupts).
+        interrupts.hold()
     with _own_streams(out, err) if quiet else contextlib.nullcontext((out, err)) as (out, err):
         try:
             if args.command == "run":

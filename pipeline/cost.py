@@ -164,8 +164,8 @@ def _block_lines(q: QuantityCost) -> list[str]:
     """``eigenvalues per block: dense_1 650 parameters, 4 HVPs per batch, +1.2 MiB driver; ...``."""
     if len(q.blocks) < 2:
         return []
-    shown = [f"{b.name} {b.parameters:,} parameters, {b.vectors:,} HVPs per batch, +{gib(b.driver_bytes)} driver"
-             for b in q.blocks[:SHOWN_BLOCKS]]
+    shown = [f"{b.name} {b.parameters:,} parameter{'' if b.parameters == 1 else 's'}, {b.vectors:,} HVPs per "
+             f"batch, +{gib(b.driver_bytes)} driver" for b in q.blocks[:SHOWN_BLOCKS]]
     rest = q.blocks[SHOWN_BLOCKS:]
     if rest:
         shown.append(f"{len(rest)} more blocks of {min(b.parameters for b in rest):,} to "

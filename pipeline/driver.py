@@ -73,6 +73,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     now = _dt.datetime.now(_dt.timezone.utc)
     run_id = run_id or new_run_id(now)
     if dry_run and not (address or os.environ.get("RAY_ADDRESS")):
+        connect.release_signals()  # no Ray to start: a Ctrl-C the command line held comes now
         return make_plan(job, output, run_id, workers, connect.local_resources(), now)
 
     started = time.time()

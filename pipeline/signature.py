@@ -56,7 +56,20 @@ class ModelSignature:
         with only them. ``patterns`` "all" (or None) selects every variable. A pattern that
         matches nothing is an ``InputError`` listing the variable paths."""
         if patterns in (None, "all"):
-            return list(range(len(self.variables))), self
+            chosen, selected = list(range(len(self.variables))), self
+        else:
+            chosen, selected = self._matching(patterns)
+        repeated = sorted({name for name in selected.variables if selected.variables.count(name) > 1})
+        if repeated:
+            # Every result is keyed by the variable path (contract 1): two variables with one path
+            # would be merged in the tables and in blocks. Nested models can repeat a layer name.
+            raise InputError(f"the model has several trainable variables with the path {repeated[0]!r}"
+                             f"{f' (and {len(repeated) - 1} more repeated paths)' if len(repeated) > 1 else ''}: "
+                             "results are keyed by variable path, so they would be merged; give the layers unique "
+                             "names (e.g. Dense(..., name=\"head_dense\")) and save the model again")
+        return chosen, selected
+
+    def _matching(self, patterns) -> tuple[list[int], "ModelSignature"]:
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in self.variables):
                 shown = ", ".join(self.variables[:20]) + (", ..." if len(self.variables) > 20 else "")

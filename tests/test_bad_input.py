@@ -110,6 +110,8 @@ def test_unknown_key(root):
     ("quantities.hessian_diagonal={method: hutchinson, probes: -1}",
      "quantities.hessian_diagonal.probes must be a positive integer, got -1"),
     ("seed=-1", "seed must be an integer from 0 to 2147483647"),
+    ("quantities.trace={method: hutch++, probes: 2, blocks: variable}",
+     "quantities.trace.probes: hutch++ needs at least 3 products"),
 ])
 def test_wrong_type_or_range(root, override, needle):
     expect(lambda: load_job(jobs.job(root, {"gradient": {}}), [override]), needle)
@@ -126,6 +128,20 @@ def test_variables_that_match_nothing_or_are_not_patterns(root):
            "out/kernel, out/bias)")
     expect(lambda: plan(root, variables=[]), "variables must be all or a non-empty list of glob patterns")
     expect(lambda: plan(root, variables={"out": 1}), "variables must be all or a non-empty list of glob patterns")
+
+
+def test_variables_with_one_path_are_refused_not_merged(root, tmp_path):
+    """Two nested models each with a layer ``dense``: after loading, two variables are called
+    ``dense/kernel``. Every table and block is keyed by the path, so they would be merged."""
+    import keras
+
+    first = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh", name="dense")], name="m1")
+    second = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, name="dense")], name="m2")
+    inputs = keras.Input((6,))
+    keras.Model(inputs, second(first(inputs))).save(tmp_path / "nested.keras")
+    expect(lambda: plan(root, model=str(tmp_path / "nested.keras")),
+           "several trainable variables with the path 'dense/bias' (and 1 more repeated paths): results are keyed "
+           "by variable path")
 
 
 def test_file_that_is_not_a_model(root, tmp_path):

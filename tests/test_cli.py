@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -126,5 +127,6 @@ def test_ctrl_c_during_start_up_is_one_error_line(job_file, tmp_path, seconds):
     driver.send_signal(signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 1 and stdout == "", stderr
-    assert stderr.splitlines()[-1:] == ["error: interrupted; run the same command with the same --run-id to resume"]
+    assert re.fullmatch(r"error: interrupted; run the same command with --run-id \d{8}T\d{6}Z-[0-9a-f]{4} to "
+                        r"resume \(finished shards are kept\)", stderr.splitlines()[-1]), stderr
     assert "Traceback" not in stderr and not (tmp_path / "out").exists()

@@ -24,22 +24,22 @@ SHAPES = ((3, 2), (2,))
 
 
 def publish(root, run_id, *, scale=1.0, sha="a" * 64, fingerprint="f" * 64, eigenvalues=(4.0, 2.0),
-            which="largest", trace=6.0, loss=0.5, with_trace=True):
+            which="largest", trace=6.0, loss=0.5, with_trace=True, blocks=None, variables=None):
     rng = np.random.default_rng(0)
     values = {"hessian_diagonal": scale * rng.uniform(0.1, 1.0, 8), "gradient": scale * rng.normal(size=8)}
     publisher = RunPublisher(str(root), "drift", run_id, "2026-11-26")
     provenance = {"run_id": run_id}
     publisher.write_table("diagonals.parquet", tables.diagonals_table(VARIABLES, SHAPES, values), provenance)
     publisher.write_table("summary.parquet", tables.summary_table(VARIABLES, SHAPES, values), provenance)
-    publisher.write_table("eigenvalues.parquet",
-                          tables.eigenvalues_table([("__all__", np.array(eigenvalues) * scale,
-                                                    [1e-8] * len(eigenvalues))]),
-                          provenance)
+    per_block = blocks or [("__all__", np.array(eigenvalues) * scale, [1e-8] * len(eigenvalues))]
+    publisher.write_table("eigenvalues.parquet", tables.eigenvalues_table(per_block), provenance)
     if with_trace:
         publisher.write_table("trace.parquet", tables.trace_table([("__all__", "hutch++", trace * scale, 0.1, 30)]), provenance)
     manifest = {"run_id": run_id, "date": "2026-11-26", "status": "complete", "examples": 100, "loss": loss * scale,
                 "job": {"name": "drift", "quantities": {"eigenvalues": {"which": which}}},
                 "model": {"path": "m.keras", "sha256": sha}, "data": {"fingerprint": fingerprint, "rows": 100}}
+    if variables is not None:
+        manifest["variables"] = [{"name": name, "shape": list(shape)} for name, shape in variables]
     return publisher.publish(manifest)
 
 
@@ -130,3 +130,23 @@ def test_command_input_errors_exit_2(tmp_path):
     err = io.StringIO()
     assert main(["compare", a, a, "--fail-above", "-1"], out=io.StringIO(), err=err) == 2
     assert "--fail-above" in err.getvalue()
+
+
+def test_per_block_eigenvalues_at_rounding_level_are_no_drift_and_blocks_must_hold_the_same_parameters(tmp_path):
+    """Per-block spectra hold exact zeros whose computed values are rounding noise of either
+    sign: within the residuals they are no relative change. A block is paired by name only when
+    it covers as many parameters in both runs."""
+    a = publish(tmp_path, "a", blocks=[("hidden", [4.0, 3.47e-18], [1e-9, 1e-17]), ("out", [2.0, -1.39e-17], [1e-9, 0.0])])
+    b = publish(tmp_path, "b", blocks=[("hidden", [4.0, -1.73e-18], [1e-9, 1e-17]), ("out", [2.2, 0.0], [1e-9, 0.0])])
+    result = compare_runs(a, b)
+    changes = {(c.variable, c.statistic): c for c in result.changes if c.quantity == "eigenvalues"}
+    assert changes[("hidden", "rank_2")].relative_change == 0.0 and changes[("out", "rank_2")].relative_change == 0.0
+    assert changes[("out", "rank_1")].relative_change == pytest.approx(0.1)
+    assert [c.variable for c in result.above(0.05)] == ["out"]
+    # Block "hidden" is hidden/kernel + hidden/bias (8 parameters) in A, the kernel alone in B.
+    c = publish(tmp_path, "c", blocks=[("hidden", [4.0, 1.0], [1e-9, 1e-9])], variables=[("hidden/kernel", (3, 2))])
+    d = publish(tmp_path, "d", blocks=[("hidden", [1.0, 0.5], [1e-9, 1e-9])],
+                variables=[("hidden/kernel", (3, 2)), ("hidden/bias", (2,))])
+    mixed = compare_runs(c, d)
+    assert not [x for x in mixed.changes if x.quantity == "eigenvalues"]
+    assert "eigenvalues of block hidden covers 6 parameters in A and 8 in B: not compared" in mixed.warnings

@@ -31,6 +31,31 @@ def test_passes_are_one_main_pass_plus_each_spectral_algorithms():
     assert spectrum.seconds == pytest.approx(24 * 400 * 0.01 * (1 + cost.HVP_GRADIENTS * 4))
 
 
+def test_per_block_quantities_share_passes_and_the_plan_lists_each_block():
+    """``blocks: layer``: as many passes as one block takes, each with every block's vectors;
+    the plan's cost table lists each block's size, HVPs per batch and driver memory."""
+    import dataclasses
+
+    work = dataclasses.replace(WORK, variables=("a/kernel", "a/bias", "b/kernel", "b/bias"),
+                               variable_shapes=((200, 400), (400,), (400, 49), (49,)))
+    full = registry.estimate({"eigenvalues": {"top": 5, "iterations": 30, "blocks": "full"}}, work, MEASURED)
+    layer = registry.estimate({"eigenvalues": {"top": 5, "iterations": 30, "blocks": "layer"}}, work, MEASURED)
+    assert full.passes == layer.passes == 1 + 31
+    (blocked,) = layer.quantities
+    assert blocked.vectors == 2 * full.quantities[0].vectors
+    assert [(b.name, b.parameters, b.vectors) for b in blocked.blocks] == [("a", 80_400, 5), ("b", 19_649, 5)]
+    lines = layer.describe(work)
+    at = lines.index("eigenvalues: 2 blocks side by side, each pass 10 HVPs per batch in all")
+    assert lines[at + 1].startswith("  a 80,400 parameters, 5 HVPs per batch, +")
+    assert not any("blocks" in line for line in full.describe(work))
+    # Many blocks: the first SHOWN_BLOCKS, then one line for the rest.
+    many = dataclasses.replace(WORK, variables=tuple(f"l{k}/kernel" for k in range(20)),
+                               variable_shapes=((5_000,),) * 20)
+    lines = registry.estimate({"trace": {"method": "hutch++", "probes": 100, "blocks": "variable"}}, many,
+                              MEASURED).describe(many)
+    assert "  12 more blocks of 5,000 to 5,000 parameters" in lines
+
+
 def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
     few = registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
     many = registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)

@@ -425,7 +425,11 @@ def test_per_block_results_read_show_report_and_compare(runs, tmp_path):
     # Per-block traces are not estimates of tr(H) (the trace plot's subject): they go to blocks.png.
     assert report.plots == ["blocks.png", "spectrum.png"]
     page = open(report.html, encoding="utf-8").read()
-    assert "<h2>Per block</h2>" in page and "hidden/kernel" in page
+    assert "<h2>Per block</h2>" in page and "hidden/kernel" in page and "rank-1 eigenvalue (largest)" in page
+    # A baseline whose eigenvalues are the other end of the spectrum is not paired with these.
+    other = write_report(loaded, str(tmp_path / "other"), baseline=runs("smallest").run_dir)
+    page = open(other.html, encoding="utf-8").read()
+    assert "The baseline's eigenvalues are the smallest, these the largest: not shown side by side" in page
     # compare: per block, against itself zero change; against the full run, no block shared.
     same = compare_runs(result.run_dir, result.run_dir)
     keys = {(c.variable, c.quantity, c.statistic) for c in same.changes}

@@ -9,23 +9,22 @@ import threading
 
 import ray
 
+from pipeline import interrupts
 from pipeline.errors import InputError
 
 STOPPED: list[int] = []  # signals received by a run (SIGTERM)
-
-
-HELD = {signal.SIGINT, signal.SIGTERM}
 
 
 def connect(address: str | None, quiet: bool = False) -> bool:
     """Uses a Ray already initialised in this process, a cluster at ``address``, or a new local
     one; returns whether this call started it (and must shut it down).
 
-    Ctrl-C and SIGTERM are held while Ray starts and stay held when this returns: Ray's core
-    worker installs C-level handlers for them during ``ray.init``, which swallowed a Ctrl-C
-    (the run went on) or ended the process with no status after the product's own line. The
-    Python handlers are put back, and ``release_signals`` (called once the caller knows whether
-    it owns Ray) delivers what arrived meanwhile as ``KeyboardInterrupt`` or ``SystemExit``.
+    Ctrl-C and SIGTERM are held while Ray starts and stay held when this returns
+    (``pipeline.interrupts``): Ray's core worker installs C-level handlers for them during
+    ``ray.init``, which swallowed a Ctrl-C (the run went on) or ended the process with no status
+    after the product's own line. The Python handlers are put back, and ``release_signals``
+    (called once the caller knows whether it owns Ray) delivers what arrived meanwhile as
+    ``KeyboardInterrupt`` or ``SystemExit``.
     ``quiet`` (the command line without ``--debug``): Ray logs errors only, so its start-up
     warnings (token authentication, ...) do not precede the product's own lines.
     """
@@ -34,9 +33,7 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
     level = "ERROR" if quiet else "WARNING"
-    hold = threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    interrupts.hold()
     try:
         if address:
             ray.init(address=address, logging_level=level, log_to_driver=False, runtime_env=env)
@@ -54,8 +51,7 @@ def connect(address: str | None, quiet: bool = False) -> bool:
 
 def release_signals() -> None:
     """Delivers the Ctrl-C or SIGTERM held while Ray started (see ``connect``)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+    interrupts.release()
 
 
 def shutdown() -> None:

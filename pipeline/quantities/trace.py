@@ -17,6 +17,7 @@ variable or per Keras layer), the blocks' estimators side by side in the same pa
 from __future__ import annotations
 
 from pipeline import blocks, cost, spectrum
+from pipeline.errors import InputError
 from pipeline.options import Option, choice, positive_int
 from pipeline.quantities._base import Quantity, per_block, per_block_cost
 from pipeline.quantities.hessian_diagonal import exact_diagonal_notes, loop_notes
@@ -34,6 +35,13 @@ class Trace(Quantity):
         "blocks": blocks.OPTION,
     }
     files = ("trace.parquet",)
+
+    def parse(self, options, where, base_dir):
+        parsed = super().parse(options, where, base_dir)
+        if parsed["method"] == "hutch++" and parsed["probes"] < 3:
+            raise InputError(f"{where}.probes: hutch++ needs at least 3 products (a third sketch the top of the "
+                             f"spectrum), got {parsed['probes']}: use probes: 3 or more, or method: hutchinson")
+        return parsed
 
     def per_parameter(self, options):
         return options["method"] == "exact"

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.blocks import ALL
+from pipeline.errors import InputError
 from pipeline.read.run import Run
 
 STATISTICS = ("mean", "l2_norm", "sum")
@@ -42,6 +43,8 @@ class Change:
     statistic: str
     a: float
     b: float
+    # A change this small is no change: the numbers' own error (an eigenvalue's residual bound).
+    floor: float = 0.0
 
     @property
     def change(self) -> float:
@@ -51,7 +54,7 @@ class Change:
     def relative_change(self) -> float:
         if math.isnan(self.a) or math.isnan(self.b):
             return math.nan
-        if self.a == self.b:
+        if self.a == self.b or abs(self.b - self.a) <= self.floor:
             return 0.0
         if self.a == 0:
             return math.copysign(math.inf, self.b)
@@ -110,9 +113,9 @@ def compare_runs(run_a: str, run_b: str) -> Comparison:
         result.changes += _summary_changes(result, loaded_a.rows("summary.parquet"),
                                            loaded_b.rows("summary.parquet"))
     if "trace.parquet" in files_a and "trace.parquet" in files_b:
-        result.changes += _trace_changes(result, loaded_a.trace, loaded_b.trace)
+        result.changes += _trace_changes(result, loaded_a, loaded_b)
     if "eigenvalues.parquet" in files_a and "eigenvalues.parquet" in files_b:
-        result.changes += _eigenvalue_changes(result, loaded_a.eigenvalues, loaded_b.eigenvalues)
+        result.changes += _eigenvalue_changes(result, loaded_a, loaded_b)
     only = sorted((files_a ^ files_b) & {"summary.parquet", "trace.parquet", "eigenvalues.parquet"})
     if only:
         result.warnings.append(f"only one run has {', '.join(only)}: not compared")
@@ -151,21 +154,39 @@ def _summary_changes(result: Comparison, rows_a: list[dict], rows_b: list[dict])
     return changes
 
 
-def _shared_blocks(result: Comparison, what: str, blocks_a: list[str], blocks_b: list[str]) -> list[str]:
-    """The blocks both runs hold, in A's order; a warning names those only one run has."""
+def _shared_blocks(result: Comparison, what: str, run_a: Run, run_b: Run) -> list[str]:
+    """The blocks of ``what`` (``"trace"``, ``"eigenvalues"``) both runs hold with the same number
+    of parameters, in A's order; warnings name the others (a block is paired by name, and two
+    runs with different ``variables:`` can give one name to different parameters)."""
+    blocks_a, blocks_b = run_a.blocks(what), run_b.blocks(what)
     only = [b for b in blocks_a if b not in blocks_b] + [b for b in blocks_b if b not in blocks_a]
     if only:
         result.warnings.append(f"{what} of blocks {', '.join(only)} are in only one run: not compared")
-    return [b for b in blocks_a if b in blocks_b]
+    shared = []
+    for block in (b for b in blocks_a if b in blocks_b):
+        size_a, size_b = _block_size(run_a, block), _block_size(run_b, block)
+        if size_a != size_b:
+            result.warnings.append(f"{what} of block {block} covers {size_a} parameters in A and {size_b} in B: "
+                                   "not compared")
+        else:
+            shared.append(block)
+    return shared
 
 
-def _trace_changes(result: Comparison, frame_a, frame_b) -> list[Change]:
+def _block_size(run: Run, block: str) -> int | None:
+    try:
+        return run.block_size(block)
+    except InputError:  # a run whose manifest does not list the block's variables
+        return None
+
+
+def _trace_changes(result: Comparison, run_a: Run, run_b: Run) -> list[Change]:
     """The trace of each block both runs hold (``variable`` = the block: ``__all__``, a variable
     path or a layer name)."""
-    rows_a = {r["block"]: r for r in frame_a.to_dict("records")}
-    rows_b = {r["block"]: r for r in frame_b.to_dict("records")}
+    rows_a = {r["block"]: r for r in run_a.trace.to_dict("records")}
+    rows_b = {r["block"]: r for r in run_b.trace.to_dict("records")}
     changes = []
-    for block in _shared_blocks(result, "traces", list(rows_a), list(rows_b)):
+    for block in _shared_blocks(result, "trace", run_a, run_b):
         a, b = rows_a[block], rows_b[block]
         if a["method"] != b["method"]:
             where = "" if block == ALL else f" of block {block}"
@@ -174,8 +195,14 @@ def _trace_changes(result: Comparison, frame_a, frame_b) -> list[Change]:
     return changes
 
 
-def _eigenvalue_changes(result: Comparison, frame_a, frame_b) -> list[Change]:
-    """Each eigenvalue by (block, rank), when both runs asked for the same ``which``."""
+def _eigenvalue_changes(result: Comparison, run_a: Run, run_b: Run) -> list[Change]:
+    """Each eigenvalue by (block, rank), when both runs asked for the same ``which``.
+
+    A change within the two residuals (``|lambda - theta| <= residual``: neither run knows its
+    eigenvalue better), or within 1e-12 of the block's largest eigenvalue, is reported as no
+    relative change: per-block spectra often hold exact zeros (a rank-deficient kernel, the
+    shift invariance of a softmax bias) whose computed values are rounding noise of either sign.
+    """
     def which(manifest):
         return ((manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues", {}).get("which", "largest")
 
@@ -183,16 +210,20 @@ def _eigenvalue_changes(result: Comparison, frame_a, frame_b) -> list[Change]:
     if which_a != which_b:
         result.warnings.append(f"eigenvalues are the {which_a} in A and the {which_b} in B: not compared")
         return []
+    frame_a, frame_b = run_a.eigenvalues, run_b.eigenvalues
     by_key_b = {(r["block"], int(r["rank"])): r for r in frame_b.to_dict("records")}
     rows_a = frame_a.to_dict("records")
     changes = []
-    for block in _shared_blocks(result, "eigenvalues", list(dict.fromkeys(frame_a["block"])),
-                                list(dict.fromkeys(frame_b["block"]))):
-        for row in sorted((r for r in rows_a if r["block"] == block), key=lambda r: int(r["rank"])):
+    for block in _shared_blocks(result, "eigenvalues", run_a, run_b):
+        mine = sorted((r for r in rows_a if r["block"] == block), key=lambda r: int(r["rank"]))
+        theirs = [by_key_b[(block, int(r["rank"]))] for r in mine if (block, int(r["rank"])) in by_key_b]
+        scale = max([abs(_float(r["eigenvalue"])) for r in mine + theirs] + [0.0])
+        for row in mine:
             other = by_key_b.get((block, int(row["rank"])))
             if other is not None:
+                floor = _float(row["residual"]) + _float(other["residual"]) + 1e-12 * scale
                 changes.append(Change(block, "eigenvalues", f"rank_{int(row['rank'])}", _float(row["eigenvalue"]),
-                                      _float(other["eigenvalue"])))
+                                      _float(other["eigenvalue"]), floor if math.isfinite(floor) else 0.0))
     return changes
 
 

@@ -110,6 +110,16 @@ def _values(run: Run, column: str, variable: str | None) -> np.ndarray | None:
     return arrays[variable].reshape(-1) if variable in arrays else None
 
 
+def _which(run: Run) -> str:
+    """The ``which`` of the run's eigenvalues (largest, smallest or magnitude)."""
+    return ((run.manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues", {}).get("which", "largest")
+
+
+def _comparable(run: Run, baseline: Run | None) -> Run | None:
+    """The baseline, when its eigenvalues are the same end of the spectrum as the run's."""
+    return baseline if baseline is not None and _which(baseline) == _which(run) else None
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "variable"
 
@@ -284,7 +294,7 @@ def plot_eigenvalues(run: Run, baseline: Run | None = None, block: str = ALL):
     figure = _figure()
     ax = figure.add_subplot()
     values = []
-    for offset, (source, style, prefix) in enumerate(_runs(run, baseline)):
+    for offset, (source, style, prefix) in enumerate(_runs(run, _comparable(run, baseline))):
         if not source.has("eigenvalues") or block not in source.blocks("eigenvalues"):
             continue
         frame = source.block("eigenvalues", block).sort_values("rank")
@@ -337,7 +347,9 @@ def spectrum_facts(run: Run, block: str = ALL) -> dict:
     nodes, weights = run.spectrum_runs(block)
     per_run = np.array([float(np.dot(n, w)) for n, w in zip(nodes, weights)])
     size = run.block_size(block)
-    negative = float(np.mean([np.sum(w[n < 0]) for n, w in zip(nodes, weights)]))
+    # Nodes within rounding of 0 (an exact zero eigenvalue computed as -1e-18) are not negative.
+    floor = 1e-10 * max(float(np.abs(n).max()) for n in nodes)
+    negative = float(np.mean([np.sum(w[n < -floor]) for n, w in zip(nodes, weights)]))
     stderr = float(size * per_run.std(ddof=1) / np.sqrt(per_run.size)) if per_run.size > 1 else float("nan")
     return {"runs": len(nodes), "nodes": max(len(n) for n in nodes), "low": float(min(n.min() for n in nodes)),
             "high": float(max(n.max() for n in nodes)), "negative_mass": negative,
@@ -412,14 +424,15 @@ def block_rows(run: Run) -> list[dict]:
 @_default_style
 def plot_blocks(run: Run, baseline: Run | None = None):
     """Per block of H (layer or variable, in model order): the rank-1 eigenvalue (the block's
-    sharpness, error bar its residual) and the trace (error bar one standard error), the
-    baseline's beside them: the per-layer drift of nightly runs."""
+    sharpness with ``which: largest``; error bar its residual) and the trace (error bar one
+    standard error), the baseline's beside them (its eigenvalues only when they are the same
+    ``which``): the per-layer drift of nightly runs."""
     rows = block_rows(run)
     if not rows:
         raise InputError(f"run {run.run_id} has no per-block trace or eigenvalues (blocks: variable or layer)")
     figure = _figure()
     panels = figure.subplots(1, 2)
-    for ax, (key, error, title) in zip(panels, (("top", "residual", "top eigenvalue of each block"),
+    for ax, (key, error, title) in zip(panels, (("top", "residual", f"rank-1 eigenvalue ({_which(run)}) of each block"),
                                                 ("trace", "trace_stderr", "trace of each block"))):
         # Each panel has the blocks of its own quantity (eigenvalues and trace may be taken per
         # layer and per variable in one run).
@@ -428,10 +441,14 @@ def plot_blocks(run: Run, baseline: Run | None = None):
             ax.set_axis_off()
             ax.set_title(f"{title}: not computed per block", fontsize=10)
             continue
-        for offset, (source, _, prefix) in enumerate(_runs(run, baseline)):
+        # A baseline's eigenvalues from the other end of the spectrum are not drawn beside them.
+        for offset, (source, _, prefix) in enumerate(_runs(run, _comparable(run, baseline) if key == "top"
+                                                           else baseline)):
             theirs = {r["block"]: r for r in block_rows(source)}
             y = np.array([theirs.get(n, {}).get(key, np.nan) for n in names], dtype=np.float64)
             e = np.array([theirs.get(n, {}).get(error, np.nan) for n in names], dtype=np.float64)
+            if not np.isfinite(y).any():
+                continue  # a baseline without these blocks
             color = BASELINE_COLOR if prefix else RUN_COLOR
             ax.errorbar(np.arange(len(names)) + 0.15 * offset, y, yerr=np.where(np.isfinite(e), e, 0.0),
                         fmt="s" if prefix else "o", linestyle="none", capsize=3, markersize=5, color=color,
@@ -652,8 +669,11 @@ def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, st
     if run.has("eigenvalues"):
         rows = [[r["block"], int(r["rank"]), _fmt(r["eigenvalue"]), _fmt(r["residual"])]
                 for _, r in run.eigenvalues.iterrows()]
-        header = ["block", "rank", "eigenvalue", "residual |Hv - θv|"]
-        if baseline is not None and baseline.has("eigenvalues"):
+        header = ["block", "rank", f"eigenvalue ({_which(run)})", "residual |Hv - θv|"]
+        if baseline is not None and baseline.has("eigenvalues") and _comparable(run, baseline) is None:
+            parts.append(f"<p>The baseline's eigenvalues are the {_e(_which(baseline))}, these the "
+                         f"{_e(_which(run))}: not shown side by side.</p>\n")
+        elif baseline is not None and baseline.has("eigenvalues"):
             theirs = {(r["block"], int(r["rank"])): r for _, r in baseline.eigenvalues.iterrows()}
             rows = [row + ([_fmt(theirs[tuple(row[:2])]["eigenvalue"]), _fmt(theirs[tuple(row[:2])]["residual"])]
                            if tuple(row[:2]) in theirs else ["", ""]) for row in rows]
@@ -667,13 +687,20 @@ def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, st
     blocks = block_rows(run)
     if blocks:
         theirs = {r["block"]: r for r in block_rows(baseline)} if baseline is not None else {}
-        header = ["block", "parameters", "top eigenvalue", "residual", "trace", "standard error"]
+        if _comparable(run, baseline) is None:  # no baseline, or its eigenvalues are the other end
+            theirs = {block: {**row, "top": np.nan} for block, row in theirs.items()}
+        header = ["block", "parameters", f"rank-1 eigenvalue ({_which(run)})", "residual", "trace",
+                  "standard error"]
         if baseline is not None:
-            header += ["baseline top eigenvalue", "baseline trace"]
-        rows = [[r["block"], _fmt(r["parameters"]), _fmt(r["top"]), _fmt(r["residual"]), _fmt(r["trace"]),
-                 _fmt(r["trace_stderr"])] + ([_fmt(theirs.get(r["block"], {}).get("top", "")),
-                                              _fmt(theirs.get(r["block"], {}).get("trace", ""))]
-                                             if baseline is not None else []) for r in blocks]
+            header += ["baseline rank-1 eigenvalue", "baseline trace"]
+
+        def shown(value) -> str:
+            return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else _fmt(value)
+
+        rows = [[r["block"], _fmt(r["parameters"]), shown(r["top"]), shown(r["residual"]), shown(r["trace"]),
+                 shown(r["trace_stderr"])] + ([shown(theirs.get(r["block"], {}).get("top")),
+                                               shown(theirs.get(r["block"], {}).get("trace"))]
+                                              if baseline is not None else []) for r in blocks]
         parts.append(_table(header, rows, numeric=set(range(1, len(header)))))
         parts.append(_figures(sections.get("blocks", [])))
     else:
