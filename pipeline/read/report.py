@@ -19,6 +19,8 @@ The plots, each a function that returns a matplotlib ``Figure`` (for notebooks):
 - ``plot_spectrum``: the spectral density from the SLQ nodes and weights, smoothed with a
   Gaussian of width ``sigma`` (``pipeline.spectrum.slq.density``) and drawn on a log scale
   as in Ghorbani, Krishnan, Xiao 2019.
+- ``plot_blocks``: per block of H (``blocks: variable | layer``), the rank-1 eigenvalue and the
+  trace, the baseline's beside them: per-layer sharpness and its drift.
 - ``plot_trace``: every trace estimate the run holds, with 1 and 2 standard errors: the
   ``trace`` quantity, the sum of the exact Hessian diagonal, and the SLQ estimate
   ``P * mean_r sum_j w_rj theta_rj`` (a Hutchinson estimate with one probe per SLQ run).
@@ -403,7 +405,8 @@ def plot_spectrum(run: Run, baseline: Run | None = None, sigma: float | None = N
 
 
 def block_rows(run: Run) -> list[dict]:
-    """Per block of H (runs with ``blocks: variable | layer``), in model order: ``block``,
+    """Per block of H (runs with ``blocks: variable | layer``; the trace's blocks in model order,
+    then the eigenvalues' other blocks): ``block``,
     ``parameters``, ``trace`` and ``trace_stderr`` (from trace.parquet), ``top`` (the rank-1
     eigenvalue of eigenvalues.parquet) and ``residual``; NaN where the run has no such number."""
     names = [b for table in ("trace", "eigenvalues") if run.has(table) for b in run.blocks(table) if b != ALL]
