@@ -328,3 +328,16 @@ def test_side_by_side_checks_its_blocks():
                                         lambda V: V @ matrix, 30)
     assert np.array_equal(together.eigenvalues, alone.eigenvalues)
     assert np.array_equal(together.eigenvectors, alone.eigenvectors)
+
+
+@pytest.mark.parametrize("size,probes", [(4, 6), (10, 30), (1, 3)])
+def test_traces_of_small_blocks_are_exact_when_the_products_cover_them(size, probes):
+    """A block of H no bigger than the products (a bias vector): Hutchinson takes its basis
+    vectors, Hutch++ the complement of its sketch. Exact, standard error 0, never more products
+    than asked. (A 4-parameter block once reported a stochastic estimate with stderr 0.)"""
+    matrix = symmetric(np.linspace(-2.0, 5.0, size), seed=size)
+    for estimator in (hutchinson_trace, hutchpp_trace):
+        operator = operator_of(matrix)
+        result = estimator(operator, size, probes, seed=3)
+        assert result.estimate == pytest.approx(np.trace(matrix), abs=1e-12), estimator.__name__
+        assert result.stderr == 0.0 and result.matvecs == operator.matvecs <= probes

@@ -391,8 +391,10 @@ def test_per_block_eigenvalues_traces_and_spectra_equal_those_of_the_dense_block
         block = hessian[np.ix_(where, where)]
         local = spectrum.hutchpp_trace(lambda V, b=block: V @ b, len(where), 30, seed=0)
         assert estimate == pytest.approx(local.estimate, rel=1e-8, abs=1e-12), name
-        assert matvecs == local.matvecs == 30
+        assert matvecs == local.matvecs <= 30
         assert abs(estimate - np.trace(block)) <= 3 * stderr + 1e-9 * abs(np.trace(block)), name
+        if len(where) <= 20:  # the 30 products cover a small block: exact, and said so
+            assert stderr == 0 and estimate == pytest.approx(np.trace(block), rel=1e-9, abs=1e-12), name
 
     table = _read(result.run_dir, "spectrum.parquet")
     for name, where in layers:

@@ -78,12 +78,14 @@ def hutchinson_trace(matvec: Matvec, size: int, probes: int = 100, seed: int = 0
     deviation of the ``K`` values ``z_k^T H z_k`` (``ddof=1``) over ``sqrt(K)`` (NaN for K = 1).
 
     Cost: ``K = probes`` Hessian-vector products in ``ceil(K / max_block)`` passes of nearly
-    equal size (2 passes of 50 for the default 100 probes and ``max_block = 64``).
+    equal size (2 passes of 50 for the default 100 probes and ``max_block = 64``). When
+    ``size <= probes`` (a small block of H), the ``size`` basis vectors give the exact trace for
+    fewer products: standard error 0, ``matvecs = size``.
 
     >>> import numpy as np
     >>> result = hutchinson_trace(lambda V: V @ np.diag([1.0, 2.0, 3.0]), size=3, probes=8)
     >>> result.estimate, result.stderr, result.matvecs, result.passes
-    (6.0, 0.0, 8, 1)
+    (6.0, 0.0, 3, 1)
     """
     return drive(hutchinson_steps(size, probes, seed, max_block), matvec)
 
@@ -93,6 +95,9 @@ def hutchinson_steps(size: int, probes: int = 100, seed: int = 0, max_block: int
     size, probes = int(size), int(probes)
     _check(size, probes, 1)
     operator = CountingOperator(None, size)
+    if size <= probes:  # the basis vectors cost no more than the probes, and are exact
+        products = yield from operator.ask_in_chunks(np.eye(size), max_block)
+        return TraceResult("hutchinson", float(np.trace(products)), 0.0, operator.matvecs, operator.passes)
     quadratic = []
     # Probes are drawn pass by pass: memory is one pass's vectors, not all K of them.
     for indices in _chunks(np.arange(probes), max_block):
@@ -123,6 +128,11 @@ def hutchpp_trace(matvec: Matvec, size: int, probes: int = 100, seed: int = 0,
     ``Q`` spans the whole space, NaN when ``g = 1``. The estimate is unbiased for any ``Q``
     drawn independently of ``G``.
 
+    When the products left cover the rest of the space (``size - r <= g``: a small block of
+    H), step 2 uses an orthonormal basis of the complement of ``Q`` instead of random probes and
+    the estimate is exact (standard error 0, ``s + size`` products at most). Before, a
+    4-parameter block could report a standard error of 0 by chance (two equal samples).
+
     Cost: exactly ``m`` Hessian-vector products in 2 passes when ``m - s <= max_block``
     (else the passes are split to at most ``max_block`` vectors each: 3 with ``m = 100``).
     ``probes`` must be at least 3.
@@ -150,12 +160,16 @@ def hutchpp_steps(size: int, probes: int = 100, seed: int = 0, max_block: int = 
     basis, _ = orthonormal_rows(products, 1e-12 * scale * np.sqrt(sketch))
     rank = basis.shape[0]
     count = probes - sketch - rank
-    residual = orthogonalise(
-        rademacher(seed, range(sketch, sketch + count), size, TRACE_STREAM), [basis])
+    exact = size - rank <= count  # the products left span the rest of the space (a small H)
+    if exact:  # an orthonormal basis of the complement of Q: that part is exact too
+        residual, _ = orthonormal_rows(orthogonalise(np.eye(size), [basis]), 0.5)
+    else:
+        residual = orthogonalise(
+            rademacher(seed, range(sketch, sketch + count), size, TRACE_STREAM), [basis])
     images = yield from operator.ask_in_chunks(np.concatenate([basis, residual]), max_block)
     exact_part = float(np.einsum("kp,kp->", basis, images[:rank]))
-    if rank >= size:  # Q spans everything: the projected probes are rounding noise
-        estimate, stderr = exact_part, 0.0
+    if exact:
+        estimate, stderr = exact_part + float(np.einsum("kp,kp->", residual, images[rank:])), 0.0
     else:
         mean, stderr = _mean_and_stderr(np.einsum("kp,kp->k", residual, images[rank:]))
         estimate = exact_part + mean
