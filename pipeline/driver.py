@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import __version__, memory
+from pipeline import __version__, interrupts, memory
 from pipeline.quantities import registry
 from pipeline.cluster import connect
 from pipeline.cluster.pool import WorkerPool
@@ -73,7 +73,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     now = _dt.datetime.now(_dt.timezone.utc)
     run_id = run_id or new_run_id(now)
     if dry_run and not (address or os.environ.get("RAY_ADDRESS")):
-        connect.release_signals()  # no Ray to start: a Ctrl-C the command line held comes now
+        interrupts.release()  # no Ray to start: a Ctrl-C the command line held comes now
         return make_plan(job, output, run_id, workers, connect.local_resources(), now)
 
     started = time.time()
@@ -92,7 +92,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     owns_ray = False
     try:
         owns_ray = connect.connect(address, quiet)
-        connect.release_signals()  # a Ctrl-C while Ray started arrives here, as KeyboardInterrupt
+        interrupts.release()  # a Ctrl-C while Ray started arrives here, as KeyboardInterrupt
         staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
         plan = make_plan(job, output, run_id, workers, connect.cluster_resources(owns_ray), now,
                          shards=staged_shards)
@@ -135,7 +135,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
                                f"--run-id {run_id} to resume") from None
         raise
     finally:
-        connect.release_signals()
+        interrupts.release()
         if owns_ray:
             connect.shutdown()
 

@@ -190,7 +190,7 @@ def test_an_exact_trace_beside_a_hutchinson_diagonal_gets_both_from_one_request(
     np.testing.assert_allclose(results["hessian_diagonal"], [1.0, 2.0, 3.0])  # z*(Hz) = diag for diagonal H
     assert "hessian_diagonal_stderr" in results
     ((block, trace),) = registry.compute(asked, context, operator=None, sums=sums)["trace"]
-    assert block == "__all__" and trace.method == "exact" and trace.estimate == pytest.approx(6.0)
+    assert block.name == "__all__" and trace.method == "exact" and trace.estimate == pytest.approx(6.0)
 
 
 def test_two_units_asking_one_building_block_differently_is_an_error():

@@ -22,7 +22,7 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     Ctrl-C and SIGTERM are held while Ray starts and stay held when this returns
     (``pipeline.interrupts``): Ray's core worker installs C-level handlers for them during
     ``ray.init``, which swallowed a Ctrl-C (the run went on) or ended the process with no status
-    after the product's own line. The Python handlers are put back, and ``release_signals``
+    after the product's own line. The Python handlers are put back, and ``interrupts.release``
     (called once the caller knows whether it owns Ray) delivers what arrived meanwhile as
     ``KeyboardInterrupt`` or ``SystemExit``.
     ``quiet`` (the command line without ``--debug``): Ray logs errors only, so its start-up
@@ -47,11 +47,6 @@ def connect(address: str | None, quiet: bool = False) -> bool:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
     python_handles_signals()
     return True
-
-
-def release_signals() -> None:
-    """Delivers the Ctrl-C or SIGTERM held while Ray started (see ``connect``)."""
-    interrupts.release()
 
 
 def shutdown() -> None:

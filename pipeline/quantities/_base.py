@@ -161,8 +161,8 @@ class Quantity:
 # 5.3): the same algorithm on every diagonal block H_bb, side by side in the same passes.
 
 def per_block(options: dict, context: Context, operator,
-              steps_of: Callable[[blocks.Block], spectrum.Steps]) -> list[tuple[str, Any]]:
-    """``(block name, result)`` of the algorithm ``steps_of(block)`` (step by step, sized to the
+              steps_of: Callable[[blocks.Block], spectrum.Steps]) -> list[tuple[blocks.Block, Any]]:
+    """``(block, result)`` of the algorithm ``steps_of(block)`` (step by step, sized to the
     block) on each block of ``options["blocks"]``, all in the same passes over the data
     (``pipeline.spectrum.side_by_side``); one block, ``"__all__"``, for ``blocks: full``."""
     named = context.blocks(options.get("blocks", "full"))
@@ -170,7 +170,7 @@ def per_block(options: dict, context: Context, operator,
     results = spectrum.side_by_side([steps_of(block) for block in named],
                                     [blocks.positions(block, shapes) for block in named],
                                     operator, context.parameters)
-    return [(block.name, result) for block, result in zip(named, results)]
+    return list(zip(named, results))
 
 
 def per_block_cost(name: str, options: dict, w: Workload,

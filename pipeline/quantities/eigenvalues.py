@@ -50,19 +50,17 @@ class Eigenvalues(Quantity):
         results = per_block(options, context, operator, lambda block: spectrum.top_eigenvalues_steps(
             block.size, top=min(options["top"], block.size), which=options["which"],
             iterations=options["iterations"], tol=options["tol"], seed=context.seed))
-        for name, result in results:
-            where = "" if name == blocks.ALL else f" of block {name}"
+        for block, result in results:
+            where = "" if block.name == blocks.ALL else f" of block {block.name}"
             context.say(f"eigenvalues{where} ({options['which']}): {np.array2string(result.eigenvalues, precision=6)}")
         return results
 
     def tables(self, options, result, context):
         out = {"eigenvalues.parquet": tables.eigenvalues_table(
-            [(name, r.eigenvalues, r.residuals) for name, r in result])}
+            [(block.name, r.eigenvalues, r.residuals) for block, r in result])}
         if options.get("vectors"):
-            named = {block.name: block for block in context.blocks(options.get("blocks", "full"))}
             out["eigenvectors.parquet"] = tables.eigenvectors_table(
-                [(name, named[name].variables, named[name].shapes, unit_vectors(r.eigenvectors))
-                 for name, r in result])
+                [(block.name, block.variables, block.shapes, unit_vectors(r.eigenvectors)) for block, r in result])
         return out
 
 

@@ -40,9 +40,8 @@ class Hessian(Quantity):
         return True
 
     def prepare(self, options, signature, seed):
-        """The blocks' sizes (for the cost), after refusing a block over ``max_parameters``."""
-        named = blocks.of(options["blocks"], signature.variables, signature.variable_shapes)
-        for block in named:
+        """Refuses a block over ``max_parameters`` at plan time (nothing to read: returns None)."""
+        for block in blocks.of(options["blocks"], signature.variables, signature.variable_shapes):
             name, size = block.name, block.size
             if size > options["max_parameters"]:
                 raise InputError(
@@ -50,10 +49,12 @@ class Hessian(Quantity):
                     f"{options['max_parameters']:,} (its float64 sums alone take {gib(8.0 * size * size)} per "
                     f"worker and in the driver): use hessian: {{blocks: variable}} or layer, select fewer "
                     "parameters with variables:, or raise quantities.hessian.max_parameters")
-        return np.array([block.size for block in named], dtype=np.int64)
+        return None
 
     def cost(self, options, w, m, asked, prepared=None):
-        sizes = np.asarray(prepared if prepared is not None else [w.parameters], dtype=np.float64)
+        named = blocks.of(options["blocks"], w.variables, w.variable_shapes) if w.variables else []
+        # A workload without its variables (cost arithmetic alone): one block of all of H.
+        sizes = np.array([block.size for block in named] or [w.parameters], dtype=np.float64)
         largest = float(sizes.max())
         # One basis-vector HVP per parameter of a block, vectorised like the exact diagonal.
         main = float(sizes.sum()) * cost.HVP_GRADIENTS / cost.DIAGONAL_VECTORISATION + \
@@ -61,7 +62,6 @@ class Hessian(Quantity):
         squares = 8.0 * float((sizes * sizes).sum())
         held = squares * cost.WORKER_VECTOR_COPIES + \
             min(w.diagonal_block, largest) * (m.activation_bytes + 2 * largest * w.itemsize)
-        named = blocks.of(options["blocks"], w.variables, w.variable_shapes) if w.variables else []
         # The running sum, an arriving partial, staging's copy, the symmetrised matrix, the table.
         return cost.QuantityCost(self.name, main=main, worker_bytes=held, driver_bytes=6 * squares,
                                  blocks=tuple(cost.BlockCost(block.name, block.size, block.size,
@@ -69,12 +69,12 @@ class Hessian(Quantity):
                                  if len(named) > 1 else ())
 
     def request(self, options, context):
-        return {"hessian_blocks": tuple(block.members for block in _blocks(options, context))}
+        return {"hessian_blocks": tuple(block.members for block in context.blocks(options["blocks"]))}
 
     def compute(self, options, context, operator, sums):
         """Each block's mean, symmetrised; the raw asymmetry (float rounding) said per block."""
         out = []
-        for number, block in enumerate(_blocks(options, context)):
+        for number, block in enumerate(context.blocks(options["blocks"])):
             name = block.name
             raw = sums.mean(f"hessian_block_{number}")
             asymmetry = float(np.abs(raw - raw.T).max()) / max(float(np.abs(raw).max()), 1e-300)
@@ -84,14 +84,10 @@ class Hessian(Quantity):
         return out
 
     def tables(self, options, result, context):
-        named = _blocks(options, context)
+        named = context.blocks(options["blocks"])
         parts = [(named[number].name, named[number].variables, named[number].shapes, matrix)
                  for number, matrix, _ in result]
         return {"hessian.parquet": tables.hessian_table(parts)}
-
-
-def _blocks(options, context) -> list[blocks.Block]:
-    return blocks.of(options["blocks"], context.signature.variables, context.signature.variable_shapes)
 
 
 UNIT = Hessian()

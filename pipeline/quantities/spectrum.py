@@ -36,7 +36,7 @@ class Spectrum(Quantity):
             block.size, runs=options["runs"], steps=min(options["steps"], block.size), seed=context.seed))
 
     def tables(self, options, result, context):
-        return {"spectrum.parquet": tables.spectrum_table([(name, r.nodes, r.weights) for name, r in result])}
+        return {"spectrum.parquet": tables.spectrum_table([(block.name, r.nodes, r.weights) for block, r in result])}
 
 
 UNIT = Spectrum()

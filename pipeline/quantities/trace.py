@@ -68,20 +68,20 @@ class Trace(Quantity):
         if method == "exact":
             diagonal = sums.mean("hessian_diagonal")
             shapes = context.signature.variable_shapes
-            results = [(block.name, spectrum.exact_trace(diagonal[blocks.positions(block, shapes)]))
+            results = [(block, spectrum.exact_trace(diagonal[blocks.positions(block, shapes)]))
                        for block in context.blocks(options.get("blocks", "full"))]
         else:
             steps = spectrum.hutchinson_steps if method == "hutchinson" else spectrum.hutchpp_steps
             results = per_block(options, context, operator,
                                 lambda block: steps(block.size, options["probes"], context.seed))
-        for name, result in results:
-            where = "" if name == blocks.ALL else f" of block {name}"
+        for block, result in results:
+            where = "" if block.name == blocks.ALL else f" of block {block.name}"
             context.say(f"trace{where} ({method}): {result.estimate:.6g} +- {result.stderr:.2g}")
         return results
 
     def tables(self, options, result, context):
-        return {"trace.parquet": tables.trace_table([(name, r.method, r.estimate, r.stderr, r.matvecs)
-                                                     for name, r in result])}
+        return {"trace.parquet": tables.trace_table([(block.name, r.method, r.estimate, r.stderr, r.matvecs)
+                                                     for block, r in result])}
 
 
 UNIT = Trace()

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.blocks import ALL, layer_of
+from pipeline import blocks
+from pipeline.blocks import ALL
 from pipeline.errors import InputError
 from pipeline.quantities.registry import ARRAY_QUANTITIES, UNITS
 from pipeline.storage.publish import read_manifest, read_run_table
@@ -203,11 +204,12 @@ class Run:
         """Parameters of a block: all of them (``"__all__"``), a variable's, or a layer's."""
         if block == ALL:
             return self.parameters
-        sizes = [int(np.prod(shape, dtype=np.int64)) for name, shape in self.variables
-                 if name == block or layer_of(name) == block]
-        if not sizes:
-            raise InputError(f"run {self.run_id} has no variable or layer {block!r}")
-        return sum(sizes)
+        names, shapes = [name for name, _ in self.variables], [shape for _, shape in self.variables]
+        for kind in ("variable", "layer"):
+            for candidate in blocks.of(kind, names, shapes):
+                if candidate.name == block:
+                    return candidate.size
+        raise InputError(f"run {self.run_id} has no variable or layer {block!r}")
 
     def block(self, name: str, block: str = ALL):
         """The rows of the per-block table ``name`` for one block; ``InputError`` naming the

@@ -30,11 +30,6 @@ def _number(value) -> str:
         return str(value)
 
 
-def _with_block(rows: list[dict]) -> list[dict]:
-    """Rows of a per-block table; a run published before per-block results is one block."""
-    return [r if "block" in r else {"block": ALL, **r} for r in rows]
-
-
 def _per_block(rows: list[dict]) -> int:
     """1 when the rows hold blocks other than all of H (then a ``block`` column is shown), else 0."""
     return int(any(r["block"] != ALL for r in rows))
@@ -68,14 +63,14 @@ def show_run(run_dir: str) -> str:
             [[r["variable"], r["quantity"], r["size"], *[_number(r[c]) for c in columns]] for r in rows],
             ["variable", "quantity", "size", *columns])
     if "trace.parquet" in files:
-        rows = _with_block(read("trace.parquet"))
+        rows = run.trace.to_dict("records")
         blocked = _per_block(rows)
         text += "\ntrace\n" + _table(
             [[r["block"]] * blocked + [r["method"], _number(r["estimate"]), _number(r["stderr"]), r["matvecs"]]
              for r in rows], ["block"] * blocked + ["method", "estimate", "stderr", "matvecs"],
             text_columns=1 + blocked)
     if "eigenvalues.parquet" in files:
-        rows = _with_block(read("eigenvalues.parquet"))
+        rows = run.eigenvalues.to_dict("records")
         blocked = _per_block(rows)
         text += "\neigenvalues\n" + _table(
             [[r["block"]] * blocked + [r["rank"], _number(r["eigenvalue"]), _number(r["residual"])] for r in rows],
@@ -86,14 +81,14 @@ def show_run(run_dir: str) -> str:
         source = "random, saved in hvp_vectors.parquet" if "hvp_vectors.parquet" in files else "given vectors"
         present.append(("hvp", f"{vectors} Hessian-vector products ({source}) in hvp.parquet"))
     if "eigenvectors.parquet" in files:
-        rows = _with_block(read("eigenvectors.parquet", ["block", "rank"]))
+        rows = read("eigenvectors.parquet", ["block", "rank"])
         pairs = {(r["block"], r["rank"]) for r in rows}
         blocks = {block for block, _ in pairs}
         present.append(("eigenvectors", f"{len(pairs)} unit eigenvectors"
                                         + (f" of {len(blocks)} blocks" if _per_block(rows) else "")
                                         + " in eigenvectors.parquet"))
     if "spectrum.parquet" in files:
-        rows = _with_block(read("spectrum.parquet"))
+        rows = run.spectrum.to_dict("records")
         for block in dict.fromkeys(r["block"] for r in rows):
             part = [r for r in rows if r["block"] == block]
             nodes = [r["node"] for r in part]
