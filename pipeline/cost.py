@@ -70,6 +70,7 @@ class Measurement:
     activation_bytes: int  # growth of resident memory while it ran (0 where it cannot be measured)
     process_bytes: int  # resident memory of the driver with TensorFlow and the model loaded
     row_bytes: int  # decoded bytes of one row (features, labels, weights)
+    read_seconds: float = 0.0  # reading these rows and converting them (data.transform included)
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,8 @@ class Cost:
         where = "GPU workers will be faster" if workload.gpus else f"{workload.workers} workers"
         if m is not None:
             lines.append(f"(estimates from one gradient on {m.rows} rows measured in the driver: "
-                         f"{m.gradient_seconds * 1e3:,.1f} ms; {where}; time includes "
-                         f"{STARTUP_SECONDS:.0f} s of start-up)")
+                         f"{m.gradient_seconds * 1e3:,.1f} ms, reading them {m.read_seconds * 1e3:,.1f} ms; {where}; "
+                         f"time includes {STARTUP_SECONDS:.0f} s of start-up)")
         return lines
 
 
@@ -236,7 +237,8 @@ def combine(parts: list[QuantityCost], w: Workload, m: Measurement) -> Cost:
     cost ``parts`` (each unit's ``Quantity.cost``).
 
     Time: ``STARTUP_SECONDS`` plus, per pass, ``batches x gradient_seconds x (gradient
-    equivalents per batch)``, shared by the workers (on CPUs, in proportion to the CPUs they
+    equivalents per batch)``, plus ``batches x read_seconds`` once (every pass when the shards
+    do not stay in the workers' memory), shared by the workers (on CPUs, in proportion to the CPUs they
     use against the driver's, where the gradient was timed). Memory: the driver's own resident
     memory with the model loaded (plus a Ray worker's overhead, for a worker), one batch and
     its activations, each quantity's arrays, and the shards a worker keeps between passes.
@@ -246,9 +248,13 @@ def combine(parts: list[QuantityCost], w: Workload, m: Measurement) -> Cost:
     for q in parts:
         q.seconds = per_batch * (q.main + q.passes * (1.0 + HVP_GRADIENTS * q.vectors))
     passes = 1 + sum(q.passes for q in parts)
-    seconds = STARTUP_SECONDS + per_batch + sum(q.seconds for q in parts)
+    shard_bytes = math.ceil(w.rows / max(1, w.workers)) * m.row_bytes
+    # Reading (and data.transform) is paid once when a worker keeps its shards in memory
+    # between passes, else on every pass.
+    reads = 1 if passes == 1 or shard_bytes <= SHARD_CACHE_BYTES else passes
+    seconds = STARTUP_SECONDS + per_batch + sum(q.seconds for q in parts) + reads * m.read_seconds * w.batches / speedup
     batch_bytes = m.activation_bytes + w.batch_size * m.row_bytes
-    cache = 0 if passes == 1 else min(SHARD_CACHE_BYTES, math.ceil(w.rows / max(1, w.workers)) * m.row_bytes)
+    cache = 0 if passes == 1 else min(SHARD_CACHE_BYTES, shard_bytes)
     worker = m.process_bytes + WORKER_OVERHEAD_BYTES + batch_bytes + cache + sum(q.worker_bytes for q in parts)
     driver = m.process_bytes + sum(q.driver_bytes for q in parts)
     return Cost(passes=passes, seconds=seconds, worker_bytes=int(worker), driver_bytes=int(driver),

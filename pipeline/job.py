@@ -91,7 +91,8 @@ class LossSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The Parquet dataset and which columns feed the model, the loss and the weights."""
+    """The dataset (Parquet or TFRecord), its transform, and which columns feed the model, the loss
+    and the weights."""
 
     path: str  # Parquet file, dir or glob; absolute local path or URI as given
     features: str | tuple[str, ...] | dict[str, str]
@@ -100,6 +101,9 @@ class DataSpec:
     batch_size: int = 256
     limit: int | None = None
     pad_value: int | float | str = 0  # fills variable-length list columns up to a batch's longest row
+    format: str = "parquet"  # parquet | tfrecord (contract 5.4)
+    schema: dict | None = None  # tfrecord: feature -> {dtype, shape, default}, as tf.io.parse_example reads it
+    transform: str | None = None  # "pkg.module:function" applied to each batch's columns in the workers
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,9 @@ class JobSpec:
                 "batch_size": self.data.batch_size,
                 "limit": self.data.limit,
                 "pad_value": self.data.pad_value,
+                "format": self.data.format,
+                "schema": copy.deepcopy(self.data.schema),
+                "transform": self.data.transform,
             },
             "shards": self.shards,
             "workers": self.workers,
@@ -236,7 +243,10 @@ class Key:
 _TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regularization",
              "precision", "seed", "variables", "quantities", "output", "limits")
 _MODEL_KEYS = ("builder", "weights")
-_DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit", "pad_value")
+_DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit", "pad_value", "format", "schema",
+              "transform")
+DATA_FORMATS = ("parquet", "tfrecord")
+SCHEMA_DTYPES = ("float32", "int64", "string")  # the value kinds a tf.train.Example feature can hold
 _LIMITS_KEYS = ("hours", "memory_gib", "force")
 
 
@@ -250,8 +260,8 @@ def _keys_table() -> dict[str, Key]:
         "loss": Key('a Keras loss name, "pkg.module:function", or a mapping with name',
                     required=True),
         "loss.name": Key("Keras loss name or function; other keys are keyword arguments"),
-        "data": Key("the Parquet dataset", required=True),
-        "data.path": Key("Parquet file, directory or glob; local path or URI", required=True),
+        "data": Key("the dataset", required=True),
+        "data.path": Key("Parquet (or TFRecord) file, directory or glob; local path or URI", required=True),
         "data.features": Key("a column, a list of columns, or {input_name: column}",
                              required=True),
         "data.labels": Key("a column, a list of columns (one per output, in model.output_names order), "
@@ -260,6 +270,12 @@ def _keys_table() -> dict[str, Key]:
         "data.batch_size": Key("examples per batch", 256),
         "data.limit": Key("use only the first N rows", None),
         "data.pad_value": Key("value that pads variable-length list columns to a batch's longest row", 0),
+        "data.format": Key("parquet, or tfrecord (files of serialized tf.train.Example; GZIP when the name ends "
+                           "in .gz)", "parquet"),
+        "data.schema": Key("tfrecord only: feature -> {dtype: float32|int64|string, shape: [...]}; shape [null] "
+                           "is a variable-length feature", None),
+        "data.transform": Key('"pkg.module:function" called on each batch\'s columns (dict of numpy arrays -> dict) '
+                              "before features and labels are taken", None),
         "shards": Key("number of shards, or auto", "auto"),
         "workers": Key("worker actors; auto = one per GPU, else one per CPU slot", "auto"),
         "include_regularization": Key("add model.losses to the objective", False),
@@ -706,8 +722,18 @@ def _parse_data(raw: dict, base_dir: str) -> DataSpec:
     labels = _required(data, "labels", "data", "name the column(s) of the labels")
     weights = data.get("weights", DEFAULTS["data.weights"])
     limit = data.get("limit", DEFAULTS["data.limit"])
+    data_format = choice(*DATA_FORMATS)(data.get("format", DEFAULTS["data.format"]), "data.format")
+    schema = data.get("schema", DEFAULTS["data.schema"])
+    if data_format == "tfrecord":
+        schema = _schema(_required(data, "schema", "data", "give each feature's dtype and shape, e.g. "
+                                   "schema: {x: {dtype: float32, shape: [64]}, y: {dtype: int64, shape: []}}"),
+                         "data.schema")
+    elif schema is not None:
+        raise InputError("data.schema describes TFRecord features, but data.format is parquet (Parquet files carry "
+                         "their own schema): remove data.schema or set data.format: tfrecord")
+    transform = data.get("transform", DEFAULTS["data.transform"])
     return DataSpec(
-        path=resolved_path(base_dir, "the Parquet data")(path, "data.path"),
+        path=resolved_path(base_dir, "the data")(path, "data.path"),
         features=_parse_columns(features, "data.features", allow_mapping=True),
         labels=_parse_columns(labels, "data.labels", allow_mapping=True, what="output"),
         weights=None if weights is None else column_name(weights, "data.weights"),
@@ -715,7 +741,42 @@ def _parse_data(raw: dict, base_dir: str) -> DataSpec:
                                       "data.batch_size"),
         limit=None if limit is None else positive_int(1000)(limit, "data.limit"),
         pad_value=_pad_value(data.get("pad_value", DEFAULTS["data.pad_value"]), "data.pad_value"),
+        format=data_format,
+        schema=schema,
+        transform=None if transform is None else _callable(transform, "data.transform"),
     )
+
+
+def _schema(value: Any, key: str) -> dict:
+    """``{feature: {dtype, shape, default}}`` with every entry checked, shapes as lists.
+
+    ``shape: [d1, ...]`` is a ``tf.io.FixedLenFeature``; ``shape: [null]`` a variable-length
+    feature (``tf.io.RaggedFeature``), padded per batch like a variable-length list column.
+    """
+    value = _mapping(value, key, "{x: {dtype: float32, shape: [64]}, y: {dtype: int64, shape: []}}")
+    if not value:
+        fail(key, "a non-empty mapping", value, "name at least the features and labels")
+    schema = {}
+    for name, entry in value.items():
+        where = f"{key}.{name}"
+        column_name(name, key)
+        entry = _mapping(entry, where, "{dtype: float32, shape: [64]}")
+        check_keys(entry, ("dtype", "shape", "default"), where)
+        dtype = choice(*SCHEMA_DTYPES)(_required(entry, "dtype", where, "set it to float32, int64 or string"),
+                                       f"{where}.dtype")
+        shape = entry.get("shape", [])
+        if not isinstance(shape, (list, tuple)) or not all(
+                (is_int(d) and d >= 0) or (d is None and i == 0 and len(shape) == 1) for i, d in enumerate(shape)):
+            fail(f"{where}.shape", "a list of non-negative sizes, or [null] for a variable-length feature", shape,
+                 "write e.g. shape: [64], shape: [] for a scalar or shape: [null]")
+        default = entry.get("default")
+        if default is not None:
+            if shape and shape[0] is None:
+                fail(f"{where}.default", "absent for a variable-length feature (a missing one is empty)", default,
+                     "remove it")
+            _check_plain_data(default, f"{where}.default")
+        schema[name] = {"dtype": dtype, "shape": list(shape), "default": default}
+    return schema
 
 
 def _parse_limits(raw: dict) -> LimitsSpec:

@@ -8,10 +8,12 @@ over its ``limits`` (``pipeline.cost.check``) before anything of the quantities'
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,7 +126,11 @@ def probe_data(job, engine, data):
         if not deterministic(exc):
             raise
         raise model_refused(exc, batch, "the first batch") from None
-    return report, measured
+    # Read the measured rows once more, as a worker reads them (the first read also checked the
+    # transform): decoding images in a data.transform can cost more than the gradient.
+    start = time.perf_counter()
+    first_rows(data, job.data, engine.signature, len(batch), job.precision, check_rows=False)
+    return report, dataclasses.replace(measured, read_seconds=time.perf_counter() - start)
 
 
 def make_plan(job, output: str | None = None, run_id: str | None = None, workers: int | None = None,
@@ -161,6 +167,7 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
                 model_sha256=model_fingerprint(job.model), passes=1)
     plan.notes.extend(plan_notes)
+    plan.notes.extend(data.notes)
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
     facts = registry.PlanFacts(parameters=signature.parameters, batches=plan.batches, route=trial.route,
                                  per_example_route=trial.per_example_route)

@@ -14,7 +14,7 @@ import warnings
 import keras
 
 from pipeline.curvature.adapter import KerasLoss
-from pipeline.curvature.model import import_callable
+from pipeline.callables import import_callable
 from pipeline.errors import InputError
 
 # Losses whose second derivative is zero almost everywhere: the Hessian, GGN and every

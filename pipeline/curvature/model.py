@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 import zipfile
 
@@ -10,29 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.callables import import_callable
 from pipeline.errors import InputError
-
-
-def import_callable(reference: str, what: str):
-    """Imports ``"pkg.module:function"``; an ``InputError`` names the reference otherwise."""
-    module_name, _, attr = reference.partition(":")
-    if not module_name or not attr:
-        raise InputError(f"{what} {reference!r} is not of the form 'pkg.module:function': fix it")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's input
-        raise InputError(
-            f"{what} {reference!r}: cannot import module {module_name!r} ({type(exc).__name__}: "
-            f"{exc}); make it importable (installed, or on PYTHONPATH)"
-        ) from None
-    target = module
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise InputError(f"{what} {reference!r}: module {module_name!r} has no {attr!r}: fix the name")
-    if not callable(target):
-        raise InputError(f"{what} {reference!r} is not callable: name a function")
-    return target
 
 
 def hide_gpus() -> None:

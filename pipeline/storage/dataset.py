@@ -1,13 +1,19 @@
-"""Dataset planning and streaming: Parquet files -> shards -> batches of numpy arrays.
+"""Dataset planning and streaming: Parquet (or TFRecord) files -> shards -> batches of numpy arrays.
 
 Planning reads only the Parquet footers (row counts, schema, statistics), so it costs a few
 small reads per file whatever the dataset's size, and it is deterministic: the same files
-give the same shards and the same fingerprint. Reading streams one shard's row ranges with
-``ParquetFile.iter_batches``; at most about one batch and one row group are in memory.
+give the same shards and the same fingerprint. TFRecord files have no footer: their records
+are counted from the record headers (``pipeline.storage.tfrecord``). Reading streams one
+shard's row ranges with ``ParquetFile.iter_batches`` (TFRecord: TensorFlow's reader, in
+``pipeline.storage.tf_examples``); at most about one batch and one row group are in memory.
+
+Each batch goes through the same steps whatever the format: Arrow columns -> numpy columns
+-> the job's ``data.transform`` (``pipeline.storage.transform``) -> the model's inputs,
+labels and weights.
 
 Rows are numbered globally, over all files in listing order (sorted paths), so a row index
 names the same example whatever the sharding. Storage only: PyArrow and numpy, no
-TensorFlow, no Ray.
+TensorFlow (but for the TFRecord reader, imported only for TFRecord data), no Ray.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.signature import ModelSignature, TensorSpec
+from pipeline.storage import tfrecord
+from pipeline.storage.transform import Transform
 from pipeline.storage.uri import GLOB_CHARS, is_uri, resolve_filesystem
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
@@ -58,10 +66,11 @@ class Shard:
 class DataPlan:
     """What ``plan_data`` found.
 
-    ``files`` and ``file_rows`` list every Parquet file of the dataset (filesystem paths, in
-    listing order) with its full row count; ``rows`` is the number of rows used (after
-    ``limit``). ``uri`` is where the data lives (absolute for local paths): hand it to
-    ``read_shard`` so that a worker resolves the same filesystem.
+    ``files`` and ``file_rows`` list every file of the dataset (filesystem paths, in listing
+    order) with its full row count; ``rows`` is the number of rows used (after ``limit``).
+    ``uri`` is where the data lives (absolute for local paths): hand it to ``read_shard`` so
+    that a worker resolves the same filesystem. ``notes``: what planning had to read, for the
+    plan (counting GZIP TFRecord files decompresses them).
     """
 
     files: tuple[str, ...]
@@ -71,6 +80,7 @@ class DataPlan:
     fingerprint: str
     schema: pa.Schema
     uri: str
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,8 +126,11 @@ def _match_parts(parts: Sequence[str], patterns: Sequence[str]) -> bool:
         parts[1:], patterns[1:])
 
 
-def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> tuple[list[str], str]:
-    """Parquet files (sorted paths) and the root that fingerprints take paths relative to."""
+def _list_files(fs: pafs.FileSystem, path: str, shown: str,
+                suffixes: tuple[str, ...] = PARQUET_SUFFIXES) -> tuple[list[str], str]:
+    """Data files (sorted paths) and the root that fingerprints take paths relative to.
+
+    A directory gives its files ending in ``suffixes``; a glob, every file it matches."""
     stripped = path.rstrip("/") or path
     try:
         info = fs.get_file_info(stripped)
@@ -129,7 +142,7 @@ def _list_files(fs: pafs.FileSystem, path: str, shown: str) -> tuple[list[str], 
         root = stripped
         listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         files = [i.path for i in listed if i.type == pafs.FileType.File
-                 and i.path.endswith(PARQUET_SUFFIXES) and not _hidden(i.path[len(root) + 1:])]
+                 and i.path.endswith(suffixes) and not _hidden(i.path[len(root) + 1:])]
         return sorted(files), root
     if any(c in stripped for c in GLOB_CHARS):
         parts = stripped.split("/")
@@ -244,9 +257,11 @@ def _cut_shards(files: Sequence[str], file_rows: Sequence[int], rows: int, count
 
 
 def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPlan:
-    """List the Parquet files, read their footers and cut the rows into balanced shards.
+    """List the files, count their rows and cut the rows into balanced shards.
 
-    Cost: one listing plus two small reads per file (run concurrently), never the data.
+    Cost, Parquet: one listing plus two small reads per file (run concurrently), never the
+    data. TFRecord: one listing plus the records' 12-byte headers (a GZIP file is decompressed
+    once); the plan's ``notes`` say which.
     """
     shown = data_spec.path
     batch_size = data_spec.batch_size
@@ -258,13 +273,39 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
 
     fs, path = resolve_filesystem(shown)
     uri = shown if is_uri(shown) else path
-    files, root = _list_files(fs, path, shown)
+    records = getattr(data_spec, "format", "parquet") == "tfrecord"
+    files, root = _list_files(fs, path, shown, tfrecord.SUFFIXES if records else PARQUET_SUFFIXES)
     if not files:
-        raise InputError(f"no Parquet files under {shown}: check data.path")
+        raise InputError(f"no {'TFRecord' if records else 'Parquet'} files under {shown}: check data.path"
+                         + (f" (a directory gives its files ending in {', '.join(tfrecord.SUFFIXES)})"
+                            if records else ""))
 
     def relative(p: str) -> str:
         return p[len(root.rstrip("/")) + 1:] if root else p
 
+    if records:
+        schema, file_rows, fingerprint, notes = _count_tfrecords(fs, files, relative, data_spec.schema)
+    else:
+        schema, file_rows, fingerprint = _read_footers(fs, files, relative)
+        notes = ()
+    rows = sum(file_rows) if limit is None else min(int(limit), sum(file_rows))
+    if rows == 0:
+        raise InputError(f"dataset {shown} is empty" + (" after data.limit" if limit is not None else "")
+                         + ": check data.path and data.limit")
+    count = _shard_count(shards, workers, rows, int(batch_size))
+    return DataPlan(
+        files=tuple(files),
+        file_rows=file_rows,
+        rows=rows,
+        shards=_cut_shards(files, file_rows, rows, count),
+        fingerprint=fingerprint,
+        schema=schema,
+        uri=uri,
+        notes=notes,
+    )
+
+
+def _read_footers(fs, files: list[str], relative) -> tuple[pa.Schema, tuple[int, ...], str]:
     with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(files))) as pool:
         footers = list(pool.map(lambda p: _read_footer(fs, p, p), files))
 
@@ -279,22 +320,28 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
         fingerprint.update(len(name).to_bytes(8, "little") + name)
         fingerprint.update(footer.size.to_bytes(8, "little") + footer.rows.to_bytes(8, "little"))
         fingerprint.update(footer.digest)
+    return schema, tuple(f.rows for f in footers), fingerprint.hexdigest()
 
-    file_rows = tuple(f.rows for f in footers)
-    rows = sum(file_rows) if limit is None else min(int(limit), sum(file_rows))
-    if rows == 0:
-        raise InputError(f"dataset {shown} is empty" + (" after data.limit" if limit is not None else "")
-                         + ": check data.path and data.limit")
-    count = _shard_count(shards, workers, rows, int(batch_size))
-    return DataPlan(
-        files=tuple(files),
-        file_rows=file_rows,
-        rows=rows,
-        shards=_cut_shards(files, file_rows, rows, count),
-        fingerprint=fingerprint.hexdigest(),
-        schema=schema,
-        uri=uri,
-    )
+
+def _count_tfrecords(fs, files: list[str], relative, schema_spec: dict
+                     ) -> tuple[pa.Schema, tuple[int, ...], str, tuple[str, ...]]:
+    """Record counts from the headers; the fingerprint covers names, sizes and record lengths."""
+    with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(files))) as pool:
+        counts = list(pool.map(lambda p: tfrecord.count_records(fs, p, p), files))
+    fingerprint = hashlib.sha256(b"tfrecord")
+    for count in counts:
+        name = relative(count.path).encode()
+        fingerprint.update(len(name).to_bytes(8, "little") + name)
+        fingerprint.update(count.size.to_bytes(8, "little") + count.records.to_bytes(8, "little"))
+        fingerprint.update(count.digest)
+    gzip = [c for c in counts if tfrecord.compressed(c.path)]
+    note = (f"data: {sum(c.records for c in counts):,} records counted in {len(counts)} TFRecord file(s) from "
+            f"their headers")
+    if gzip:
+        note += (f"; {len(gzip)} GZIP file(s) ({sum(c.size for c in gzip) / 1e6:,.1f} MB) decompressed to count "
+                 "them (uncompressed files only need the headers)")
+    return (tfrecord.arrow_schema(schema_spec), tuple(c.records for c in counts), fingerprint.hexdigest(),
+            (note,))
 
 
 # ------------------------------------------------------------------------- column layout
@@ -497,8 +544,11 @@ def check_schema(schema: pa.Schema, data_spec, signature: ModelSignature) -> Non
     """Fail early, before any compute, when the data cannot feed the model.
 
     Widths of fixed-size list columns are checked here; variable-size lists while reading.
+    With a ``data.transform`` the model is fed the transform's columns, which are checked on
+    each batch instead (``validate`` runs it on the first rows).
     """
-    _check_layout(schema, _layout(data_spec, signature))
+    if getattr(data_spec, "transform", None) is None:
+        _check_layout(schema, _layout(data_spec, signature))
 
 
 # ------------------------------------------------------------------------------- reading
@@ -508,50 +558,66 @@ def _null_error(column: str, row: int) -> InputError:
     return InputError(f"column '{column}' has a null value at row {row}: fill or drop nulls in the data")
 
 
-def _values(array: pa.Array, column: str, rows: np.ndarray, pad_value=0) -> np.ndarray:
-    """[B] for a scalar column, [B, width] for a list column.
-
-    Rows of a variable-length list column are padded at the end with ``pad_value`` up to the
-    batch's longest row (what ``keras.utils.pad_sequences(padding="post")`` gives), so a
-    masking model sees what ``model.fit`` would feed it.
-    """
-    if array.null_count:
+def _values(array: pa.Array, column: str, rows: np.ndarray, nulls: bool = False) -> np.ndarray:
+    """One Arrow column as numpy: ``[B]`` for a scalar column, ``[B, width]`` for a fixed-size
+    list column, and an ``object`` array of 1-D arrays for a variable-length list column
+    (padded later, by ``_dense``). ``nulls``: give nulls through as NaN/None (to a transform)
+    instead of raising ``InputError``."""
+    t = array.type
+    if array.null_count and not nulls:
         first = int(np.flatnonzero(pc.is_null(array).to_numpy(zero_copy_only=False))[0])
         raise _null_error(column, int(rows[first]))
-    t = array.type
     if not _is_list(t):
         return array.to_numpy(zero_copy_only=False)
-    if pa.types.is_fixed_size_list(t):
-        width = t.list_size
-        lengths = None
-    else:
+    flat = array.flatten()
+    if array.null_count or flat.null_count:
+        if nulls:
+            return array.to_numpy(zero_copy_only=False)
+        first = int(np.flatnonzero(pc.is_null(flat).to_numpy(zero_copy_only=False))[0])
+        if pa.types.is_fixed_size_list(t):
+            raise _null_error(column, int(rows[first // max(1, t.list_size)]))
         lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
-        width = int(lengths.max()) if len(lengths) else 0
-        if len(lengths) and np.any(lengths != width):
-            return _padded(array, lengths, width, column, rows, pad_value)
-    flat = array.flatten()
-    if flat.null_count:
-        first = int(np.flatnonzero(pc.is_null(flat).to_numpy(zero_copy_only=False))[0])
-        raise _null_error(column, int(rows[first // width]))
-    return flat.to_numpy(zero_copy_only=False).reshape(len(array), width)
-
-
-def _padded(array: pa.Array, lengths: np.ndarray, width: int, column: str, rows: np.ndarray,
-            pad_value) -> np.ndarray:
-    flat = array.flatten()
-    if flat.null_count:
-        first = int(np.flatnonzero(pc.is_null(flat).to_numpy(zero_copy_only=False))[0])
-        row = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
-        raise _null_error(column, int(rows[row]))
+        raise _null_error(column, int(rows[int(np.searchsorted(np.cumsum(lengths), first, side="right"))]))
     values = flat.to_numpy(zero_copy_only=False)
-    text = values.dtype.kind in "OSU"
+    if pa.types.is_fixed_size_list(t):
+        return values.reshape(len(array), t.list_size)
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    ragged = np.empty(len(array), dtype=object)
+    for i, part in enumerate(np.split(values, np.cumsum(lengths)[:-1])):
+        ragged[i] = part
+    return ragged
+
+
+def _ragged(values: np.ndarray) -> bool:
+    """An ``object`` array of rows of their own lengths (a variable-length list column)."""
+    if values.dtype != object or values.ndim != 1:
+        return False
+    return any(isinstance(v, (np.ndarray, list, tuple)) for v in values)
+
+
+def _dense(values: np.ndarray, column: str, rows: np.ndarray, pad_value) -> np.ndarray:
+    """``values`` as a regular array: rows of a variable-length column are padded at the end
+    with ``pad_value`` up to the batch's longest row (what ``keras.utils.pad_sequences(
+    padding="post")`` gives), so a masking model sees what ``model.fit`` would feed it."""
+    if not _ragged(values):
+        return values
+    parts = []
+    for i, row in enumerate(values):
+        if row is None:
+            raise _null_error(column, int(rows[i]))
+        parts.append(np.asarray(row).reshape(-1))
+    lengths = [len(part) for part in parts]
+    width = max(lengths)
+    if all(length == width for length in lengths):
+        return np.stack(parts)
+    flat = np.concatenate(parts)
+    text = flat.dtype.kind in "OSU"
     if text != isinstance(pad_value, str):
         raise InputError(f"column '{column}' holds {'strings' if text else 'numbers'} but data.pad_value is "
                          f"{pad_value!r}: set data.pad_value to a {'string' if text else 'number'}")
-    out = np.full((len(lengths), width), pad_value, dtype=object if text else np.result_type(values, type(pad_value)))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for i, (start, length) in enumerate(zip(starts, lengths)):
-        out[i, :length] = values[start:start + length]
+    out = np.full((len(parts), width), pad_value, dtype=object if text else np.result_type(flat, type(pad_value)))
+    for i, part in enumerate(parts):
+        out[i, :len(part)] = part
     return out
 
 
@@ -563,14 +629,17 @@ def _float_or_given(spec_dtype: str, float_dtype: str) -> np.dtype:
     return np.dtype(float_dtype) if np.issubdtype(given, np.floating) else given
 
 
-def _input_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype: str, pad_value=0) -> np.ndarray:
+def _input_array(columns: dict[str, np.ndarray], tensor: _Tensor, rows: np.ndarray, float_dtype: str,
+                 pad_value=0) -> np.ndarray:
     n = len(rows)
     if len(tensor.columns) == 1:
         column = tensor.columns[0]
-        values = _values(table.column(column).combine_chunks(), column, rows, pad_value)
+        variable = _ragged(columns[column])
+        values = _dense(columns[column], column, rows, pad_value)
+        if values.ndim > 2:  # a transform's [B, ...] output: its values in C order
+            values = values.reshape(n, -1)
         width = 1 if values.ndim == 1 else values.shape[1]
         known = _size(tensor.spec.shape)
-        variable = values.ndim == 2 and not pa.types.is_fixed_size_list(table.column(column).type)
         tokens = not tensor.spec.dtype.startswith(("float", "bfloat", "half"))
         if variable and tokens and known is not None and width < known:
             # Variable-length token ids or strings feeding a fixed-length input: pad up to the
@@ -580,47 +649,73 @@ def _input_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype
             width = known
     else:
         column = ", ".join(tensor.columns)
-        values = np.stack([_values(table.column(c).combine_chunks(), c, rows, pad_value) for c in tensor.columns],
-                          axis=1)
-        width = len(tensor.columns)
+        values = np.stack([_dense(columns[c], c, rows, pad_value) for c in tensor.columns], axis=1)
+        width = int(np.prod(values.shape[1:], dtype=np.int64))
     shape = _target_shape(tensor.spec, width, column, tensor.key, "model input")
     if values.dtype.kind in "OSU":  # strings/bytes go to the model as tf.string
         return values.reshape((n,) + shape).astype(object)
     return values.reshape((n,) + shape).astype(_float_or_given(tensor.spec.dtype, float_dtype))
 
 
-def _label_array(table: pa.Table, tensor: _Tensor, rows: np.ndarray, float_dtype: str, pad_value=0) -> np.ndarray:
+def _label_array(columns: dict[str, np.ndarray], tensor: _Tensor, rows: np.ndarray, float_dtype: str,
+                 pad_value=0) -> np.ndarray:
     n = len(rows)
     if len(tensor.columns) > 1:
-        stacked = [_values(table.column(c).combine_chunks(), c, rows) for c in tensor.columns]
+        stacked = [_dense(columns[c], c, rows, 0) for c in tensor.columns]
         return np.stack(stacked, axis=1).astype(float_dtype)
     column = tensor.columns[0]
-    values = _values(table.column(column).combine_chunks(), column, rows, 0 if isinstance(pad_value, str) else pad_value)
+    values = _dense(columns[column], column, rows, 0 if isinstance(pad_value, str) else pad_value)
     dtype = np.int64 if np.issubdtype(values.dtype, np.integer) else np.dtype(float_dtype)
-    if values.ndim == 2:
+    if values.ndim >= 2:
         # Labels may legitimately differ from the output's shape (the loss decides); reshape
         # only when the sizes agree, so rank>1 outputs get labels of their own shape.
         size = _size(tensor.spec.shape)
-        if size == values.shape[1] and len(tensor.spec.shape) > 1:
+        if size == int(np.prod(values.shape[1:], dtype=np.int64)) and len(tensor.spec.shape) > 1:
             values = values.reshape((n,) + tuple(int(d) for d in tensor.spec.shape))
     return values.astype(dtype)
 
 
-def _to_batch(table: pa.Table, layout: _Layout, rows: np.ndarray, float_dtype: str, pad_value=0) -> Batch:
+def _check_transformed(columns: dict[str, np.ndarray], layout: _Layout, transform: Transform) -> None:
+    """The transform returned every column the job names, labels and weights as numbers."""
+    for tensor in layout.inputs + layout.labels:
+        for column in tensor.columns:
+            if column not in columns:
+                raise InputError(f"{transform.name} returned no column '{column}' (it returned: "
+                                 f"{_column_list(list(columns)) or 'none'}): return it, or fix {tensor.key}")
+    named = [(c, t.key) for t in layout.labels for c in t.columns]
+    if layout.weights is not None:
+        named.append((layout.weights, "data.weights"))
+        if layout.weights not in columns:
+            raise InputError(f"{transform.name} returned no column '{layout.weights}' (it returned: "
+                             f"{_column_list(list(columns)) or 'none'}): return it, or fix data.weights")
+    for column, key in named:
+        values = columns[column]
+        first = next((v for v in values if v is not None), 0) if _ragged(values) else values
+        if np.asarray(first).dtype.kind not in "biuf":
+            raise InputError(f"{transform.name} returned column '{column}' of {np.asarray(first).dtype} values, "
+                             f"not numbers: return numbers, or fix {key}")
+
+
+def _to_batch(columns: dict[str, np.ndarray], layout: _Layout, rows: np.ndarray, float_dtype: str,
+              pad_value=0) -> Batch:
     weights = None
     if layout.weights is not None:
-        weights = _values(table.column(layout.weights).combine_chunks(), layout.weights, rows).astype(np.float64)
+        weights = _dense(columns[layout.weights], layout.weights, rows, 0).astype(np.float64)
+        if weights.ndim != 1:
+            raise InputError(f"column '{layout.weights}' holds {weights.shape[1:]} values per row, not one: "
+                             "fix data.weights")
     return Batch(
-        inputs=[_input_array(table, t, rows, float_dtype, pad_value) for t in layout.inputs],
-        labels=[_label_array(table, t, rows, float_dtype, pad_value) for t in layout.labels],
+        inputs=[_input_array(columns, t, rows, float_dtype, pad_value) for t in layout.inputs],
+        labels=[_label_array(columns, t, rows, float_dtype, pad_value) for t in layout.labels],
         weights=weights,
         rows=rows,
     )
 
 
-def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk: int,
+def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str] | None, chunk: int,
                    layout: _Layout, checked: list[bool]) -> Iterator[pa.RecordBatch]:
-    """Record batches of rows ``[piece.start, piece.stop)``, reading only the row groups needed."""
+    """Record batches of rows ``[piece.start, piece.stop)``, reading only the row groups needed.
+    ``columns``: None reads every column."""
     with fs.open_input_file(piece.file) as handle:
         parquet = pq.ParquetFile(handle)
         if not checked[0]:
@@ -646,17 +741,22 @@ def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk:
                 # Rebuild without schema metadata: files may differ in it, and batches from
                 # several files are concatenated.
                 part = record.slice(a - position, b - a)
-                yield pa.RecordBatch.from_arrays(part.columns, names=columns)
+                yield pa.RecordBatch.from_arrays(part.columns, names=record.schema.names)
             position = end
             if position >= piece.stop:
                 return
 
 
-def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int, dtype: str = "float32") -> Batch:
-    """The dataset's first ``count`` rows as one batch (``validate`` runs the model on them)."""
+def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int, dtype: str = "float32",
+               check_rows: bool = True) -> Batch:
+    """The dataset's first ``count`` rows as one batch (``validate`` runs the model on them).
+
+    With a ``data.transform`` and ``check_rows``, also checks that it maps each of these rows
+    on its own (``Transform.check_row_independent``): results must not depend on the sharding.
+    """
     count = max(1, min(int(count), plan.rows))
     shard = _cut_shards(plan.files, plan.file_rows, count, 1)[0]
-    return next(iter(read_shard(shard, data_spec, signature, plan.uri, count, dtype)))
+    return next(iter(read_shard(shard, data_spec, signature, plan.uri, count, dtype, check_rows=check_rows)))
 
 
 # Errors of Parquet decoding (not of the network): the file's bytes are wrong, and reading it
@@ -664,7 +764,7 @@ def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int,
 _DAMAGED = ("corrupt", "deserializ", "invalid", "unexpected end", "not a parquet", "magic", "out of bounds")
 
 
-def _read_piece(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk: int, layout: _Layout,
+def _read_piece(fs: pafs.FileSystem, piece: Piece, columns: list[str] | None, chunk: int, layout: _Layout,
                 checked: list[bool]) -> Iterator[pa.RecordBatch]:
     """``_piece_batches``, with read errors naming the file: a damaged file (or any error on a
     local disk) is an input error, never retried; other errors (a network) stay retryable."""
@@ -678,18 +778,36 @@ def _read_piece(fs: pafs.FileSystem, piece: Piece, columns: list[str], chunk: in
         raise OSError(f"reading {piece.file}: {text}") from err
 
 
+def _tfrecord_path(uri: str, file: str) -> str:
+    """The name TensorFlow opens: a local path as it is, else the URI's scheme and the path."""
+    return f"{uri.split('://', 1)[0]}://{file}" if is_uri(uri) else file
+
+
 def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, batch_size: int,
-               dtype: str = "float32") -> Iterator[Batch]:
+               dtype: str = "float32", check_rows: bool = False) -> Iterator[Batch]:
     """Stream a shard as batches of exactly ``batch_size`` rows (the last may be shorter).
 
     A batch may span pieces and files. Memory: about one batch plus one decoded chunk.
+    ``data.transform`` is applied to each batch's columns (all the data's columns) before
+    features, labels and weights are taken from them; ``check_rows`` also checks that it maps
+    each row on its own (``Transform.check_row_independent``, for ``validate``).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}: fix data.batch_size")
     layout = _layout(data_spec, signature)
-    columns = layout.columns
+    transform = Transform.load(getattr(data_spec, "transform", None))
+    # Without a transform only the named columns are read; a transform may read any.
+    columns = None if transform is not None else layout.columns
+    pad_value = getattr(data_spec, "pad_value", 0)
+    records = getattr(data_spec, "format", "parquet") == "tfrecord"
+    if records:
+        # Planning, reducing and reading results never need TensorFlow, only the workers
+        # reading TFRecord data do: a lazy import.
+        from pipeline.storage.tf_examples import read_records
     fs, _ = resolve_filesystem(uri)
-    checked = [False]
+    # The schema was checked at planning (TFRecord: it is the job's); a transform's output is
+    # checked batch by batch instead.
+    checked = [records or transform is not None]
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     emitted = 0
@@ -698,10 +816,23 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
         nonlocal emitted
         rows = np.arange(shard.first_row + emitted, shard.first_row + emitted + table.num_rows, dtype=np.int64)
         emitted += table.num_rows
-        return _to_batch(table, layout, rows, dtype, getattr(data_spec, "pad_value", 0))
+        arrays = {name: _values(table.column(name).combine_chunks(), name, rows, nulls=transform is not None)
+                  for name in table.column_names}
+        if transform is not None:
+            if check_rows:
+                transform.check_row_independent(arrays, rows)
+            arrays = transform(arrays, rows)
+            _check_transformed(arrays, layout, transform)
+        return _to_batch(arrays, layout, rows, dtype, pad_value)
 
     for piece in shard.pieces:
-        for record in _read_piece(fs, piece, columns, batch_size, layout, checked):
+        if records:
+            chunks = (tfrecord.record_batch(parsed, data_spec.schema)
+                      for parsed in read_records(_tfrecord_path(uri, piece.file), piece.start, piece.stop,
+                                                 data_spec.schema, columns, batch_size))
+        else:
+            chunks = _read_piece(fs, piece, columns, batch_size, layout, checked)
+        for record in chunks:
             pending.append(record)
             pending_rows += record.num_rows
             while pending_rows >= batch_size:
