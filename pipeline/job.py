@@ -49,7 +49,7 @@ import yaml
 
 from pipeline.quantities import registry
 from pipeline.errors import InputError
-from pipeline.options import (MISSING, Check, boolean, check_keys, choice, column_name, fail, is_int, one_line,
+from pipeline.options import (MISSING, Check, auto_or_positive_int, boolean, check_keys, choice, column_name, fail, is_int, one_line,
                               positive_float, positive_int, resolved_path, show)
 
 __all__ = [
@@ -186,14 +186,6 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Small checks shared by every key. Each takes the value and its dotted key, returns the
 # (possibly converted) value, or raises InputError with one line.
-
-
-def _auto_or_positive_int(value: Any, key: str) -> int | str:
-    if isinstance(value, str) and value == "auto":
-        return value
-    if not is_int(value) or value < 1:
-        fail(key, "auto or a positive integer", value, "set it to auto or e.g. 8")
-    return value
 
 
 def _seed(value: Any, key: str) -> int:
@@ -591,8 +583,8 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
         data=_parse_data(raw, base_dir),
         quantities=registry.parse(_required(raw, "quantities", "", "add e.g. quantities: {hessian_diagonal: "
                                                                      "{method: exact}}"), base_dir),
-        shards=optional("shards", _auto_or_positive_int),
-        workers=optional("workers", _auto_or_positive_int),
+        shards=optional("shards", auto_or_positive_int(8)),
+        workers=optional("workers", auto_or_positive_int(8)),
         include_regularization=optional("include_regularization", boolean),
         precision=optional("precision", choice("float32", "float64")),
         seed=optional("seed", _seed),

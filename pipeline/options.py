@@ -60,6 +60,18 @@ def positive_int(example: int) -> Check:
     return check
 
 
+def auto_or_positive_int(example: int) -> Check:
+    """``"auto"`` or a positive integer."""
+    def check(value: Any, key: str) -> int | str:
+        if isinstance(value, str) and value == "auto":
+            return value
+        if not is_int(value) or value < 1:
+            fail(key, "auto or a positive integer", value, f"set it to auto or e.g. {example}")
+        return value
+
+    return check
+
+
 def positive_float(example: float) -> Check:
     def check(value: Any, key: str) -> float:
         ok = (is_int(value) or isinstance(value, float)) and math.isfinite(value) and value > 0

@@ -56,13 +56,46 @@ def test_per_block_quantities_share_passes_and_the_plan_lists_each_block():
     assert "  12 more blocks of 5,000 to 5,000 parameters" in lines
 
 
-def test_memory_of_probes_grows_with_their_count_and_shows_in_both_processes():
-    few = registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 10}}, WORK, MEASURED)
-    many = registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": 1000}}, WORK, MEASURED)
+def test_reading_and_the_transform_are_paid_once_when_shards_stay_in_memory():
+    """``read_seconds`` (one batch read and transformed) adds ``batches x read_seconds`` once when
+    each worker's shards fit the shard cache, and on every pass when they do not."""
+    import dataclasses
+
+    q = {"eigenvalues": {"top": 5, "iterations": 30}}
+    reading = dataclasses.replace(MEASURED, read_seconds=0.05)
+    base = registry.estimate(q, WORK, MEASURED)
+    cached = registry.estimate(q, WORK, reading)
+    assert cached.seconds - base.seconds == pytest.approx(400 * 0.05)
+    huge_rows = dataclasses.replace(MEASURED, row_bytes=1 << 20)
+    big = dataclasses.replace(huge_rows, read_seconds=0.05)
+    uncached = registry.estimate(q, WORK, big)
+    assert uncached.seconds - registry.estimate(q, WORK, huge_rows).seconds == pytest.approx(32 * 400 * 0.05)
+    assert "reading them 50.0 ms" in cached.describe(WORK)[-1]
+
+
+def test_hutchinson_probes_go_in_passes_whose_memory_does_not_grow_with_their_count():
+    """Per-probe sums are B x P in each process: up to B probes ride the main pass, the rest go
+    in passes of B, so memory stops growing at B while time keeps growing with K."""
+    from pipeline.quantities.hessian_diagonal import PROBE_PASS_BYTES
+
+    def hutchinson(probes, per_pass="auto"):
+        return registry.estimate({"hessian_diagonal": {"method": "hutchinson", "probes": probes,
+                                                       "probes_per_pass": per_pass}}, WORK, MEASURED)
+
     per_probe = WORK.parameters * 8
-    assert many.worker_bytes - few.worker_bytes >= 990 * per_probe * cost.WORKER_VECTOR_COPIES
-    assert many.driver_bytes - few.driver_bytes == 990 * per_probe * cost.DRIVER_VECTOR_COPIES
-    assert many.seconds > 50 * (few.seconds - cost.STARTUP_SECONDS)
+    auto = PROBE_PASS_BYTES // per_probe  # 83 probes of 100,000 parameters
+    few, more = hutchinson(10), hutchinson(auto)
+    assert few.passes == more.passes == 1  # all in the main pass
+    assert more.worker_bytes - few.worker_bytes >= (auto - 10) * per_probe * cost.WORKER_VECTOR_COPIES
+    assert more.driver_bytes - few.driver_bytes == (auto - 10) * per_probe * cost.DRIVER_VECTOR_COPIES
+    many, most = hutchinson(10 * auto), hutchinson(100 * auto)
+    assert (many.passes, most.passes) == (1 + 9, 1 + 99)
+    assert many.worker_bytes == most.worker_bytes and many.driver_bytes == most.driver_bytes == more.driver_bytes
+    # (the whole worker also keeps its shards between passes, which a one-pass run does not)
+    assert many.quantities[0].worker_bytes == more.quantities[0].worker_bytes
+    assert most.seconds > 8 * (many.seconds - cost.STARTUP_SECONDS)
+    # probes_per_pass chooses B.
+    assert hutchinson(100, 30).passes == 1 + 3 and hutchinson(100, 30).worker_bytes < few.worker_bytes * 4
 
 
 def test_an_exact_trace_beside_the_exact_diagonal_is_counted_once():

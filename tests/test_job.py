@@ -113,7 +113,7 @@ def test_full_job_resolves_every_default_and_path(tmp_path):
     assert (spec.precision, spec.seed) == ("float64", 7)
     assert spec.output == str(job_dir / "out")
     assert spec.quantities == {
-        "hessian_diagonal": {"method": "hutchinson", "probes": 100, "force": False},
+        "hessian_diagonal": {"method": "hutchinson", "probes": 100, "probes_per_pass": "auto", "force": False},
         "ggn_diagonal": {"method": "mc", "samples": 1},
         "fisher_diagonal": {},
         "gradient": {},
@@ -414,6 +414,10 @@ BAD = [
     ("data.limit", 0, "data.limit"),
     ("data.limit", "all", "data.limit"),
     ("data.shuffle", True, "data.shuffle"),
+    ("data.format", "csv", "data.format"),
+    ("data.schema", {"x": {"dtype": "float32", "shape": [2]}}, "data.schema describes TFRecord features"),
+    ("data.transform", "not a reference", "data.transform"),
+    ("data.transform", 3, "data.transform"),
     ("shards", 0, "shards"),
     ("shards", "many", "shards"),
     ("workers", -1, "workers"),
@@ -524,3 +528,25 @@ def test_no_tensorflow_or_ray_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_tfrecord_schema_is_checked_and_recorded():
+    """``data.format: tfrecord`` needs ``data.schema``: each feature's dtype, shape ([null]: variable
+    length) and optional default, as ``tf.io.parse_example`` reads it (contract 5.4)."""
+    schema = {"x": {"dtype": "float32", "shape": [2, 3]}, "y": {"dtype": "int64", "default": 0},
+              "text": {"dtype": "string", "shape": [None]}}
+    spec = load_job(with_("data", {"path": "/d/", "features": "x", "labels": "y", "format": "tfrecord",
+                                   "schema": schema, "transform": "pkg.mod:decode"}))
+    assert spec.data.schema == {"x": {"dtype": "float32", "shape": [2, 3], "default": None},
+                                "y": {"dtype": "int64", "shape": [], "default": 0},
+                                "text": {"dtype": "string", "shape": [None], "default": None}}
+    assert load_job(spec.to_dict()) == spec and spec.data.transform == "pkg.mod:decode"
+    base = {"path": "/d/", "features": "x", "labels": "y", "format": "tfrecord"}
+    assert "data.schema is required" in error_of(with_("data", base))
+    for entry, named in [({"dtype": "float64"}, "data.schema.x.dtype must be one of float32, int64, string"),
+                         ({"shape": [2]}, "data.schema.x.dtype is required"),
+                         ({"dtype": "float32", "shape": [None, 3]}, "data.schema.x.shape"),
+                         ({"dtype": "float32", "shape": [-1]}, "data.schema.x.shape"),
+                         ({"dtype": "float32", "shape": [None], "default": 0}, "data.schema.x.default"),
+                         ({"dtype": "float32", "size": 3}, "unknown key data.schema.x.size")]:
+        assert named in error_of(with_("data", {**base, "schema": {"x": entry}})), entry

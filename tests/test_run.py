@@ -138,6 +138,24 @@ def test_result_does_not_depend_on_shards_or_workers(ray_local, files, layout, t
         np.testing.assert_allclose(diagonals[column], expected[column], rtol=1e-9, atol=1e-13, err_msg=column)
 
 
+def test_hutchinson_probes_in_passes_of_their_own_equal_one_pass(ray_local, files, tmp_path):
+    """``probes_per_pass: 3`` of 7 probes: 3 in the main pass, then passes of 3 and 1, each folded
+    into running moments. Mean and standard error equal those of all 7 per-probe estimates
+    (the in-process engine, every probe at once)."""
+    root, x, labels, weights = files
+    quantities = {"hessian_diagonal": {"method": "hutchinson", "probes": 7, "probes_per_pass": 3}, "gradient": {}}
+    spec = load_job(jobs.job(root, quantities, data={"weights": "weight"}, output=str(tmp_path), shards=3,
+                             workers=2))
+    result = run(spec, run_id="passes")
+    assert result.manifest["passes"] == 3
+    probes = rademacher(0, range(7), 53, stream=PROBE_STREAM)
+    _, expected = _in_process(root, x, labels, weights, BatchWork(probes=probes), use_weights=True)
+    diagonals = _read(result.run_dir, "diagonals.parquet").to_pydict()
+    for column in ("hessian_diagonal", "hessian_diagonal_stderr"):
+        np.testing.assert_allclose(diagonals[column], expected[column], rtol=1e-9, atol=1e-13, err_msg=column)
+    assert np.all(np.asarray(diagonals["hessian_diagonal_stderr"]) > 0)
+
+
 def test_streaming_with_limit_uneven_batches_and_weights(ray_local, files, tmp_path):
     root, x, labels, weights = files
     spec = load_job(jobs.job(root, {"gradient": {}, "fisher_diagonal": {}}, shards=4,

@@ -129,7 +129,9 @@ class Quantity:
     # -------------------------------------------------------------------- after the main pass
     def compute(self, options: dict, context: Context, operator, sums: Sums) -> Any:
         """A driver-side algorithm over ``operator`` (``V [K, P] -> (H V^T)^T``, one pass over
-        the data per call); its result (kept under its ``name``) is published by ``tables``."""
+        the data per call); its result (kept under its ``name``) is published by ``tables``. A
+        unit with ``columns`` may instead return ``{column: [P] array}`` (its diagonal, finished
+        over passes of its own), which joins ``diagonals.parquet`` like ``finalize``'s."""
         return None
 
     # -------------------------------------------------------------------- publishing

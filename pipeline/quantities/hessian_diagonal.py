@@ -6,7 +6,13 @@
 - ``method: hutchinson``: ``diag(H) ~ mean_k z_k * (H z_k)`` over ``probes`` Rademacher probes
   drawn from ``(seed, k)`` (Bekas, Kokiopoulou and Saad, 2007), with the standard error
   ``std_k / sqrt(K)`` over the K per-probe estimates of the whole dataset: ``probes`` HVPs per
-  batch, and K x P float64 sums per worker and in the driver.
+  batch in all. The standard error needs each probe's estimate over the whole dataset, so a
+  pass holds B x P float64 per-probe sums in every worker and in the driver: the probes go in
+  passes of ``B = probes_per_pass`` (auto: as many as fit ``PROBE_PASS_BYTES``), the first in
+  the main pass, and each finished pass is folded into running moments (mean and sum of
+  squared deviations, merged as Chan, Golub and LeVeque 1979). Memory stays that of B probes
+  whatever K; the price is ``ceil(K / B) - 1`` extra passes (a forward pass and a gradient per
+  batch each).
 """
 
 from __future__ import annotations
@@ -15,13 +21,51 @@ import numpy as np
 
 from pipeline import cost
 from pipeline.errors import InputError
-from pipeline.options import Option, boolean, choice, positive_int
+from pipeline.options import Option, auto_or_positive_int, boolean, choice, positive_int
 from pipeline.probes import PROBE_STREAM, rademacher
 from pipeline.quantities._base import Quantity
 
 # An exact Hessian diagonal costs one HVP per parameter and batch: refused above this many in
 # total unless ``hessian_diagonal.force`` (about a day on one CPU core for a small model).
 EXACT_DIAGONAL_LIMIT = 5e7
+# The per-probe sums of one pass of Hutchinson probes (B x P float64) stay under this many bytes
+# with ``probes_per_pass: auto``.
+PROBE_PASS_BYTES = 64 << 20
+
+
+def probes_per_pass(options: dict, parameters: int) -> int:
+    """B: the Hutchinson probes sent in one pass over the data (at most ``probes``)."""
+    probes, asked = int(options["probes"]), options.get("probes_per_pass", "auto")
+    if asked != "auto":
+        return min(probes, int(asked))
+    return max(1, min(probes, PROBE_PASS_BYTES // (8 * max(1, int(parameters)))))
+
+
+class Moments:
+    """Running count, mean and sum of squared deviations (``m2``) of per-probe estimates, per
+    parameter; two sets merge exactly (Chan, Golub and LeVeque 1979), so probes can be folded in
+    pass by pass without keeping them."""
+
+    def __init__(self, estimates: np.ndarray):
+        estimates = np.asarray(estimates, dtype=np.float64)
+        self.count = estimates.shape[0]
+        self.mean = estimates.mean(axis=0)
+        self.m2 = ((estimates - self.mean) ** 2).sum(axis=0)
+
+    def add(self, estimates: np.ndarray) -> None:
+        other = Moments(estimates)
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / count)
+        self.m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / count)
+        self.count = count
+
+    @property
+    def stderr(self) -> np.ndarray:
+        """``std (ddof=1) / sqrt(count)``; NaN for a single estimate."""
+        if self.count < 2:
+            return np.full(self.mean.shape, np.nan)
+        return np.sqrt(self.m2 / (self.count - 1) / self.count)
 
 
 def exact_diagonal_notes(facts) -> list[str]:
@@ -44,6 +88,9 @@ class HessianDiagonal(Quantity):
     options = {
         "method": Option(choice("exact", "hutchinson"), "exact", "exact (one HVP per parameter) or hutchinson (probes HVPs)"),
         "probes": Option(positive_int(100), 100, "Hutchinson probes (used with hutchinson)"),
+        "probes_per_pass": Option(auto_or_positive_int(16), "auto",
+                                  "extension: Hutchinson probes per pass over the data; auto keeps each pass's "
+                                  "per-probe sums under 64 MiB, the rest go in extra passes"),
         "force": Option(boolean, False, "extension: allow the exact diagonal of a very large model"),
     }
     columns = ("hessian_diagonal", "hessian_diagonal_stderr")
@@ -53,14 +100,22 @@ class HessianDiagonal(Quantity):
         return options["method"] == "exact"
 
     def notes(self, options, facts):
-        return loop_notes(facts) + (exact_diagonal_notes(facts) if options["method"] == "exact" else [])
+        if options["method"] == "hutchinson":
+            k, b = int(options["probes"]), probes_per_pass(options, facts.parameters)
+            if b >= k:
+                return loop_notes(facts)
+            return loop_notes(facts) + [
+                f"hessian_diagonal: {k:,} Hutchinson probes in {-(-k // b):,} passes of at most {b:,} "
+                f"(probes_per_pass), so that no process holds more than {b:,} x {facts.parameters:,} per-probe sums"]
+        return loop_notes(facts) + exact_diagonal_notes(facts)
 
     def cost(self, options, w, m, asked, prepared=None):
         if options.get("method") == "hutchinson":
             k = int(options["probes"])
-            return cost.QuantityCost(self.name, main=k * cost.HVP_GRADIENTS,
-                                     worker_bytes=cost.vector_bytes(w, k) + m.activation_bytes,
-                                     driver_bytes=cost.driver_vector_bytes(w, k) + 2 * cost.diagonal_driver_bytes(w))
+            b = probes_per_pass(options, w.parameters)
+            return cost.QuantityCost(self.name, main=b * cost.HVP_GRADIENTS, passes=-(-k // b) - 1, vectors=b,
+                                     worker_bytes=cost.vector_bytes(w, b) + m.activation_bytes,
+                                     driver_bytes=cost.driver_vector_bytes(w, b) + 2 * cost.diagonal_driver_bytes(w))
         main, held = cost.exact_diagonal(w, m)
         total = float(w.parameters) * w.batches
         if total > EXACT_DIAGONAL_LIMIT and not options.get("force"):
@@ -73,12 +128,15 @@ class HessianDiagonal(Quantity):
     def request(self, options, context):
         if options["method"] == "exact":
             return {"hessian_diagonal": "exact"}
-        return {"probes": rademacher(context.seed, range(options["probes"]), context.parameters, stream=PROBE_STREAM)}
+        first = range(probes_per_pass(options, context.parameters))
+        return {"probes": rademacher(context.seed, first, context.parameters, stream=PROBE_STREAM)}
 
     def finalize(self, options, sums):
         hutchinson = "hessian_probes" in sums if options is None else options["method"] == "hutchinson"
         if hutchinson and "hessian_probes" in sums:
-            estimates = sums.mean("hessian_probes")  # [K, P], one unbiased estimate per probe
+            estimates = sums.mean("hessian_probes")  # [B, P], one unbiased estimate per probe
+            if options is not None and estimates.shape[0] < options["probes"]:
+                return {}  # the other probes go in passes of their own (compute)
             k = estimates.shape[0]
             stderr = (estimates.std(axis=0, ddof=1) / np.sqrt(k) if k > 1
                       else np.full(estimates.shape[1], np.nan))
@@ -86,6 +144,20 @@ class HessianDiagonal(Quantity):
         if "hessian_diagonal" in sums:
             return {"hessian_diagonal": sums.mean("hessian_diagonal")}
         return {}
+
+    def compute(self, options, context, operator, sums):
+        """Hutchinson probes beyond the main pass's: ``z * (H z)`` for B more probes a pass, each
+        pass folded into the running moments of the main pass's estimates."""
+        if options["method"] != "hutchinson":
+            return None
+        k, b = int(options["probes"]), probes_per_pass(options, context.parameters)
+        if b >= k:
+            return None
+        moments = Moments(sums.mean("hessian_probes"))
+        for start in range(b, k, b):
+            z = rademacher(context.seed, range(start, min(k, start + b)), context.parameters, stream=PROBE_STREAM)
+            moments.add(z * operator(z))
+        return {"hessian_diagonal": moments.mean, "hessian_diagonal_stderr": moments.stderr}
 
 
 UNIT = HessianDiagonal()

@@ -108,11 +108,14 @@ def finalize(sums: Sums | Partial, quantities: dict | None = None) -> dict[str, 
 
 
 def compute(quantities: dict, context: Context, operator, sums: Sums) -> dict:
-    """Results of the driver-side algorithms (trace, eigenvalues, spectrum), in registry order."""
+    """Results of the driver-side algorithms (trace, eigenvalues, spectrum; the Hutchinson
+    diagonal's probes beyond the main pass), in registry order."""
     out = {}
     for unit, options in _asked(quantities):
         result = unit.compute(options, context, operator, sums)
-        if result is not None:
+        if isinstance(result, dict) and unit.columns and set(result) <= set(unit.columns):
+            out.update(result)  # per-parameter columns finished over passes of their own
+        elif result is not None:
             out[unit.name] = result
     return out
 
