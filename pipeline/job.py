@@ -767,6 +767,12 @@ def _schema(value: Any, key: str) -> dict:
                 fail(f"{where}.default", "absent for a variable-length feature (a missing one is empty)", default,
                      "remove it")
             _check_plain_data(default, f"{where}.default")
+            values = default if isinstance(default, list) else [default]
+            kind = {"float32": (int, float), "int64": (int,), "string": (str,)}[dtype]
+            size = math.prod(int(d) for d in shape)
+            if len(values) != size or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+                fail(f"{where}.default", f"{size} {dtype} value(s) (shape {list(shape)})", default,
+                     "give a value of the feature's dtype and shape")
         schema[name] = {"dtype": dtype, "shape": list(shape), "default": default}
     return schema
 

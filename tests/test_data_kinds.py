@@ -102,6 +102,10 @@ def test_transform_errors_name_the_function_and_the_first_failing_row(parquet):
         read_all(spec(parquet, features="pixels", transform="transforms:pair"), sig)
     with pytest.raises(InputError, match=r"returned column 'label' of <U\d+ values, not numbers"):
         read_all(spec(parquet, transform="transforms:text_label"), sig)
+    with pytest.raises(InputError, match=r"'transforms:exits' failed on row 7: SystemExit: 3"):
+        read_all(spec(parquet, transform="transforms:exits"), sig, batch_size=10)
+    x, _, _ = joined(read_all(spec(parquet, transform="transforms:numbers_as_objects"), sig))
+    assert x.dtype == np.float64 and x[1, 0] == 1.5
     with pytest.raises(InputError, match=r"cannot import module 'no_such_module'"):
         read_all(spec(parquet, transform="no_such_module:f"), sig)
     with pytest.raises(InputError, match=r"module 'transforms' has no 'missing'"):

@@ -550,3 +550,11 @@ def test_a_tfrecord_schema_is_checked_and_recorded():
                          ({"dtype": "float32", "shape": [None], "default": 0}, "data.schema.x.default"),
                          ({"dtype": "float32", "size": 3}, "unknown key data.schema.x.size")]:
         assert named in error_of(with_("data", {**base, "schema": {"x": entry}})), entry
+
+
+def test_a_tfrecord_default_must_fit_its_feature():
+    base = {"path": "/d/", "features": "x", "labels": "y", "format": "tfrecord"}
+    for entry in ({"dtype": "int64", "default": 1.5}, {"dtype": "float32", "default": "abc"},
+                  {"dtype": "float32", "shape": [8], "default": 0.0}, {"dtype": "int64", "default": [1, 2]}):
+        assert "data.schema.x.default" in error_of(with_("data", {**base, "schema": {"x": entry}})), entry
+    assert load_job(with_("data", {**base, "schema": {"x": {"dtype": "float32", "shape": [2], "default": [0, 1.5]}}}))

@@ -47,3 +47,17 @@ def fill_nulls(batch):
     """Replaces null ``a`` values (NaN) by -1."""
     a = np.where(np.isnan(batch["a"].astype(np.float64)), -1.0, batch["a"])
     return {**batch, "x": np.stack([a, np.zeros_like(a)], axis=1)}
+
+
+def exits(batch):
+    """Calls sys.exit on the batch holding id 7."""
+    import sys  # lazy: only this transform needs it
+
+    if np.any(batch["id"] == 7):
+        sys.exit(3)
+    return pair(batch)
+
+
+def numbers_as_objects(batch):
+    """x as an object array of Python floats (what pandas often gives)."""
+    return {**batch, "x": pair(batch)["x"].astype(object)}

@@ -65,7 +65,7 @@ class Transform:
             result = self.function(dict(columns))
         except MemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - user code: any failure is the user's input
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: any failure is the user's input
             raise InputError(f"{self.name} failed {self._where(columns, rows)}: {type(exc).__name__}: "
                              f"{_short(exc)}: fix the function or the data") from None
         return self._checked(result, len(rows))
@@ -76,7 +76,7 @@ class Transform:
                 self.function({name: values[i:i + 1] for name, values in columns.items()})
             except MemoryError:
                 raise
-            except Exception:  # noqa: BLE001 - looking for the first row that fails
+            except (Exception, SystemExit):  # noqa: BLE001 - looking for the first row that fails
                 return f"on row {int(row)}"
         return f"on the batch of rows {int(rows[0])}-{int(rows[-1])} (each row alone passes)"
 
@@ -93,6 +93,9 @@ class Transform:
             except (ValueError, TypeError) as exc:
                 raise InputError(f"{self.name} returned column {name!r} that is not an array ({_short(exc)}): "
                                  "return numpy arrays") from None
+            if array.dtype == object and array.size and all(
+                    isinstance(v, (int, float, bool, np.number)) for v in array.ravel()):
+                array = array.astype(np.float64)  # numbers in an object array (pandas): numbers
             if array.ndim == 0 or len(array) != count:
                 got = "a scalar" if array.ndim == 0 else f"{len(array)} rows"
                 raise InputError(f"{self.name} returned column {name!r} with {got} for a batch of {count} rows: "
