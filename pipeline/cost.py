@@ -44,6 +44,11 @@ DIAGONAL_VECTORISATION = 6.0
 PER_EXAMPLE_CHUNK = 4.0
 # One example's gradient when per-example products run one example at a time (tf.map_fn).
 PER_EXAMPLE_LOOP = 0.25
+# Per-layer rules (``curvature.layer_rules``): one forward pass, then per cotangent column a
+# backward pass to the layer outputs and each layer's product of its inputs and output
+# gradients, in gradients of the batch (benchmarks/engine_bench.py).
+LAYER_RULE_FORWARD = 0.5
+LAYER_RULE_COLUMN = 0.8
 # Ray start, every worker's TensorFlow import, model load and tracing, and publishing.
 STARTUP_SECONDS = 15.0
 # A Ray worker process beyond what the driver measured for TensorFlow and the model.
@@ -89,6 +94,7 @@ class Workload:
     gpus: bool = False
     route: str | None = None  # exact diagonal: "vectorised" | "loop"
     per_example_route: str | None = None  # Fisher/GGN products: "vectorised" | "loop"
+    rule_parameters: int = 0  # parameters whose Fisher/GGN products take a per-layer rule
     diagonal_block: int = 512  # CurvatureEngine.diagonal_block
     vjp_budget: int = 1 << 24  # CurvatureEngine.vjp_budget
     # The selected variables (paths and shapes, model order), for costs per block of H.
@@ -200,14 +206,24 @@ def driver_vector_bytes(w: Workload, count: int) -> float:
 
 
 def per_example(w: Workload, m: Measurement, products: int) -> tuple[float, float]:
-    """(gradient equivalents, worker bytes) of ``products`` per-example products per example."""
-    rows_per_chunk = max(1, w.vjp_budget // max(1, w.parameters))
-    if w.per_example_route == "loop":
-        main = products * w.batch_size * PER_EXAMPLE_LOOP
-    else:
-        main = products * PER_EXAMPLE_CHUNK * math.ceil(w.batch_size / rows_per_chunk)
-    held = 3 * min(w.vjp_budget, w.batch_size * w.parameters) * w.itemsize + 2 * m.activation_bytes
-    return 1.0 + main, held + 3 * 8 * w.parameters
+    """(gradient equivalents, worker bytes) of ``products`` per-example products per example:
+    by per-layer rules for ``w.rule_parameters`` of the parameters, by vectorised (or looped)
+    products of the whole model for the rest."""
+    main, held = 1.0, 3 * 8 * w.parameters
+    covered = min(w.rule_parameters, w.parameters)
+    if covered:
+        main += LAYER_RULE_FORWARD + products * LAYER_RULE_COLUMN
+        # The activations of one pass, and at most one layer's per-example gradients at a time.
+        held += 2 * m.activation_bytes + min(w.vjp_budget, w.batch_size * w.largest_variable) * w.itemsize
+    rest = w.parameters - covered
+    if rest:
+        rows_per_chunk = max(1, w.vjp_budget // rest)
+        if w.per_example_route == "loop":
+            main += products * w.batch_size * PER_EXAMPLE_LOOP
+        else:
+            main += products * PER_EXAMPLE_CHUNK * math.ceil(w.batch_size / rows_per_chunk)
+        held += 3 * min(w.vjp_budget, w.batch_size * rest) * w.itemsize + 2 * m.activation_bytes
+    return main, held
 
 
 def diagonal_driver_bytes(w: Workload) -> float:

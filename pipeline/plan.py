@@ -170,7 +170,8 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     plan.notes.extend(data.notes)
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
     facts = registry.PlanFacts(parameters=signature.parameters, batches=plan.batches, route=trial.route,
-                                 per_example_route=trial.per_example_route)
+                                 per_example_route=trial.per_example_route, layer_routes=trial.layer_routes,
+                                 variable_sizes=dict(zip(engine.names, engine.sizes)))
     plan.notes.extend(registry.notes(job.quantities, facts))
     # Estimated and checked before anything of the quantities' size is built (random vectors
     # are drawn only when the main pass asks for them).
@@ -189,6 +190,8 @@ def _workload(plan: Plan, engine, trial) -> cost.Workload:
         itemsize=8 if plan.job.precision == "float64" else 4, batch_size=plan.job.data.batch_size,
         batches=plan.batches, rows=plan.data.rows, workers=plan.workers, worker_cpus=worker_cpus(plan.workers),
         gpus=plan.gpus > 0, route=trial.route, per_example_route=trial.per_example_route,
+        rule_parameters=sum(size for name, size in zip(engine.names, engine.sizes)
+                            if trial.layer_routes.get(name) == "layer rule"),
         diagonal_block=engine.diagonal_block, vjp_budget=engine.vjp_budget,
         variables=tuple(plan.signature.variables), variable_shapes=tuple(plan.signature.variable_shapes))
 

@@ -152,7 +152,7 @@ def test_a_cluster_the_driver_joined_is_budgeted_per_node():
 
     from pipeline.cluster.connect import cluster_resources as _cluster
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         joined, started = _cluster(local=False), _cluster(local=True)
     finally:

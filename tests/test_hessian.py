@@ -116,7 +116,7 @@ def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("hessian")
     jobs.write_data(root / "data", rows=120, files=2)
     jobs.write_model(str(root / "model.keras"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
     try:
         runs = {}

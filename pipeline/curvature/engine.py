@@ -15,11 +15,14 @@ examples (one "gradient" = one forward and one backward pass over the batch):
 - Hutchinson diagonal: ``z * (H z)`` for K Rademacher probes, built on ``hvp``.
 - exact Hessian diagonal: the rows of ``H`` restricted to one variable, by a vectorised
   (``pfor``) Jacobian of a block of gradient entries: P Hessian-vector products in all.
-- ``sum_sq_vjp``: ``sum_r w_r (J_r^T u_r)**2`` over rows r with per-example vector-Jacobian
-  products vectorised with ``tf.vectorized_map``. It gives the empirical Fisher
+- ``sum_sq_vjp``: ``sum_r w_r (J_r^T u_r)**2`` over rows r. It gives the empirical Fisher
   (``u = dl_i/df``), the exact GGN (``u`` = columns of a square root of ``Lambda_i``,
   cost grows with the output size C) and the Monte Carlo GGN (``u = dl(y'_i)/df`` with
-  ``y'`` sampled from the model's predictive distribution).
+  ``y'`` sampled from the model's predictive distribution). Per variable, by the per-layer
+  rules of ``layer_rules`` (one backward pass per column for the whole batch, about 0.8
+  gradients each) where its layer has one and they pass their check on the first rows
+  (``layer_routes``), else by per-example vector-Jacobian products of the whole model
+  vectorised with ``tf.vectorized_map`` (about 4 gradients per chunk of rows).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from pipeline.curvature import layer_rules
 from pipeline.curvature.adapter import ModelAdapter
 from pipeline.curvature.model import to_precision
 from pipeline.curvature.requests import BatchWork
@@ -67,11 +71,13 @@ class CurvatureEngine:
         vjp_budget: floats held at once by per-example products (rows x P).
         selected: glob patterns over variable paths (``ModelSignature.select``): the variables
             every quantity is taken with respect to; None or "all" for every trainable variable.
+        layer_rule: Fisher and GGN products by per-layer rules where a layer has one
+            (``layer_rules``); False for per-example products of the whole model everywhere.
     """
 
     def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
                  diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None,
-                 builder=None, route: str | None = None, selected=None):
+                 builder=None, route: str | None = None, selected=None, layer_rule: bool = True):
         set_threads(threads)
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
@@ -102,6 +108,9 @@ class CurvatureEngine:
         # (``route_for``), unless given.
         self.route = route
         self.per_example_route = route
+        # The layers whose Fisher and GGN products take a per-layer rule (``layer_routes``);
+        # None until the first batch decides.
+        self._rules = None if layer_rule else []
 
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
@@ -216,19 +225,24 @@ class CurvatureEngine:
         rows = tf.reshape(tf.cast(rows, self.dtype), [size, n])
         return tf.gather(rows, positions, axis=1, batch_dims=1)
 
-    def _sum_sq_vjp(self, inputs, cotangents, row_weights, moments: bool, loop: bool = False):
+    def _sum_sq_vjp(self, inputs, cotangents, row_weights, moments: bool, loop: bool = False, positions=None):
         """sum_r w_r (J_r^T u_r)**2 over rows r (and w^2 q, w^2 q^2 when ``moments``).
 
         ``inputs`` holds one row per product (an example may repeat), ``cotangents`` [R, C]
-        the vectors u_r in the flattened output space. Vectorised over rows.
+        the vectors u_r in the flattened output space. Vectorised over rows. ``positions``:
+        the variables (indices into ``self.variables``) to differentiate, all when None; the
+        result is their entries, in flat order.
         """
+        variables = self.variables if positions is None else [self.variables[k] for k in positions]
+
         def one(args):
             xs, u = args
             with tf.GradientTape() as tape:
                 outputs, _ = self.adapter.forward([x[None] for x in xs])
-                flat = tf.concat([tf.reshape(tf.cast(o, self.dtype), [1, -1]) for o in outputs], axis=1)
+                flat = _flat_outputs(outputs, self.dtype)
                 value = tf.reduce_sum(flat[0] * u)
-            g = self._gradient_flat(tape, value)
+            grads = tape.gradient(value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            g = tf.concat([tf.reshape(tf.cast(x, self.dtype), [-1]) for x in _dense(grads)], axis=0)
             return g * g
 
         if loop:  # one row after another (see ``route_for``)
@@ -241,6 +255,162 @@ class CurvatureEngine:
         w2 = row_weights * row_weights
         return (weighted, tf.linalg.matvec(squares, w2, transpose_a=True),
                 tf.linalg.matvec(squares * squares, w2, transpose_a=True))
+
+    def _layer_squares(self, rules, inputs, cotangents, row_weights, moments: bool, columns: int):
+        """``_sum_sq_vjp`` for the variables of ``rules`` by their per-layer rules
+        (``layer_rules``): one forward pass, one backward pass to the layer outputs per column
+        m of ``cotangents`` [B, columns, C] (row weights [B, columns]). Returns, per variable of
+        the rules (in rule order), its flat sums: the first only, or all three with ``moments``."""
+        with layer_rules.Taps(rules) as taps:
+            with tf.GradientTape(persistent=columns > 1) as tape:
+                outputs, _ = self.adapter.forward(list(inputs))
+                flat = _flat_outputs(outputs, self.dtype)
+        tapped = taps.outputs()
+        # A Dense on [B, n_in] inputs sums its columns before its one product:
+        # sum_{i,m} W_im x_i**2 (outer) dz_im**2 = (x**2)^T (sum_m W_im dz_im**2).
+        summed = {id(rule): None for rule in rules if rule.kind == "dense" and not rule.materialises and not moments}
+        sums = {id(rule): None for rule in rules if id(rule) not in summed}
+        for m in range(columns):  # static: one backward pass each
+            grads = tape.gradient(flat, tapped, output_gradients=cotangents[:, m, :],
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for rule, dzs in zip(rules, taps.split(grads)):
+                dzs = [tf.cast(d, self.dtype) for d in dzs]
+                if id(rule) in summed:
+                    weighted = row_weights[:, m, None] * tf.square(dzs[0])
+                    summed[id(rule)] = weighted if summed[id(rule)] is None else summed[id(rule)] + weighted
+                    continue
+                got = rule.squares(dzs, row_weights[:, m], moments)
+                got = [got[attribute] for attribute, _ in rule.variables]
+                previous = sums[id(rule)]
+                sums[id(rule)] = got if previous is None else [tuple(a + b for a, b in zip(x, y))
+                                                               for x, y in zip(previous, got)]
+        out = []
+        for rule in rules:
+            if id(rule) in summed:
+                got = rule.squares_of_summed(summed[id(rule)])
+                out += [(got[attribute],) for attribute, _ in rule.variables]
+            else:
+                out += sums[id(rule)]
+        del tape
+        count = 3 if moments else 1
+        return [tuple(tf.reshape(tf.cast(part[j], self.dtype), [-1]) for j in range(count)) for part in out]
+
+    def _layer_fisher(self, rules, inputs, labels, weights, with_gradient: bool):
+        """(objective, gradient or [0], the Fisher's squares per rule variable) in one forward
+        and one backward pass: the backward pass from ``sum_i s_i l_i`` reaches the layer
+        outputs as ``s_i dz_i`` (``dz_i = J^T dl_i/df_i``), so the squares take row weights
+        ``1/s_i`` (0 where ``s_i = 0``): ``sum_i s_i dW_i**2``."""
+        with layer_rules.Taps(rules) as taps:
+            with tf.GradientTape() as tape:
+                value = self._objective(inputs, labels, weights)
+        tapped = taps.outputs()
+        grads = tape.gradient(value, tapped + (self.variables if with_gradient else []),
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        inverse = tf.math.divide_no_nan(tf.ones_like(weights), weights)
+        out = []
+        for rule, dzs in zip(rules, taps.split(grads[:len(tapped)])):
+            got = rule.squares([tf.cast(d, self.dtype) for d in dzs], inverse, False)
+            out += [tf.reshape(tf.cast(got[attribute][0], self.dtype), [-1]) for attribute, _ in rule.variables]
+        gradient = (self.flatten([tf.cast(g, self.dtype) for g in _dense(grads[len(tapped):])]) if with_gradient
+                    else tf.zeros([0], self.dtype))
+        return value, gradient, out
+
+    def _fisher_in_gradient_pass(self, raw_inputs, work: BatchWork) -> bool:
+        """Whether the Fisher comes with the loss and gradient in one pass: it is the only
+        curvature asked and every variable has a layer rule."""
+        alone = (work.sum_grad_squared and not work.ggn_diagonal and not work.hessian_diagonal
+                 and not work.hessian_blocks and (work.hvp_vectors is None or not len(work.hvp_vectors))
+                 and (work.probes is None or not len(work.probes)))
+        return bool(alone) and set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
+
+    def _loss_gradient_fisher(self, part: Partial, x, y, s, specs, with_gradient: bool) -> None:
+        rules = self._rules
+        fn = self._compiled(("layer-fisher", with_gradient),
+                            lambda a, b, c: self._layer_fisher(rules, a, b, c, with_gradient), specs)
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        held = max([self.sizes[k] for rule in rules if rule.materialises for k in rule.positions], default=0)
+        n = int(s.shape[0])
+        chunk = max(1, self.vjp_budget // held) if held else n
+        loss, gradient, total = 0.0, np.zeros(self.parameters), np.zeros(self.parameters)
+        positions = [k for rule in rules for k in rule.positions]
+        for start in range(0, n, chunk):
+            value, grad, out = fn([a[start:start + chunk] for a in x], [b[start:start + chunk] for b in y],
+                                  s[start:start + chunk])
+            loss += float(value.numpy())
+            if with_gradient:
+                gradient += grad.numpy()
+            for k, sums in zip(positions, out):
+                total[offsets[k]:offsets[k + 1]] += sums.numpy()
+        part.sums["loss"] = np.asarray(loss, dtype=np.float64)
+        if with_gradient:
+            part.sums["gradient"] = gradient
+        part.sums["sum_grad_squared"] = total
+
+    def _check_rules(self, rules, raw_inputs) -> list:
+        """The rules that are right for this model, checked on its first rows (see
+        ``layer_rules``): with the layers tapped, the model's outputs must be unchanged; per
+        rule, the sum of its per-example gradients must equal the gradient of the same scalar
+        by the tape, its tensors must have one row per example (at least two rows are used),
+        and its shapes must be the ones the rule assumes. When the rules together cannot be
+        traced or change the outputs, each is checked alone."""
+        n = len(raw_inputs[0])
+        pick = np.arange(min(n, 4)) if n >= 2 else np.zeros(2, dtype=np.int64)
+        x = [batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs]
+        kept = self._checked(rules, x, len(pick))
+        if kept is None:
+            kept = [rule for rule in rules if self._checked([rule], x, len(pick))]
+        return kept
+
+    def _checked(self, rules, x, rows: int):
+        """``_check_rules`` for one set of rules: the ones that pass, or None when the set fails
+        to trace or changes the model's outputs."""
+        facts: list = []
+
+        def check(inputs):
+            plain = _flat_outputs(self.adapter.forward(list(inputs))[0], self.dtype)
+            with layer_rules.Taps(rules) as taps:
+                with tf.GradientTape() as tape:
+                    outputs, _ = self.adapter.forward(list(inputs))
+                    flat = _flat_outputs(outputs, self.dtype)
+                    # Any fixed, non-trivial cotangent: the check compares two routes to one number.
+                    index = tf.cast(tf.reshape(tf.range(tf.size(flat)), tf.shape(flat)), self.dtype)
+                    value = tf.reduce_sum(flat * tf.cos(0.7 * index + 0.3))
+            tapped = taps.outputs()
+            grads = tape.gradient(value, tapped + self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            truth = _dense(grads[len(tapped):])
+            out = []
+            facts.clear()
+            for rule, dzs in zip(rules, taps.split(grads[:len(tapped)])):
+                facts.append((len(rule.records), rule.shapes_fit(),
+                              len(rule.records) == 1 and rule.records[0].x.shape.rank == 2))
+                if not rule.records or not facts[-1][1]:
+                    out.append(([], [], tf.zeros([0], tf.int32)))
+                    continue
+                summed = rule.summed([tf.cast(d, self.dtype) for d in dzs])
+                sizes = tf.stack([tf.shape(r.x)[0] for r in rule.records] + [tf.shape(r.z)[0] for r in rule.records])
+                out.append(([tf.cast(summed[a], self.dtype) for a, _ in rule.variables],
+                            [tf.cast(truth[k], self.dtype) for _, k in rule.variables], sizes))
+            return tf.reduce_max(tf.abs(flat - plain)), tf.reduce_max(tf.abs(plain)), out
+
+        try:
+            changed, scale, results = tf.function(check)(x)
+        except (ValueError, TypeError, NotImplementedError, LookupError, tf.errors.OpError):
+            return None
+        tolerance = 1e-9 if self.dtype == tf.float64 else 1e-4
+        if float(changed) > tolerance * max(float(scale), 1e-30):
+            return None
+        kept = []
+        for rule, (records, fits, plain), (summed, truth, sizes) in zip(rules, facts, results):
+            if not records or not fits or not np.all(sizes.numpy() == rows):
+                continue
+            agree = all(np.max(np.abs(a.numpy() - b.numpy()), initial=0.0)
+                        <= tolerance * max(np.max(np.abs(b.numpy()), initial=0.0), 1e-30)
+                        for a, b in zip(summed, truth))
+            if agree:
+                # One call on [B, n_in] inputs: a Dense's squares need no per-example gradient.
+                rule.materialises = not (rule.kind == "dense" and plain)
+                kept.append(rule)
+        return kept
 
     def _output_derivatives(self, inputs, labels, hessian: bool):
         """Flattened outputs f [B, C], dl_i/df_i [B, C], if asked Lambda_i [B, C, C], and the
@@ -287,6 +457,9 @@ class CurvatureEngine:
         x, y, s = self._cast_batch(inputs, labels, weights)
         specs = self._specs(inputs, labels)
         part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
+        if self._fisher_in_gradient_pass(inputs, work):
+            self._loss_gradient_fisher(part, x, y, s, specs, work.gradient)
+            return part
         self._curvature(part, self._objective, (x, y, s), specs, work, data=True)
         if work.sum_grad_squared or work.ggn_diagonal:
             self._outer_products(part, inputs, x, y, s, specs, rows, work)
@@ -470,24 +643,22 @@ class CurvatureEngine:
     # ------------------------------------------------------------------ Fisher and GGN
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
         self.route_for(self._objective, specs)
+        weights = s.numpy().astype(np.float64)
         need_hessian = work.ggn_diagonal == "exact"
         fn = self._compiled(("outputs", need_hessian),
                             lambda a, b: self._output_derivatives(a, b, need_hessian), specs[:2])
         flat, dl, lam, valid = fn(x, y)
-        weights = s.numpy().astype(np.float64)
         if work.sum_grad_squared:
-            part.sums["sum_grad_squared"] = self._squares(raw_inputs, np.arange(len(weights)), dl.numpy(),
-                                                         weights, moments=False)[0]
+            part.sums["sum_grad_squared"] = self._example_squares(raw_inputs, dl.numpy()[:, None, :],
+                                                                 weights[:, None], moments=False)[0]
         if work.ggn_diagonal == "exact":
             values, vectors = np.linalg.eigh(lam.numpy().astype(np.float64))  # [B, C], [B, C, C]
             scale = np.abs(values).max(initial=0.0)
             keep = np.abs(values) > 1e-12 * max(scale, 1e-300)
-            example, column = np.nonzero(keep)
             # u = q_c sqrt|e_c| and sign(e_c): Lambda = sum_c sign_c u_c u_c^T
-            cotangents = vectors[example, :, column] * np.sqrt(np.abs(values[example, column]))[:, None]
-            row_weights = weights[example] * np.sign(values[example, column])
-            part.sums["ggn_diagonal"] = self._squares(raw_inputs, example, cotangents, row_weights,
-                                                      moments=False)[0]
+            cotangents = np.transpose(vectors, (0, 2, 1)) * np.sqrt(np.abs(values))[:, :, None]  # [B, C, C]
+            row_weights = np.where(keep, weights[:, None] * np.sign(values), 0.0)
+            part.sums["ggn_diagonal"] = self._example_squares(raw_inputs, cotangents, row_weights, moments=False)[0]
         elif work.ggn_diagonal == "mc":
             flat_np = flat.numpy().astype(np.float64)
             sums = None
@@ -498,21 +669,77 @@ class CurvatureEngine:
                                                      work.seed, sample)
                 sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
                 _, dl_sampled, _, _ = grad_fn(x, sampled)
-                got = self._squares(raw_inputs, np.arange(len(weights)), dl_sampled.numpy() * scale,
-                                    weights / work.ggn_samples, moments=True)
+                got = self._example_squares(raw_inputs, (dl_sampled.numpy() * scale)[:, None, :],
+                                            (weights / work.ggn_samples)[:, None], moments=True)
                 sums = got if sums is None else [a + b for a, b in zip(sums, got)]
             part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = sums
             part.sums["ggn_mc_w2"] = np.asarray(work.ggn_samples * np.sum((weights / work.ggn_samples) ** 2))
 
-    def _squares(self, raw_inputs, example, cotangents, row_weights, moments):
-        """Runs ``_sum_sq_vjp`` over rows in chunks that keep rows x P under the budget."""
+    def layer_routes(self, raw_inputs) -> dict[str, str]:
+        """Per variable name, how its Fisher and GGN products are formed: "layer rule"
+        (``layer_rules``) or "per-example" (vectorised products of the whole model). Decided
+        once per model, on the first rows that reach it."""
+        if self._rules is None:
+            found = layer_rules.find_rules(self.model, self.names)
+            self._rules = self._check_rules(found, raw_inputs) if found else []
+        covered = {k for rule in self._rules for k in rule.positions}
+        return {name: "layer rule" if k in covered else "per-example" for k, name in enumerate(self.names)}
+
+    def _example_squares(self, raw_inputs, cotangents, row_weights, moments):
+        """``sum_{i,m} W[i,m] (J_i^T U[i,m])**2`` ([P]; with ``moments`` also the sums with
+        ``W**2`` of q and q**2, else the first sum three times) for cotangents U [B, M, C] and
+        row weights W [B, M]: the variables with a layer rule by it, the others by per-example
+        products of their rows (``W != 0``)."""
+        routes = self.layer_routes(raw_inputs)
+        count = 3 if moments else 1
+        totals = [np.zeros(self.parameters) for _ in range(count)]
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        columns = cotangents.shape[1]
+        # Several columns (the exact GGN) need a static output size: with an open axis (a
+        # sequence length) their count changes per batch, and each count would be traced anew.
+        static = all(d is not None for spec in self.signature.outputs for d in spec.shape)
+        rules = self._rules if columns == 1 or static else []
+        if not rules:
+            routes = {name: "per-example" for name in self.names}
+        if rules:
+            in_specs = self._specs(raw_inputs, [])[0]
+            fn = self._compiled(("layer-squares", moments, columns),
+                                lambda a, u, w: self._layer_squares(rules, a, u, w, moments, columns),
+                                (in_specs, tf.TensorSpec([None, columns, None], self.dtype),
+                                 tf.TensorSpec([None, columns], self.dtype)))
+            held = max([self.sizes[k] for rule in rules if rule.materialises for k in rule.positions], default=0)
+            chunk = max(1, self.vjp_budget // held) if held else len(cotangents)
+            positions = [k for rule in rules for k in rule.positions]
+            for start in range(0, len(cotangents), chunk):
+                pick = slice(start, start + chunk)
+                out = fn([batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs],
+                         _as_dtype(cotangents[pick], self.dtype), _as_dtype(row_weights[pick], self.dtype))
+                for k, sums in zip(positions, out):
+                    for total, value in zip(totals, sums):
+                        total[offsets[k]:offsets[k + 1]] += value.numpy()
+        rest = [k for k, name in enumerate(self.names) if routes[name] != "layer rule"]
+        if rest:
+            example, column = np.nonzero(row_weights)
+            got = self._squares(raw_inputs, example, cotangents[example, column], row_weights[example, column],
+                                moments, rest)
+            where = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in rest])
+            for total, value in zip(totals, got):
+                total[where] += value
+        return totals if moments else totals * 3
+
+    def _squares(self, raw_inputs, example, cotangents, row_weights, moments, positions):
+        """Runs ``_sum_sq_vjp`` for the variables ``positions`` over rows in chunks that keep
+        rows x (their size) under the budget: the sums over their entries, in flat order (one,
+        or three with ``moments``)."""
         in_specs = self._specs(raw_inputs, [])[0]
         loop = self.per_example_route == "loop"
-        fn = self._compiled(("squares", moments, loop),
-                            lambda a, u, w: self._sum_sq_vjp(a, u, w, moments, loop),
+        positions = tuple(positions)
+        size = int(sum(self.sizes[k] for k in positions))
+        fn = self._compiled(("squares", moments, loop, positions),
+                            lambda a, u, w: self._sum_sq_vjp(a, u, w, moments, loop, positions),
                             (in_specs, tf.TensorSpec([None, None], self.dtype), tf.TensorSpec([None], self.dtype)))
-        chunk = max(1, self.vjp_budget // max(1, self.parameters))
-        totals = [np.zeros(self.parameters) for _ in range(3)]
+        chunk = max(1, self.vjp_budget // max(1, size))
+        totals = [np.zeros(size) for _ in range(3 if moments else 1)]
         for start in range(0, len(example), chunk):
             pick = example[start:start + chunk]
             rows_in = [batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs]
@@ -596,6 +823,11 @@ class CurvatureEngine:
 
 def _vector_spec(count, parameters, dtype):
     return tf.TensorSpec([count, parameters], dtype)
+
+
+def _flat_outputs(outputs, dtype):
+    """The model's outputs as one [B, C] tensor in the compute dtype (C order per output)."""
+    return tf.concat([tf.reshape(tf.cast(o, dtype), [tf.shape(o)[0], -1]) for o in outputs], axis=1)
 
 
 def _dense(gradients):

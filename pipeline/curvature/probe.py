@@ -9,7 +9,7 @@ the plan's cost estimates (``pipeline.cost``) scale. TensorFlow only.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
@@ -31,6 +31,8 @@ class ProbeReport:
     loss: float
     route: str | None
     per_example_route: str | None
+    # Per variable: "layer rule" or "per-example" (``CurvatureEngine.layer_routes``; {} if not asked).
+    layer_routes: dict = field(default_factory=dict)
 
 
 def _shapes(arrays) -> str:
@@ -73,6 +75,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
     try:
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
         routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
+        layers = engine.layer_routes(batch.inputs) if route else {}
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -82,7 +85,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
     return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
-                       per_example_route=routes[1])
+                       per_example_route=routes[1], layer_routes=layers)
 
 
 def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:

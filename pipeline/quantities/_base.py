@@ -32,6 +32,9 @@ class PlanFacts:
     batches: int
     route: str | None  # exact diagonal: "vectorised" | "loop"
     per_example_route: str | None  # Fisher/GGN products: "vectorised" | "loop"
+    # Fisher/GGN products per variable: "layer rule" | "per-example" ({} when not decided).
+    layer_routes: dict = field(default_factory=dict)
+    variable_sizes: dict = field(default_factory=dict)  # entries per variable name
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """``fisher_diagonal``: the empirical Fisher diagonal ``(1/N) sum_i s_i g_i**2``.
 
 ``g_i`` is the gradient of example i's own loss (CONTRACT.md section 1); the sum is the engine's
-``sum_grad_squared`` building block (BackPACK's ``SumGradSquared``: per-example vector-Jacobian
-products ``J_i^T dl_i/df``, squared and summed, vectorised over the batch). About 1 + 4
-gradients per batch on CPU. Defined over the data loss only: no regularization term.
+``sum_grad_squared`` building block (BackPACK's ``SumGradSquared``): by per-layer rules
+(``pipeline.curvature.layer_rules``: the layer's inputs times its output gradients, from the
+same backward pass as the gradient) where a layer has one, by per-example vector-Jacobian
+products ``J_i^T dl_i/df`` vectorised over the batch elsewhere. About 2 gradients per batch on
+CPU with rules for every variable (engine_bench: 2.3x an MLP's plain gradient), about 1 + 4
+without. Defined over the data loss only: no regularization term.
 """
 
 from __future__ import annotations
