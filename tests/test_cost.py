@@ -160,3 +160,29 @@ def test_a_cluster_the_driver_joined_is_budgeted_per_node():
     assert joined["nodes"] == 1 and joined["node_memory"] > 0 and "node_memory" not in started
     budget = memory_budget(LimitsSpec(), joined, workers=2)
     assert budget.worker_bytes == joined["node_memory"] / 2 and budget.machine_bytes is None
+
+
+def test_fisher_and_ggn_by_layer_rules_cost_what_the_rules_do_and_the_plan_says_so():
+    """Parameters with a per-layer rule cost a forward pass and ~0.8 gradients per cotangent
+    column for the whole batch; the rest keep per-example chunks, and the plan names them."""
+    import dataclasses
+
+    from pipeline.quantities._base import PlanFacts
+    from pipeline.quantities.ggn_diagonal import per_example_notes
+
+    ruled = dataclasses.replace(WORK, rule_parameters=WORK.parameters)
+    mixed = dataclasses.replace(WORK, rule_parameters=60_000)
+    exact = {"ggn_diagonal": {"method": "exact"}}
+    seconds = [registry.estimate(exact, w, MEASURED).quantities[0].seconds for w in (ruled, mixed, WORK)]
+    batch_seconds = WORK.batches * MEASURED.gradient_seconds
+    assert seconds[0] == pytest.approx(batch_seconds * (1 + cost.LAYER_RULE_FORWARD + 10 * cost.LAYER_RULE_COLUMN))
+    assert seconds[0] < seconds[1] < seconds[2]  # all, some, none of the parameters by rules
+    facts = PlanFacts(parameters=3, batches=1, route="vectorised", per_example_route="loop",
+                      layer_routes={"dense/kernel": "layer rule", "lstm/kernel": "per-example"},
+                      variable_sizes={"dense/kernel": 2, "lstm/kernel": 1})
+    notes = per_example_notes(facts)
+    assert notes[0] == ("Fisher/GGN products: per-layer rules for 2 of 3 parameters (Dense, Conv1D/2D, Embedding, "
+                        "normalisation scale/shift); per-example products of the whole model for lstm/kernel")
+    assert "one example at a time" in notes[1]
+    every = dataclasses.replace(facts, layer_routes={"dense/kernel": "layer rule", "lstm/kernel": "layer rule"})
+    assert len(per_example_notes(every)) == 1  # no variable left for the loop

@@ -173,3 +173,88 @@ def test_taps_leave_the_model_as_it_was_even_when_the_call_fails():
             rules[0].layer(np.zeros((1, 11, 12, 5)))  # 5 channels, not 3: Keras refuses it
     assert all("call" not in vars(rule.layer) for rule in rules)
     np.testing.assert_array_equal(model(inputs[0]).numpy(), before)
+
+
+# ------------------------------------------------------------------ models that must not take a rule
+class TimeMajorDense(keras.layers.Layer):
+    """A Dense applied to the time-major tensor [T, B, n]: its rows are positions."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units, activation="tanh", name="inner")
+
+    def call(self, h):
+        return tf.transpose(self.dense(tf.transpose(h, [1, 0, 2])), [1, 0, 2])
+
+
+class GatedTied(keras.layers.Layer):
+    """Another layer's kernel, read again, times a gate column (zero on the first rows)."""
+
+    def __init__(self, other, **kwargs):
+        super().__init__(**kwargs)
+        self.other = other
+
+    def call(self, h, gate):
+        return gate * tf.matmul(h, self.other.kernel)
+
+
+class Center(keras.layers.Layer):
+    """Subtracts the batch mean: an example's output depends on its batch."""
+
+    def call(self, h):
+        return h - tf.reduce_mean(h, axis=0, keepdims=True)
+
+
+def time_major():
+    keras.utils.set_random_seed(5)
+    x = keras.Input((4, 3))  # T = 4: as many positions as the first rows a check might use
+    h = keras.layers.Flatten()(TimeMajorDense(5, name="tmd")(x))
+    return keras.Model(x, keras.layers.Dense(3, name="out")(h)), [np.random.default_rng(0).normal(size=(7, 4, 3))]
+
+
+def tied_behind_a_gate():
+    keras.utils.set_random_seed(7)
+    x, gate = keras.Input((4,)), keras.Input((1,))
+    first = keras.layers.Dense(4, activation="tanh", name="d1")
+    h = first(x)
+    h = h + GatedTied(first, name="tied")(h, gate)
+    gates = np.random.default_rng(1).uniform(0.5, 1.5, size=(7, 1))
+    gates[:5] = 0.0  # the second use has no gradient on the rows the check sees
+    model = keras.Model([x, gate], keras.layers.Dense(3, name="out")(h))
+    return model, [np.random.default_rng(0).normal(size=(7, 4)), gates]
+
+
+def batch_mixing():
+    keras.utils.set_random_seed(6)
+    x = keras.Input((4,))
+    h = Center()(keras.layers.Dense(5, activation="tanh", name="d1")(x))
+    return keras.Model(x, keras.layers.Dense(3, name="out")(h)), [np.random.default_rng(0).normal(size=(7, 4))]
+
+
+@pytest.mark.parametrize("build,refused", [(time_major, "tmd/"), (tied_behind_a_gate, "d1/"), (batch_mixing, "")],
+                         ids=["rows-are-positions", "tied-weight-without-gradient-on-first-rows", "batch-mixing"])
+def test_a_rule_that_would_be_wrong_is_refused_whatever_the_first_rows(build, refused):
+    """Found by a hostile trial: each gave silently wrong numbers (25-70%) before the check ran
+    on two batch sizes, read the traced graph for other uses of a variable, and tested that an
+    example's output does not depend on its batch."""
+    engine, ruled, inputs = _sums(build, "float64", WORK, True)
+    _, plain, _ = _sums(build, "float64", WORK, False)
+    routes = engine.layer_routes(inputs)
+    assert {how for name, how in routes.items() if name.startswith(refused)} == {"per-example"}, routes
+    if refused:
+        assert routes["out/kernel"] == "layer rule"
+    for key in ("sum_grad_squared", "ggn_diagonal"):
+        np.testing.assert_allclose(ruled[key], plain[key], rtol=1e-10, atol=1e-13 * np.abs(plain[key]).max())
+
+
+def test_the_fisher_with_extreme_weights_stays_finite_in_float32():
+    """The one-pass Fisher forms (s_i dz_i)**2 / s_i: out of float32's range it is not used."""
+    model, inputs = convolutions()
+    labels = [np.zeros(len(inputs[0]), dtype=np.int64)]
+    for scale in (1e-25, 1e25):
+        weights = np.random.default_rng(2).uniform(0.5, 2.0, size=len(labels[0])) * scale
+        got = [CurvatureEngine(model, _loss(), layer_rule=rule).partial(
+            inputs, labels, weights, np.arange(len(weights)), BatchWork(sum_grad_squared=True)).sums["sum_grad_squared"]
+            for rule in (True, False)]
+        assert np.all(np.isfinite(got[0])) and np.abs(got[0]).max() > 0
+        np.testing.assert_allclose(got[0], got[1], rtol=1e-3, atol=1e-5 * np.abs(got[1]).max())

@@ -212,7 +212,11 @@ def test_the_bundled_example_publishes_what_it_published_before_the_refactor(tmp
     """The bundled example (first 1,024 rows, one worker so that shards are added in order) gives
     Parquet files whose schemas and values are byte-identical to the run recorded before the
     architecture step, and the same manifest apart from ids, dates, clock times and process
-    names (``tests/canonical.py``)."""
+    names (``tests/canonical.py``).
+
+    Renewed when the Fisher and GGN diagonals took per-layer rules: this float32 job's GGN
+    column moved by float32 rounding (2.0e-6 of its largest entry; Fisher 5.9e-8), every other
+    file identical; ``tests/test_layer_rules.py`` holds both routes equal to 1e-10 in float64."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", os.path.join(ROOT, "jobs", "example.yaml"),
                            "--workers", "1", "--set", "data.limit=1024", "--output", str(tmp_path),

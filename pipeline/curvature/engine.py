@@ -315,12 +315,58 @@ class CurvatureEngine:
                     else tf.zeros([0], self.dtype))
         return value, gradient, out
 
-    def _fisher_in_gradient_pass(self, raw_inputs, work: BatchWork) -> bool:
+    def _layer_sampled(self, rules, inputs, labels, scale, weights):
+        """The Monte Carlo GGN's three sums per rule variable: the backward pass from
+        ``sum_i scale_i l_i(y'_i)`` reaches the layer outputs as ``scale_i dz_i``."""
+        with layer_rules.Taps(rules) as taps:
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(scale * self._loss_vector(inputs, labels))
+        grads = tape.gradient(value, taps.outputs(), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        out = []
+        for rule, dzs in zip(rules, taps.split(grads)):
+            got = rule.squares([tf.cast(d, self.dtype) for d in dzs], weights, True)
+            out += [tuple(tf.reshape(tf.cast(v, self.dtype), [-1]) for v in got[attribute])
+                    for attribute, _ in rule.variables]
+        return out
+
+    def _mc_by_rules(self, x, in_specs, sampled, scale, row_weights) -> list[np.ndarray]:
+        """``_layer_sampled`` over the batch in chunks: the three sums [P] (every variable has a
+        layer rule)."""
+        rules = self._rules
+        label_specs = [_tensor_spec(l, spec.shape, self.dtype) for l, spec in zip(sampled, self.signature.outputs)]
+        vector = tf.TensorSpec([None], self.dtype)
+        fn = self._compiled(("layer-mc", tuple(label_specs)),
+                            lambda a, b, c, d: self._layer_sampled(rules, a, b, c, d),
+                            (in_specs, label_specs, vector, vector))
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        held = max([self.sizes[k] for rule in rules if rule.materialises for k in rule.positions], default=0)
+        n = len(row_weights)
+        chunk = max(1, self.vjp_budget // held) if held else n
+        labels = [batch_tensor(l, self.dtype) for l in sampled]
+        totals = [np.zeros(self.parameters) for _ in range(3)]
+        positions = [k for rule in rules for k in rule.positions]
+        for start in range(0, n, chunk):
+            pick = slice(start, start + chunk)
+            out = fn([a[pick] for a in x], [b[pick] for b in labels], _as_dtype(scale[pick], self.dtype),
+                     _as_dtype(row_weights[pick], self.dtype))
+            for k, sums in zip(positions, out):
+                for total, value in zip(totals, sums):
+                    total[offsets[k]:offsets[k + 1]] += value.numpy()
+        return totals
+
+    def _fisher_in_gradient_pass(self, raw_inputs, work: BatchWork, weights) -> bool:
         """Whether the Fisher comes with the loss and gradient in one pass: it is the only
-        curvature asked and every variable has a layer rule."""
+        curvature asked, every variable has a layer rule, and the weights ``s_i`` are such that
+        ``(s_i dz_i)**2 / s_i`` stays in the compute dtype's range."""
         alone = (work.sum_grad_squared and not work.ggn_diagonal and not work.hessian_diagonal
                  and not work.hessian_blocks and (work.hvp_vectors is None or not len(work.hvp_vectors))
                  and (work.probes is None or not len(work.probes)))
+        if weights is not None:
+            sizes = np.abs(np.asarray(weights, dtype=np.float64))
+            sizes = sizes[sizes > 0]
+            limit = 1e100 if self.dtype == tf.float64 else 1e6
+            if sizes.size and (sizes.max() > limit or sizes.min() < 1.0 / limit):
+                return False
         return bool(alone) and set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
 
     def _loss_gradient_fisher(self, part: Partial, x, y, s, specs, with_gradient: bool) -> None:
@@ -348,42 +394,66 @@ class CurvatureEngine:
 
     def _check_rules(self, rules, raw_inputs) -> list:
         """The rules that are right for this model, checked on its first rows (see
-        ``layer_rules``): with the layers tapped, the model's outputs must be unchanged; per
-        rule, the sum of its per-example gradients must equal the gradient of the same scalar
-        by the tape, its tensors must have one row per example (at least two rows are used),
-        and its shapes must be the ones the rule assumes. When the rules together cannot be
-        traced or change the outputs, each is checked alone."""
+        ``layer_rules``), on batches of 3 and of 5 rows (the first rows, repeated when the batch
+        is shorter: two sizes no model axis can both share):
+
+        - the model's output for a row must not depend on the other rows of its batch (else no
+          rule: per-example products compute each example alone);
+        - with the layers tapped, the model's outputs are unchanged;
+        - per rule: its tensors have one row per example; the sum of its per-example gradients
+          equals the tape's batch gradient of its variables; no op outside its calls reads
+          them (a tied weight, found from the traced graph, whatever the data); its shapes are
+          the ones it assumes.
+
+        When the rules together cannot be traced or change the outputs, each is checked alone."""
         n = len(raw_inputs[0])
-        pick = np.arange(min(n, 4)) if n >= 2 else np.zeros(2, dtype=np.int64)
-        x = [batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs]
-        kept = self._checked(rules, x, len(pick))
+        batches = [[batch_tensor(np.asarray(a)[np.arange(size) % n], self.dtype) for a in raw_inputs]
+                   for size in (3, 5)]
+        # Row 0 replaced by row 1: rows 1-4 must give the same outputs.
+        swapped = [batch_tensor(np.asarray(a)[np.array([1, 1, 2, 3, 4]) % n], self.dtype) for a in raw_inputs]
+        specs = self._specs(raw_inputs, [])[0]
+        outputs = tf.function(lambda a: _flat_outputs(self.adapter.forward(list(a))[0], self.dtype),
+                              input_signature=(specs,))
+        tolerance = 1e-9 if self.dtype == tf.float64 else 1e-4
+        try:
+            alone, mixed = outputs(batches[1]).numpy()[1:], outputs(swapped).numpy()[1:]
+        except (ValueError, TypeError, NotImplementedError, LookupError, tf.errors.OpError):
+            return []
+        if np.max(np.abs(alone - mixed), initial=0.0) > tolerance * max(np.max(np.abs(alone), initial=0.0), 1e-30):
+            return []
+        kept = self._checked(rules, batches, specs, tolerance)
         if kept is None:
-            kept = [rule for rule in rules if self._checked([rule], x, len(pick))]
+            kept = [rule for rule in rules if self._checked([rule], batches, specs, tolerance)]
         return kept
 
-    def _checked(self, rules, x, rows: int):
+    def _checked(self, rules, batches, specs, tolerance):
         """``_check_rules`` for one set of rules: the ones that pass, or None when the set fails
         to trace or changes the model's outputs."""
         facts: list = []
+        handles = {k: v.handle for k, v in enumerate(self.variables)}
 
         def check(inputs):
             plain = _flat_outputs(self.adapter.forward(list(inputs))[0], self.dtype)
+            graph = tf.compat.v1.get_default_graph()
+            start = len(graph.get_operations())
             with layer_rules.Taps(rules) as taps:
                 with tf.GradientTape() as tape:
                     outputs, _ = self.adapter.forward(list(inputs))
                     flat = _flat_outputs(outputs, self.dtype)
+                    end = len(graph.get_operations())
                     # Any fixed, non-trivial cotangent: the check compares two routes to one number.
                     index = tf.cast(tf.reshape(tf.range(tf.size(flat)), tf.shape(flat)), self.dtype)
                     value = tf.reduce_sum(flat * tf.cos(0.7 * index + 0.3))
+            shared = layer_rules.reads_elsewhere(rules, graph, graph.get_operations()[start:end], handles)
             tapped = taps.outputs()
             grads = tape.gradient(value, tapped + self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             truth = _dense(grads[len(tapped):])
             out = []
             facts.clear()
             for rule, dzs in zip(rules, taps.split(grads[:len(tapped)])):
-                facts.append((len(rule.records), rule.shapes_fit(),
-                              len(rule.records) == 1 and rule.records[0].x.shape.rank == 2))
-                if not rule.records or not facts[-1][1]:
+                usable = bool(rule.records) and rule.shapes_fit() and id(rule) not in shared
+                facts.append((usable, len(rule.records) == 1 and rule.records[0].x.shape.rank == 2))
+                if not usable:
                     out.append(([], [], tf.zeros([0], tf.int32)))
                     continue
                 summed = rule.summed([tf.cast(d, self.dtype) for d in dzs])
@@ -392,21 +462,25 @@ class CurvatureEngine:
                             [tf.cast(truth[k], self.dtype) for _, k in rule.variables], sizes))
             return tf.reduce_max(tf.abs(flat - plain)), tf.reduce_max(tf.abs(plain)), out
 
+        traced = tf.function(check, input_signature=(specs,))
         try:
-            changed, scale, results = tf.function(check)(x)
+            results = [traced(batch) for batch in batches]
         except (ValueError, TypeError, NotImplementedError, LookupError, tf.errors.OpError):
             return None
-        tolerance = 1e-9 if self.dtype == tf.float64 else 1e-4
-        if float(changed) > tolerance * max(float(scale), 1e-30):
+        if any(float(changed) > tolerance * max(float(scale), 1e-30) for changed, scale, _ in results):
             return None
         kept = []
-        for rule, (records, fits, plain), (summed, truth, sizes) in zip(rules, facts, results):
-            if not records or not fits or not np.all(sizes.numpy() == rows):
+        for number, (rule, (usable, plain)) in enumerate(zip(rules, facts)):
+            if not usable:
                 continue
-            agree = all(np.max(np.abs(a.numpy() - b.numpy()), initial=0.0)
-                        <= tolerance * max(np.max(np.abs(b.numpy()), initial=0.0), 1e-30)
-                        for a, b in zip(summed, truth))
-            if agree:
+            right = True
+            for batch, (_, _, out) in zip(batches, results):
+                summed, truth, sizes = out[number]
+                right = right and np.all(sizes.numpy() == int(batch[0].shape[0])) and all(
+                    np.max(np.abs(a.numpy() - b.numpy()), initial=0.0)
+                    <= tolerance * max(np.max(np.abs(b.numpy()), initial=0.0), 1e-30)
+                    for a, b in zip(summed, truth))
+            if right:
                 # One call on [B, n_in] inputs: a Dense's squares need no per-example gradient.
                 rule.materialises = not (rule.kind == "dense" and plain)
                 kept.append(rule)
@@ -457,7 +531,7 @@ class CurvatureEngine:
         x, y, s = self._cast_batch(inputs, labels, weights)
         specs = self._specs(inputs, labels)
         part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
-        if self._fisher_in_gradient_pass(inputs, work):
+        if self._fisher_in_gradient_pass(inputs, work, weights):
             self._loss_gradient_fisher(part, x, y, s, specs, work.gradient)
             return part
         self._curvature(part, self._objective, (x, y, s), specs, work, data=True)
@@ -664,9 +738,16 @@ class CurvatureEngine:
             sums = None
             grad_fn = self._compiled(("outputs", False), lambda a, b: self._output_derivatives(a, b, False),
                                      specs[:2])
+            every = set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
             for sample in range(work.ggn_samples):
                 sampled, scale = self._sample_labels(flat_np, valid.numpy().astype(np.float64), rows,
                                                      work.seed, sample)
+                if every and np.all(scale == scale[:, :1]):
+                    # One scale per example: the sampled loss, scaled, goes straight back to the
+                    # layer outputs (no output derivatives' pass of its own).
+                    got = self._mc_by_rules(x, specs[0], sampled, scale[:, 0], weights / work.ggn_samples)
+                    sums = got if sums is None else [a + b for a, b in zip(sums, got)]
+                    continue
                 sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
                 _, dl_sampled, _, _ = grad_fn(x, sampled)
                 got = self._example_squares(raw_inputs, (dl_sampled.numpy() * scale)[:, None, :],

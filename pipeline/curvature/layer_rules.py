@@ -70,6 +70,8 @@ class Rule:
     layer: object
     variables: list[tuple[str, int]]
     records: list[Record] = field(default_factory=list)
+    # Names of the graph ops its calls created while traced (``reads_elsewhere``).
+    inside: set = field(default_factory=set)
     # Whether squares need per-example gradients of the kernel (set once the rule is checked:
     # inputs of rank > 2, convolutions, or a layer called more than once).
     materialises: bool = True
@@ -80,7 +82,21 @@ class Rule:
 
     # ------------------------------------------------------------------ the tap
     def wrapped(self, original):
-        """The layer's ``call``, recording ``(x, z)`` and returning what it returned."""
+        """The layer's ``call``, recording ``(x, z)`` and returning what it returned; while
+        traced, also the ops it creates (``inside``)."""
+        call = self._recording(original)
+
+        def traced(*args, **kwargs):
+            graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+            start = len(graph.get_operations()) if graph is not None else 0
+            try:
+                return call(*args, **kwargs)
+            finally:
+                if graph is not None:
+                    self.inside.update(op.name for op in graph.get_operations()[start:])
+        return traced
+
+    def _recording(self, original):
         layer, records = self.layer, self.records
 
         if self.kind in ("dense", "conv"):
@@ -320,6 +336,23 @@ def find_rules(model, names: list[str]) -> list[Rule]:
     return rules
 
 
+def reads_elsewhere(rules: list[Rule], graph, ops, handles: dict) -> set[int]:
+    """``id`` of each rule one of whose variables feeds an op of ``ops`` (those of a traced,
+    tapped forward pass) created outside the rule's own calls: a weight tied to another layer,
+    read by a custom layer, or passed into a loop. Data-independent, unlike the gradient check
+    (a second use whose gradient is zero on the first rows). ``handles``: the engine's variable
+    position -> its ``tf.Variable.handle``. A variable whose captured handle cannot be found
+    counts as read elsewhere."""
+    internal = {id(external): placeholder.name for external, placeholder in graph.captures}
+    bad = set()
+    for rule in rules:
+        names = {internal.get(id(handles[k])) for k in rule.positions}
+        if None in names or any(op.name not in rule.inside and any(t.name in names for t in op.inputs)
+                                for op in ops):
+            bad.add(id(rule))
+    return bad
+
+
 class Taps:
     """While open, every rule's layer records its calls (``Rule.records``); the layers are
     restored on exit, whatever happened."""
@@ -330,6 +363,7 @@ class Taps:
     def __enter__(self):
         for rule in self.rules:
             rule.records.clear()
+            rule.inside.clear()
             # An instance attribute shadows the class's ``call``; Keras' ``Layer.__call__``
             # looks ``self.call`` up on each call.
             object.__setattr__(rule.layer, "call", rule.wrapped(type(rule.layer).call.__get__(rule.layer)))
