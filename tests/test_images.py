@@ -30,18 +30,6 @@ ENV.pop("HESSIAN_PIPELINE_FAULT", None)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def numeric(tmp_path_factory):
     """The PNGs' images as a numeric column: 8-bit levels / 255 in float32, computed from the
     generator, not by decoding the PNGs."""

@@ -48,18 +48,6 @@ def files(tmp_path_factory):
     return root, finalize(part)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture
 def fault(monkeypatch, tmp_path):
     """Sets HESSIAN_PIPELINE_FAULT for this test; returns a reader of the workers' log."""

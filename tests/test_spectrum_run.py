@@ -49,17 +49,6 @@ CLASSIFICATION = {
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": a new Ray of our own, never a cluster a colleague started on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
-    yield ray
-    ray.shutdown()
-
-
 def _write_regression(folder, x, seed=7):
     """The features ``x`` with targets ``10 N(0, 1)`` as a fixed-size list column, in 2 files."""
     targets = 10.0 * np.random.default_rng(seed).normal(size=(len(x), 3))
