@@ -42,7 +42,7 @@ QUANTITIES = [
     ("ggn_mc", {"ggn_diagonal": {"method": "mc", "samples": 1}}),
     ("hutchinson_10", {"hessian_diagonal": {"method": "hutchinson", "probes": 10}}),
     ("hvp_4", {"hvp": {"random": 4}}),
-    ("trace_hutch++_12", {"trace": {"method": "hutch++", "probes": 12}}),
+    ("trace_hutchpp_12", {"trace": {"method": "hutch++", "probes": 12}}),
     ("eigenvalues_top2", {"eigenvalues": {"top": 2, "iterations": 8}}),
     ("spectrum_1x8", {"spectrum": {"runs": 1, "steps": 8}}),
     ("hessian_diagonal_exact", {"hessian_diagonal": {"method": "exact"}}),

@@ -95,6 +95,7 @@ class Workload:
     route: str | None = None  # exact diagonal: "vectorised" | "loop"
     per_example_route: str | None = None  # Fisher/GGN products: "vectorised" | "loop"
     rule_parameters: int = 0  # parameters whose Fisher/GGN products take a per-layer rule
+    rule_rows: int = 0  # rows per call of the layer rules (0: the whole batch)
     diagonal_block: int = 512  # CurvatureEngine.diagonal_block
     vjp_budget: int = 1 << 24  # CurvatureEngine.vjp_budget
     # The selected variables (paths and shapes, model order), for costs per block of H.
@@ -212,7 +213,9 @@ def per_example(w: Workload, m: Measurement, products: int) -> tuple[float, floa
     main, held = 1.0, 3 * 8 * w.parameters
     covered = min(w.rule_parameters, w.parameters)
     if covered:
-        main += LAYER_RULE_FORWARD + products * LAYER_RULE_COLUMN
+        # Each call (rows within the budget of per-example gradients) repeats its passes.
+        calls = math.ceil(w.batch_size / w.rule_rows) if w.rule_rows else 1
+        main += calls * (LAYER_RULE_FORWARD + products * LAYER_RULE_COLUMN)
         # The activations of one pass, and at most one layer's per-example gradients at a time.
         held += 2 * m.activation_bytes + min(w.vjp_budget, w.batch_size * w.largest_variable) * w.itemsize
     rest = w.parameters - covered

@@ -192,6 +192,7 @@ def _workload(plan: Plan, engine, trial) -> cost.Workload:
         gpus=plan.gpus > 0, route=trial.route, per_example_route=trial.per_example_route,
         rule_parameters=sum(size for name, size in zip(engine.names, engine.sizes)
                             if trial.layer_routes.get(name) == "layer rule"),
+        rule_rows=trial.rule_rows,
         diagonal_block=engine.diagonal_block, vjp_budget=engine.vjp_budget,
         variables=tuple(plan.signature.variables), variable_shapes=tuple(plan.signature.variable_shapes))
 

@@ -186,3 +186,16 @@ def test_fisher_and_ggn_by_layer_rules_cost_what_the_rules_do_and_the_plan_says_
     assert "one example at a time" in notes[1]
     every = dataclasses.replace(facts, layer_routes={"dense/kernel": "layer rule", "lstm/kernel": "layer rule"})
     assert len(per_example_notes(every)) == 1  # no variable left for the loop
+
+
+def test_layer_rules_in_calls_of_fewer_rows_cost_each_call():
+    """A convolution's per-example gradients are held rows x its size: with rows per call below
+    the batch, each call repeats the passes, and the estimate counts them."""
+    import dataclasses
+
+    whole = dataclasses.replace(WORK, rule_parameters=WORK.parameters)
+    split = dataclasses.replace(whole, rule_rows=64)  # 256-row batches: 4 calls
+    exact = {"ggn_diagonal": {"method": "exact"}}
+    one, four = (registry.estimate(exact, w, MEASURED).quantities[0].seconds for w in (whole, split))
+    per_call = WORK.batches * MEASURED.gradient_seconds * (cost.LAYER_RULE_FORWARD + 10 * cost.LAYER_RULE_COLUMN)
+    assert four - one == pytest.approx(3 * per_call)

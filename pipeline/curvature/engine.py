@@ -339,9 +339,8 @@ class CurvatureEngine:
                             lambda a, b, c, d: self._layer_sampled(rules, a, b, c, d),
                             (in_specs, label_specs, vector, vector))
         offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        held = max([self.sizes[k] for rule in rules if rule.materialises for k in rule.positions], default=0)
         n = len(row_weights)
-        chunk = max(1, self.vjp_budget // held) if held else n
+        chunk = self.rule_rows(n)
         labels = [batch_tensor(l, self.dtype) for l in sampled]
         totals = [np.zeros(self.parameters) for _ in range(3)]
         positions = [k for rule in rules for k in rule.positions]
@@ -374,9 +373,8 @@ class CurvatureEngine:
         fn = self._compiled(("layer-fisher", with_gradient),
                             lambda a, b, c: self._layer_fisher(rules, a, b, c, with_gradient), specs)
         offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        held = max([self.sizes[k] for rule in rules if rule.materialises for k in rule.positions], default=0)
         n = int(s.shape[0])
-        chunk = max(1, self.vjp_budget // held) if held else n
+        chunk = self.rule_rows(n)
         loss, gradient, total = 0.0, np.zeros(self.parameters), np.zeros(self.parameters)
         positions = [k for rule in rules for k in rule.positions]
         for start in range(0, n, chunk):
@@ -766,6 +764,14 @@ class CurvatureEngine:
         covered = {k for rule in self._rules for k in rule.positions}
         return {name: "layer rule" if k in covered else "per-example" for k, name in enumerate(self.names)}
 
+    def rule_rows(self, batch: int) -> int:
+        """Rows per call of the layer rules: a layer that forms per-example gradients (a
+        convolution, a Dense on sequences) holds rows x its size, kept under ``vjp_budget``; each
+        call repeats the forward and backward passes, so the plan counts them."""
+        held = max([self.sizes[k] for rule in self._rules or [] if rule.materialises for k in rule.positions],
+                   default=0)
+        return max(1, min(batch, self.vjp_budget // held)) if held else batch
+
     def _example_squares(self, raw_inputs, cotangents, row_weights, moments):
         """``sum_{i,m} W[i,m] (J_i^T U[i,m])**2`` ([P]; with ``moments`` also the sums with
         ``W**2`` of q and q**2, else the first sum three times) for cotangents U [B, M, C] and
@@ -788,8 +794,7 @@ class CurvatureEngine:
                                 lambda a, u, w: self._layer_squares(rules, a, u, w, moments, columns),
                                 (in_specs, tf.TensorSpec([None, columns, None], self.dtype),
                                  tf.TensorSpec([None, columns], self.dtype)))
-            held = max([self.sizes[k] for rule in rules if rule.materialises for k in rule.positions], default=0)
-            chunk = max(1, self.vjp_budget // held) if held else len(cotangents)
+            chunk = self.rule_rows(len(cotangents))
             positions = [k for rule in rules for k in rule.positions]
             for start in range(0, len(cotangents), chunk):
                 pick = slice(start, start + chunk)

@@ -33,6 +33,7 @@ class ProbeReport:
     per_example_route: str | None
     # Per variable: "layer rule" or "per-example" (``CurvatureEngine.layer_routes``; {} if not asked).
     layer_routes: dict = field(default_factory=dict)
+    rule_rows: int = 0  # rows per call of the layer rules (``CurvatureEngine.rule_rows``), 0 if not asked
 
 
 def _shapes(arrays) -> str:
@@ -76,6 +77,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
         routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
         layers = engine.layer_routes(batch.inputs) if route else {}
+        rule_rows = engine.rule_rows(1 << 30) if route else 0
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -85,7 +87,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
     return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
-                       per_example_route=routes[1], layer_routes=layers)
+                       per_example_route=routes[1], layer_routes=layers, rule_rows=rule_rows)
 
 
 def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:
