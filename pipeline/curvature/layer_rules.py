@@ -25,12 +25,15 @@ input and output gradients: about 1 + C/2 gradients for the exact GGN instead of
 Memory: the activations of one pass and, for rank > 2 inputs and convolutions, one layer's
 per-example gradients for the rows of a chunk (``B_chunk x layer size``).
 
-Which layers a model's variables take is decided per model, once (``CurvatureEngine``): a layer
-is used only when its class is exactly one of the above with its standard ``call`` (no LoRA,
-no quantisation), its variables are among those selected, and on the first rows the sum of
-its per-example gradients equals the batch gradient of its variables and its tensors have one
-row per example. Every other variable keeps the vectorised per-example route, so weight tying,
-``TimeDistributed``, custom layers and layers inside loops are still right.
+Which layers a model's variables take is decided per model, once (``CurvatureEngine.
+layer_routes``): a layer is used only when its class is exactly one of the above with its
+standard ``call`` (no LoRA, no quantisation) and its variables are among those selected, and, on
+batches of 3 and 5 of the first rows: an example's output does not depend on its batch, the
+tapped model gives the same outputs, the layer's tensors have one row per example, the sum of its
+per-example gradients equals the batch gradient of its variables, and no op outside its own
+calls reads them in the traced graph (``reads_elsewhere``). Every other variable keeps the
+vectorised per-example route, so weight tying, layers applied to positions folded into the batch
+axis, custom layers and layers inside loops are still right.
 
 Source: Dangel, Kunstner and Hennig (2020), "BackPACK: Packing more into backprop" (its
 per-layer extensions for ``DiagGGN``, ``DiagGGNMC`` and ``SumGradSquared``); Goodfellow (2015),
