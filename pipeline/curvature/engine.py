@@ -555,6 +555,10 @@ class CurvatureEngine:
 
     def _curvature(self, part: Partial, objective, batch, specs, work: BatchWork, data: bool):
         """Loss, gradient, HVPs and Hessian diagonals of ``objective`` on one batch."""
+        # Only this batch's vectors stay converted: a later pass's vectors replace an earlier
+        # pass's (else a worker would keep every pass of a Lanczos run or of Hutchinson probes).
+        live = {id(v) for v in (work.hvp_vectors, work.probes) if v is not None}
+        self._vectors = {key: value for key, value in self._vectors.items() if key[0] in live}
         blocks = []  # (key, vectors): everything that needs Hessian-vector products
         if work.hvp_vectors is not None and len(work.hvp_vectors):
             blocks.append(("hvp", np.asarray(work.hvp_vectors)))
