@@ -338,19 +338,14 @@ class CurvatureEngine:
         fn = self._compiled(("layer-mc", tuple(label_specs)),
                             lambda a, b, c, d: self._layer_sampled(rules, a, b, c, d),
                             (in_specs, label_specs, vector, vector))
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         n = len(row_weights)
         chunk = self.rule_rows(n)
         labels = [batch_tensor(l, self.dtype) for l in sampled]
         totals = [np.zeros(self.parameters) for _ in range(3)]
-        positions = [k for rule in rules for k in rule.positions]
         for start in range(0, n, chunk):
             pick = slice(start, start + chunk)
-            out = fn([a[pick] for a in x], [b[pick] for b in labels], _as_dtype(scale[pick], self.dtype),
-                     _as_dtype(row_weights[pick], self.dtype))
-            for k, sums in zip(positions, out):
-                for total, value in zip(totals, sums):
-                    total[offsets[k]:offsets[k + 1]] += value.numpy()
+            self._add_rule_sums(totals, fn([a[pick] for a in x], [b[pick] for b in labels],
+                                           _as_dtype(scale[pick], self.dtype), _as_dtype(row_weights[pick], self.dtype)))
         return totals
 
     def _fisher_in_gradient_pass(self, raw_inputs, work: BatchWork, weights) -> bool:
@@ -372,19 +367,16 @@ class CurvatureEngine:
         rules = self._rules
         fn = self._compiled(("layer-fisher", with_gradient),
                             lambda a, b, c: self._layer_fisher(rules, a, b, c, with_gradient), specs)
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         n = int(s.shape[0])
         chunk = self.rule_rows(n)
         loss, gradient, total = 0.0, np.zeros(self.parameters), np.zeros(self.parameters)
-        positions = [k for rule in rules for k in rule.positions]
         for start in range(0, n, chunk):
             value, grad, out = fn([a[start:start + chunk] for a in x], [b[start:start + chunk] for b in y],
                                   s[start:start + chunk])
             loss += float(value.numpy())
             if with_gradient:
                 gradient += grad.numpy()
-            for k, sums in zip(positions, out):
-                total[offsets[k]:offsets[k + 1]] += sums.numpy()
+            self._add_rule_sums([total], [(sums,) for sums in out])
         part.sums["loss"] = np.asarray(loss, dtype=np.float64)
         if with_gradient:
             part.sums["gradient"] = gradient
@@ -768,6 +760,15 @@ class CurvatureEngine:
         covered = {k for rule in self._rules for k in rule.positions}
         return {name: "layer rule" if k in covered else "per-example" for k, name in enumerate(self.names)}
 
+    def _add_rule_sums(self, totals: list, out) -> None:
+        """Adds what a layer-rule function returned (per variable of ``self._rules``, in rule
+        order, a tuple of flat sums) into the flat ``totals`` [P] at each variable's entries."""
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        positions = [k for rule in self._rules for k in rule.positions]
+        for k, sums in zip(positions, out):
+            for total, value in zip(totals, sums):
+                total[offsets[k]:offsets[k + 1]] += value.numpy()
+
     def rule_rows(self, batch: int) -> int:
         """Rows per call of the layer rules: a layer that forms per-example gradients (a
         convolution, a Dense on sequences) holds rows x its size, kept under ``vjp_budget``; each
@@ -799,14 +800,11 @@ class CurvatureEngine:
                                 (in_specs, tf.TensorSpec([None, columns, None], self.dtype),
                                  tf.TensorSpec([None, columns], self.dtype)))
             chunk = self.rule_rows(len(cotangents))
-            positions = [k for rule in rules for k in rule.positions]
             for start in range(0, len(cotangents), chunk):
                 pick = slice(start, start + chunk)
-                out = fn([batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs],
-                         _as_dtype(cotangents[pick], self.dtype), _as_dtype(row_weights[pick], self.dtype))
-                for k, sums in zip(positions, out):
-                    for total, value in zip(totals, sums):
-                        total[offsets[k]:offsets[k + 1]] += value.numpy()
+                self._add_rule_sums(totals, fn([batch_tensor(np.asarray(a)[pick], self.dtype) for a in raw_inputs],
+                                               _as_dtype(cotangents[pick], self.dtype),
+                                               _as_dtype(row_weights[pick], self.dtype)))
         rest = [k for k, name in enumerate(self.names) if routes[name] != "layer rule"]
         if rest:
             example, column = np.nonzero(row_weights)
