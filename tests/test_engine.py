@@ -9,7 +9,8 @@ import pytest
 
 import cases
 import keras
-from pipeline.curvature.engine import CurvatureEngine
+import tensorflow as tf
+from pipeline.curvature.engine import CurvatureEngine, XlaTrial
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
@@ -349,3 +350,43 @@ def test_a_worker_keeps_only_the_current_passs_vectors_converted():
             engine.partial(inputs, labels, weights, rows, BatchWork(hvp_vectors=vectors))
         assert {key[0] for key in engine._vectors} == {id(vectors)}
         assert len(engine._vectors) == 2  # blocks of 2 and 1 of the 3 vectors
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_xla_hvps_are_kept_only_where_they_agree(model_name):
+    """With ``xla="on"`` each HVP function is tried under XLA on its first batch; whichever
+    is kept, the HVPs equal the plain graph's, and the try says what it measured."""
+    model = cases.MODELS[model_name]()
+    loss = cases.resolved("sparse_categorical_crossentropy", from_logits=True)
+    inputs, labels, weights = _batch(model, None)
+    rows = np.arange(len(weights))
+    plain = CurvatureEngine(model, loss, precision="float32", xla="off")
+    tried = CurvatureEngine(model, loss, precision="float32", xla="on")
+    vectors = np.random.default_rng(0).normal(size=(2, plain.parameters))
+    work = BatchWork(hvp_vectors=vectors)
+    want = plain.partial(inputs, labels, weights, rows, work).sums["hvp"]
+    got = tried.partial(inputs, labels, weights, rows, work).sums["hvp"]
+    assert plain.xla_trials == {}
+    (report,) = tried.xla_trials.values()
+    assert report["chosen"] in ("xla", "plain")
+    if "failed" not in report:
+        assert report["agrees"] == (report["error"] <= 1e-4)
+        assert report["plain_s"] > 0 and report["xla_s"] > 0
+    if report["chosen"] == "xla":
+        assert report["agrees"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_xla_twin_that_disagrees_is_dropped():
+    """An XLA twin whose numbers differ (here: a deliberately perturbed function) is never
+    chosen, however fast."""
+    plain = tf.function(lambda x: tf.reduce_sum(tf.sin(x) * x))
+    wrong = tf.function(lambda x: tf.reduce_sum(tf.sin(x) * x) * (1 + 1e-3), jit_compile=True)
+    reports = []
+    trial = XlaTrial(plain, wrong, 1e-4, reports.append)
+    x = tf.constant(np.linspace(0.1, 1.0, 50), tf.float32)
+    assert float(trial(x)) == pytest.approx(float(plain(x)))
+    assert reports[0]["agrees"] is False and reports[0]["chosen"] == "plain"
+    assert reports[0]["error"] == pytest.approx(1e-3, rel=0.1)
+    with pytest.raises(ValueError, match="xla must be"):
+        CurvatureEngine(cases.MODELS["mlp"](), cases.resolved("mse"), xla="yes")

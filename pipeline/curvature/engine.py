@@ -28,11 +28,12 @@ examples (one "gradient" = one forward and one backward pass over the batch):
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
 
-from pipeline.curvature import layer_rules
+from pipeline.curvature import layer_rules, sampling
 from pipeline.curvature.adapter import ModelAdapter
 from pipeline.curvature.model import to_precision
 from pipeline.curvature.requests import BatchWork
@@ -73,11 +74,16 @@ class CurvatureEngine:
             every quantity is taken with respect to; None or "all" for every trainable variable.
         layer_rule: Fisher and GGN products by per-layer rules where a layer has one
             (``layer_rules``); False for per-example products of the whole model everywhere.
+        xla: whether HVP functions may run compiled by XLA (``jit_compile``): "auto" tries it
+            where a GPU is visible, "on" everywhere, "off" never. A try (``XlaTrial``) keeps
+            XLA for a function only if, on its first batch, it agrees with the plain graph
+            and is faster; ``xla_trials`` holds what each try measured.
     """
 
     def __init__(self, model, loss, precision: str = "float32", hvp_block: int = 16,
                  diagonal_block: int = 512, vjp_budget: int = 1 << 24, threads: int | None = None,
-                 builder=None, route: str | None = None, selected=None, layer_rule: bool = True):
+                 builder=None, route: str | None = None, selected=None, layer_rule: bool = True,
+                 xla: str = "auto"):
         set_threads(threads)
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
@@ -111,6 +117,12 @@ class CurvatureEngine:
         # The layers whose Fisher and GGN products take a per-layer rule (``layer_routes``);
         # None until the first batch decides.
         self._rules = None if layer_rule else []
+        if xla not in ("auto", "on", "off"):
+            raise ValueError(f"xla must be auto, on or off, not {xla!r}")
+        # On CPU, XLA measured slower for HVPs through convolutions (4.2x against 2.7x a
+        # gradient) and no faster on an MLP (benchmarks/engine_bench.py): "auto" skips it there.
+        self.xla = xla == "on" or (xla == "auto" and bool(tf.config.list_logical_devices("GPU")))
+        self.xla_trials: dict = {}
 
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
@@ -202,10 +214,22 @@ class CurvatureEngine:
                      objective=None, tag: str = "data"):
         """The compiled ``(inputs, labels, weights, V[count, P]) -> (loss, gradient, HV)``."""
         objective = objective or self._objective
-        return self._compiled(
-            (tag, "hvp", count, with_gradient, probe_products),
-            lambda a, b, c, v: self._hvp(objective, a, b, c, v, with_gradient, probe_products),
-            (*specs, _vector_spec(count, self.parameters, self.dtype)))
+        key = (tag, "hvp", count, with_gradient, probe_products)
+        signature = (*specs, _vector_spec(count, self.parameters, self.dtype))
+
+        def build(a, b, c, v):
+            return self._hvp(objective, a, b, c, v, with_gradient, probe_products)
+
+        plain = self._compiled(key, build, signature)
+        if not self.xla:
+            return plain
+        trial = self._functions.get(key + ("xla",))
+        if trial is None:
+            xla = tf.function(build, input_signature=signature, reduce_retracing=True, jit_compile=True)
+            trial = XlaTrial(plain, xla, 1e-10 if self.dtype == tf.float64 else 1e-4,
+                             lambda report: self.xla_trials.__setitem__(key, report))
+            self._functions[key + ("xla",)] = trial
+        return trial
 
     def _diagonal_block(self, objective, index, size, inputs, labels, weights, start):
         """diag(H) entries [start, start + size) of variable ``index`` (clamped at its end).
@@ -293,7 +317,7 @@ class CurvatureEngine:
                 out += sums[id(rule)]
         del tape
         count = 3 if moments else 1
-        return [tuple(tf.reshape(tf.cast(part[j], self.dtype), [-1]) for j in range(count)) for part in out]
+        return self._flat_layout([part[:count] for part in out])
 
     def _layer_fisher(self, rules, inputs, labels, weights, with_gradient: bool):
         """(objective, gradient or [0], the Fisher's squares per rule variable) in one forward
@@ -310,77 +334,131 @@ class CurvatureEngine:
         out = []
         for rule, dzs in zip(rules, taps.split(grads[:len(tapped)])):
             got = rule.squares([tf.cast(d, self.dtype) for d in dzs], inverse, False)
-            out += [tf.reshape(tf.cast(got[attribute][0], self.dtype), [-1]) for attribute, _ in rule.variables]
+            out += [got[attribute][:1] for attribute, _ in rule.variables]
         gradient = (self.flatten([tf.cast(g, self.dtype) for g in _dense(grads[len(tapped):])]) if with_gradient
                     else tf.zeros([0], self.dtype))
-        return value, gradient, out
+        return value, gradient, self._flat_layout(out)
 
-    def _layer_sampled(self, rules, inputs, labels, scale, weights):
-        """The Monte Carlo GGN's three sums per rule variable: the backward pass from
-        ``sum_i scale_i l_i(y'_i)`` reaches the layer outputs as ``scale_i dz_i``."""
+    def _layer_mc(self, rules, inputs, labels, weights, uniforms, row_weights, samples: int, with_gradient: bool,
+                  uniform: bool):
+        """The Monte Carlo GGN by layer rules in one forward pass: ``(objective, gradient or
+        [0], the three sums per rule variable)``.
+
+        The pass records the loss at the data's labels (its gradient, if asked) and, per sample,
+        labels drawn from its own outputs (``sampling.draw_labels``, with ``uniforms`` given per
+        sample and output); the backward pass from ``sum_o sum_i scale_io l_io(y'_i)`` reaches
+        the layer outputs as ``J_i^T (scale_i * dl_i(y'_i)/df_i)``, whose per-example squares
+        (weights ``row_weights``) each rule sums. Cost: one forward pass, one backward pass to
+        the variables if ``with_gradient``, and per sample one backward pass to the layer
+        outputs and the rules' three sums."""
+        outputs_count = len(self.signature.outputs)
         with layer_rules.Taps(rules) as taps:
-            with tf.GradientTape() as tape:
-                value = tf.reduce_sum(scale * self._loss_vector(inputs, labels))
-        grads = tape.gradient(value, taps.outputs(), unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        out = []
-        for rule, dzs in zip(rules, taps.split(grads)):
-            got = rule.squares([tf.cast(d, self.dtype) for d in dzs], weights, True)
-            out += [tuple(tf.reshape(tf.cast(v, self.dtype), [-1]) for v in got[attribute])
-                    for attribute, _ in rule.variables]
-        return out
+            with tf.GradientTape(persistent=True) as tape:
+                outputs, masks = self.adapter.forward(list(inputs))
+                value = tf.reduce_sum(weights * tf.cast(self.adapter.per_example_loss(list(labels), outputs, masks),
+                                                        self.dtype))
+                with tape.stop_recording():
+                    flat = _flat_outputs(outputs, tf.float64)
+                    valid = tf.stack([_valid_fraction(m, tf.shape(o)[0], tf.float64)
+                                      for o, m in zip(outputs, masks)], axis=1)
+                sampled_values = []
+                for sample in range(samples):
+                    with tape.stop_recording():
+                        drawn, scale = sampling.draw_labels(
+                            self.loss.family, flat, valid, uniforms[sample * outputs_count:(sample + 1) * outputs_count],
+                            self._output_shapes(None), self._from_logits())
+                        drawn = [tf.cast(d, self.dtype) if d.dtype.is_floating else d for d in drawn]
+                        # One scale per output and example: its first column.
+                        starts = np.cumsum([0] + [int(np.prod(o.shape[1:])) for o in outputs])[:-1]
+                        scales = [tf.cast(scale[:, int(k)], self.dtype) for k in starts]
+                    losses = self.adapter.output_losses(drawn, outputs, masks)
+                    sampled_values.append(tf.add_n([tf.reduce_sum(c * l) for c, l in zip(scales, losses)]))
+        tapped = taps.outputs()
+        sums = None
+        for sampled in sampled_values:  # static: one backward pass each
+            grads = tape.gradient(sampled, tapped, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            got = []
+            for rule, dzs in zip(rules, taps.split(grads)):
+                squares = rule.squares([tf.cast(d, self.dtype) for d in dzs], row_weights, True, uniform)
+                got += [squares[attribute] for attribute, _ in rule.variables]
+            sums = got if sums is None else [tuple(a + b for a, b in zip(x, y)) for x, y in zip(sums, got)]
+        gradient = tf.zeros([0], self.dtype)
+        if with_gradient:
+            grads = tape.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gradient = self.flatten([tf.cast(g, self.dtype) for g in _dense(grads)])
+        del tape
+        return value, gradient, self._flat_layout(sums)
 
-    def _mc_by_rules(self, x, in_specs, sampled, scale, row_weights) -> list[np.ndarray]:
-        """``_layer_sampled`` over the batch in chunks: the three sums [P] (every variable has a
-        layer rule)."""
+    def _mc_by_rules(self, part: Partial, raw_inputs, x, y, s, specs, rows, work: BatchWork, with_loss: bool) -> None:
+        """``_layer_mc`` over the batch in chunks (every variable has a layer rule): the Monte
+        Carlo GGN's sums, and the loss and gradient too when ``with_loss``."""
         rules = self._rules
-        label_specs = [_tensor_spec(l, spec.shape, self.dtype) for l, spec in zip(sampled, self.signature.outputs)]
-        vector = tf.TensorSpec([None], self.dtype)
-        fn = self._compiled(("layer-mc", tuple(label_specs)),
-                            lambda a, b, c, d: self._layer_sampled(rules, a, b, c, d),
-                            (in_specs, label_specs, vector, vector))
-        n = len(row_weights)
-        chunk = self.rule_rows(n)
-        labels = [batch_tensor(l, self.dtype) for l in sampled]
-        totals = [np.zeros(self.parameters) for _ in range(3)]
-        for start in range(0, n, chunk):
-            pick = slice(start, start + chunk)
-            self._add_rule_sums(totals, fn([a[pick] for a in x], [b[pick] for b in labels],
-                                           _as_dtype(scale[pick], self.dtype), _as_dtype(row_weights[pick], self.dtype)))
-        return totals
+        family = self._family()
+        shapes = self._output_shapes(None)
+        counts = [sampling.uniform_count(family, shape) for shape in shapes]
+        with_gradient = with_loss and work.gradient
+        in_specs, label_specs, vector = specs
+        uniform_specs = [tf.TensorSpec([None, c], tf.float64) for _ in range(work.ggn_samples) for c in counts]
+        weights = s.numpy().astype(np.float64)
+        row_weights = weights / work.ggn_samples
+        uniform = bool(np.all(row_weights == row_weights[0]))
+        fn = self._compiled(("layer-mc", work.ggn_samples, with_gradient, uniform),
+                            lambda a, b, c, u, w: self._layer_mc(rules, a, b, c, u, w, work.ggn_samples,
+                                                                 with_gradient, uniform),
+                            (in_specs, label_specs, vector, uniform_specs, vector))
+        uniforms = [tf.constant(row_uniforms(work.seed, sampling.stream(sample, position), rows, c), tf.float64)
+                    for sample in range(work.ggn_samples) for position, c in enumerate(counts)]
+        n = len(rows)
+        loss, gradient, totals = 0.0, [None], [None] * 3
+        for pick in _row_slices(n, self.rule_rows(n)):
+            value, grad, out = fn(_rows(x, pick), _rows(y, pick), _rows([s], pick)[0], _rows(uniforms, pick),
+                                  _as_dtype(row_weights[pick or slice(None)], self.dtype))
+            loss += float(value.numpy())
+            if with_gradient:
+                self._add_rule_sums(gradient, [grad])
+            self._add_rule_sums(totals, out)
+        if with_loss:
+            part.sums["loss"] = np.asarray(loss, dtype=np.float64)
+            if with_gradient:
+                part.sums["gradient"] = gradient[0]
+        part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = totals
+        part.sums["ggn_mc_w2"] = np.asarray(work.ggn_samples * np.sum(row_weights ** 2))
+
+    def _mc_takes_rules(self, raw_inputs) -> bool:
+        """Whether the Monte Carlo GGN takes ``_layer_mc``: every variable has a layer rule and
+        the outputs' shapes are static (the uniforms are drawn before the pass)."""
+        static = all(d is not None for spec in self.signature.outputs for d in spec.shape)
+        return (static and self.loss.family is not None
+                and set(self.layer_routes(raw_inputs).values()) == {"layer rule"})
 
     def _fisher_in_gradient_pass(self, raw_inputs, work: BatchWork, weights) -> bool:
         """Whether the Fisher comes with the loss and gradient in one pass: it is the only
         curvature asked, every variable has a layer rule, and the weights ``s_i`` are such that
         ``(s_i dz_i)**2 / s_i`` stays in the compute dtype's range."""
-        alone = (work.sum_grad_squared and not work.ggn_diagonal and not work.hessian_diagonal
-                 and not work.hessian_blocks and (work.hvp_vectors is None or not len(work.hvp_vectors))
-                 and (work.probes is None or not len(work.probes)))
         if weights is not None:
             sizes = np.abs(np.asarray(weights, dtype=np.float64))
             sizes = sizes[sizes > 0]
             limit = 1e100 if self.dtype == tf.float64 else 1e6
             if sizes.size and (sizes.max() > limit or sizes.min() < 1.0 / limit):
                 return False
-        return bool(alone) and set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
+        return _curvature_asked(work) == {"fisher"} and set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
 
     def _loss_gradient_fisher(self, part: Partial, x, y, s, specs, with_gradient: bool) -> None:
         rules = self._rules
         fn = self._compiled(("layer-fisher", with_gradient),
                             lambda a, b, c: self._layer_fisher(rules, a, b, c, with_gradient), specs)
         n = int(s.shape[0])
-        chunk = self.rule_rows(n)
-        loss, gradient, total = 0.0, np.zeros(self.parameters), np.zeros(self.parameters)
-        for start in range(0, n, chunk):
-            value, grad, out = fn([a[start:start + chunk] for a in x], [b[start:start + chunk] for b in y],
-                                  s[start:start + chunk])
+        loss, gradient, total = 0.0, [None], [None]
+        for pick in _row_slices(n, self.rule_rows(n)):
+            value, grad, out = fn(_rows(x, pick), _rows(y, pick), _rows([s], pick)[0])
             loss += float(value.numpy())
             if with_gradient:
-                gradient += grad.numpy()
-            self._add_rule_sums([total], [(sums,) for sums in out])
+                self._add_rule_sums(gradient, [grad])
+            self._add_rule_sums(total, out)
         part.sums["loss"] = np.asarray(loss, dtype=np.float64)
         if with_gradient:
-            part.sums["gradient"] = gradient
-        part.sums["sum_grad_squared"] = total
+            part.sums["gradient"] = gradient[0]
+        part.sums["sum_grad_squared"] = total[0]
 
     def _check_rules(self, rules, raw_inputs) -> list:
         """The rules that are right for this model, checked on its first rows (see
@@ -523,6 +601,9 @@ class CurvatureEngine:
         part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
         if self._fisher_in_gradient_pass(inputs, work, weights):
             self._loss_gradient_fisher(part, x, y, s, specs, work.gradient)
+            return part
+        if _curvature_asked(work) == {"ggn_mc"} and self._mc_takes_rules(inputs):
+            self._mc_by_rules(part, inputs, x, y, s, specs, rows, work, with_loss=True)
             return part
         self._curvature(part, self._objective, (x, y, s), specs, work, data=True)
         if work.sum_grad_squared or work.ggn_diagonal:
@@ -712,6 +793,10 @@ class CurvatureEngine:
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
         self.route_for(self._objective, specs)
         weights = s.numpy().astype(np.float64)
+        if work.ggn_diagonal == "mc" and self._mc_takes_rules(raw_inputs):
+            self._mc_by_rules(part, raw_inputs, x, y, s, specs, rows, work, with_loss=False)
+            if not work.sum_grad_squared:
+                return
         need_hessian = work.ggn_diagonal == "exact"
         fn = self._compiled(("outputs", need_hessian),
                             lambda a, b: self._output_derivatives(a, b, need_hessian), specs[:2])
@@ -727,21 +812,14 @@ class CurvatureEngine:
             cotangents = np.transpose(vectors, (0, 2, 1)) * np.sqrt(np.abs(values))[:, :, None]  # [B, C, C]
             row_weights = np.where(keep, weights[:, None] * np.sign(values), 0.0)
             part.sums["ggn_diagonal"] = self._example_squares(raw_inputs, cotangents, row_weights, moments=False)[0]
-        elif work.ggn_diagonal == "mc":
+        elif work.ggn_diagonal == "mc" and "ggn_mc" not in part.sums:
             flat_np = flat.numpy().astype(np.float64)
             sums = None
             grad_fn = self._compiled(("outputs", False), lambda a, b: self._output_derivatives(a, b, False),
                                      specs[:2])
-            every = set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
             for sample in range(work.ggn_samples):
                 sampled, scale = self._sample_labels(flat_np, valid.numpy().astype(np.float64), rows,
                                                      work.seed, sample)
-                if every and np.all(scale == scale[:, :1]):
-                    # One scale per example: the sampled loss, scaled, goes straight back to the
-                    # layer outputs (no output derivatives' pass of its own).
-                    got = self._mc_by_rules(x, specs[0], sampled, scale[:, 0], weights / work.ggn_samples)
-                    sums = got if sums is None else [a + b for a, b in zip(sums, got)]
-                    continue
                 sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
                 _, dl_sampled, _, _ = grad_fn(x, sampled)
                 got = self._example_squares(raw_inputs, (dl_sampled.numpy() * scale)[:, None, :],
@@ -760,14 +838,26 @@ class CurvatureEngine:
         covered = {k for rule in self._rules for k in rule.positions}
         return {name: "layer rule" if k in covered else "per-example" for k, name in enumerate(self.names)}
 
-    def _add_rule_sums(self, totals: list, out) -> None:
-        """Adds what a layer-rule function returned (per variable of ``self._rules``, in rule
-        order, a tuple of flat sums) into the flat ``totals`` [P] at each variable's entries."""
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        positions = [k for rule in self._rules for k in rule.positions]
-        for k, sums in zip(positions, out):
-            for total, value in zip(totals, sums):
-                total[offsets[k]:offsets[k + 1]] += value.numpy()
+    def _flat_layout(self, out) -> tuple:
+        """In a traced layer-rule function: what the rules computed (per variable of
+        ``self._rules``, in rule order, a tuple of sums) as one [P] tensor per sum, in the flat
+        parameter layout, zero at the variables without a rule. One transfer and one addition
+        per sum then (``_add_rule_sums``), instead of one per variable and sum."""
+        by_position = {k: sums for k, sums in zip((k for rule in self._rules for k in rule.positions), out)}
+        count = len(out[0])
+        return tuple(
+            tf.concat([tf.reshape(tf.cast(by_position[k][j], self.dtype), [-1]) if k in by_position
+                       else tf.zeros([size], self.dtype) for k, size in enumerate(self.sizes)], axis=0)
+            for j in range(count))
+
+    @staticmethod
+    def _add_rule_sums(totals: list, flats) -> None:
+        """Adds [P] tensors (``_flat_layout``'s sums, a gradient) into the float64 arrays
+        ``totals`` in place; an entry that is None takes the first tensor's values (no zeros
+        to allocate and add to: at P entries per sum, that costs as much as a small batch)."""
+        for j, flat in enumerate(flats):
+            value = flat.numpy()
+            totals[j] = value.astype(np.float64, copy=False) if totals[j] is None else np.add(totals[j], value, out=totals[j])
 
     def rule_rows(self, batch: int) -> int:
         """Rows per call of the layer rules: a layer that forms per-example gradients (a
@@ -838,64 +928,30 @@ class CurvatureEngine:
         return totals
 
     def _sample_labels(self, flat, valid, rows, seed, sample):
-        """Labels y' drawn from the model's predictive distribution, one array per output,
-        and a scale [B, C] for the sampled loss gradient.
+        """Labels y' drawn from the model's predictive distribution (``sampling.draw_labels``,
+        run eagerly), one array per output, and the scale [B, C] of the sampled loss gradient.
+        ``flat`` [B, C] and ``valid`` [B, outputs] as ``_output_derivatives`` returns them."""
+        family = self._family()
+        shapes = self._output_shapes(flat.shape[1])
+        uniforms = [row_uniforms(seed, sampling.stream(sample, position), rows, sampling.uniform_count(family, shape))
+                    for position, shape in enumerate(shapes)]
+        labels, scale = sampling.draw_labels(family, tf.constant(flat, tf.float64), tf.constant(valid, tf.float64),
+                                             uniforms, shapes, self._from_logits())
+        return [label.numpy() for label in labels], scale.numpy()
 
-        Categorical (softmax of logits, or the probabilities themselves) at every position of
-        the last axis, Bernoulli per unit (sigmoid), Gaussian for MSE. Keras averages the loss
-        over the m positions (or units) of an output, so ``Lambda = Lambda_position / m``
-        while ``E[g g^T] = Lambda_position / m**2``: the sampled gradient is scaled by
-        ``sqrt(m)`` to make ``E[g g^T] = Lambda`` (for MSE the noise variance does it:
-        ``y' = f + sqrt(m/2) N(0, 1)``). With a mask, m counts the example's unmasked
-        positions (``valid`` [B, outputs] is the fraction kept). Uniforms come from
-        ``(seed, sample, row, j)``, position j first, so a padded example draws the same
-        numbers whatever its batch's length.
-        """
-        family = self.loss.family
-        if family is None:
+    def _family(self) -> str:
+        """The loss's predictive distribution, or an InputError when it has none (Monte Carlo GGN)."""
+        if self.loss.family is None:
             raise InputError(
                 f"ggn_diagonal method 'mc' needs a loss with a known predictive distribution "
                 f"(crossentropy or mse), not {self.loss.name!r}: use method: exact"
             )
-        labels, scales = [], []
-        offset = 0
-        n = len(flat)
+        return self.loss.family
+
+    def _from_logits(self) -> tuple[bool, ...]:
+        """Per output, whether the loss reads it as logits (read once the model has been called)."""
         logit_outputs = self.adapter.logit_outputs or (False,) * len(self.signature.outputs)
-        for position, (shape, from_logits) in enumerate(zip(self._output_shapes(flat.shape[1]), logit_outputs)):
-            size = int(np.prod(shape))
-            f = flat[:, offset:offset + size]
-            offset += size
-            stream_sample = sample * 1024 + position
-            if family.startswith("categorical"):
-                classes_count = shape[-1]
-                positions = size // classes_count
-                m = valid[:, position] * positions
-                logits = f.reshape(n, positions, classes_count)
-                if from_logits or self.loss.from_logits:
-                    p = np.exp(logits - logits.max(axis=2, keepdims=True))
-                else:
-                    p = np.clip(logits, 0.0, None)
-                p = p / p.sum(axis=2, keepdims=True)
-                u = row_uniforms(seed, stream_sample, rows, positions)[:, :, None]
-                classes = np.minimum((np.cumsum(p, axis=2) < u).sum(axis=2), classes_count - 1)
-                if family == "categorical_sparse":
-                    labels.append(classes.reshape((n, *shape[:-1])).astype(np.int64))
-                else:
-                    labels.append(np.eye(classes_count)[classes].reshape((n, *shape)))
-                scales.append(np.repeat(np.sqrt(m)[:, None], size, axis=1))
-            elif family == "bernoulli":
-                m = valid[:, position] * size
-                p = 1.0 / (1.0 + np.exp(-f)) if (from_logits or self.loss.from_logits) else f
-                u = row_uniforms(seed, stream_sample, rows, size)
-                labels.append((u < p).astype(np.float64).reshape((n, *shape)))
-                scales.append(np.repeat(np.sqrt(m)[:, None], size, axis=1))
-            else:  # gaussian
-                m = valid[:, position] * size
-                u = row_uniforms(seed, stream_sample, rows, 2 * size)
-                normal = np.sqrt(-2.0 * np.log(u[:, 0::2])) * np.cos(2.0 * np.pi * u[:, 1::2])
-                labels.append((f + np.sqrt(m / 2.0)[:, None] * normal).reshape((n, *shape)))
-                scales.append(np.ones((n, size)))
-        return labels, np.concatenate(scales, axis=1)
+        return tuple(bool(flag or self.loss.from_logits) for flag in logit_outputs)
 
     def _output_shapes(self, width: int) -> list[tuple[int, ...]]:
         """Each output's shape in this batch (open axes, e.g. a sequence length, filled in)."""
@@ -907,6 +963,74 @@ class CurvatureEngine:
                              "(a sequence length): use method: exact")
         known = int(np.prod([d for d in shapes[0] if d is not None]))
         return [tuple(width // known if d is None else d for d in shapes[0])]
+
+
+class XlaTrial:
+    """A compiled function and its XLA twin (``jit_compile=True``): the first call runs both,
+    and XLA is kept only where it agrees and is faster.
+
+    Agreement: ``max |xla - plain| <= tolerance * max |plain|`` over every output (XLA gave
+    second derivatives through max-pooling wrong by ~4e-3, PITFALLS.md). Speed: the faster of
+    two timed calls of each, after one that traces or compiles. A twin that fails to compile (an op XLA does not
+    have) is dropped. ``record`` receives what was measured: ``{"agrees", "error", "plain_s",
+    "xla_s", "chosen"}`` (with ``"failed"`` instead when XLA could not run). Cost: on the
+    first batch, three calls of each function and one XLA compilation.
+    """
+
+    def __init__(self, plain, xla, tolerance: float, record):
+        self.plain, self.xla, self.tolerance, self.record = plain, xla, tolerance, record
+        self.chosen = None
+
+    def __call__(self, *args):
+        if self.chosen is None:
+            self.chosen = self._choose(args)
+        return self.chosen(*args)
+
+    def _choose(self, args):
+        def timed(fn):
+            start = time.perf_counter()
+            out = [np.asarray(t) for t in tf.nest.flatten(fn(*args))]
+            return time.perf_counter() - start, out
+
+        def fastest(fn):  # the first call traces (or compiles): only the next two are timed
+            fn(*args)
+            (first, out), (second, _) = timed(fn), timed(fn)
+            return min(first, second), out
+
+        plain_s, want = fastest(self.plain)
+        try:
+            xla_s, got = fastest(self.xla)
+        except (tf.errors.OpError, ValueError, TypeError) as error:
+            self.record({"failed": f"{type(error).__name__}: {' '.join(str(error).split())[:200]}", "chosen": "plain"})
+            return self.plain
+        scale = max([float(np.abs(w).max(initial=0.0)) for w in want], default=0.0)
+        error = max([float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) for g, w in zip(got, want)], default=0.0)
+        agrees = error <= self.tolerance * max(scale, 1e-300)
+        chosen = "xla" if agrees and xla_s < plain_s else "plain"
+        self.record({"agrees": agrees, "error": error / max(scale, 1e-300), "plain_s": plain_s, "xla_s": xla_s,
+                     "chosen": chosen})
+        return self.xla if chosen == "xla" else self.plain
+
+
+def _row_slices(n: int, chunk: int) -> list:
+    """Row ranges of at most ``chunk`` rows over a batch of n; ``[None]`` when one takes all
+    (``_rows`` then passes the tensors as they are: no slicing op per call)."""
+    if chunk >= n:
+        return [None]
+    return [slice(start, start + chunk) for start in range(0, n, chunk)]
+
+
+def _rows(tensors, pick):
+    return list(tensors) if pick is None else [t[pick] for t in tensors]
+
+
+def _curvature_asked(work: BatchWork) -> set[str]:
+    """The curvature quantities ``work`` asks for beside the loss and gradient."""
+    asked = {"fisher": work.sum_grad_squared, "hessian_diagonal": bool(work.hessian_diagonal),
+             "hessian_blocks": bool(work.hessian_blocks), f"ggn_{work.ggn_diagonal}": bool(work.ggn_diagonal),
+             "hvp": work.hvp_vectors is not None and len(work.hvp_vectors) > 0,
+             "probes": work.probes is not None and len(work.probes) > 0}
+    return {name for name, wanted in asked.items() if wanted}
 
 
 def _vector_spec(count, parameters, dtype):

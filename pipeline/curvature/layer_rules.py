@@ -213,23 +213,24 @@ class Rule:
             return {"embeddings": self._embedding_rows(dzs, by_example=False)[2]}
         return {a: tf.reduce_sum(g, axis=0) for a, g in self.per_example(dzs).items()}
 
-    def squares(self, dzs, w, moments: bool) -> dict[str, tuple]:
+    def squares(self, dzs, w, moments: bool, uniform: bool = False) -> dict[str, tuple]:
         """``{attribute: (sum_i w_i dW_i**2, sum_i w_i**2 dW_i**2, sum_i w_i**2 dW_i**4)}``
-        (only the first, three times, unless ``moments``). ``w``: [B] row weights."""
+        (only the first, three times, unless ``moments``). ``w``: [B] row weights; ``uniform``:
+        they are all equal, so the second sum is the first times ``w_0`` (one product less)."""
         if self.kind == "embedding":
             example, ids, rows = self._embedding_rows(dzs, by_example=True)
             vocabulary = self.layer.embeddings.shape[0]
             return {"embeddings": _moments(rows, tf.gather(w, example), moments,
-                                           lambda v: tf.math.unsorted_segment_sum(v, ids, vocabulary))}
+                                           lambda v: tf.math.unsorted_segment_sum(v, ids, vocabulary), uniform)}
         if self.kind == "dense" and not self.materialises:
             (record,), (dz,) = self.records, dzs
             x2, d2 = tf.square(tf.cast(record.x, dz.dtype)), tf.square(dz)
             out = {}
             for attribute, _ in self.variables:
                 left = x2 if attribute == "kernel" else None
-                out[attribute] = _outer_moments(left, d2, w, moments)
+                out[attribute] = _outer_moments(left, d2, w, moments, uniform)
             return out
-        return {a: _moments(g, w, moments, lambda v: tf.reduce_sum(v, axis=0))
+        return {a: _moments(g, w, moments, lambda v: tf.reduce_sum(v, axis=0), uniform)
                 for a, g in self.per_example(dzs).items()}
 
     def squares_of_summed(self, weighted) -> dict[str, tf.Tensor]:
@@ -260,20 +261,23 @@ class Rule:
         return keys // vocabulary, keys % vocabulary, rows
 
 
-def _moments(per_row, w, moments, total):
-    """(sum w q, sum w^2 q, sum w^2 q^2) with q = per_row**2, reduced by ``total``."""
+def _moments(per_row, w, moments, total, uniform=False):
+    """(sum w q, sum w^2 q, sum w^2 q^2) with q = per_row**2, reduced by ``total``; with
+    ``uniform`` (all w equal) the second is the first times w_0."""
     shape = [-1] + [1] * (per_row.shape.rank - 1)
     q = tf.square(per_row)
     first = total(q * tf.reshape(w, shape))
     if not moments:
         return first, first, first
     w2 = tf.reshape(w * w, shape)
-    return first, total(q * w2), total(q * q * w2)
+    second = first * _first(w) if uniform else total(q * w2)
+    return first, second, total(q * q * w2)
 
 
-def _outer_moments(x2, d2, w, moments):
+def _outer_moments(x2, d2, w, moments, uniform=False):
     """The moments of q = x_i^2 (outer) d_i^2 (or d_i^2 alone when ``x2`` is None) without
-    forming the per-example outer products."""
+    forming the per-example outer products; with ``uniform`` (all w equal) the second is the
+    first times w_0, one matrix product less."""
     def total(weights, power):
         right = tf.pow(d2, power) if power != 1 else d2
         if x2 is None:
@@ -284,7 +288,13 @@ def _outer_moments(x2, d2, w, moments):
     first = total(w, 1)
     if not moments:
         return first, first, first
-    return first, total(w * w, 1), total(w * w, 2)
+    second = first * _first(w) if uniform else total(w * w, 1)
+    return first, second, total(w * w, 2)
+
+
+def _first(w):
+    """w_0 (0 for an empty batch)."""
+    return tf.reduce_sum(w[:1])
 
 
 def _patches(layer, x):
