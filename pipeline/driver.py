@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import __version__, interrupts, memory
 from pipeline.quantities import registry
 from pipeline.cluster import connect
-from pipeline.cluster.pool import WorkerPool
+from pipeline.cluster.pool import StartedWorkers, WorkerPool
 from pipeline.cluster.processes import local_ray_processes
 from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
@@ -90,19 +90,23 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             store.remove()  # leftovers of a driver that lost a race for this run id
         raise
     owns_ray = False
+    early_workers = None  # started before the plan (StartedWorkers)
     try:
         owns_ray = connect.connect(address, quiet)
         interrupts.release()  # a Ctrl-C while Ray started arrives here, as KeyboardInterrupt
         staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
-        plan = make_plan(job, output, run_id, workers, connect.cluster_resources(owns_ray), now,
-                         shards=staged_shards)
+        cluster = connect.cluster_resources(owns_ray)
+        # The workers start (TensorFlow, the model) while this process plans (the same, and
+        # the model on the first rows): the pool takes them if the plan agrees on their number.
+        early_workers = None if dry_run else StartedWorkers.for_job(job, workers, cluster)
+        plan = make_plan(job, output, run_id, workers, cluster, now, shards=staged_shards)
         if dry_run:
             return plan
         with publisher:
             store.open(plan, now)
             stream.write(plan.describe() + "\n")
             try:
-                pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None)
+                pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None, started=early_workers)
                 try:
                     results, extra = _compute(plan, pool, stream, store)
                     extra["worker_peak_bytes"] = pool.peak_memory()
@@ -127,6 +131,8 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         store.remove()
         return RunResult(run_dir=run_dir, manifest=manifest, results=results)
     except BaseException as exc:
+        if early_workers is not None:
+            early_workers.close()  # (those the pool took are closed already; again is harmless)
         if publisher is not None:
             publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
             _drop_if_published(store, publisher)

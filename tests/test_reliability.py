@@ -540,3 +540,47 @@ def test_disk_full_while_publishing_is_one_line_and_resumes(files, tmp_path):
     assert "resumed 3 of 3 shards" in done.stderr
     _assert_matches(done.stdout.strip().splitlines()[-1], expected)
 
+
+
+RAY_CHILDREN_MASKS = r"""
+import glob, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline import interrupts
+from pipeline.cluster import connect
+
+def status(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        return dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+
+connect.connect(None, quiet=True)   # holds SIGINT and SIGTERM while Ray starts, as a run does
+interrupts.release()
+table = {}
+for path in glob.glob("/proc/[0-9]*/status"):
+    try:
+        fields = status(path.split("/")[2])
+        table[int(fields["Pid"])] = (int(fields["PPid"]), fields["Name"].strip(), int(fields["SigBlk"], 16))
+    except (OSError, KeyError, ValueError):
+        pass
+ours, grew = {os.getpid()}, True
+while grew:
+    more = {pid for pid, (parent, _, _) in table.items() if parent in ours} - ours
+    ours |= more
+    grew = bool(more)
+masks = {f"{pid} {table[pid][1]}": table[pid][2] for pid in ours - {os.getpid()}}
+connect.shutdown()
+print(json.dumps(masks))
+"""
+
+
+def test_rays_processes_do_not_inherit_the_held_sigterm():
+    """Signals held while Ray starts must not stay blocked in the processes it forks: a raylet
+    that blocks SIGTERM made ``ray.shutdown`` wait a second for each of Ray's processes and then
+    kill them (5 s of the bundled example's 32 s)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", RAY_CHILDREN_MASKS, root], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    masks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any("raylet" in name for name in masks), masks
+    sigterm = 1 << (15 - 1)
+    assert {name: mask for name, mask in masks.items() if mask & sigterm} == {}

@@ -11,6 +11,7 @@ import ray
 
 from pipeline import interrupts
 from pipeline.errors import InputError
+from pipeline.faults import environment
 
 STOPPED: list[int] = []  # signals received by a run (SIGTERM)
 
@@ -31,7 +32,7 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
+    env = {"env_vars": worker_env()}
     level = "ERROR" if quiet else "WARNING"
     interrupts.hold()
     try:
@@ -47,6 +48,15 @@ def connect(address: str | None, quiet: bool = False) -> bool:
         raise InputError(f"cannot reach the Ray cluster at {address}: {err}; check --address") from None
     python_handles_signals()
     return True
+
+
+def worker_env() -> dict:
+    """The environment variables of the workers: TensorFlow quiet, and the fault-injection
+    variables of this process (``pipeline.faults``). A Ray this driver starts or joins gets
+    them as its job's runtime environment, so that workers asking for the same one (the
+    ``ShardWorker`` actors) can take the Python processes Ray starts in advance, instead of
+    new ones set up for a different environment."""
+    return {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning", **environment()}
 
 
 def shutdown() -> None:

@@ -35,26 +35,39 @@ LIVENESS_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_LIVENESS_SECONDS", "10
 class WorkerPool:
     """Ray actors that hold the model; ``map_shards`` is one pass over the data."""
 
-    def __init__(self, plan, log, raylets: list[int] | None = None):
+    def __init__(self, plan, log, raylets: list[int] | None = None, started: "StartedWorkers | None" = None):
         self.plan = plan
         self.log = log
         gpu = plan.gpus > 0
-        cpus = 1.0
-        if not gpu:
-            free = ray.available_resources().get("CPU", 1.0)
-            cpus = max(1.0, float(int(free // plan.workers))) if free >= plan.workers else 1.0
-        threads = 0 if gpu else int(cpus)
+        # CPUs held by workers started before the plan count as free: they are this run's.
+        held = started.count * started.cpus if started is not None and not started.gpu else 0.0
+        cpus = worker_cpus(plan.workers, gpu, held)
         self._need = ("GPU", 1.0) if gpu else ("CPU", cpus)
         # The raylet and GCS of a local Ray this driver started: when one dies, Ray ends this
         # process (exit 1, no message) ten to sixty seconds later, so they are watched every second.
         self._raylets = list(raylets or [])
         self._nodes_checked = time.monotonic()
-        actor = remote_worker_class(gpu, cpus if not gpu else 1.0)
         # Workers keep shards in memory only for the passes after the first (spectral
         # quantities): in a one-pass run the cache would grow with the data for nothing.
         cache = SHARD_CACHE_BYTES if plan.passes > 1 else 0
-        self._start = lambda: actor.remote(plan.job, plan.data.uri, threads, gpu, cache)
-        self.actors = [self._start() for _ in range(plan.workers)]
+        begun = StartedWorkers(plan.job, plan.workers, gpu, cpus, start=False)
+        if started is not None and started.fits(plan.workers, gpu, cpus):
+            begun = started
+        elif started is not None:
+            started.close()  # started for another layout (fewer shards than workers): start afresh
+
+        def start():
+            actor = begun.actor()
+            actor.configure.remote(plan.data.uri, cache)  # runs before any call made after it
+            return actor
+
+        self._start = start
+        self.actors = begun.actors[:plan.workers]
+        for extra in begun.actors[plan.workers:]:
+            ray.kill(extra)
+        for actor in self.actors:
+            actor.configure.remote(plan.data.uri, cache)
+        self.actors += [start() for _ in range(plan.workers - len(self.actors))]
         try:
             infos = ray.get([a.info.remote() for a in self.actors], timeout=WORKER_START_SECONDS)
         except ray.exceptions.GetTimeoutError:
@@ -285,6 +298,55 @@ class WorkerPool:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - closing after a failure: some may be gone
                 pass
+
+
+def worker_cpus(workers: int, gpu: bool, held: float = 0.0) -> float:
+    """CPUs each CPU worker asks for: the free CPUs (with ``held`` ones of this run's own
+    workers) shared out, at least 1; 1 beside a GPU."""
+    if gpu:
+        return 1.0
+    free = ray.available_resources().get("CPU", 0.0) + held
+    if free <= 0:
+        free = 1.0
+    return max(1.0, float(int(free // workers))) if free >= workers else 1.0
+
+
+class StartedWorkers:
+    """Worker actors started before the plan is made, so that their start (TensorFlow import,
+    model load) overlaps the driver's own (the plan loads the model and runs it on the first
+    rows). ``WorkerPool`` takes them if the plan asks for as many workers with the same
+    resources, else closes them and starts its own."""
+
+    def __init__(self, job, count: int, gpu: bool, cpus: float, start: bool = True):
+        self.job, self.count, self.gpu, self.cpus = job, int(count), bool(gpu), float(cpus)
+        self._class = remote_worker_class(self.gpu, self.cpus)
+        self.actors = [self.actor() for _ in range(self.count)] if start else []
+
+    @classmethod
+    def for_job(cls, job, workers: int | None, cluster: dict) -> "StartedWorkers":
+        """As many workers as the plan will ask for unless the data has fewer shards: the job's
+        (or ``--workers``) count, capped by what the cluster can place."""
+        gpus = int(cluster.get("GPU", 0))
+        count = workers if workers is not None else job.workers
+        capacity = gpus if gpus else int(cluster.get("CPU", os.cpu_count() or 1))
+        if count == "auto":
+            count = capacity
+        count = max(1, min(int(count), capacity)) if capacity >= 1 else max(1, int(count))
+        return cls(job, count, gpus > 0, worker_cpus(count, gpus > 0))
+
+    def actor(self):
+        return self._class.remote(self.job, int(self.cpus) if not self.gpu else 0, self.gpu)
+
+    def fits(self, count: int, gpu: bool, cpus: float) -> bool:
+        return self.count >= count and self.gpu == gpu and self.cpus == cpus
+
+    def close(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - some may be gone already
+                pass
+        self.actors = []
 
 
 def _cause(err) -> str:

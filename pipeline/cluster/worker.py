@@ -26,7 +26,8 @@ from pipeline.curvature.engine import CurvatureEngine, set_threads
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.errors import InputError
-from pipeline.faults import environment, worker_faults
+from pipeline.cluster.connect import worker_env
+from pipeline.faults import worker_faults
 from pipeline.partial import Partial
 from pipeline.storage.dataset import read_shard, tensor_columns
 from pipeline.storage.uri import local_copy
@@ -46,7 +47,7 @@ class ShardResult:
 class ShardWorker:
     """Computes partials for shards. Created through ``remote_worker_class()``."""
 
-    def __init__(self, job, plan_uri: str, threads: int, gpu: bool, cache_bytes: int = 1 << 30):
+    def __init__(self, job, threads: int, gpu: bool):
         if gpu:
             for device in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(device, True)
@@ -54,16 +55,23 @@ class ShardWorker:
             hide_gpus()  # a CPU worker on a GPU node must not grab GPU memory
         set_threads(threads)
         self.job = job
-        self.uri = plan_uri
+        # Set by ``configure`` once the plan is made: a worker starts while the driver plans.
+        self.uri = None
         self.engine = CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
                                       builder=model_builder(job.model), selected=job.variables)
         self.signature = self.engine.signature
         self.columns = tensor_columns(job.data, self.signature)
         self.name = f"{os.uname().nodename}:{os.getpid()}" + (":gpu" if gpu else "")
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.cache_bytes = int(cache_bytes)
+        self.cache_bytes = 0
         self._cache: dict[int, list] = {}
         self._cached_bytes = 0
+
+    def configure(self, plan_uri: str, cache_bytes: int) -> None:
+        """The plan's data location (as the plan wrote it) and how many bytes of shards to keep
+        in memory between passes (0 for a one-pass run)."""
+        self.uri = plan_uri
+        self.cache_bytes = int(cache_bytes)
 
     def info(self) -> dict:
         return {"worker": self.name, "gpus": len(tf.config.get_visible_devices("GPU")),
@@ -149,7 +157,7 @@ def _finite(part: Partial) -> bool:
 def remote_worker_class(gpu: bool, cpus: float):
     """``ShardWorker`` as a Ray actor class asking for one GPU, or for ``cpus`` CPUs."""
     options = {"num_gpus": 1, "num_cpus": cpus} if gpu else {"num_cpus": cpus}
-    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning", **environment()}
+    env = worker_env()
     # A worker process that dies is restarted by Ray and its in-flight shard run again on the
     # new process (up to MAX_RESTARTS times); the driver then moves the shard to another worker
     # (``pool.WorkerPool``), and counts each shard once, by its index.
