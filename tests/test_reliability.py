@@ -326,14 +326,16 @@ def test_two_publishers_under_one_root_do_not_interfere(tmp_path):
 
 def _beside_a_slow_driver(root, tmp_path, shards: int, theirs: str, mine: str):
     """Starts a slow CLI run (``--run-id theirs``), runs ``mine`` in this process once the slow
-    one has staged its state, and returns (my RunResult, their exit status, stdout, stderr)."""
+    one has staged its state, and returns (my RunResult, their exit status, stdout, stderr).
+    The slow one's workers start while it plans, so by then they are computing: 3 s a shard
+    keeps it behind this one's plan and worker start."""
     output = tmp_path / "out"
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(jobs.job(root, QUANTITIES, shards=shards, workers=1,
                                                 output=str(output))))
     other = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", theirs],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1.5"})
+                             env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=3"})
     try:
         deadline = time.time() + 120
         while not (output / "test-job" / ".partials" / f"run={theirs}" / "state.json").exists():

@@ -23,6 +23,7 @@ from pipeline.cluster.worker import remote_worker_class
 from pipeline.cost import SHARD_CACHE_BYTES
 from pipeline.errors import ComputeError, InputError
 from pipeline.reduce import Reducer
+from pipeline.storage.dataset import data_uri
 
 # Every worker must have loaded the model by then, or the run stops (exit 1) instead of
 # waiting for an actor that may never be scheduled.
@@ -58,7 +59,7 @@ class WorkerPool:
 
         def start():
             actor = begun.actor()
-            actor.configure.remote(plan.data.uri, cache)  # runs before any call made after it
+            actor.keep_shards.remote(cache)  # runs before any call made after it
             return actor
 
         self._start = start
@@ -66,7 +67,7 @@ class WorkerPool:
         for extra in begun.actors[plan.workers:]:
             ray.kill(extra)
         for actor in self.actors:
-            actor.configure.remote(plan.data.uri, cache)
+            actor.keep_shards.remote(cache)
         self.actors += [start() for _ in range(plan.workers - len(self.actors))]
         try:
             infos = ray.get([a.info.remote() for a in self.actors], timeout=WORKER_START_SECONDS)
@@ -319,6 +320,7 @@ class StartedWorkers:
 
     def __init__(self, job, count: int, gpu: bool, cpus: float, start: bool = True):
         self.job, self.count, self.gpu, self.cpus = job, int(count), bool(gpu), float(cpus)
+        self.uri = data_uri(job.data)
         self._class = remote_worker_class(self.gpu, self.cpus)
         self.actors = [self.actor() for _ in range(self.count)] if start else []
 
@@ -335,7 +337,7 @@ class StartedWorkers:
         return cls(job, count, gpus > 0, worker_cpus(count, gpus > 0))
 
     def actor(self):
-        return self._class.remote(self.job, int(self.cpus) if not self.gpu else 0, self.gpu)
+        return self._class.remote(self.job, self.uri, int(self.cpus) if not self.gpu else 0, self.gpu)
 
     def fits(self, count: int, gpu: bool, cpus: float) -> bool:
         return self.count >= count and self.gpu == gpu and self.cpus == cpus

@@ -47,7 +47,7 @@ class ShardResult:
 class ShardWorker:
     """Computes partials for shards. Created through ``remote_worker_class()``."""
 
-    def __init__(self, job, threads: int, gpu: bool):
+    def __init__(self, job, plan_uri: str, threads: int, gpu: bool):
         if gpu:
             for device in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(device, True)
@@ -55,22 +55,23 @@ class ShardWorker:
             hide_gpus()  # a CPU worker on a GPU node must not grab GPU memory
         set_threads(threads)
         self.job = job
-        # Set by ``configure`` once the plan is made: a worker starts while the driver plans.
-        self.uri = None
+        self.uri = plan_uri
         self.engine = CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
                                       builder=model_builder(job.model), selected=job.variables)
         self.signature = self.engine.signature
         self.columns = tensor_columns(job.data, self.signature)
         self.name = f"{os.uname().nodename}:{os.getpid()}" + (":gpu" if gpu else "")
         self.node_id = ray.get_runtime_context().get_node_id()
+        # Shards are kept in memory between passes only once ``keep_shards`` says the run has
+        # several: a worker starts while the driver plans, before the number of passes is known.
+        # A worker that Ray restarts starts again from here, so it reads its shards from the
+        # files on every pass (slower, never more memory than planned).
         self.cache_bytes = 0
         self._cache: dict[int, list] = {}
         self._cached_bytes = 0
 
-    def configure(self, plan_uri: str, cache_bytes: int) -> None:
-        """The plan's data location (as the plan wrote it) and how many bytes of shards to keep
-        in memory between passes (0 for a one-pass run)."""
-        self.uri = plan_uri
+    def keep_shards(self, cache_bytes: int) -> None:
+        """How many bytes of shards to keep in memory between passes (0 for a one-pass run)."""
         self.cache_bytes = int(cache_bytes)
 
     def info(self) -> dict:

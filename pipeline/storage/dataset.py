@@ -256,6 +256,12 @@ def _cut_shards(files: Sequence[str], file_rows: Sequence[int], rows: int, count
     return tuple(shards)
 
 
+def data_uri(data_spec) -> str:
+    """Where the workers read the data: the job's URI, or the local path it names."""
+    shown = data_spec.path
+    return shown if is_uri(shown) else resolve_filesystem(shown)[1]
+
+
 def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPlan:
     """List the files, count their rows and cut the rows into balanced shards.
 
@@ -272,7 +278,7 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
         raise InputError(f"data.limit must be a non-negative integer or null, got {limit!r}: fix data.limit")
 
     fs, path = resolve_filesystem(shown)
-    uri = shown if is_uri(shown) else path
+    uri = data_uri(data_spec)
     records = getattr(data_spec, "format", "parquet") == "tfrecord"
     files, root = _list_files(fs, path, shown, tfrecord.SUFFIXES if records else PARQUET_SUFFIXES)
     if not files:
