@@ -106,10 +106,6 @@ def run_loop() -> dict:
     return out
 
 
-def manifest_loss(manifest: dict) -> float:
-    return float(manifest["loss"])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side (the median is reported)")
@@ -125,7 +121,7 @@ def main() -> int:
             loop = run_loop()
             loop_s.append(loop["seconds"])
             loop_wall.append(loop["wall"])
-            got = manifest_loss(manifest)
+            got = float(manifest["loss"])
             print(f"run {repeat + 1}: pipeline {seconds:.1f} s (passes {manifest['passes']}, its manifest's "
                   f"seconds {manifest['seconds']:.1f}), "
                   f"in-process loop {loop['wall']:.1f} s (its own timer {loop['seconds']:.1f} s)")

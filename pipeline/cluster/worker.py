@@ -22,11 +22,11 @@ import tensorflow as tf
 
 from pipeline import memory
 from pipeline.batch_checks import check_batch, deterministic, model_refused
+from pipeline.cluster.connect import worker_env
 from pipeline.curvature.engine import CurvatureEngine, set_threads
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.errors import InputError
-from pipeline.cluster.connect import worker_env
 from pipeline.faults import worker_faults
 from pipeline.partial import Partial
 from pipeline.storage.dataset import read_shard, tensor_columns

@@ -361,15 +361,16 @@ class CurvatureEngine:
                     flat = _flat_outputs(outputs, tf.float64)
                     valid = tf.stack([_valid_fraction(m, tf.shape(o)[0], tf.float64)
                                       for o, m in zip(outputs, masks)], axis=1)
+                shapes, from_logits = self._output_shapes(None), self._from_logits()
+                # One scale per output and example: its first column.
+                starts = np.cumsum([0] + [int(np.prod(shape)) for shape in shapes])[:-1]
                 sampled_values = []
                 for sample in range(samples):
                     with tape.stop_recording():
                         drawn, scale = sampling.draw_labels(
                             self.loss.family, flat, valid, uniforms[sample * outputs_count:(sample + 1) * outputs_count],
-                            self._output_shapes(None), self._from_logits())
+                            shapes, from_logits)
                         drawn = [tf.cast(d, self.dtype) if d.dtype.is_floating else d for d in drawn]
-                        # One scale per output and example: its first column.
-                        starts = np.cumsum([0] + [int(np.prod(o.shape[1:])) for o in outputs])[:-1]
                         scales = [tf.cast(scale[:, int(k)], self.dtype) for k in starts]
                     losses = self.adapter.output_losses(drawn, outputs, masks)
                     sampled_values.append(tf.add_n([tf.reduce_sum(c * l) for c, l in zip(scales, losses)]))
@@ -428,8 +429,10 @@ class CurvatureEngine:
         """Whether the Monte Carlo GGN takes ``_layer_mc``: every variable has a layer rule and
         the outputs' shapes are static (the uniforms are drawn before the pass)."""
         static = all(d is not None for spec in self.signature.outputs for d in spec.shape)
-        return (static and self.loss.family is not None
-                and set(self.layer_routes(raw_inputs).values()) == {"layer rule"})
+        return static and self.loss.family is not None and self._every_variable_has_a_rule(raw_inputs)
+
+    def _every_variable_has_a_rule(self, raw_inputs) -> bool:
+        return set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
 
     def _fisher_in_gradient_pass(self, raw_inputs, work: BatchWork, weights) -> bool:
         """Whether the Fisher comes with the loss and gradient in one pass: it is the only
@@ -441,7 +444,7 @@ class CurvatureEngine:
             limit = 1e100 if self.dtype == tf.float64 else 1e6
             if sizes.size and (sizes.max() > limit or sizes.min() < 1.0 / limit):
                 return False
-        return _curvature_asked(work) == {"fisher"} and set(self.layer_routes(raw_inputs).values()) == {"layer rule"}
+        return _curvature_asked(work) == {"fisher"} and self._every_variable_has_a_rule(raw_inputs)
 
     def _loss_gradient_fisher(self, part: Partial, x, y, s, specs, with_gradient: bool) -> None:
         rules = self._rules
@@ -971,8 +974,8 @@ class XlaTrial:
 
     Agreement: ``max |xla - plain| <= tolerance * max |plain|`` over every output (XLA gave
     second derivatives through max-pooling wrong by ~4e-3, PITFALLS.md). Speed: the faster of
-    two timed calls of each, after one that traces or compiles. A twin that fails to compile (an op XLA does not
-    have) is dropped. ``record`` receives what was measured: ``{"agrees", "error", "plain_s",
+    two timed calls of each, after one that traces or compiles. A twin that fails to compile
+    (an op XLA does not have) is dropped. ``record`` receives what was measured: ``{"agrees", "error", "plain_s",
     "xla_s", "chosen"}`` (with ``"failed"`` instead when XLA could not run). Cost: on the
     first batch, three calls of each function and one XLA compilation.
     """
