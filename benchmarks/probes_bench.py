@@ -3,7 +3,7 @@ real runs with K = 10, 100 and 1,000 probes, in one run of this script.
 
 Run from the repository root::
 
-    python benchmarks/probes_bench.py                 # about 10 minutes on 2 CPU cores
+    python benchmarks/probes_bench.py                 # about 2 minutes on 2 CPU cores
     python benchmarks/probes_bench.py --probes 10,100 --rows 32   # quicker
 
 The model is the scale issue's CNN (32x32x3 inputs; Conv2D 32, 64, 64 3x3 relu with max
@@ -11,9 +11,9 @@ pooling, 'same' padding, Dense 128, Dense 10; 582,026 parameters, random weights
 file; the data are ``--rows`` random images in a Parquet file. Each K runs the command line
 (``hessian-pipeline run``, one worker) and prints, from the run's ``manifest.json``: passes,
 wall time, and the peak resident memory of the worker and of the driver beside the plan's
-estimate. The probes go in passes of ``probes_per_pass`` (auto: 64 MiB of per-probe sums, 14
-probes here), so the peaks should stay within about 10% of each other while the time grows
-with K.
+estimate. The probes go in passes of ``probes_per_pass`` (auto: 64 MiB of per-probe sums, at
+most 14 probes here, shared out evenly), so the peaks should stay within about 10% of each
+other while the time grows with K.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before Keras imports TensorFlow (in _cnn)
 
 
 def _cnn():

@@ -113,7 +113,7 @@ def eigenvalue_run(spec) -> dict:
         result = runner.run(spec, run_id="eigenvalues", stream=io.StringIO())
         wall = time.perf_counter() - start
     e = spec.quantities["eigenvalues"]
-    values = result.results["eigenvalues"]
+    ((_, values),) = result.results["eigenvalues"]  # one block: the whole model
     lanczos = times.passes_s[1:]
     return {"settings": e, "passes": result.manifest["passes"], "lanczos_passes": len(lanczos),
             "matvecs": int(values.matvecs), "converged": bool(values.converged),
@@ -137,7 +137,7 @@ def block_passes(spec, settings: Settings) -> dict:
     plan = make_plan(spec, cluster=ray.cluster_resources())
     pool = WorkerPool(plan, io.StringIO())
     try:
-        operator = HessianOperator(pool, spec, False, io.StringIO(), float(plan.data.rows))
+        operator = HessianOperator(pool, False, io.StringIO())
         vectors = rademacher(spec.seed, range(BLOCK), plan.parameters, stream=1)
         one, block = vectors[:1], vectors
 

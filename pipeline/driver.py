@@ -50,12 +50,21 @@ class HessianOperator:
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
-        work = BatchWork(gradient=False, hvp_vectors=vectors)
+        return self._pass(BatchWork(gradient=False, hvp_vectors=vectors), "hvp")
+
+    def probe_products(self, probes: np.ndarray) -> np.ndarray:
+        """``[z_k * (H z_k)]_k`` [K, P] for Rademacher probes ``probes`` [K, P] (int8 or float):
+        one pass, the products formed in the workers, so that neither side holds ``H z`` beside
+        ``z`` in float64, and the probes travel as int8 (an eighth of the float64 bytes)."""
+        probes = np.ascontiguousarray(probes)
+        return self._pass(BatchWork(gradient=False, probes=probes), "hessian_probes")
+
+    def _pass(self, work: BatchWork, key: str) -> np.ndarray:
         self.calls += 1
         reducer = self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False)
         if self.regularization:
             reducer.add_regularization(self.pool.call_one("regularization", work))
-        return reducer.sums().mean("hvp")
+        return reducer.sums().mean(key)
 
 
 def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,

@@ -98,6 +98,21 @@ def test_hutchinson_probes_go_in_passes_whose_memory_does_not_grow_with_their_co
     assert hutchinson(100, 30).passes == 1 + 3 and hutchinson(100, 30).worker_bytes < few.worker_bytes * 4
 
 
+def test_auto_probes_per_pass_shares_the_probes_out_evenly_over_the_fewest_passes():
+    """At most 14 probes fit (582,026 parameters): 100 go in 8 passes of 13 (not 7 of 14 and
+    one of 2), 15 in 2 of 8, and the bound itself is never exceeded."""
+    from pipeline.quantities.hessian_diagonal import PROBE_PASS_BYTES, probes_per_pass
+
+    parameters = 582_026
+    most = PROBE_PASS_BYTES // (8 * parameters)
+    assert most == 14
+    per_pass = {k: probes_per_pass({"probes": k}, parameters) for k in (1, 10, 14, 15, 100, 1000)}
+    assert per_pass == {1: 1, 10: 10, 14: 14, 15: 8, 100: 13, 1000: 14}
+    for k, b in per_pass.items():
+        assert b <= most and -(-k // b) == -(-k // most)  # no more passes than the bound needs
+    assert probes_per_pass({"probes": 100, "probes_per_pass": 30}, parameters) == 30  # asked: as asked
+
+
 def test_an_exact_trace_beside_the_exact_diagonal_is_counted_once():
     diagonal = registry.estimate({"hessian_diagonal": {"method": "exact"}}, WORK, MEASURED)
     both = registry.estimate({"hessian_diagonal": {"method": "exact"}, "trace": {"method": "exact", "probes": 1}},

@@ -120,7 +120,9 @@ class ShardWorker:
                 raise model_refused(exc, batch, where) from None
             if not _finite(part):
                 raise self._non_finite(part, shard, batch, work)
-            total.add(part)
+            # The first batch's sums become the shard's: the engine's arrays are fresh and
+            # writable, and a copy would hold a second [K, P] of per-probe sums at the peak.
+            total = part if total.batches == 0 else total.add(part)
         return ShardResult(shard.index, total, time.perf_counter() - start, self.name)
 
     def _non_finite(self, part: Partial, shard, batch, work) -> InputError:

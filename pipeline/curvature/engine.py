@@ -201,7 +201,13 @@ class CurvatureEngine:
                                           unconnected_gradients=tf.UnconnectedGradients.ZERO))
         products = []
         for k in range(vectors.shape[0]):  # K is static: one backward pass each
-            v = self.unflatten(tf.cast(vectors[k], grads[0].dtype))
+            vector = vectors[k]
+            if products:
+                # One backward pass at a time: run side by side, the K passes would each hold
+                # their own intermediates (on the CNN of benchmarks/, K = 14 held ~500 MiB).
+                with tf.control_dependencies([products[-1]]):
+                    vector = tf.identity(vector)
+            v = self.unflatten(tf.cast(vector, grads[0].dtype))
             hv = outer.gradient(grads, self.variables, output_gradients=v,
                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
             hv = self.flatten([tf.cast(h, self.dtype) for h in hv])
@@ -653,7 +659,8 @@ class CurvatureEngine:
                 if with_gradient:
                     gradient = grad
                 results.append(products.numpy())
-            part.sums[key] = np.concatenate(results, axis=0).astype(np.float64)
+                del products  # before the float64 copy below: one fewer [K, P] at the peak
+            part.sums[key] = (results[0] if len(results) == 1 else np.concatenate(results, axis=0)).astype(np.float64)
         if loss_value is None or (work.gradient and gradient is None):
             fn = self._compiled((tag, "gradient"),
                                 lambda a, b, c: self._loss_and_gradient(objective, a, b, c), specs)
@@ -672,7 +679,8 @@ class CurvatureEngine:
         if key not in self._vectors:
             if len(self._vectors) > 64:
                 self._vectors.clear()
-            tensor = tf.constant(np.asarray(vectors[start:start + count]), dtype=self.dtype)
+            # Any real dtype: Hutchinson's probes arrive as int8.
+            tensor = tf.constant(np.asarray(vectors[start:start + count], dtype=self.dtype.as_numpy_dtype))
             self._vectors[key] = (vectors, tensor)  # holding ``vectors`` keeps its id unique
         return self._vectors[key][1]
 

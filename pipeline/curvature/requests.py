@@ -14,7 +14,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class BatchWork:
-    """The building blocks to sum over each batch. Vectors are float64 arrays of shape [K, P].
+    """The building blocks to sum over each batch. Vectors are arrays of shape [K, P]: float64,
+    or int8 for Rademacher probes (converted to the compute dtype in the worker).
 
     - ``gradient``: ``sum_i s_i g_i`` (the loss sum ``sum_i s_i l_i`` is always computed);
     - ``hessian_diagonal="exact"``: ``sum_i s_i diag(H_i)`` by P basis-vector HVPs;

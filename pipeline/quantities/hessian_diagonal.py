@@ -8,9 +8,10 @@
   ``std_k / sqrt(K)`` over the K per-probe estimates of the whole dataset: ``probes`` HVPs per
   batch in all. The standard error needs each probe's estimate over the whole dataset, so a
   pass holds B x P float64 per-probe sums in every worker and in the driver: the probes go in
-  passes of ``B = probes_per_pass`` (auto: as many as fit ``PROBE_PASS_BYTES``), the first in
-  the main pass, and each finished pass is folded into running moments (mean and sum of
-  squared deviations, merged as Chan, Golub and LeVeque 1979). Memory stays that of B probes
+  passes of ``B = probes_per_pass`` (auto: the fewest passes within ``PROBE_PASS_BYTES``, shared
+  out evenly), the first in the main pass, and each finished pass is folded into running
+  moments (mean and sum of squared deviations, merged as Chan, Golub and LeVeque 1979), the
+  workers forming ``z * (H z)`` themselves (``operator.probe_products``). Memory stays that of B probes
   whatever K; the price is ``ceil(K / B) - 1`` extra passes (a forward pass and a gradient per
   batch each).
 """
@@ -38,7 +39,10 @@ def probes_per_pass(options: dict, parameters: int) -> int:
     probes, asked = int(options["probes"]), options.get("probes_per_pass", "auto")
     if asked != "auto":
         return min(probes, int(asked))
-    return max(1, min(probes, PROBE_PASS_BYTES // (8 * max(1, int(parameters)))))
+    most = max(1, min(probes, PROBE_PASS_BYTES // (8 * max(1, int(parameters)))))
+    # As few passes as the bound allows, shared out evenly (100 probes at most 14 a pass: 8
+    # passes of 13, not 7 of 14 and one of 2), so that every pass holds about as much memory.
+    return -(-probes // -(-probes // most))
 
 
 class Moments:
@@ -129,7 +133,8 @@ class HessianDiagonal(Quantity):
         if options["method"] == "exact":
             return {"hessian_diagonal": "exact"}
         first = range(probes_per_pass(options, context.parameters))
-        return {"probes": rademacher(context.seed, first, context.parameters, stream=PROBE_STREAM)}
+        # int8: the probes are +-1, and travel to every worker (an eighth of float64's bytes).
+        return {"probes": rademacher(context.seed, first, context.parameters, stream=PROBE_STREAM, dtype=np.int8)}
 
     def finalize(self, options, sums):
         hutchinson = "hessian_probes" in sums if options is None else options["method"] == "hutchinson"
@@ -146,8 +151,9 @@ class HessianDiagonal(Quantity):
         return {}
 
     def compute(self, options, context, operator, sums):
-        """Hutchinson probes beyond the main pass's: ``z * (H z)`` for B more probes a pass, each
-        pass folded into the running moments of the main pass's estimates."""
+        """Hutchinson probes beyond the main pass's: ``z * (H z)`` for B more probes a pass (formed
+        in the workers, ``operator.probe_products``), each pass folded into the running moments of
+        the main pass's estimates."""
         if options["method"] != "hutchinson":
             return None
         k, b = int(options["probes"]), probes_per_pass(options, context.parameters)
@@ -155,8 +161,9 @@ class HessianDiagonal(Quantity):
             return None
         moments = Moments(sums.mean("hessian_probes"))
         for start in range(b, k, b):
-            z = rademacher(context.seed, range(start, min(k, start + b)), context.parameters, stream=PROBE_STREAM)
-            moments.add(z * operator(z))
+            z = rademacher(context.seed, range(start, min(k, start + b)), context.parameters, stream=PROBE_STREAM,
+                           dtype=np.int8)
+            moments.add(operator.probe_products(z))
         return {"hessian_diagonal": moments.mean, "hessian_diagonal_stderr": moments.stderr}
 
 
