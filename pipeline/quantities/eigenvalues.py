@@ -37,6 +37,10 @@ class Eigenvalues(Quantity):
     }
     files = ("eigenvalues.parquet", "eigenvectors.parquet")
 
+    def notes(self, options, facts):
+        return [f"eigenvalues: passes and time are counted at the iteration limit ({options['iterations']}); "
+                "Lanczos stops sooner once the residuals are within tol"]
+
     def cost(self, options, w, m, asked, prepared=None):
         width, steps = spectrum.default_block(int(options["top"])), int(options["iterations"]) + 1
 
