@@ -192,7 +192,9 @@ class CurvatureEngine:
         it is computed only ``with_gradient``. With ``probe_products`` the rows are
         ``v_k * (H v_k)`` (Hutchinson), formed here in the compute dtype.
         """
-        with tf.GradientTape(persistent=True) as outer:
+        # Persistent only for several vectors: on the CNN of benchmarks/engine_bench.py a
+        # persistent tape made one HVP 0.1 gradient slower.
+        with tf.GradientTape(persistent=vectors.shape[0] > 1) as outer:
             with tf.GradientTape() as inner:
                 value = objective(inputs, labels, weights)
             # Densified on the outer tape: an Embedding's gradient is IndexedSlices, which a
@@ -214,7 +216,8 @@ class CurvatureEngine:
             products.append(hv * vectors[k] if probe_products else hv)
         del outer
         gradient = self.flatten([tf.cast(g, self.dtype) for g in grads]) if with_gradient else tf.zeros([0], self.dtype)
-        return value, gradient, tf.stack(products)
+        # One vector: a reshape, not a copy (Pack copies; P floats are ~0.05 of an MLP gradient).
+        return value, gradient, (products[0][None] if len(products) == 1 else tf.stack(products))
 
     def hvp_function(self, specs, count: int, with_gradient: bool = False, probe_products: bool = False,
                      objective=None, tag: str = "data"):
