@@ -48,7 +48,7 @@ class Eigenvalues(Quantity):
             block = min(width, size)
             return steps, block, 8.0 * size * block * steps + 6 * 8 * block * size  # the basis, a block's work
 
-        return per_block_cost(self.name, options, w, one)
+        return per_block_cost(self.name, options, w, m, one)
 
     def compute(self, options, context, operator, sums):
         results = per_block(options, context, operator, lambda block: spectrum.top_eigenvalues_steps(

@@ -28,7 +28,7 @@ class Spectrum(Quantity):
 
     def cost(self, options, w, m, asked, prepared=None):
         runs, steps = int(options["runs"]), int(options["steps"])
-        return per_block_cost(self.name, options, w, lambda size: (
+        return per_block_cost(self.name, options, w, m, lambda size: (
             min(steps, size), runs, 8 * runs * min(steps, size) * size + 6 * 8 * runs * size))
 
     def compute(self, options, context, operator, sums):

@@ -57,7 +57,7 @@ class Trace(Quantity):
             main, held = cost.exact_diagonal(w, m)
             return cost.QuantityCost(self.name, main=main, worker_bytes=held)
         block = min(probes, MAX_BLOCK)
-        return per_block_cost(self.name, options, w, lambda size: (
+        return per_block_cost(self.name, options, w, m, lambda size: (
             spectrum.trace_passes(method, probes), block, 3 * 8 * probes * size + 4 * 8 * block * size))
 
     def request(self, options, context):
