@@ -130,9 +130,9 @@ def timed_pool_class():
     from pipeline import driver as runner
 
     class TimedPool(runner.WorkerPool):
-        def __init__(self, plan, log):
+        def __init__(self, plan, log, **options):  # raylets, started: as the driver passes them
             start = time.perf_counter()
-            super().__init__(plan, log)
+            super().__init__(plan, log, **options)
             self.record = {"workers": plan.workers, "shards": len(plan.data.shards), "rows": plan.data.rows,
                            "startup_s": time.perf_counter() - start, "passes_s": [],
                            "memory_after_start": self._memory(), "memory_after_passes": None}
