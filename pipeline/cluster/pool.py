@@ -303,10 +303,16 @@ class WorkerPool:
 
 def worker_cpus(workers: int, gpu: bool, held: float = 0.0) -> float:
     """CPUs each CPU worker asks for: the free CPUs (with ``held`` ones of this run's own
-    workers) shared out, at least 1; 1 beside a GPU."""
+    workers) shared out, at least 1, never more than the cluster has; 1 beside a GPU."""
     if gpu:
         return 1.0
     free = ray.available_resources().get("CPU", 0.0) + held
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total > 0:
+        # Workers started before the plan and still waiting for their CPUs (a previous run's
+        # actors not yet released) hold none: counted as held on top of the free ones, a
+        # worker asked for 4 CPUs of 2 and was never scheduled.
+        free = min(free, total)
     if free <= 0:
         free = 1.0
     return max(1.0, float(int(free // workers))) if free >= workers else 1.0
