@@ -192,8 +192,8 @@ class CurvatureEngine:
         it is computed only ``with_gradient``. With ``probe_products`` the rows are
         ``v_k * (H v_k)`` (Hutchinson), formed here in the compute dtype.
         """
-        # Persistent only for several vectors: on the CNN of benchmarks/engine_bench.py a
-        # persistent tape made one HVP 0.1 gradient slower.
+        # Persistent only for several vectors: a persistent tape keeps what a single backward
+        # pass would free (measured up to 0.1 gradient slower on the CNN of engine_bench.py).
         with tf.GradientTape(persistent=vectors.shape[0] > 1) as outer:
             with tf.GradientTape() as inner:
                 value = objective(inputs, labels, weights)
@@ -205,8 +205,9 @@ class CurvatureEngine:
         for k in range(vectors.shape[0]):  # K is static: one backward pass each
             vector = vectors[k]
             if products:
-                # One backward pass at a time: run side by side, the K passes would each hold
-                # their own intermediates (on the CNN of benchmarks/, K = 14 held ~500 MiB).
+                # One backward pass at a time: run side by side, the K passes each held their
+                # own intermediates (13 probes on the CNN of benchmarks/probes_bench.py: 150 MiB
+                # more, at the same speed).
                 with tf.control_dependencies([products[-1]]):
                     vector = tf.identity(vector)
             v = self.unflatten(tf.cast(vector, grads[0].dtype))
