@@ -198,9 +198,10 @@ def _duration(seconds: float) -> str:
 # ------------------------------------------------------------------------------ building blocks
 # The engine's building blocks, which the quantity units (``pipeline.quantities``) combine into
 # their own costs.
-def vector_bytes(w: Workload, count: int) -> float:
-    """A worker's memory for ``count`` vectors of Hessian-vector products."""
-    return count * w.parameters * (8 * WORKER_VECTOR_COPIES + w.itemsize)
+def vector_bytes(w: Workload, m: Measurement, count: int) -> float:
+    """A worker's memory for ``count`` vectors of Hessian-vector products, and, beside the
+    gradient's activations, those of the products' second backward pass (about as many again)."""
+    return count * w.parameters * (8 * WORKER_VECTOR_COPIES + w.itemsize) + m.activation_bytes
 
 
 def driver_vector_bytes(w: Workload, count: int) -> float:

@@ -182,9 +182,7 @@ def per_block_cost(name: str, options: dict, w: Workload, m: Measurement,
                    one: Callable[[int], tuple[int, int, float]]) -> QuantityCost:
     """A quantity run per block: ``one(size) -> (passes, vectors per pass, driver bytes)`` of its
     algorithm on one block of ``size`` parameters. The blocks share passes (the most any of them
-    takes) and each pass carries all their vectors, embedded in the P parameters. A worker
-    holds the vectors and, beside the gradient's activations, those of the HVPs' second
-    backward pass (about as many again)."""
+    takes) and each pass carries all their vectors, embedded in the P parameters."""
     if w.variables:
         named = blocks.of(options.get("blocks", "full"), w.variables, w.variable_shapes)
         sizes = [(block.name, block.size) for block in named]
@@ -196,6 +194,6 @@ def per_block_cost(name: str, options: dict, w: Workload, m: Measurement,
     if len(parts) > 1:  # the embedded vectors and their products, [vectors, P], twice over
         driver += 3 * 8.0 * vectors * w.parameters
     return QuantityCost(name, passes=max(passes for _, _, passes, _, _ in parts), vectors=vectors,
-                        worker_bytes=vector_bytes(w, vectors) + m.activation_bytes, driver_bytes=driver,
+                        worker_bytes=vector_bytes(w, m, vectors), driver_bytes=driver,
                         blocks=tuple(BlockCost(block, size, count, held) for block, size, _, count, held in parts)
                         if len(parts) > 1 else ())

@@ -118,7 +118,7 @@ class HessianDiagonal(Quantity):
             k = int(options["probes"])
             b = probes_per_pass(options, w.parameters)
             return cost.QuantityCost(self.name, main=b * cost.HVP_GRADIENTS, passes=-(-k // b) - 1, vectors=b,
-                                     worker_bytes=cost.vector_bytes(w, b) + m.activation_bytes,
+                                     worker_bytes=cost.vector_bytes(w, m, b),
                                      driver_bytes=cost.driver_vector_bytes(w, b) + 2 * cost.diagonal_driver_bytes(w))
         main, held = cost.exact_diagonal(w, m)
         total = float(w.parameters) * w.batches

@@ -59,7 +59,7 @@ class Hvp(Quantity):
         k = int(options.get("random") or (len(prepared) if prepared is not None else 0))
         written = (2 if options.get("random") else 1) * cost.TABLE_ENTRY_BYTES * k * w.parameters
         return cost.QuantityCost(self.name, main=k * cost.HVP_GRADIENTS,
-                                 worker_bytes=cost.vector_bytes(w, k) + m.activation_bytes,
+                                 worker_bytes=cost.vector_bytes(w, m, k),
                                  driver_bytes=cost.driver_vector_bytes(w, k) + written)
 
     def request(self, options, context):
