@@ -353,7 +353,7 @@ def bench_model(key, title, model, n, settings, checks):
         note="includes loss and gradient")
     # The compiled functions the engine traced (K=1 above, K=16 below), called directly on
     # tensors: no NumPy conversions, the same work as the reference orderings.
-    x_t, y_t, s_t = engine._cast_batch(inputs, labels, None)
+    x_t, y_t, s_t = engine.cast_batch(inputs, labels, None)
     specs = engine._specs(inputs, labels)
     hvp1 = engine.hvp_function(specs, 1, with_gradient=True)
     v1_t = tf.constant(v1, tf.float32)

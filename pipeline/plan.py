@@ -116,7 +116,8 @@ def probe_data(job, engine, data):
     columns = tensor_columns(job.data, engine.signature)
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
     check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns)
-    report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities))
+    report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities),
+                   output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
         batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)
         check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns)
@@ -171,7 +172,8 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     plan.notes.append(f"model and loss ran on the first {trial.rows} rows (mean loss {trial.loss:.6g})")
     facts = registry.PlanFacts(parameters=signature.parameters, batches=plan.batches, route=trial.route,
                                  per_example_route=trial.per_example_route, layer_routes=trial.layer_routes,
-                                 variable_sizes=dict(zip(engine.names, engine.sizes)))
+                                 variable_sizes=dict(zip(engine.names, engine.sizes)),
+                                 route_checks=trial.route_checks)
     plan.notes.extend(registry.notes(job.quantities, facts))
     # Estimated and checked before anything of the quantities' size is built (random vectors
     # are drawn only when the main pass asks for them).

@@ -215,8 +215,8 @@ def _masked_tagger(activation=None):
     ("mse", None, "regression"),
 ])
 def test_monte_carlo_ggn_of_masked_sequences_converges(loss_name, activation, kind):
-    """With a mask, l_i averages over the example's own positions: the sampled gradient is
-    scaled by its count of unmasked positions, and padded positions draw nothing."""
+    """With a mask, l_i sums over the example's own positions (the token-weighted objective):
+    the sampled gradients are not scaled by a count, and padded positions draw nothing."""
     model = _masked_tagger(activation)
     options = {"from_logits": True} if kind != "regression" and activation is None else {}
     loss = cases.resolved(loss_name, **options)

@@ -61,10 +61,12 @@ def _diagonals(result):
     return pq.read_table(os.path.join(result.run_dir, "diagonals.parquet")).to_pandas()
 
 
-def _reference(model, example_losses, count, total_loss=None):
+def _reference(model, example_losses, count, total_loss=None, divisor=None):
     """Mean loss, gradient, Hessian (dense, float64) and Fisher diagonal of
-    ``L = mean_i l_i``, ``example_losses(i)`` building ``l_i`` from ``model`` alone
-    (``total_loss()``, if given, builds ``sum_i l_i`` in fewer model calls)."""
+    ``L = sum_i l_i / divisor`` (``divisor`` = count by default), ``example_losses(i)`` building
+    ``l_i`` from ``model`` alone (``total_loss()``, if given, builds ``sum_i l_i`` in fewer
+    model calls)."""
+    divisor = count if divisor is None else divisor
     variables = model.trainable_variables
 
     def flat(tensors):
@@ -73,7 +75,7 @@ def _reference(model, example_losses, count, total_loss=None):
     with tf.GradientTape(persistent=True) as outer:
         with tf.GradientTape() as inner:
             summed = total_loss() if total_loss else tf.add_n([example_losses(i) for i in range(count)])
-            total = summed / count
+            total = summed / divisor
         grad = flat(inner.gradient(total, variables))
     rows = []
     size = int(grad.shape[0])
@@ -86,7 +88,7 @@ def _reference(model, example_losses, count, total_loss=None):
         with tf.GradientTape() as tape:
             li = example_losses(i)
         fisher += flat(tape.gradient(li, variables)).numpy() ** 2
-    return float(total.numpy()), grad.numpy(), np.array(rows), fisher / count
+    return float(total.numpy()), grad.numpy(), np.array(rows), fisher / divisor
 
 
 def _float64_copy(build, weights):
@@ -111,10 +113,12 @@ def tagger(tmp_path_factory):
     reference_model = _float64_copy(kinds.masked_tagger, model.get_weights())
     sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none", dtype="float64")
 
+    # The token-weighted objective (what Keras evaluate returns): each example's summed token
+    # losses over the count of tokens in the dataset.
     def example_loss(i):
         # Example i alone, unpadded: no mask needed, so this checks padding and masking.
         logits = reference_model(np.array([tokens[i]]), training=False)
-        return tf.reduce_mean(sce(np.array([tags[i]]), logits))
+        return tf.reduce_sum(sce(np.array([tags[i]]), logits))
 
     def total_loss():
         # The same sum, examples of one length together (still no padding): fewer LSTM graphs.
@@ -122,10 +126,11 @@ def tagger(tmp_path_factory):
         for length in sorted({len(t) for t in tokens}):
             pick = [i for i, t in enumerate(tokens) if len(t) == length]
             logits = reference_model(np.array([tokens[i] for i in pick]), training=False)
-            parts.append(tf.reduce_sum(tf.reduce_mean(sce(np.array([tags[i] for i in pick]), logits), axis=1)))
+            parts.append(tf.reduce_sum(sce(np.array([tags[i] for i in pick]), logits)))
         return tf.add_n(parts)
 
-    return root, _reference(reference_model, example_loss, len(tokens), total_loss)
+    return root, _reference(reference_model, example_loss, len(tokens), total_loss,
+                            divisor=sum(len(t) for t in tokens))
 
 
 def test_masked_sequences_of_any_length_match_each_example_alone(ray_local, tagger):

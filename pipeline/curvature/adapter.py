@@ -26,15 +26,23 @@ each found in Keras' own code (``Functional.call``, ``Loss.__call__``, ``LossFun
   float64 model's output to float32, PITFALLS.md); labels are converted as ``Loss.__call__``
   converts them.
 - **Masks** (``_keras_mask``, from ``Embedding(mask_zero=True)``, ``Masking``...): the
-  per-example loss is the masked mean over the example's positions,
-  ``l_i = sum_t m_it l_it / sum_t m_it`` (0 when every position is masked), which is what
-  ``model.evaluate`` returns for example i alone. Without a mask, ``l_i`` is the mean over
-  every axis after the batch axis, as Keras reduces.
+  objective is token-weighted, ``L = sum_it s_i m_it l_it / sum_it s_i m_it`` (what Keras
+  ``evaluate`` returns over the whole dataset, and what training minimises), so the
+  per-example term is the masked *sum* ``l_i = sum_t m_it l_it`` and the example counts
+  ``n_i = sum_t m_it`` towards the divisor (``position_counts``). Without a mask, ``l_i`` is
+  the mean over every axis after the batch axis, as Keras reduces, and ``n_i = 1``. A masked
+  output beside other outputs is refused (each would need its own divisor).
+- **Other Keras cross-entropies** (the focal ones: any Keras loss that takes ``from_logits``)
+  read the logits behind a softmax/sigmoid output too (``_get_logits``) while computing other
+  terms from the probabilities: ``f`` is then the logits and the loss is applied to a fresh
+  softmax/sigmoid of ``f`` that carries them, so every route computes Keras' very loss.
 
 Several outputs: ``l_i`` is the sum of the per-output losses, as Keras sums them.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import keras
 import tensorflow as tf
@@ -71,6 +79,8 @@ class ModelAdapter:
         # is decided while tracing (the tensors carry it) and read by the Monte Carlo GGN
         # sampler, which always runs after a forward pass has been traced.
         self.logit_outputs: tuple[bool, ...] | None = None
+        # Whether an output carries a sequence mask (token-weighted objective); None until traced.
+        self.masked: bool | None = None
         self.keras_loss = KerasLoss(loss, self.dtype)
 
     # ------------------------------------------------------------------ the model
@@ -96,26 +106,56 @@ class ModelAdapter:
         outputs, masks, logits = [], [], []
         for raw in self.call(inputs):
             masks.append(getattr(raw, "_keras_mask", None))
-            behind = self._logits_behind(raw)
-            logits.append(behind is not None)
+            behind, activation = self._logits_behind(raw)
+            # True: a cross-entropy family takes f with from_logits; an op name: the loss is
+            # applied to that activation of f (``KerasLoss._keras_values``).
+            logits.append(activation if behind is not None and self.loss.family not in _LOGIT_OPS
+                          else behind is not None)
             tensor = behind if behind is not None else raw
             outputs.append(tensor if tensor.dtype == self.dtype else tf.cast(tensor, self.dtype))
+        if len(masks) > 1 and any(m is not None for m in masks):
+            raise InputError(
+                f"output(s) {[n.name for n, m in zip(self.signature.outputs, masks) if m is not None]} carry a "
+                "sequence mask beside other outputs: the token-weighted objective (sum of masked losses over the "
+                "count of unmasked positions) needs one divisor for the whole model; compute the masked output "
+                "alone (a model with that output only), or remove the mask")
         self.logit_outputs = tuple(logits)
+        self.masked = any(m is not None for m in masks)
         return outputs, masks
 
     def _logits_behind(self, tensor):
-        """The logits Keras' cross-entropy would read instead of ``tensor``, or None."""
-        # As ``_get_logits``: even with from_logits=True, Keras reads the logits (and warns).
-        if self.loss.user_function or self.loss.family not in _LOGIT_OPS:
-            return None
+        """``(logits, op name)`` Keras' cross-entropy would read instead of ``tensor``, or
+        ``(None, None)``."""
+        if not self._reads_logits():
+            return None, None
+        ops = (_LOGIT_OPS[self.loss.family],) if self.loss.family in _LOGIT_OPS else ("Softmax", "Sigmoid")
+        op = getattr(tensor, "op", None)
+        graph_op = op is not None and not isinstance(tensor, tf.__internal__.EagerTensor) and len(op.inputs) == 1
         behind = getattr(tensor, "_keras_logits", None)
         if behind is not None:
-            return behind
-        op = getattr(tensor, "op", None)
-        if op is not None and not isinstance(tensor, tf.__internal__.EagerTensor) \
-                and op.type == _LOGIT_OPS[self.loss.family] and len(op.inputs) == 1:
-            return op.inputs[0]
-        return None
+            return behind, (op.type if graph_op and op.type in ("Softmax", "Sigmoid") else ops[0])
+        if graph_op and op.type in ops:
+            return op.inputs[0], op.type
+        return None, None
+
+    def _reads_logits(self) -> bool:
+        """Whether the loss reads the logits behind a softmax/sigmoid output, as Keras'
+        ``_get_logits`` does: the cross-entropy families always (even with from_logits=True,
+        Keras reads the logits and warns), other Keras losses that take ``from_logits`` (the
+        focal cross-entropies) when it is false. A user function gets the output as it is."""
+        if self.loss.user_function:
+            return False
+        if self.loss.family in _LOGIT_OPS:
+            return True
+        return _takes_from_logits(self.loss.fn) and not self.loss.from_logits
+
+    def position_counts(self, labels, outputs, masks):
+        """``n_i`` [B]: the unmasked positions example i counts in the token-weighted objective's
+        divisor (the mask broadcast to the loss's per-position values, summed), or None when no
+        output carries a mask (every example counts 1)."""
+        if all(m is None for m in masks):
+            return None
+        return self.keras_loss.output_losses(labels, outputs, masks, self.logit_outputs, counts=True)[0]
 
     # ------------------------------------------------------------------ the loss
     def output_losses(self, labels, outputs, masks) -> list:
@@ -143,21 +183,28 @@ class KerasLoss:
         self.loss = loss
         self.dtype = tf.as_dtype(dtype)
 
-    def _keras_values(self, label, output, logits: bool):
-        """Per-position values of a Keras loss function, as its ``LossFunctionWrapper`` computes them."""
+    def _keras_values(self, label, output, logits):
+        """Per-position values of a Keras loss function, as its ``LossFunctionWrapper`` computes them.
+
+        ``logits``: True to take ``output`` as logits (``from_logits``), an op name
+        (``"Softmax"``/``"Sigmoid"``) to apply that activation to ``output`` first, as the
+        model did, leaving the logits on the result for Keras to read."""
         options = dict(self.loss.options)
-        if logits:
+        if logits is True:
             options["from_logits"] = True
+        elif logits:
+            output = _activation_of_logits(output, logits)
         label, output = _same_rank(label, output)
         return self.loss.fn(label, output, **options)
 
-    def output_losses(self, labels, outputs, masks, logit_outputs=None) -> list:
-        """Per output, the per-example loss ``[B]`` (masked mean over positions)."""
+    def output_losses(self, labels, outputs, masks, logit_outputs=None, counts: bool = False) -> list:
+        """Per output, the per-example loss ``[B]`` (masked sum over positions); with ``counts``,
+        per output the masked positions' count ``[B]`` instead (ones without a mask)."""
         logit_flags = logit_outputs or (False,) * len(outputs)
         if self.loss.user_function and len(outputs) > 1:
             # A user function for several outputs gets the lists (documented in README.md).
             values = tf.convert_to_tensor(self.loss.fn([self._label(y) for y in labels], list(outputs)))
-            return [_reduce_per_example(tf.cast(values, self.dtype), None, self.dtype)]
+            return [_reduce_per_example(tf.cast(values, self.dtype), None, self.dtype, counts)]
         losses = []
         for label, output, mask, logits in zip(labels, outputs, masks, logit_flags):
             label = self._label(label)
@@ -166,7 +213,7 @@ class KerasLoss:
                 values = tf.convert_to_tensor(self.loss.fn(label, output))
             else:
                 values = self._keras_values(label, output, logits)
-            losses.append(_reduce_per_example(tf.cast(values, self.dtype), mask, self.dtype))
+            losses.append(_reduce_per_example(tf.cast(values, self.dtype), mask, self.dtype, counts))
         return losses
 
     def per_example_loss(self, labels, outputs, masks, logit_outputs=None):
@@ -199,14 +246,35 @@ def _same_rank(label, output):
     return label, output
 
 
-def _reduce_per_example(values, mask, dtype):
-    """``[B, ...]`` per-position losses -> ``[B]``: the (masked) mean over every axis after the batch."""
+def _takes_from_logits(fn) -> bool:
+    try:
+        return "from_logits" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _activation_of_logits(logits, op_type: str):
+    """``softmax``/``sigmoid`` of ``logits`` as the op Keras' ``_get_logits`` recognises, with
+    the logits attached as Keras' own activations attach them."""
+    out = tf.nn.softmax(logits) if op_type == "Softmax" else tf.math.sigmoid(logits)
+    try:
+        out._keras_logits = logits
+    except AttributeError:
+        pass  # a tensor that takes no attributes: the op itself still leads Keras to the logits
+    return out
+
+
+def _reduce_per_example(values, mask, dtype, counts: bool = False):
+    """``[B, ...]`` per-position losses -> ``[B]``: the mean over every axis after the batch, or
+    with a mask the masked *sum* (the token-weighted objective's per-example term)."""
     if values.shape.rank is None:
         raise InputError("the loss returned values of unknown rank: return one value per example")
     if values.shape.rank == 0:
         raise InputError("the loss returned a single number for the batch: return one value per example "
                          "(reduction none)")
     if mask is None:
+        if counts:
+            return tf.ones(tf.shape(values)[:1], dtype)
         if values.shape.rank == 1:
             return values
         return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
@@ -218,10 +286,11 @@ def _reduce_per_example(values, mask, dtype):
             f"the model's output carries a mask of rank {weights.shape.rank} but the loss gives values of rank "
             f"{values.shape.rank}: use a loss with one value per masked position, or remove the mask")
     weights = tf.broadcast_to(weights, tf.shape(values))
+    if counts:
+        values = tf.ones_like(values)
     if values.shape.rank == 1:
         return values * weights
-    axes = list(range(1, values.shape.rank))
-    return tf.math.divide_no_nan(tf.reduce_sum(values * weights, axis=axes), tf.reduce_sum(weights, axis=axes))
+    return tf.reduce_sum(values * weights, axis=list(range(1, values.shape.rank)))
 
 
 # ---------------------------------------------------------------------- structure and names

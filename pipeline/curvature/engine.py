@@ -34,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.curvature import layer_rules, sampling
-from pipeline.curvature.adapter import ModelAdapter
-from pipeline.curvature.model import to_precision
+from pipeline.curvature.adapter import ModelAdapter, model_signature
+from pipeline.curvature.model import copy_mismatch, to_precision
 from pipeline.curvature.requests import BatchWork
 from pipeline.errors import InputError
 from pipeline.partial import Partial
@@ -87,6 +87,8 @@ class CurvatureEngine:
         set_threads(threads)
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
+        # The model as loaded, kept to check the copy against it (``check_copy``).
+        self.original = model
         self.model = to_precision(model, precision, builder)
         self.loss = loss
         # Every call of the model and the loss goes through the adapter (how Keras does it).
@@ -114,6 +116,10 @@ class CurvatureEngine:
         # (``route_for``), unless given.
         self.route = route
         self.per_example_route = route
+        # Why each route was kept or dropped after its check on the first rows (``_check_routes``).
+        self.route_checks: dict = {}
+        self._output_route_checked = False  # ``check_output_derivatives`` runs once
+        self._unchecked = {"route": False, "per_example_route": False}
         # The layers whose Fisher and GGN products take a per-layer rule (``layer_routes``);
         # None until the first batch decides.
         self._rules = None if layer_rule else []
@@ -123,6 +129,29 @@ class CurvatureEngine:
         # gradient) and no faster on an MLP (benchmarks/engine_bench.py): "auto" skips it there.
         self.xla = xla == "on" or (xla == "auto" and bool(tf.config.list_logical_devices("GPU")))
         self.xla_trials: dict = {}
+
+    def check_copy(self, inputs) -> None:
+        """Raises ``InputError`` when the copy computing in ``precision`` (``to_precision``) does
+        not compute what the loaded model computes on ``inputs`` (batch arrays), naming the
+        first layer that differs (``model.copy_mismatch``). Nothing to check when no copy was
+        made. Cost: two forward passes over ``inputs``."""
+        if self.model is self.original:
+            return
+        pack = self.adapter._pack
+        original = [batch_tensor(a, tf.as_dtype(_input_dtype(spec.dtype))) for a, spec in
+                    zip(inputs, model_signature(self.original).inputs)]
+        different = copy_mismatch(self.original, self.model, pack(original), pack(
+            [batch_tensor(a, self.dtype) for a in inputs]))
+        if different:
+            raise InputError(
+                f"the {self.precision} copy of the model does not compute what the model computes on the first "
+                f"{len(inputs[0])} rows: {different}. A layer whose state Keras does not carry in its weights "
+                f"(set_weights) cannot be copied to {self.precision}: use precision: {self.original_precision()}, "
+                "or give a builder model (model: {builder: ...}) that rebuilds that state")
+
+    def original_precision(self) -> str:
+        """The precision the loaded model computes in (its variables' dtype for mixed policies)."""
+        return "float64" if str(self.original.dtype_policy.variable_dtype) == "float64" else "float32"
 
     # ------------------------------------------------------------------ plumbing
     def flatten(self, tensors):
@@ -169,7 +198,7 @@ class CurvatureEngine:
             self._functions[key] = fn
         return fn
 
-    def _cast_batch(self, inputs, labels, weights):
+    def cast_batch(self, inputs, labels, weights):
         def cast(a):
             return batch_tensor(a, self.dtype)
 
@@ -369,8 +398,7 @@ class CurvatureEngine:
                                                         self.dtype))
                 with tape.stop_recording():
                     flat = _flat_outputs(outputs, tf.float64)
-                    valid = tf.stack([_valid_fraction(m, tf.shape(o)[0], tf.float64)
-                                      for o, m in zip(outputs, masks)], axis=1)
+                    valid = tf.stack([_valid_fraction(m, o, tf.float64) for o, m in zip(outputs, masks)], axis=1)
                 shapes, from_logits = self._output_shapes(None), self._from_logits()
                 # One scale per output and example: its first column.
                 starts = np.cumsum([0] + [int(np.prod(shape)) for shape in shapes])[:-1]
@@ -569,7 +597,7 @@ class CurvatureEngine:
 
     def _output_derivatives(self, inputs, labels, hessian: bool):
         """Flattened outputs f [B, C], dl_i/df_i [B, C], if asked Lambda_i [B, C, C], and the
-        fraction of each output's positions that its mask keeps, [B, outputs] (1 unmasked)."""
+        fraction of each output's positions the loss averages over, [B, outputs] (``_valid_fraction``)."""
         outputs, masks = self.adapter.forward(list(inputs))
         static = [o.shape[1:] for o in outputs]
         if all(d is not None for shape in static for d in shape):
@@ -596,10 +624,42 @@ class CurvatureEngine:
                 first.watch(flat)
                 value = loss_of(flat)
             dl = first.gradient(value, flat)  # per example: l_i depends on f_i only
-        valid = tf.stack([_valid_fraction(m, tf.shape(o)[0], self.dtype) for o, m in zip(outputs, masks)], axis=1)
+        valid = tf.stack([_valid_fraction(m, o, self.dtype) for o, m in zip(outputs, masks)], axis=1)
         if not hessian:
             return flat, dl, tf.zeros([0, 0, 0], self.dtype), valid
         return flat, dl, second.batch_jacobian(dl, flat), valid
+
+    def check_output_derivatives(self, x, y, s) -> None:
+        """Raises ``InputError`` unless the Fisher and GGN route's output-space derivatives are
+        those of the very loss the gradient differentiates: ``sum_i s_i J_i^T dl_i/df_i``
+        (``_output_derivatives``, the per-example route) must equal the tape's gradient of the
+        objective on this batch. They differ when the loss reads more than the tensor it is
+        handed (a loss that looks behind a softmax for its logits, as Keras' cross-entropies
+        do, given a copy). Once per engine; cost: two forward and two backward passes."""
+        if self._output_route_checked:
+            return
+        self._output_route_checked = True
+
+        def both(a, b, c):
+            _, dl, _, _ = self._output_derivatives(a, b, False)
+            with tf.GradientTape() as tape:
+                flat = _flat_outputs(self.adapter.forward(list(a))[0], self.dtype)
+                value = tf.reduce_sum(flat * tf.stop_gradient(c[:, None] * dl))
+            implied = _dense(tape.gradient(value, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            return self.flatten([tf.cast(g, self.dtype) for g in implied]), self._loss_and_gradient(
+                self._objective, a, b, c)[1]
+
+        implied, truth = (t.numpy().astype(np.float64) for t in tf.function(both)(x, y, s))
+        tolerance = 1e-8 if self.dtype == tf.float64 else 1e-3
+        error = float(np.abs(implied - truth).max(initial=0.0)) / max(float(np.abs(truth).max(initial=0.0)), 1e-300)
+        if not error <= tolerance:
+            raise InputError(
+                f"the loss {self.loss.name or 'function'}'s derivatives with respect to the model's outputs do not "
+                f"reproduce its gradient on the first {int(s.shape[0])} rows (relative error {error:.2g}): the loss "
+                "reads more than the output tensor it is given (e.g. the logits behind a softmax/sigmoid output), "
+                "so the Fisher and GGN would be wrong; give the model a linear output and the loss "
+                "from_logits: true, or ask only for quantities that need no output derivatives (gradient, "
+                "hessian_diagonal, hvp, trace, eigenvalues, spectrum, hessian)")
 
     # ------------------------------------------------------------------ per batch
     def partial(self, inputs, labels, weights, rows, work: BatchWork) -> Partial:
@@ -609,9 +669,9 @@ class CurvatureEngine:
         ``weights``: [B] or None; ``rows``: the examples' global row indices (they key the
         Monte Carlo label draws, so the result does not depend on the sharding).
         """
-        x, y, s = self._cast_batch(inputs, labels, weights)
+        x, y, s = self.cast_batch(inputs, labels, weights)
         specs = self._specs(inputs, labels)
-        part = Partial(examples=len(rows), weight_sum=float(np.sum(s.numpy(), dtype=np.float64)), batches=1)
+        part = Partial(examples=len(rows), weight_sum=self._weight_sum(x, y, s, specs), batches=1)
         if self._fisher_in_gradient_pass(inputs, work, weights):
             self._loss_gradient_fisher(part, x, y, s, specs, work.gradient)
             return part
@@ -622,6 +682,22 @@ class CurvatureEngine:
         if work.sum_grad_squared or work.ggn_diagonal:
             self._outer_products(part, inputs, x, y, s, specs, rows, work)
         return part
+
+    def _weight_sum(self, x, y, s, specs) -> float:
+        """The batch's share of the objective's divisor: ``sum_i s_i``, or with a sequence mask
+        ``sum_i s_i n_i`` (``ModelAdapter.position_counts``: the token-weighted objective).
+        Cost for a masked model: one forward pass of the batch (none otherwise, once known)."""
+        weights = s.numpy().astype(np.float64)
+        if self.adapter.masked is False:
+            return float(np.sum(weights, dtype=np.float64))
+
+        def counts(a, b):
+            outputs, masks = self.adapter.forward(list(a))
+            n = self.adapter.position_counts(list(b), outputs, masks)
+            return tf.ones(tf.shape(outputs[0])[:1], self.dtype) if n is None else tf.cast(n, self.dtype)
+
+        n = self._compiled(("counts",), counts, specs[:2])(x, y).numpy().astype(np.float64)
+        return float(np.sum(weights * n, dtype=np.float64))
 
     def regularization_partial(self, work: BatchWork) -> Partial:
         """The regularization terms (``model.losses``), computed once for the whole dataset.
@@ -688,7 +764,7 @@ class CurvatureEngine:
             self._vectors[key] = (vectors, tensor)  # holding ``vectors`` keeps its id unique
         return self._vectors[key][1]
 
-    def route_for(self, objective, specs) -> str:
+    def route_for(self, objective, specs, batch=None) -> str:
         """"vectorised" or "loop": how this model's exact diagonal is formed; also decides
         ``per_example_route``, for the Fisher and GGN products (both once per model).
 
@@ -699,6 +775,8 @@ class CurvatureEngine:
         Per-example products through an ``Einsum`` (``MultiHeadAttention``, ``EinsumDense``)
         in float32 on a CPU also take ``tf.map_fn``: vectorised, TensorFlow 2.21's oneDNN
         kernels corrupt the heap and the process dies (tests/zoo/repro_mha_onednn.py).
+        A vectorised route chosen here is checked against its loop on ``batch`` the first time
+        one is given (``_check_routes``).
         """
         if self.route is None or self.per_example_route is None:
             traced = tf.function(lambda a, b, c: self._loss_and_gradient(objective, a, b, c))
@@ -706,18 +784,64 @@ class CurvatureEngine:
             loops = bool(kinds & {"While", "StatelessWhile"})
             onednn = (self.dtype != tf.float64 and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
                       and not tf.config.list_logical_devices("GPU"))
+            # Chosen here (not given): a vectorised route is checked on the first batch.
+            self._unchecked = {"route": self.route is None and not loops,
+                               "per_example_route": self.per_example_route is None and not loops
+                               and not ("Einsum" in kinds and onednn)}
             self.route = self.route or ("loop" if loops else "vectorised")
             self.per_example_route = self.per_example_route or (
                 "loop" if loops or ("Einsum" in kinds and onednn) else "vectorised")
+        if batch is not None and any(self._unchecked.values()):
+            self._check_routes(objective, specs, batch)
         return self.route
 
+    def _check_routes(self, objective, specs, batch) -> None:
+        """Checks each vectorised (``pfor``) route chosen by ``route_for`` against its loop on
+        ``batch`` (at most 4 rows), once per model; a route that fails or disagrees takes the
+        loop, and ``route_checks`` says why (the plan prints it).
+
+        ``pfor`` can be silently wrong: TensorFlow 2.21's vectorised Jacobian of a grouped
+        convolution (``Conv2D(groups=2)``) gave the second group's Hessian entries 100% off.
+        The exact diagonal and the Hessian blocks are checked on rows of ``H`` (the first,
+        middle and last entry of each variable, at most 48 rows: 2 x rows HVPs); the per-example
+        products on every parameter of 4 rows' squared vector-Jacobian products.
+        """
+        x, y, s = [t[:4] for t in batch[0]], [t[:4] for t in batch[1]], batch[2][:4]
+        tolerance = 1e-8 if self.dtype == tf.float64 else 1e-4
+        if self._unchecked["route"]:
+            self._unchecked["route"] = False
+            offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+            picks = np.unique(np.concatenate([[o, o + (n - 1) // 2, o + n - 1] for o, n in zip(offsets, self.sizes)]))
+            picks = tf.constant(picks[:48].astype(np.int32))
+            block = tuple(range(len(self.variables)))
+
+            def rows_of(loop):
+                return tf.function(lambda a, b, c: self._hessian_rows(objective, a, b, c, picks, block, loop))(x, y, s)
+
+            self.route, self.route_checks["route"] = _checked_route(lambda: rows_of(False), lambda: rows_of(True),
+                                                                    tolerance, "vectorised Jacobian of H's rows")
+        if self._unchecked["per_example_route"]:
+            self._unchecked["per_example_route"] = False
+            width = int(_flat_outputs(self.adapter.forward(list(x))[0], self.dtype).shape[1])
+            # Any fixed, non-trivial cotangents: the check compares two routes to the same products.
+            u = tf.constant(np.cos(np.arange(int(s.shape[0]) * width) + 0.3).reshape(-1, width), self.dtype)
+            w = tf.ones([u.shape[0]], self.dtype)
+
+            def squares(loop):
+                return tf.function(lambda a: self._sum_sq_vjp(a, u, w, False, loop)[0])(x)
+
+            self.per_example_route, self.route_checks["per_example_route"] = _checked_route(
+                lambda: squares(False), lambda: squares(True), tolerance, "vectorised per-example products")
+
     def vectorisation_routes(self, inputs, labels) -> tuple[str, str]:
-        """``(route, per_example_route)`` for batches like this one (for the plan)."""
-        self.route_for(self._objective, self._specs(inputs, labels))
+        """``(route, per_example_route)`` for batches like this one (for the plan), each
+        vectorised route checked against its loop on these rows (``route_checks``)."""
+        x, y, s = self.cast_batch(inputs, labels, None)
+        self.route_for(self._objective, self._specs(inputs, labels), (x, y, s))
         return self.route, self.per_example_route
 
     def _exact_diagonal(self, objective, batch, specs, tag):
-        if self.route_for(objective, specs) == "vectorised":
+        if self.route_for(objective, specs, batch) == "vectorised":
             try:
                 return self._diagonal_vectorised(objective, batch, specs, tag)
             except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
@@ -773,7 +897,7 @@ class CurvatureEngine:
         entries in flat order: the rows of the block's gradient entries, differentiated with
         respect to the block's variables only, ``diagonal_block`` rows per call (vectorised by
         ``pfor``; TensorFlow's ``while_loop`` Jacobian on the loop route): b HVPs in all."""
-        if self.route_for(objective, specs) == "vectorised":
+        if self.route_for(objective, specs, batch) == "vectorised":
             try:
                 return self._hessian_block_rows(objective, batch, specs, tag, block, loop=False)
             except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
@@ -806,7 +930,8 @@ class CurvatureEngine:
 
     # ------------------------------------------------------------------ Fisher and GGN
     def _outer_products(self, part, raw_inputs, x, y, s, specs, rows, work):
-        self.route_for(self._objective, specs)
+        self.route_for(self._objective, specs, (x, y, s))
+        self.check_output_derivatives(x, y, s)
         weights = s.numpy().astype(np.float64)
         if work.ggn_diagonal == "mc" and self._mc_takes_rules(raw_inputs):
             self._mc_by_rules(part, raw_inputs, x, y, s, specs, rows, work, with_loss=False)
@@ -980,6 +1105,21 @@ class CurvatureEngine:
         return [tuple(width // known if d is None else d for d in shapes[0])]
 
 
+def _checked_route(vectorised, loop, tolerance: float, what: str) -> tuple[str, str]:
+    """``(route, reason)``: "vectorised" when ``vectorised()`` runs and agrees with ``loop()``
+    within ``tolerance`` relative to the loop's largest entry, else "loop" and why."""
+    want = loop().numpy().astype(np.float64)
+    try:
+        got = vectorised().numpy().astype(np.float64)
+    except (ValueError, TypeError, NotImplementedError, LookupError, tf.errors.OpError) as error:
+        return "loop", f"{what} failed ({type(error).__name__}): one product at a time"
+    scale = max(float(np.abs(want).max(initial=0.0)), 1e-300)
+    error = float(np.abs(got - want).max(initial=0.0)) / scale
+    if not error <= tolerance:
+        return "loop", f"{what} disagreed with the loop by {error:.2g} (relative) on the first rows: one at a time"
+    return "vectorised", f"{what} checked against the loop on the first rows (relative error {error:.1g})"
+
+
 class XlaTrial:
     """A compiled function and its XLA twin (``jit_compile=True``): the first call runs both,
     and XLA is kept only where it agrees and is faster.
@@ -1062,14 +1202,21 @@ def _dense(gradients):
     return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]
 
 
-def _valid_fraction(mask, batch, dtype):
-    """[B]: the fraction of an output's positions its mask keeps (ones without a mask)."""
+def _valid_fraction(mask, output, dtype):
+    """[B]: the fraction of an output's positions the loss averages over (``sampling.draw_labels``'s
+    ``valid``): all of them without a mask (ones); one with a mask, whose positions the
+    token-weighted objective sums (``1 / positions``, positions = every axis but the batch and
+    the last)."""
+    batch = tf.shape(output)[0]
     if mask is None:
         return tf.ones([batch], dtype)
-    mask = tf.cast(mask, dtype)
-    if mask.shape.rank == 1:
-        return mask
-    return tf.reduce_mean(mask, axis=list(range(1, mask.shape.rank)))
+    positions = tf.cast(tf.reduce_prod(tf.shape(output)[1:-1]), dtype)
+    return tf.fill([batch], 1.0 / positions)
+
+
+def _input_dtype(name: str) -> str:
+    """The dtype a model input takes floats in (other inputs keep their own)."""
+    return name if name.startswith(("float", "bfloat")) else "float32"
 
 
 def _is_text(array) -> bool:

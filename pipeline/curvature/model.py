@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 import zipfile
 
 import keras
@@ -126,6 +127,17 @@ def precision_mismatch(model, precision: str) -> str | None:
             continue  # StringLookup, Hashing...: a float policy, but no float arithmetic to redo
         if _floating(compute) and compute != precision:
             return f"layer {layer.name!r} computes in {compute}"
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.Model):
+            continue
+        for variable in layer._trainable_variables + layer._non_trainable_variables:
+            if _floating(variable.dtype) and variable.dtype != precision:
+                if layer.dtype_policy.variable_dtype == precision:
+                    # The policy asks for ``precision`` and the layer made another dtype anyway.
+                    lora = " (Keras keeps LoRA weights in float32)" if "lora" in variable.path else ""
+                    return (f"layer {layer.name!r} ({type(layer).__name__}) creates variable {variable.path!r} "
+                            f"as {variable.dtype} whatever the dtype policy{lora}")
+                return f"variable {variable.path!r} is {variable.dtype}"
     for variable in model.weights:
         if _floating(variable.dtype) and variable.dtype != precision:
             return f"variable {variable.path!r} is {variable.dtype}"
@@ -187,14 +199,110 @@ def to_precision(model, precision: str, builder=None):
                 problems.append(f"rebuilt from its config, {problem}")
                 copy = None
     if copy is None:
-        raise InputError(
-            f"cannot compute the model in {precision} ({'; '.join(problems)}): remove fixed dtypes from its "
-            f"layers, or give a builder model (model: {{builder: ...}}), or use precision: "
-            f"{'float32' if precision == 'float64' else 'float64'}".replace("\n", " "))
+        other = "float32" if precision == "float64" else "float64"
+        if any("whatever the dtype policy" in problem for problem in problems):
+            way_out = (f"use precision: {other}" + (", or merge the LoRA weights into the kernel before saving"
+                                                     if any("LoRA" in p for p in problems) else ""))
+        else:
+            way_out = (f"remove fixed dtypes from its layers, or give a builder model (model: {{builder: ...}}), "
+                       f"or use precision: {other}")
+        raise InputError(f"cannot compute the model in {precision} ({'; '.join(problems)}): {way_out}"
+                         .replace("\n", " "))
     try:
         copy.set_weights([np.asarray(w, dtype=precision if np.asarray(w).dtype.kind == "f" else None)
                           for w in model.get_weights()])
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"the {precision} copy of the model does not take its weights ({exc}): give a builder "
                          "that builds the same architecture every time".replace("\n", " ")) from None
+    _copy_layer_state(model, copy)
     return copy
+
+
+def _copy_layer_state(model, copy) -> None:
+    """Gives the copy's layers the state that ``set_weights`` does not carry.
+
+    ``set_weights`` assigns variables only: an adapted ``Normalization`` derives its mean and
+    variance tensors from them in ``finalize_state()`` (which Keras' loader calls, and
+    ``set_weights`` does not: a float64 copy computed with the unadapted statistics), and the
+    vocabulary of a ``StringLookup``/``IntegerLookup``/``TextVectorization`` lives in assets, not
+    variables. ``finalize_state`` runs on the layers that own variables (their state derives from
+    them). Layers are paired in Keras' walk order (the copy has the original's structure).
+    Whatever is still different is caught by ``copy_mismatch`` on the data's first rows.
+    """
+    pairs = zip(model._flatten_layers(include_self=False), copy._flatten_layers(include_self=False))
+    for original, twin in pairs:
+        if type(original) is not type(twin):
+            return  # not the same structure: copy_mismatch names the layer that differs
+        if callable(getattr(original, "save_assets", None)) and callable(getattr(twin, "load_assets", None)):
+            with tempfile.TemporaryDirectory() as assets:
+                original.save_assets(assets)
+                twin.load_assets(assets)
+        # Only where set_weights changed something to derive from: a Discretization keeps its
+        # boundaries in its config, and finalize_state would recompute them from an empty summary.
+        if twin.weights and callable(getattr(twin, "finalize_state", None)):
+            twin.finalize_state()
+
+
+def _agrees(got, want, tolerance: float) -> bool:
+    scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-30)
+    return bool(np.all(np.isfinite(got) == np.isfinite(want))) and \
+        float(np.max(np.abs(np.where(np.isfinite(want), got - want, 0.0)), initial=0.0)) <= tolerance * scale
+
+
+# Relative agreement between the original model's outputs and its copy's, by the original's
+# compute dtype: the copy computes more exactly, so the original's own rounding sets the bound
+# (a float16 model rounds each layer to ~5e-4). A copy that lost a layer's state is off by O(1).
+COPY_TOLERANCE = {"float16": 3e-2, "bfloat16": 1e-1, "float32": 1e-4, "float64": 1e-9}
+
+
+def copy_mismatch(model, copy, inputs, copy_inputs) -> str | None:
+    """None when ``copy`` (``to_precision``'s) computes on ``copy_inputs`` what ``model`` computes
+    on ``inputs`` (the same rows, packed as each model is called, floats in each model's input
+    dtype), else the first layer whose output differs, with the relative error.
+
+    Both models run in inference mode; outputs are compared relative to their largest entry,
+    within ``COPY_TOLERANCE`` of the original's compute dtype. A functional model is compared
+    layer by layer (the first layer that differs is named); another model by its outputs.
+    Cost: two forward passes over ``inputs`` (a few rows).
+    """
+    if copy is model:
+        return None
+    # The least exact layer sets the bound: its rounding reaches every layer after it.
+    tolerance = max([COPY_TOLERANCE.get(str(layer.dtype_policy.compute_dtype), 1e-4)
+                     for layer in model._flatten_layers(include_self=True)], default=1e-4)
+    try:
+        names, want, got = _layer_outputs(model, copy, inputs, copy_inputs)
+    except Exception:  # noqa: BLE001 - a model Keras cannot cut into layers: compare the outputs
+        names = ["the model's outputs"]
+        want = [keras.tree.flatten(model(inputs, training=False))]
+        got = [keras.tree.flatten(copy(copy_inputs, training=False))]
+    for name, a, b in zip(names, want, got):
+        for x, y in zip(a, b):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype.kind not in "fc":
+                if not np.array_equal(x, y):
+                    return f"{name} (its outputs differ)"
+                continue
+            x, y = x.astype(np.float64), y.astype(np.float64)
+            if not _agrees(y, x, tolerance):
+                scale = max(float(np.max(np.abs(x), initial=0.0)), 1e-30)
+                error = float(np.max(np.abs(np.nan_to_num(y - x)), initial=0.0)) / scale
+                return f"{name} (relative error {error:.2g})"
+    return None
+
+
+def _as_list(outputs):
+    return outputs if isinstance(outputs, list) else [outputs]
+
+
+def _layer_outputs(model, copy, inputs, copy_inputs):
+    """Names and outputs of every layer of two functional models on ``inputs``, in graph order."""
+    layers = [layer for layer in model._flatten_layers(include_self=False, recursive=False)
+              if not isinstance(layer, keras.layers.InputLayer)]
+    twins = [layer for layer in copy._flatten_layers(include_self=False, recursive=False)
+             if not isinstance(layer, keras.layers.InputLayer)]
+    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    twin_probe = keras.Model(copy.inputs, [layer.output for layer in twins])
+    want = [keras.tree.flatten(o) for o in _as_list(probe(inputs, training=False))]
+    got = [keras.tree.flatten(o) for o in _as_list(twin_probe(copy_inputs, training=False))]
+    return [f"layer {layer.name!r}" for layer in layers], want, got

@@ -34,21 +34,32 @@ class ProbeReport:
     # Per variable: "layer rule" or "per-example" (``CurvatureEngine.layer_routes``; {} if not asked).
     layer_routes: dict = field(default_factory=dict)
     rule_rows: int = 0  # rows per call of the layer rules (``CurvatureEngine.rule_rows``), 0 if not asked
+    route_checks: dict = field(default_factory=dict)  # ``CurvatureEngine.route_checks`` ({} if not asked)
 
 
 def _shapes(arrays) -> str:
     return ", ".join(str(tuple(np.shape(a))) for a in arrays)
 
 
-def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> ProbeReport:
+def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
+          output_derivatives: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
 
     ``columns`` is ``pipeline.storage.dataset.tensor_columns``: the column(s) behind each input and label.
-    Raises ``InputError`` naming what failed. Cost: one forward pass per output loss check
-    plus one traced gradient on a few rows.
+    Raises ``InputError`` naming what failed. With ``route``, the vectorised routes are checked
+    against their loops (``CurvatureEngine.vectorisation_routes``); with ``output_derivatives``
+    (Fisher or GGN asked), the output-space derivatives against the gradient
+    (``CurvatureEngine.check_output_derivatives``). Cost: one forward pass per output loss
+    check plus one traced gradient on a few rows, and the checks' few passes.
     """
     signature = engine.signature
     inputs = [batch_tensor(a, engine.dtype) for a in batch.inputs]
+    try:
+        engine.check_copy(batch.inputs)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - the model failing on the data is reported just below
+        pass
     try:
         outputs, masks = engine.adapter.forward(inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of the model on the data is an input problem
@@ -76,6 +87,8 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
     try:
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
         routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
+        if output_derivatives:
+            engine.check_output_derivatives(*engine.cast_batch(batch.inputs, batch.labels, batch.weights))
         layers = engine.layer_routes(batch.inputs) if route else {}
         rule_rows = engine.rule_rows(1 << 30) if route else 0
     except InputError:
@@ -87,7 +100,8 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False) -> Probe
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
     return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
-                       per_example_route=routes[1], layer_routes=layers, rule_rows=rule_rows)
+                       per_example_route=routes[1], layer_routes=layers, rule_rows=rule_rows,
+                       route_checks=dict(engine.route_checks) if route else {})
 
 
 def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:

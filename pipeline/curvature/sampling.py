@@ -42,8 +42,9 @@ def draw_labels(family: str, flat, valid, uniforms, shapes, from_logits):
 
     ``flat``: the outputs ``f`` flattened and concatenated, ``[B, C]`` float64 (the draws
     compare cumulative probabilities with uniforms: float64 keeps them as exact as the
-    uniforms); ``valid``: ``[B, outputs]``, the fraction of each output's positions its mask
-    keeps (1 without a mask); ``uniforms``: per output, ``[B, uniform_count(...)]``;
+    uniforms); ``valid``: ``[B, outputs]``, the fraction of each output's positions the loss averages
+    over (1 without a mask; ``1 / positions`` with one, whose positions the token-weighted
+    objective sums); ``uniforms``: per output, ``[B, uniform_count(...)]``;
     ``shapes``: per output, its shape without the batch axis; ``from_logits``: per output,
     whether ``f`` is logits (else probabilities).
 
@@ -55,8 +56,9 @@ def draw_labels(family: str, flat, valid, uniforms, shapes, from_logits):
 
     Keras averages the loss over the m positions (or units) of an output, so
     ``Lambda = Lambda_position / m`` while ``E[g g^T] = Lambda_position / m**2``: the gradient
-    is scaled by ``sqrt(m)`` (for the Gaussian the noise variance does it). With a mask, m
-    counts the example's kept positions. Cost: O(B C) elementwise ops.
+    is scaled by ``sqrt(m)`` (for the Gaussian the noise variance does it). With a mask the
+    positions are summed, not averaged: m counts one position (the units of its last axis for
+    Bernoulli and Gaussian outputs). Cost: O(B C) elementwise ops.
     """
     labels, scales = [], []
     n = tf.shape(flat)[0]

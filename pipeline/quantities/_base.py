@@ -35,6 +35,8 @@ class PlanFacts:
     # Fisher/GGN products per variable: "layer rule" | "per-example" ({} when not decided).
     layer_routes: dict = field(default_factory=dict)
     variable_sizes: dict = field(default_factory=dict)  # entries per variable name
+    # Per route ("route", "per_example_route"): its check against the loop on the first rows.
+    route_checks: dict = field(default_factory=dict)
 
 
 @dataclass

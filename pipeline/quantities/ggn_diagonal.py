@@ -40,7 +40,10 @@ def per_example_notes(facts) -> list[str]:
             shown = ", ".join(rest[:6]) + (f" and {len(rest) - 6} more" if len(rest) > 6 else "")
             line += f"; per-example products of the whole model for {shown}"
         notes.append(line)
-    if facts.per_example_route == "loop" and (not routes or any(h != "layer rule" for h in routes.values())):
+    checked = facts.route_checks.get("per_example_route")
+    if checked and (not routes or any(h != "layer rule" for h in routes.values())):
+        notes.append(f"Fisher/GGN per-example products: {checked}")
+    elif facts.per_example_route == "loop" and (not routes or any(h != "layer rule" for h in routes.values())):
         notes.append("the Fisher/GGN per-example products run one example at a time (recurrent loops, or "
                      "einsum/attention in float32 on CPU, which vectorised crashes TensorFlow's oneDNN kernels): "
                      "slower")

@@ -24,6 +24,7 @@ from pipeline.errors import InputError
 from pipeline.memory import gib
 from pipeline.options import Option, positive_int
 from pipeline.quantities._base import Quantity
+from pipeline.quantities.hessian_diagonal import loop_notes
 from pipeline.storage import tables
 
 
@@ -38,6 +39,9 @@ class Hessian(Quantity):
 
     def per_parameter(self, options):
         return True
+
+    def notes(self, options, facts):
+        return loop_notes(facts)
 
     def prepare(self, options, signature, seed):
         """Refuses a block over ``max_parameters`` at plan time (nothing to read: returns None)."""

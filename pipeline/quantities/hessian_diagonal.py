@@ -79,9 +79,14 @@ def exact_diagonal_notes(facts) -> list[str]:
 
 
 def loop_notes(facts) -> list[str]:
-    """The plan's note when the model's loops keep the exact diagonal from being vectorised."""
+    """The plan's note on how the exact diagonal (and dense Hessian blocks) are formed: the
+    vectorised Jacobian's check against the loop, or why the loop is taken."""
+    checked = facts.route_checks.get("route")
     if facts.route != "loop":
-        return []
+        return [f"exact diagonal and Hessian blocks: {checked}"] if checked else []
+    if checked:
+        return [f"exact diagonal and Hessian blocks: {checked} (a while-loop Jacobian, one backward pass per "
+                "parameter: slower)"]
     return ["the model's recurrent (while) loops cannot be vectorised: the exact diagonal is formed by a "
             "while-loop Jacobian, one backward pass per parameter (slower)"]
 

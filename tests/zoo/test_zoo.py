@@ -32,9 +32,11 @@ TOLERANCE = {"float64": 1e-8, "float32": 2e-4}
 
 SINGLE_BATCH = [name for name in zoo_models.CASES if name != "variable_length_sequences"]
 ENGINES: dict = {}  # (case, precision) -> engine, so that one engine can see several batches
-MIXED = ["mixed_precision_mixed_float16", "mixed_precision_mixed_bfloat16"]  # float32 runs only
+MIXED = ["mixed_precision_mixed_float16", "mixed_precision_mixed_bfloat16",
+         "mixed_float16_preprocessing_state"]  # float32 runs only
 FLOAT32 = ["residual_mlp_layernorm", "transformer_block", "softmax_sparse_ce_saturated",
-           "masked_lstm_sequence"] + MIXED
+           "masked_lstm_sequence", "grouped_conv2d", "sigmoid_binary_focal_saturated",
+           "preprocessing_state_float64"] + MIXED
 RUNS = [(name, "float64") for name in SINGLE_BATCH if name not in MIXED] + [(name, "float32") for name in FLOAT32]
 
 # Runs in a child process: a crash there must fail one test, not end the run (the
@@ -130,6 +132,37 @@ def test_engine_matches_dense_reference(name, precision, tmp_path):
     check(name, precision, part, ref, vectors)
 
 
+# Each quantity asked alone takes other routes than all of them together (the Fisher alone comes
+# with the gradient by layer rules in one pass, the Monte Carlo GGN alone in its own pass...):
+# the kinds where routes have disagreed before are checked alone too, each on a fresh engine.
+ALONE_CASES = [("masked_lstm_sequence", "float64"), ("softmax_sparse_ce_saturated", "float64"),
+               ("softmax_sparse_ce_saturated", "float32"), ("sigmoid_binary_focal_saturated", "float64"),
+               ("sigmoid_binary_focal_saturated", "float32"), ("grouped_conv2d", "float64"),
+               ("grouped_conv2d", "float32"), ("preprocessing_state_float64", "float64"),
+               ("mixed_float16_preprocessing_state", "float32")]
+ALONE = {"gradient": (dict(gradient=True), "gradient", lambda ref: ref.gradient),
+         "hessian_diagonal": (dict(hessian_diagonal="exact"), "hessian_diagonal", lambda ref: np.diag(ref.hessian)),
+         "ggn_diagonal": (dict(ggn_diagonal="exact"), "ggn_diagonal", lambda ref: ref.ggn),
+         "fisher_diagonal": (dict(sum_grad_squared=True), "sum_grad_squared", lambda ref: ref.fisher)}
+
+
+@pytest.mark.parametrize("quantity", list(ALONE))
+@pytest.mark.parametrize("name,precision", ALONE_CASES, ids=[f"{n}-{p}" for n, p in ALONE_CASES])
+def test_each_quantity_alone_matches_the_reference(name, precision, quantity):
+    from pipeline.curvature.requests import BatchWork
+
+    case = zoo_models.get_case(name)
+    ref = zoo_models.get_reference(name)
+    work, key, expected = ALONE[quantity]
+    engine = CurvatureEngine(case.model, resolve_loss(case.loss.spec), precision=precision, builder=case.builder)
+    part = engine.partial(case.inputs, case.labels, case.weights, np.arange(len(case.weights)), BatchWork(**work))
+    want = expected(ref)
+    scale = _max(ref.hessian) if quantity == "hessian_diagonal" else _max(want)
+    error = _max(part.sums[key] - want) / scale
+    assert part.weight_sum == pytest.approx(ref.weight_sum, rel=TOLERANCE[precision])
+    assert error <= TOLERANCE[precision], f"{name} ({precision}) {quantity} alone: relative error {error:.3g}"
+
+
 def test_variable_length_batches_through_one_engine():
     """Case 13's masked LSTM engine (the one its own test used, when it ran) takes its batch
     padded to 5 and then another padded to 8: each matches its own reference."""
@@ -153,6 +186,20 @@ def test_reference_loss_is_keras_evaluate(name):
     evaluated = zoo_models.evaluate_losses(case)
     np.testing.assert_allclose(evaluated, ref.per_example, rtol=1e-12, atol=1e-13 * _max(ref.per_example))
     assert ref.loss == pytest.approx(float(np.sum(case.weights * evaluated)), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["masked_lstm_sequence", "variable_length_sequences"])
+def test_masked_objective_is_token_weighted_as_keras_evaluate(name):
+    """With a sequence mask the objective is Keras' ``evaluate`` over the batch,
+    ``sum_it m_it l_it / sum_it m_it`` (not a mean of per-example means): the reference's sums
+    divided by its ``sum_i n_i`` (weights 1) give it, and a mean of means would not."""
+    case = zoo_models.get_case(name)
+    ref = zoo_models.reference(case, weights=np.ones(len(case.weights)))
+    counts = zoo_models.positions(case)
+    assert ref.loss / ref.weight_sum == pytest.approx(zoo_models.evaluate_batch(case), rel=1e-12)
+    assert ref.weight_sum == pytest.approx(counts.sum())
+    # The two definitions differ here far beyond the 1e-12 agreement asserted above.
+    assert abs(np.mean(ref.per_example / counts) - ref.loss / ref.weight_sum) > 1e-6 * abs(ref.loss / ref.weight_sum)
 
 
 def test_pairings_would_be_caught():

@@ -70,6 +70,17 @@ def softplus_squared(y, z):  # zoo_losses.softplus_squared, written again
                           axis=-1)
 
 
+def binary_focal_logits(y, z, gamma=2.0):
+    """Keras' binary focal cross-entropy of a sigmoid output, from its logits z: the
+    cross-entropy term from the logits (Keras reads them behind the sigmoid), the focal factor
+    from the probabilities."""
+    y = tf.cast(y, z.dtype)
+    p = tf.math.sigmoid(z)
+    p_t = y * p + (1 - y) * (1 - p)
+    bce = tf.nn.relu(z) - z * y + tf.math.log1p(tf.exp(-tf.abs(z)))
+    return tf.reduce_mean(tf.pow(1.0 - p_t, gamma) * bce, axis=-1)
+
+
 @dataclass(frozen=True)
 class LossDef:
     """A loss as the engine gets it (``spec``), as Keras compiles it (``keras_loss``) and by hand."""
@@ -96,6 +107,8 @@ LOSSES = {
     "binary_ce_logits": _named("binary_crossentropy", keras.losses.BinaryCrossentropy, binary_ce_logits,
                                from_logits=True),
     "binary_ce_probs": _named("binary_crossentropy", keras.losses.BinaryCrossentropy, binary_ce_logits),
+    "binary_focal_probs": _named("binary_focal_crossentropy", keras.losses.BinaryFocalCrossentropy,
+                                 binary_focal_logits),
     "mse": _named("mse", keras.losses.MeanSquaredError, mse),
     "huber": _named("huber", keras.losses.Huber, huber),
     "user": LossDef(SimpleNamespace(name=None, options={}, function="zoo_losses:softplus_squared"),
@@ -110,8 +123,9 @@ def token_mask(tokens):
 
 
 def per_example_loss(hand, labels, outputs, mask=None, label_fix=None):
-    """l_i: per output, the per-position loss averaged over positions (masked mean when a mask
-    is given), summed over outputs. ``label_fix[k]`` reshapes label k as Keras reconciles it."""
+    """l_i: per output, the per-position loss averaged over positions (with a mask: summed over
+    the unmasked positions, the token-weighted objective's term), summed over outputs.
+    ``label_fix[k]`` reshapes label k as Keras reconciles it."""
     total = 0.0
     for k, (y, z) in enumerate(zip(labels, outputs)):
         if label_fix and label_fix[k]:
@@ -120,7 +134,7 @@ def per_example_loss(hand, labels, outputs, mask=None, label_fix=None):
         if per.shape.rank > 1:
             if mask is not None:
                 m = tf.cast(mask, per.dtype)
-                per = tf.reduce_sum(m * per, axis=1) / tf.reduce_sum(m, axis=1)
+                per = tf.reduce_sum(m * per, axis=1)
             else:
                 per = tf.reduce_mean(per, axis=list(range(1, per.shape.rank)))
         total = total + per
@@ -403,6 +417,22 @@ def case_sigmoid_saturated():
                 _weights(rng, n), notes="reference: logits twin + from_logits=True")
 
 
+def case_focal_saturated():
+    """Binary focal cross-entropy on a sigmoid output with saturated examples: Keras reads the
+    logits for its cross-entropy term and the probabilities for its focal factor."""
+    model, model64, ref = _pair(lambda dt, last_activation="sigmoid": probs_mlp(dt, last_activation, width=2),
+                                18, twin="sigmoid")
+    rng = np.random.default_rng(30)
+    n = 8
+    x = rng.normal(size=(n, 5))
+    x, z = _saturate(ref, x, lambda z0, z1: np.abs(z0).min() > 20 and np.abs(z1).min() > 20)
+    y = rng.integers(0, 2, size=(n, 2)).astype(np.float64)
+    y[0] = (z[0] > 0)  # confidently right
+    y[1] = (z[1] < 0)  # confidently wrong
+    return Case("sigmoid_binary_focal_saturated", model, model64, ref, LOSSES["binary_focal_probs"], [x], [y],
+                _weights(rng, n), notes="reference: logits twin, focal factor from sigmoid(logits)")
+
+
 # -- 11. every loss family on a small MLP
 def small_mlp(dt, last_activation=None, width=3):
     x = _float_input((5,), dt, "x")
@@ -522,6 +552,75 @@ def case_mixed(policy_name):
     return case
 
 
+# -- 17. grouped convolution (TensorFlow 2.21's pfor Jacobian of it is silently wrong)
+def grouped_conv(dt, last_activation=None):
+    x = _float_input((5, 5, 4), dt, "image")
+    h = keras.layers.Conv2D(4, 3, groups=2, activation="tanh", name="grouped")(x)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(3, activation=last_activation, name="out")(h)
+    return keras.Model(x, out, name="grouped_conv")
+
+
+def case_grouped_conv():
+    model, model64, ref = _pair(grouped_conv, 17)
+    rng = np.random.default_rng(27)
+    n = 6
+    # The reference's Hessian by TensorFlow's while_loop Jacobian: pfor is what is under test.
+    return Case("grouped_conv2d", model, model64, ref, LOSSES["sparse_ce_logits"], [rng.normal(size=(n, 5, 5, 4))],
+                [rng.integers(0, 3, n)], _weights(rng, n), pfor=False)
+
+
+# -- 18. preprocessing layers whose state set_weights does not carry (adapted Normalization,
+# StringLookup vocabulary, Discretization boundaries); the reference is built with that state
+# given explicitly (mean/variance, vocabulary, boundaries), not through the engine's copy.
+PREPROCESSING_WORDS = np.array(["ant", "bee", "cat", "dog", "eel", "fox"])
+
+
+def preprocessing(dt, state=None, mixed=False):
+    x = keras.Input((4,), dtype=dt, name="x")
+    words = keras.Input((1,), dtype="string", name="words")
+    if state is None:  # adapted later
+        norm, bins = keras.layers.Normalization(name="norm"), keras.layers.Discretization(num_bins=4, name="bins")
+        lookup = keras.layers.StringLookup(name="lookup")
+    else:
+        norm = keras.layers.Normalization(mean=state["mean"], variance=state["variance"], name="norm")
+        bins = keras.layers.Discretization(bin_boundaries=state["boundaries"], name="bins")
+        lookup = keras.layers.StringLookup(vocabulary=state["vocabulary"], name="lookup")
+    h = keras.layers.Dense(5, activation="tanh", name="h")(norm(x))
+    b = keras.layers.Flatten()(keras.layers.Embedding(4, 2, name="bin_embed")(bins(x)))
+    w = keras.layers.Flatten()(keras.layers.Embedding(len(PREPROCESSING_WORDS) + 1, 2, name="word_embed")(lookup(words)))
+    h = keras.layers.Concatenate()([h, b, w])
+    out = keras.layers.Dense(3, name="out", **({"dtype": "float32"} if mixed else {}))(h)
+    return keras.Model([x, words], out, name="preprocessing")
+
+
+def case_preprocessing(policy="float32", name="preprocessing_state_float64"):
+    rng = np.random.default_rng(31)
+    n = 10
+    # float32 values: the adapted bin boundaries are quantiles of these very numbers, and a
+    # float32 run must put each value in the bin the float64 reference puts it in.
+    x = rng.normal(2.0, 3.0, size=(n, 4)).astype(np.float32).astype(np.float64)
+    words = rng.choice(PREPROCESSING_WORDS, size=(n, 1))
+    keras.utils.set_random_seed(31)
+    with _Policy(policy):
+        model = preprocessing("float32", mixed=policy != "float32")
+    model.get_layer("norm").adapt(x.astype(np.float32))
+    model.get_layer("bins").adapt(x.astype(np.float32))
+    model.get_layer("lookup").adapt(words)
+    norm = model.get_layer("norm")
+    state = {"mean": np.asarray(norm.adapt_mean, np.float64), "variance": np.asarray(norm.adapt_variance, np.float64),
+             "boundaries": list(model.get_layer("bins").bin_boundaries),
+             "vocabulary": model.get_layer("lookup").get_vocabulary()[1:]}  # without the OOV token
+    with _Policy("float64"):
+        reference = preprocessing("float64", state)
+    for layer in ("h", "bin_embed", "word_embed", "out"):
+        reference.get_layer(layer).set_weights([np.asarray(w, np.float64) for w in model.get_layer(layer).get_weights()])
+    assert model.layers[-1].compute_dtype == "float32" and (policy == "float32") == (
+        model.get_layer("h").compute_dtype == "float32")
+    return Case(name, model, reference, reference, LOSSES["sparse_ce_logits"], [x, words],
+                [rng.integers(0, 3, n)], _weights(rng, n))
+
+
 # -- 16. subclassed model with a builder
 class ZooSubclassed(keras.Model):
     def __init__(self, **kwargs):
@@ -579,6 +678,11 @@ CASES = {
     "mixed_precision_mixed_bfloat16": lambda: case_mixed("mixed_bfloat16"),
     "subclassed_with_builder": case_subclassed,
     "variable_length_sequences": case_variable_length,
+    "grouped_conv2d": case_grouped_conv,
+    "sigmoid_binary_focal_saturated": case_focal_saturated,
+    "preprocessing_state_float64": case_preprocessing,
+    "mixed_float16_preprocessing_state": lambda: case_preprocessing("mixed_float16",
+                                                                    "mixed_float16_preprocessing_state"),
 }
 
 _CASES: dict = {}
@@ -660,7 +764,16 @@ def reference(case: Case, inputs=None, labels=None, weights=None) -> SimpleNames
         fisher += weights[i] * g * g
         ggn += weights[i] * np.einsum("cp,cd,dp->p", J, lam, J)
     return SimpleNamespace(per_example=per, loss=float(total), gradient=grad, hessian=hessian, fisher=fisher,
-                           ggn=ggn, weight_sum=float(np.sum(weights)))
+                           ggn=ggn, weight_sum=float(np.sum(weights * positions(case, inputs))))
+
+
+def positions(case: Case, inputs=None) -> np.ndarray:
+    """n_i: the unmasked positions of each example (1 each without a mask): the token-weighted
+    objective divides by ``sum_i s_i n_i``."""
+    inputs = case.inputs if inputs is None else inputs
+    if case.mask is None:
+        return np.ones(len(inputs[0]))
+    return np.asarray(case.mask([tf.constant(a) for a in inputs])).reshape(len(inputs[0]), -1).sum(axis=1)
 
 
 def get_reference(name) -> SimpleNamespace:
@@ -711,7 +824,9 @@ def run_engine(case: Case, precision, engine=None, inputs=None, labels=None, wei
 
 def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
     """l_i as Keras evaluates example i alone (batch size 1, float64 loss), on the float64 copy
-    of the engine's model (the softmax/sigmoid model itself, not its logits twin).
+    of the engine's model (the softmax/sigmoid model itself, not its logits twin). With a
+    sequence mask Keras gives the example's masked mean: times its n_i, the masked sum that is
+    the token-weighted objective's term.
 
     ``model.test_on_batch`` on each example (Keras' test step on one batch of one), and
     ``model.evaluate(batch_size=1)`` on the first example to tie the two together.
@@ -727,7 +842,7 @@ def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
         model.compile(loss=case.loss.keras_loss())
         values = []
         for i in range(len(inputs[0])):
-            xi = case.pack_inputs([a[i:i + 1] for a in inputs])
+            xi = case.pack_inputs([_keras_array(a[i:i + 1]) for a in inputs])
             yi = case.pack_labels([b[i:i + 1] for b in labels])
             values.append(float(np.ravel(model.test_on_batch(xi, yi))[0]))
             if i == 0:
@@ -735,4 +850,22 @@ def evaluate_losses(case: Case, inputs=None, labels=None) -> np.ndarray:
                 assert evaluated == values[0], (evaluated, values[0])
     finally:
         keras.config.set_floatx(floatx)
-    return np.asarray(values, dtype=np.float64)
+    return np.asarray(values, dtype=np.float64) * positions(case, inputs)
+
+
+def _keras_array(array):
+    """Text as a tf.string tensor (Keras' data adapter refuses numpy strings), else as it is."""
+    return tf.constant(array.astype(object)) if np.asarray(array).dtype.kind in "OSU" else array
+
+
+def evaluate_batch(case: Case) -> float:
+    """Keras' ``evaluate`` over the whole batch, without weights (float64): with a mask, the
+    token-weighted ``sum_it m_it l_it / sum_it m_it``."""
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        case.model64.compile(loss=case.loss.keras_loss())
+        return float(case.model64.evaluate(case.pack_inputs([_keras_array(a) for a in case.inputs]), case.pack_labels(list(case.labels)),
+                                           batch_size=len(case.weights), verbose=0, return_dict=True)["loss"])
+    finally:
+        keras.config.set_floatx(floatx)
