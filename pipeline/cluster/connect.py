@@ -253,8 +253,15 @@ def worker_env() -> dict:
     ``ShardWorker`` actors) can take the Python processes Ray starts in advance, instead of
     new ones set up for a different environment. Also the storage deadline (``FORWARDED``)."""
     deadlines = {name: os.environ[name] for name in FORWARDED if os.environ.get(name)}
-    return {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning", **deadlines,
-            **environment()}
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore::DeprecationWarning", **deadlines, **environment()}
+    # Ray refuses a driver whose runtime env sets a variable that its Ray Job's (``submit``) sets
+    # too: those reach the workers through the job's runtime env already.
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        taken = set()
+    return {name: value for name, value in env.items() if name not in taken}
 
 
 # Settings the workers read themselves: a cluster's workers do not inherit the driver's environment.
