@@ -108,6 +108,26 @@ def test_local_inputs_must_travel(project, tmp_path):
     assert dashboard_address("head:8265") == "http://head:8265"
 
 
+def test_a_head_where_no_python_imports_ray_is_one_line(tmp_path):
+    """The entrypoint's choice of interpreter, run by a real shell with a PATH whose Pythons lack Ray."""
+    from pipeline.cluster.submit import FIND_PYTHON
+
+    shadow = tmp_path / "bin"
+    shadow.mkdir()
+    for name in ("python", "python3"):
+        (shadow / name).symlink_to(SYSTEM_PYTHON)
+    env = {"PATH": f"{shadow}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["/bin/sh", "-c", FIND_PYTHON + 'echo "$PY"'], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: no python on this node imports ray (tried $HESSIAN_PIPELINE_PYTHON, the ray command's interpreter, "
+        "python3, python): set HESSIAN_PIPELINE_PYTHON in the cluster's environment, or submit with --python PATH"]
+    chosen = subprocess.run(["/bin/sh", "-c", FIND_PYTHON + 'echo "$PY"'], capture_output=True, text=True,
+                            env={**env, "PATH": f"{shadow}:{BIN}:/usr/bin:/bin"})
+    assert chosen.returncode == 0, chosen.stderr
+    assert subprocess.run([chosen.stdout.strip(), "-c", "import ray"], capture_output=True).returncode == 0
+
+
 def test_run_dir_is_found_in_the_logs():
     logs = "output       /r\nloss 1.1 over 90 examples, 3.0s\n/r/x/date=2026-11-26/run=hessian-x\n(raylet) bye\n"
     assert run_dir_in_logs(logs) == "/r/x/date=2026-11-26/run=hessian-x"
