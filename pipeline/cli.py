@@ -34,7 +34,8 @@ EXAMPLES = {
   hessian-pipeline submit job.yaml --address http://head:8265 --output s3://bucket/results --gpus 4
   hessian-pipeline submit job.yaml --address http://head:8265 --no-wait --submission-id try-2
 auth: the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
-exit status: 0 the job succeeded (the run directory is the last line), 1 it failed, 2 input problem""",
+exit status: 0 the job succeeded, or was stopped after its run was published (the run directory is the last
+line), 1 it failed, 2 input problem""",
     "compare": """examples:
   hessian-pipeline compare results/x/date=2026-11-25/run=a results/x/date=2026-11-26/run=b
   hessian-pipeline compare RUN_A RUN_B --format csv > drift.csv
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                         "before the run starts (GPU nodes that scale from zero)")
     submit.add_argument("--gpu-timeout", type=float, default=1800, metavar="SECONDS",
                         help="how long to wait for --gpus (default 1800)")
+    submit.add_argument("--python", metavar="PATH", help="the interpreter on the head that runs the job (default: "
+                        "the first that imports ray of $HESSIAN_PIPELINE_PYTHON there, the ray command's, python3, "
+                        "python)")
     submit.add_argument("--output", metavar="DIR", help="as for run: a URI, or a path on the head node")
     submit.add_argument("--run-id", metavar="ID", help="as for run (default: the submission id)")
     submit.add_argument("--workers", type=int, metavar="N", help="as for run")
@@ -182,7 +186,7 @@ def _submit(args, out, err) -> int:
     return submit(args.job, args.address, wait=not args.no_wait, out=out, err=err, overrides=args.overrides,
                   output=args.output, run_id=args.run_id, workers=args.workers, dry_run=args.dry_run,
                   debug=args.debug, submission_id=args.submission_id, working_dir=args.working_dir,
-                  gpus=args.gpus, gpu_timeout=args.gpu_timeout)
+                  gpus=args.gpus, gpu_timeout=args.gpu_timeout, python=args.python)
 
 
 def _compare(args, out, err) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import __version__, interrupts, memory
+from pipeline import __version__, faults, interrupts, memory
 from pipeline.quantities import registry
 from pipeline.cluster import connect
 from pipeline.cluster.pool import StartedWorkers, WorkerPool
@@ -132,6 +132,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             try:
                 _write_tables(publisher, plan, results, manifest)
                 run_dir = publisher.publish(manifest)
+                _pause_after_publish()
             except OSError as err:  # a full disk, a revoked permission: the computed shards are kept
                 raise ComputeError(
                     f"cannot write the results under {plan.output}: {err}; nothing was published and the computed "
@@ -153,6 +154,14 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         interrupts.release()
         if owns_ray:
             connect.shutdown()
+
+
+def _pause_after_publish() -> None:
+    """The ``pause-after-publish`` fault (tests): the driver lingers with its run published, as
+    one stopped (``ray job stop``) in that moment does."""
+    pause = faults.active("pause-after-publish")
+    if pause is not None:
+        time.sleep(float(pause.get("seconds", 60)))
 
 
 def _drop_if_published(store, publisher) -> None:

@@ -15,6 +15,8 @@
                                        staged, just before the rename that publishes them
 ``disk-full``                          writing a result table raises ``OSError(ENOSPC)``, as a
                                        full disk does
+``pause-after-publish:seconds=60``     the driver waits this long once its run is published (a
+                                       window for ``ray job stop`` in the submit tests)
 =====================================  ======================================================
 
 ``once`` fires only the first time, across processes: a marker file in
@@ -24,7 +26,7 @@
 each shard ran, and where.
 
 Both variables reach Ray workers through the actor's runtime environment
-(``workers.remote_worker_class``). Standard library only.
+(``workers.remote_worker_class``), and a job's driver through the runtime env of ``submit``. Standard library only.
 """
 
 from __future__ import annotations

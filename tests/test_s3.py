@@ -134,3 +134,81 @@ def test_data_model_and_output_on_s3(ray_with_s3, tmp_path):
     assert main(["compare", result.run_dir, result.run_dir, "--format", "json", "--fail-above", "0"], out=out,
                 err=io.StringIO()) == 0
     assert json.loads(out.getvalue())["changes"]
+
+
+def test_a_stalled_object_store_fails_the_run_with_a_line_not_a_freeze(tmp_path):
+    """The S3 server stops answering mid-run (SIGSTOP: it still accepts connections, as a hung
+    endpoint does). Before: progress froze with no message, forever (pyarrow's requests have no
+    deadline). Now each request gives up after HESSIAN_PIPELINE_STORAGE_TIMEOUT_SECONDS, the
+    driver says what it waits for, and the shard fails after its retries: exit 1, resumable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    port = _free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "HESSIAN_PIPELINE_STORAGE_TIMEOUT_SECONDS": "2", "HESSIAN_PIPELINE_WAIT_REPORT_SECONDS": "3",
+           "HESSIAN_PIPELINE_FAULT": "delay:seconds=1"}
+    env.pop("RAY_ADDRESS", None)
+    driver = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.3)
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            import boto3
+
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
+            jobs.write_data(tmp_path / "data", rows=120, files=6)
+            _upload(tmp_path / "data", fs, f"{BUCKET}/stall/data")
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        jobs.write_model(str(tmp_path / "model.keras"))
+        spec = jobs.job(tmp_path, {"gradient": {}}, data={"path": f"s3://{BUCKET}/stall/data/"}, shards=6, workers=1)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        output = tmp_path / "out"
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--run-id",
+                                   "stalled", "--output", str(output)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        partials = output / "test-job" / ".partials" / "run=stalled"
+        deadline = time.monotonic() + 240
+        while not list(partials.glob("shard-*.npz")):
+            assert driver.poll() is None and time.monotonic() < deadline, "the run did not stage a shard"
+            time.sleep(0.2)
+        server.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+    assert driver.returncode == 1, stderr
+    assert time.monotonic() - stopped < 240
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors == [stderr.splitlines()[-1]], stderr
+    assert errors[0].startswith("error: shard ") and "failed after its retries: OSError: reading " \
+        f"{BUCKET}/stall/data/part-" in errors[0] and "Timeout was reached" in errors[0], errors[0]
+    assert errors[0].endswith("run the same command with --run-id stalled to resume (finished shards are kept)")
+    assert any(line.startswith("waiting for shard ") for line in stderr.splitlines()), stderr
+    assert stdout == "", stdout

@@ -28,6 +28,9 @@ from pipeline.cluster.submit import dashboard_address, prepare_submission, run_d
 
 TOKEN = "hessian-pipeline-test-token-7d1f2c9a"
 BIN = os.path.dirname(sys.executable)
+# An interpreter without Ray (the system's, where it has none; else a shell that is no Python).
+SYSTEM_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p) and
+                      subprocess.run([p, "-c", "import ray"], capture_output=True).returncode != 0), "/bin/false")
 
 
 def cli(*args, env=None, cwd=None, timeout=300):
@@ -61,8 +64,11 @@ def test_entrypoint_runtime_env_and_submission_id(project, tmp_path):
     sub = prepare_submission(str(project / "job.yaml"), output=str(tmp_path / "out"), workers=1,
                              overrides=["data.batch_size=16"], now=now)
     assert sub.submission_id == "hessian-submit-test-2026-11-26"
-    argv = shlex.split(sub.entrypoint)
-    assert argv[:5] == ["python", "-m", "pipeline", "run", "job.yaml"]
+    argv = shlex.split(sub.command)
+    assert argv[:5] == ["$PY", "-m", "pipeline", "run", "job.yaml"]
+    # The interpreter is chosen on the head (the first that imports ray), not a bare `python`.
+    assert sub.entrypoint.startswith("PY=; for p in") and sub.entrypoint.endswith(
+        '"$PY" ' + sub.command[len("$PY "):])
     assert argv[argv.index("--run-id") + 1] == sub.submission_id
     assert argv[argv.index("--output") + 1] == str(tmp_path / "out")
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
@@ -71,8 +77,10 @@ def test_entrypoint_runtime_env_and_submission_id(project, tmp_path):
     assert os.path.basename(sub.runtime_env["py_modules"][0]) == "pipeline"
     gpus = prepare_submission(str(project / "job.yaml"), output="s3://b/r", gpus=2, gpu_timeout=60,
                               submission_id="x1", run_id="r1")
-    assert gpus.entrypoint.startswith("python -m pipeline.cluster.submit --await-gpus 2 --timeout 60 && python -m pipeline")
+    assert gpus.command.startswith("$PY -m pipeline.cluster.submit --await-gpus 2 --timeout 60 && $PY -m pipeline run")
     assert "--run-id r1" in gpus.entrypoint and "--output s3://b/r" in gpus.entrypoint
+    named = prepare_submission(str(project / "job.yaml"), output="s3://b/r", python="/opt/ray env/bin/python")
+    assert named.entrypoint.startswith("'/opt/ray env/bin/python' -m pipeline run job.yaml")
 
 
 def test_local_inputs_must_travel(project, tmp_path):
@@ -98,6 +106,26 @@ def test_local_inputs_must_travel(project, tmp_path):
     with pytest.raises(InputError, match="dashboard"):
         dashboard_address("ray://head:10001")
     assert dashboard_address("head:8265") == "http://head:8265"
+
+
+def test_a_head_where_no_python_imports_ray_is_one_line(tmp_path):
+    """The entrypoint's choice of interpreter, run by a real shell with a PATH whose Pythons lack Ray."""
+    from pipeline.cluster.submit import FIND_PYTHON
+
+    shadow = tmp_path / "bin"
+    shadow.mkdir()
+    for name in ("python", "python3"):
+        (shadow / name).symlink_to(SYSTEM_PYTHON)
+    env = {"PATH": f"{shadow}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["/bin/sh", "-c", FIND_PYTHON + 'echo "$PY"'], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: no python on this node imports ray (tried $HESSIAN_PIPELINE_PYTHON, the ray command's interpreter, "
+        "python3, python): set HESSIAN_PIPELINE_PYTHON in the cluster's environment, or submit with --python PATH"]
+    chosen = subprocess.run(["/bin/sh", "-c", FIND_PYTHON + 'echo "$PY"'], capture_output=True, text=True,
+                            env={**env, "PATH": f"{shadow}:{BIN}:/usr/bin:/bin"})
+    assert chosen.returncode == 0, chosen.stderr
+    assert subprocess.run([chosen.stdout.strip(), "-c", "import ray"], capture_output=True).returncode == 0
 
 
 def test_run_dir_is_found_in_the_logs():
@@ -133,8 +161,14 @@ def head():
     # 52365, the agent's, and the job API needs that agent.
     dashboard, gcs, client_port, agent = _free_port(), _free_port(), _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="hp-ray-", dir="/tmp")
+    # The head's PATH finds a `python` without Ray first, as on a machine whose Ray runs from a
+    # virtual environment that was never activated: the job must still run with Ray's Python.
+    shadow = os.path.join(temp, "system-python")
+    os.makedirs(shadow)
+    for name in ("python", "python3"):
+        os.symlink(SYSTEM_PYTHON, os.path.join(shadow, name))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PATH": BIN + os.pathsep + os.environ["PATH"]}
+           "PATH": os.pathsep.join([shadow, BIN, os.environ["PATH"]])}
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp, "head.log"), "w")
     process = subprocess.Popen(
@@ -178,6 +212,8 @@ def test_submit_end_to_end(head, project, tmp_path):
     manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
     assert manifest["status"] == "complete" and manifest["examples"] == 90
     assert "submitted e2e-1" in done.stderr  # the logs were streamed
+    # Ray's own client lines (`INFO dashboard_sdk.py:... -- Uploading package gcs://...`) only with --debug.
+    assert "Uploading" not in done.stderr and " INFO " not in done.stderr, done.stderr[:3000]
 
     # The same numbers as a run on this machine.
     # RAY_ADDRESS=local: a plain ray.init() joins the cluster that `ray start` last recorded in
@@ -217,6 +253,42 @@ def test_submit_end_to_end(head, project, tmp_path):
     assert failing.returncode == 2, failing.stderr[-3000:]
     assert "job e2e-4 failed on an input problem" in error_lines(failing)[-1]
     assert "column 'nope'" in failing.stderr and "--submission-id e2e-4-2" in failing.stderr
+
+
+@pytest.mark.slow
+def test_a_job_stopped_after_it_published_reports_its_run(head, project, tmp_path):
+    """`ray job stop` in the moment after the driver published (its manifest is written) and
+    before it exited. Before: exit 1, `error: job ... stopped ...; submit again ... to resume`,
+    though the run was complete (and a resubmission would be refused as already published)."""
+    import threading
+
+    from ray.job_submission import JobSubmissionClient
+
+    output = tmp_path / "results"
+    stopped = []
+
+    def stop_once_published():
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            if list(output.glob("submit-test/date=*/run=late/manifest.json")):
+                client = JobSubmissionClient(head["dashboard"], headers={"Authorization": f"Bearer {TOKEN}"})
+                stopped.append(client.stop_job("late"))
+                return
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=stop_once_published, daemon=True)
+    watcher.start()
+    done = cli("submit", str(project / "job.yaml"), "--address", head["dashboard"], "--output", str(output),
+               "--submission-id", "late", env={"RAY_AUTH_TOKEN": TOKEN,
+                                               "HESSIAN_PIPELINE_FAULT": "pause-after-publish:seconds=300"})
+    watcher.join(timeout=10)
+    assert stopped == [True], done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "job late stopped after its run was published: the results are complete"
+    assert lines[-1].startswith(str(output / "submit-test" / "date=")) and lines[-1].endswith("/run=late")
+    assert os.path.exists(os.path.join(lines[-1], "manifest.json"))
+    assert not error_lines(done) or all("terminated" in line for line in error_lines(done)), done.stderr[-3000:]
 
 
 @pytest.mark.slow

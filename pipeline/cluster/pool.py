@@ -24,6 +24,7 @@ from pipeline.cost import SHARD_CACHE_BYTES
 from pipeline.errors import ComputeError, InputError
 from pipeline.reduce import Reducer
 from pipeline.storage.dataset import data_uri
+from pipeline.storage.uri import STORAGE_TIMEOUT_SECONDS
 
 # Every worker must have loaded the model by then, or the run stops (exit 1) instead of
 # waiting for an actor that may never be scheduled.
@@ -31,6 +32,9 @@ WORKER_START_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WORKER_START_SECON
 # How often a pass waiting for results checks that the cluster can still run a worker: a run
 # whose nodes all died stops (exit 1) instead of waiting forever (PITFALLS.md).
 LIVENESS_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_LIVENESS_SECONDS", "10"))
+# A wait that lasts longer than this says what it waits for (a stalled object store, a busy
+# cluster), then again each time it lasts as long again: progress never freezes silently.
+WAIT_REPORT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WAIT_REPORT_SECONDS", "60"))
 
 
 class WorkerPool:
@@ -70,7 +74,7 @@ class WorkerPool:
             actor.keep_shards.remote(cache)
         self.actors += [start() for _ in range(plan.workers - len(self.actors))]
         try:
-            infos = ray.get([a.info.remote() for a in self.actors], timeout=WORKER_START_SECONDS)
+            infos = self._await_start([a.info.remote() for a in self.actors])
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise ComputeError(
@@ -87,6 +91,31 @@ class WorkerPool:
         self.resumed = 0  # shards of the main pass taken from staging
         # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
         self.replacements_left = 2 * plan.workers
+
+    def _await_start(self, refs: list) -> list:
+        """The workers' ``info``, once all have loaded the model; a line every
+        ``WAIT_REPORT_SECONDS`` while they have not; ``GetTimeoutError`` after ``WORKER_START_SECONDS``."""
+        began = time.monotonic()
+        while True:
+            left = WORKER_START_SECONDS - (time.monotonic() - began)
+            ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(left, WAIT_REPORT_SECONDS)))
+            if not waiting:
+                return ray.get(refs)
+            if left <= WAIT_REPORT_SECONDS:
+                raise ray.exceptions.GetTimeoutError()
+            self.log.write(f"waiting for {len(waiting)} of {len(refs)} workers to start (import TensorFlow, load the "
+                           f"model): {time.monotonic() - began:.0f} s so far, at most {WORKER_START_SECONDS:.0f} s\n")
+
+    def _report_wait(self, inflight: dict, since: float) -> None:
+        """One line naming the shards a pass waits for, and for how long."""
+        now = time.monotonic()
+        oldest = sorted(inflight.values(), key=lambda item: item[2])[:3]
+        shards = ", ".join(f"shard {shard.index} ({self._rows(shard)}, {now - submitted:.0f} s)"
+                           for _, shard, submitted in oldest)
+        more = f" and {len(inflight) - len(oldest)} more" if len(inflight) > len(oldest) else ""
+        self.log.write(f"waiting for {shards}{more}: no shard finished for {now - since:.0f} s (the workers are "
+                       f"reading the data or computing; a read of object storage gives up after "
+                       f"{STORAGE_TIMEOUT_SECONDS:.0f} s)\n")
 
     def _rows(self, shard) -> str:
         return f"rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
@@ -130,6 +159,7 @@ class WorkerPool:
 
         durations: list[float] = []  # seconds of each shard of this pass, as the driver saw them
         backed_up: set[int] = set()
+        last_result = reported = time.monotonic()  # for the lines that say what a long wait waits for
 
         def submit(actor, shard=None):
             shard = shard or pending.popleft()
@@ -162,6 +192,9 @@ class WorkerPool:
             if not done or self._raylets:
                 self._check_live(bool(inflight), len(finished), len(shards))
             if not done:
+                if inflight and time.monotonic() - reported >= WAIT_REPORT_SECONDS:
+                    reported = time.monotonic()
+                    self._report_wait(inflight, last_result)
                 if idle and not pending and durations:
                     self._back_up(inflight, idle, durations, backed_up, finished, submit)
                 continue
@@ -197,6 +230,7 @@ class WorkerPool:
                         raise ComputeError(f"shard {shard.index} came back as shard {result.index}: "
                                            f"{self._resume_hint()}")
                     durations.append(time.monotonic() - submitted)
+                    last_result = reported = time.monotonic()
                     if shard.index not in finished:  # never add a shard twice
                         finished.add(shard.index)
                         if store is not None:

@@ -2,13 +2,17 @@
 
 When the raylet or the GCS server of a Ray this driver started dies, Ray ends the driver ten to
 sixty seconds later without a message, and its agents live on (PITFALLS.md): the worker pool
-watches them every second and ends what is left (``end``). Standard library only.
+watches them every second and ends what is left (``end``). When the driver itself dies, a
+watchdog process (``start_watchdog``) ends them. Standard library only.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 
 def process_stat(pid) -> tuple[str, str, int] | None:
@@ -59,3 +63,101 @@ def local_ray_processes() -> list[int]:
     Linux. When either dies, the local Ray instance is gone."""
     return [pid for pid, name, parent in processes()
             if name in ("raylet", "gcs_server") and parent == os.getpid()]
+
+
+# ----------------------------------------------------------------------------- the watchdog
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot): with the id, names one process
+    even after the id is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            stat = handle.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Every process below ``roots`` (children, their children, ...)."""
+    below: dict[int, list[int]] = {}
+    for pid, _, parent in processes():
+        below.setdefault(parent, []).append(pid)
+    found, frontier = [], list(roots)
+    while frontier:
+        for child in below.get(frontier.pop(), []):
+            if child not in found:
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _in_session(pid: int, session_dir: str) -> bool:
+    """Whether process ``pid`` belongs to the Ray session at ``session_dir``: its command line
+    names it, or it holds a file there open (Ray's agents rename themselves, ``ray::...``, but
+    keep their session's log files open)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if session_dir.encode() in handle.read():
+                return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(session_dir + "/"):
+                return True
+    except OSError:
+        pass
+    return False
+
+
+def start_watchdog(ray_processes: list[int], session_dir: str | None) -> None:
+    """Starts a process that ends the local Ray this process started when this process ends
+    without shutting it down (SIGKILL, the OOM killer): Ray's raylet and GCS follow their parent
+    (Linux's parent-death signal), but its agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) lived on. Its own session, so a Ctrl-C at the terminal does not
+    end it; it exits once this process has gone and the session's processes with it."""
+    if not ray_processes or not os.path.isdir("/proc"):
+        return
+    command = [sys.executable, "-m", "pipeline.cluster.processes", "--driver", str(os.getpid()),
+               "--session-dir", session_dir or "", *map(str, ray_processes)]
+    subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
+
+
+def watch(driver: int, ray_processes: list[int], session_dir: str, poll_s: float = 0.5) -> None:
+    """The watchdog's loop: notes the local Ray's processes (those given and every process below
+    them, with their start times) while ``driver`` lives; once it is gone, ends those still
+    running and any other process of ``session_dir``, then returns."""
+    born = start_time(driver)
+    known: dict[int, int | None] = {pid: start_time(pid) for pid in ray_processes}
+    while born is not None and start_time(driver) == born and running(driver):
+        for pid in descendants(list(known)):
+            known.setdefault(pid, start_time(pid))
+        known = {pid: t for pid, t in known.items() if t is not None and start_time(pid) == t}
+        if not known:
+            return  # Ray was shut down: nothing left to watch
+        time.sleep(poll_s)
+    me = os.getpid()
+    for _ in range(3):  # a worker forked as the driver died shows up a moment later
+        doomed = [pid for pid, t in known.items() if t is not None and start_time(pid) == t]
+        if session_dir:
+            doomed += [pid for pid, _, _ in processes() if pid != me and pid not in known and
+                       _in_session(pid, session_dir)]
+        end([pid for pid in doomed if pid != me])
+        time.sleep(poll_s)
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.processes",
+                                     description="(started by a run) end its local Ray when the run's process ends")
+    parser.add_argument("--driver", type=int, required=True)
+    parser.add_argument("--session-dir", default="")
+    parser.add_argument("pids", type=int, nargs="*")
+    args = parser.parse_args(argv)
+    # Started while the run held them (pipeline.interrupts): a process inherits the mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    watch(args.driver, args.pids, args.session_dir.rstrip("/"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

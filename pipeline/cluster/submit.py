@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,7 @@ from ray.autoscaler.sdk import request_resources
 from ray.job_submission import JobSubmissionClient
 
 import pipeline
+from pipeline import faults
 from pipeline.errors import ComputeError, InputError
 from pipeline.job import load_job
 
@@ -67,6 +69,24 @@ class Submission:
     runtime_env: dict
     metadata: dict
     working_dir: str
+    command: str = ""  # the entrypoint without the lines that choose the interpreter (shown to users)
+    output: str = ""  # where the run is published (the root), its job name and run id
+    name: str = ""
+    run_id: str = ""
+    dry_run: bool = False
+
+
+# The interpreter of a submitted run, chosen on the head, where the entrypoint runs: a bare
+# `python` is whatever the PATH of the process that started Ray finds (often the system's, without
+# Ray, when Ray runs from a virtual environment that was never activated). The first that imports
+# ray of: $HESSIAN_PIPELINE_PYTHON (set on the cluster), the interpreter of the `ray` command
+# (its #! line: the Python Ray was installed in), python3, python. `--python` names it instead.
+FIND_PYTHON = (
+    'PY=; for p in "$HESSIAN_PIPELINE_PYTHON" "$(sed -n \'1s/^#!//p\' "$(command -v ray)" 2>/dev/null)" python3 python; '
+    'do if [ -n "$p" ] && "$p" -c \'import ray\' 2>/dev/null; then PY=$p; break; fi; done; '
+    '[ -n "$PY" ] || { echo "error: no python on this node imports ray (tried \\$HESSIAN_PIPELINE_PYTHON, the ray '
+    'command\'s interpreter, python3, python): set HESSIAN_PIPELINE_PYTHON in the cluster\'s environment, or submit '
+    'with --python PATH" >&2; exit 2; }; ')
 
 
 # ------------------------------------------------------------------------------ authentication
@@ -164,7 +184,8 @@ def default_submission_id(name: str, now: _dt.datetime | None = None) -> str:
 def prepare_submission(job_file: str, *, overrides=(), output: str | None = None, run_id: str | None = None,
                        workers: int | None = None, dry_run: bool = False, debug: bool = False,
                        submission_id: str | None = None, working_dir: str | None = None, gpus: int | None = None,
-                       gpu_timeout: float = GPU_WAIT_DEFAULT_S, now: _dt.datetime | None = None) -> Submission:
+                       gpu_timeout: float = GPU_WAIT_DEFAULT_S, now: _dt.datetime | None = None,
+                       python: str | None = None) -> Submission:
     """Checks the job here (an input error costs a second, not a cluster round trip) and builds
     the Ray Job: entrypoint, runtime environment, submission id."""
     job = load_job(job_file, overrides)
@@ -207,7 +228,7 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         raise InputError(f"submission id {submission_id!r} is not a plain name (letters, digits, . _ -): "
                          "fix --submission-id")
 
-    command = ["python", "-m", "pipeline", "run", os.path.relpath(job_path, working_dir).replace(os.sep, "/"),
+    command = ["-m", "pipeline", "run", os.path.relpath(job_path, working_dir).replace(os.sep, "/"),
                "--output", target, "--run-id", run_id or submission_id]
     if workers is not None:
         command += ["--workers", str(workers)]
@@ -217,20 +238,24 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         command.append("--dry-run")
     if debug:
         command.append("--debug")
-    entrypoint = shlex.join(command)
+    steps = [command]
     if gpus:
-        entrypoint = (shlex.join(["python", "-m", "pipeline.cluster.submit", "--await-gpus", str(gpus),
-                                  "--timeout", str(int(gpu_timeout))]) + " && " + entrypoint)
+        steps.insert(0, ["-m", "pipeline.cluster.submit", "--await-gpus", str(gpus), "--timeout", str(int(gpu_timeout))])
+    interpreter = shlex.quote(python) if python else '"$PY"'
+    shown = " && ".join(f"{python or '$PY'} {shlex.join(step)}" for step in steps)
+    entrypoint = ("" if python else FIND_PYTHON) + " && ".join(f"{interpreter} {shlex.join(step)}" for step in steps)
     runtime_env = {
         "working_dir": working_dir,
         "py_modules": [os.path.dirname(os.path.abspath(pipeline.__file__))],
         "excludes": ["**/__pycache__", "**/.pytest_cache"],
         # Not TF_CPP_MIN_LOG_LEVEL: the driver's ray.init sets it, and Ray refuses a job whose
         # runtime env sets the same variable as its driver's.
-        "env_vars": {"PYTHONUNBUFFERED": "1"},
+        # Fault injection (tests only, off unless set) reaches the driver on the cluster.
+        "env_vars": {"PYTHONUNBUFFERED": "1", **faults.environment()},
     }
     metadata = {"hessian_pipeline_job": job.name, "job_file": os.path.relpath(job_path, working_dir)}
-    return Submission(submission_id, entrypoint, runtime_env, metadata, working_dir)
+    return Submission(submission_id, entrypoint, runtime_env, metadata, working_dir, command=shown, output=target,
+                      name=job.name, run_id=run_id or submission_id, dry_run=dry_run)
 
 
 # ----------------------------------------------------------------------------------- sending
@@ -351,14 +376,25 @@ def run_dir_in_logs(text: str) -> str | None:
     return found
 
 
+# Ray's client logs at INFO to stderr (``Uploading package gcs://...``) and sets the level itself
+# when imported: the product's lines only, unless --debug.
+RAY_CLIENT_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                      "ray._private.runtime_env.packaging")
+
+
 def submit(job_file: str, address: str | None, *, wait: bool = True, out=None, err=None, **options) -> int:
-    """The ``submit`` command: returns the exit status (0 succeeded, 1 failed, 2 input problem)."""
+    """The ``submit`` command: returns the exit status (0 succeeded, or stopped after its run was
+    published; 1 failed; 2 input problem)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    if not options.get("debug"):
+        for name in RAY_CLIENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     address = dashboard_address(address)
     submission = prepare_submission(job_file, **options)
+    started = _dt.datetime.now(_dt.timezone.utc)
     client = send(submission, address)
-    err.write(f"submitted {submission.submission_id} to {address}\n  entrypoint: {submission.entrypoint}\n")
+    err.write(f"submitted {submission.submission_id} to {address}\n  entrypoint: {submission.command}\n")
     err.flush()
     if not wait:
         err.write(f"follow it: ray job logs --follow {submission.submission_id} --address {address}\n"
@@ -380,6 +416,13 @@ def submit(job_file: str, address: str | None, *, wait: bool = True, out=None, e
         return 0
     code = getattr(info, "driver_exit_code", None)
     sid = submission.submission_id
+    run_dir = None if submission.dry_run else published_run(submission, logs, started)
+    if run_dir:
+        # Stopped (`ray job stop`, a scheduler) or failed after its manifest was written: the
+        # run is complete, and resubmitting would be refused as already published.
+        out.write(f"job {sid} {status.lower()} after its run was published: the results are complete\n")
+        out.write(run_dir + "\n")
+        return 0
     if code == 2:
         err.write(f"error: job {sid} failed on an input problem (its error: line is above): fix it and submit "
                   f"again with --submission-id {sid}-2\n")
@@ -388,6 +431,25 @@ def submit(job_file: str, address: str | None, *, wait: bool = True, out=None, e
         err.write(f"error: job {sid} {status.lower()}: {reason}; submit again with --submission-id {sid}-2 "
                   f"--run-id {options.get('run_id') or sid} to resume it (finished shards are kept)\n")
     return 2 if code == 2 else 1
+
+
+def published_run(submission: Submission, logs: str, started: _dt.datetime) -> str | None:
+    """The run directory if the submitted run was published: the line its driver prints once it
+    has published, or the run's manifest under the output (dated any day from the submission to
+    now, UTC), if this machine can read that output (a URI, or a path it shares with the head)."""
+    from pipeline.storage import layout
+    from pipeline.storage.publish import published  # lazy: PyArrow
+
+    printed = run_dir_in_logs(logs)
+    if printed and printed.endswith(f"/run={submission.run_id}"):
+        return printed
+    day, today = started.date(), _dt.datetime.now(_dt.timezone.utc).date()
+    while day <= today:
+        date = day.strftime("%Y-%m-%d")
+        if published(submission.output, submission.name, date, submission.run_id):
+            return layout.run_dir(layout.output_root_of(submission.output), submission.name, date, submission.run_id)
+        day += _dt.timedelta(days=1)
+    return None
 
 
 # ---------------------------------------------------------------- waiting for autoscaled GPUs

@@ -18,6 +18,11 @@ import pyarrow.fs as pafs
 from pipeline.errors import InputError
 
 GLOB_CHARS = "*?["
+# Every request to an object store has a deadline: an S3 server that stops answering mid-run
+# (a stalled endpoint, a network partition) left reads waiting forever with no message. A
+# request that makes no progress for this long fails (AWS SDK: 3 attempts), naming the file,
+# and the shard is retried like any other I/O failure.
+STORAGE_TIMEOUT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_STORAGE_TIMEOUT_SECONDS", "60"))
 
 
 def is_uri(path: str) -> bool:
@@ -55,12 +60,25 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
               default=len(path))
     literal, pattern = path[:cut], path[cut:]
     try:
-        fs, inner = pafs.FileSystem.from_uri(literal)
+        fs, inner = from_uri(literal)
     except (pa.ArrowException, ValueError, OSError) as err:
         raise InputError(f"cannot open {path}: {' '.join(str(err).split())}: check the URI and credentials") from err
     if pattern and literal.endswith("/") and not inner.endswith("/"):
         inner += "/"
     return fs, inner + pattern
+
+
+def from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs.FileSystem.from_uri`` with deadlines on an S3 file system's requests
+    (``STORAGE_TIMEOUT_SECONDS``; pyarrow's own default is none). Its other options, the endpoint
+    from ``AWS_ENDPOINT_URL_S3`` included, stay as pyarrow resolved them."""
+    fs, inner = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem) and STORAGE_TIMEOUT_SECONDS > 0:
+        rebuild, (options,) = fs.__reduce__()
+        options = {**options, "request_timeout": STORAGE_TIMEOUT_SECONDS,
+                   "connect_timeout": min(10.0, STORAGE_TIMEOUT_SECONDS)}
+        fs = rebuild(options)
+    return fs, inner
 
 
 def sha256(path: str) -> str:
@@ -86,7 +104,7 @@ def local_copy(path: str, what: str = "model file") -> str:
             raise InputError(f"{what} {path} not found: check the job's 'model' path")
         return local
     try:
-        filesystem, inner = pafs.FileSystem.from_uri(path)
+        filesystem, inner = from_uri(path)
         handle, local = tempfile.mkstemp(suffix="-" + os.path.basename(inner))
         with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as src:
             out.write(src.read())
