@@ -49,6 +49,7 @@ import yaml
 
 from pipeline.quantities import registry
 from pipeline.errors import InputError
+from pipeline.storage.layout import MAX_NAME_LENGTH
 from pipeline.options import (MISSING, Check, auto_or_positive_int, boolean, check_keys, choice, column_name, fail, is_int, one_line,
                               positive_float, positive_int, resolved_path, show)
 
@@ -194,13 +195,14 @@ def _seed(value: Any, key: str) -> int:
     return value
 
 
-_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_KERAS_NAME = re.compile(r"^[A-Za-z_]\w*$")
-_JOB_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+# Used with fullmatch only: `$` also matches before a final newline ("x\n" would pass).
+_CALLABLE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_KERAS_NAME = re.compile(r"[A-Za-z_]\w*")
+_JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def _callable(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not _CALLABLE.match(value):
+    if not isinstance(value, str) or not _CALLABLE.fullmatch(value):
         fail(key, 'a "pkg.module:function" reference', value,
               'write it as "pkg.module:function" with the module importable on the workers')
     return value
@@ -467,7 +469,7 @@ def _read_job_file(job_path: str, shown: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # Overrides (--set KEY=VALUE)
 
-_OVERRIDE_SEGMENT = re.compile(r"^[^\s=.]+$")
+_OVERRIDE_SEGMENT = re.compile(r"[^\s=.]+")
 
 
 def _parse_override(text: Any) -> tuple[list[str], Any]:
@@ -478,7 +480,7 @@ def _parse_override(text: Any) -> tuple[list[str], Any]:
     key, value_text = text.split("=", 1)
     key = key.strip()
     segments = key.split(".")
-    if not all(_OVERRIDE_SEGMENT.match(s) for s in segments):
+    if not all(_OVERRIDE_SEGMENT.fullmatch(s) for s in segments):
         raise InputError(
             f"--set {text!r} has no valid dotted KEY before '=': "
             "write it as e.g. --set quantities.trace.probes=10"
@@ -567,7 +569,10 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
     check_keys(raw, _TOP_KEYS, "")
 
     name = _required(raw, "name", "", "add e.g. name: digits-mlp")
-    if not isinstance(name, str) or not _JOB_NAME.match(name) or set(name) == {"."}:
+    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        raise InputError(f"name is {len(name)} characters long, more than the {MAX_NAME_LENGTH} allowed (it becomes "
+                         "a folder name): shorten the name in the job file")
+    if not isinstance(name, str) or not _JOB_NAME.fullmatch(name) or set(name) == {"."}:
         # The name becomes a folder of the output, hence no spaces, slashes or "..".
         fail("name", "a string of letters, digits, '.', '_' and '-' (not only dots)", name,
               "set it to e.g. digits-mlp (quote it if YAML reads it as a number)")
@@ -613,7 +618,7 @@ def _parse_model(raw: dict, base_dir: str) -> ModelSpec:
         if model.endswith(".keras"):
             return ModelSpec(path=resolved_path(base_dir, "a .keras file")(model, "model"),
                              builder=None, weights=None)
-        if _CALLABLE.match(model):
+        if _CALLABLE.fullmatch(model):
             fix = f'write model: {{builder: "{model}"}}'
         else:
             fix = ('save the model with model.save("model.keras") '
@@ -677,7 +682,7 @@ def _parse_loss(raw: dict) -> LossSpec:
     key = "loss.name" if isinstance(loss, dict) else "loss"
     if isinstance(name, str) and ":" in name:
         return LossSpec(name=None, options=options, function=_callable(name, key))
-    if not isinstance(name, str) or not _KERAS_NAME.match(name):
+    if not isinstance(name, str) or not _KERAS_NAME.fullmatch(name):
         fail(key, 'a Keras loss name or "pkg.module:function"', name,
               "set it to e.g. sparse_categorical_crossentropy or mse")
     return LossSpec(name=name, options=options, function=None)

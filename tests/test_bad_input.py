@@ -334,6 +334,32 @@ def test_run_id_that_is_not_a_plain_name(root, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["run-id", "job-name"])
+def test_names_ending_in_a_newline_are_refused_cli(root, tmp_path, where):
+    """`$` matches before a final newline: "x\\n" passed the name check and became a folder."""
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out"))
+    if where == "job-name":
+        spec["name"] = "x\n"
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        assert "name must be a string of letters" in cli("validate", str(tmp_path / "job.yaml"))
+        assert "name must be a string of letters" in cli("run", str(tmp_path / "job.yaml"), "--run-id", "r")
+    else:
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        assert "run id 'x\\n' is not a plain name" in cli("run", str(tmp_path / "job.yaml"), "--run-id", "x\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_id_too_long_for_a_folder_is_refused_for_its_length_cli(root, tmp_path):
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    message = cli("run", str(tmp_path / "job.yaml"), "--run-id", "a" * 300)
+    assert "run id is 300 characters long, more than the 200 allowed" in message and "credentials" not in message
+    spec["name"] = "n" * 300
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert "name is 300 characters long, more than the 200 allowed" in cli("validate", str(tmp_path / "job.yaml"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_id_already_published_cli(root, tmp_path):
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     existing = tmp_path / "out" / "test-job" / f"date={date}" / "run=done"

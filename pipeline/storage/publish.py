@@ -30,7 +30,7 @@ from pipeline.storage.layout import MANIFEST, PLAIN_NAME, output_root_of, plain_
 from pipeline.storage.uri import first_line, resolve_filesystem
 
 PROVENANCE_KEY = b"hessian_pipeline"
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _json_default(value: Any) -> Any:
@@ -77,7 +77,7 @@ class RunPublisher:
     def __init__(self, output_root: str, name: str, run_id: str, date: str):
         plain_name(run_id, "run id", "--run-id")
         plain_name(name, "job name", "name in the job file")
-        if not isinstance(date, str) or not _DATE.match(date):
+        if not isinstance(date, str) or not _DATE.fullmatch(date):
             raise InputError(f"date {date!r} is not YYYY-MM-DD: pass the run's UTC start date")
         root = output_root_of(output_root)
         self.run_id = run_id
@@ -131,7 +131,7 @@ class RunPublisher:
     def _check_open(self, filename: str) -> None:
         if self._published:
             raise RuntimeError(f"run {self.run_id} is already published; cannot write {filename}")
-        if "/" in filename or "\\" in filename or not PLAIN_NAME.match(filename) or filename in (".", ".."):
+        if "/" in filename or "\\" in filename or not PLAIN_NAME.fullmatch(filename) or filename in (".", ".."):
             raise ValueError(f"file name {filename!r} must be a plain name")
 
     # ------------------------------------------------------------------------- public
