@@ -223,7 +223,9 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "variables": [{"name": n, "shape": list(s)} for n, s in zip(plan.signature.variables,
                                                                     plan.signature.variable_shapes)],
         "passes": passes,
-        "resumed_shards": int(extra.get("resumed_shards", 0)),
+        "resumed_shards": len(extra.get("resumed_shards", [])),
+        # Which ones: those whose input the workers proved unchanged (the others were computed again).
+        "resumed_shard_indices": [int(i) for i in extra.get("resumed_shards", [])],
         "started_at": started_at,
         "finished_at": _now(),
         "seconds": round(finished - started, 3),
