@@ -371,34 +371,54 @@ class _AliasBombError(yaml.YAMLError):
     pass
 
 
-def _expanded_size(node, memo: dict) -> int:
-    """Nodes in ``node`` with every alias expanded, counted once per distinct node (memoised)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = 1  # a node that contains itself counts once (PyYAML refuses recursion later)
-    if isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    elif isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
-    else:
-        size = 1
-    memo[key] = size
-    return size
+# Counting stops here: a chain of a few thousand aliases expands to a number with thousands
+# of digits, which Python refuses to print (and no message needs).
+_COUNT_CAP = 10**18
+
+
+def _expanded_size(root) -> int:
+    """Nodes under ``root`` with every alias expanded (at most ``_COUNT_CAP``), each distinct
+    node counted once and memoised; iterative, so a long chain of aliases cannot exhaust the
+    stack."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if children_done:
+            sizes[id(node)] = min(_COUNT_CAP, 1 + sum(sizes[id(child)] for child in children))
+        elif id(node) not in sizes:
+            sizes[id(node)] = 1  # a node that contains itself counts once (PyYAML refuses recursion later)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+class _TooDeepError(yaml.YAMLError):
+    pass
 
 
 def _load_yaml(text: str):
     """YAML text to Python values with ``_JobLoader``, refusing documents whose aliases expand
-    beyond ``MAX_YAML_NODES`` nodes (found on the node graph, before any value is built)."""
+    beyond ``MAX_YAML_NODES`` nodes (found on the node graph, before any value is built) and
+    documents nested so deeply that PyYAML's recursive reader runs out of stack."""
     loader = _JobLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        size = _expanded_size(node, {})
+        size = _expanded_size(node)
         if size > MAX_YAML_NODES:
-            raise _AliasBombError(f"its aliases expand to {size:,} values (more than {MAX_YAML_NODES:,})")
+            count = f"more than {_COUNT_CAP:,}" if size >= _COUNT_CAP else f"{size:,}"
+            raise _AliasBombError(f"its aliases expand to {count} values (more than {MAX_YAML_NODES:,})")
         return loader.construct_document(node)
+    except RecursionError:
+        raise _TooDeepError("its values are nested hundreds of levels deep (a job file needs a few)") from None
     finally:
         loader.dispose()
 
@@ -442,6 +462,8 @@ def _read_job_file(job_path: str, shown: str) -> dict:
     except _AliasBombError as error:
         raise InputError(f"job file {shown} is refused: {error}: write the values out without nested "
                          "aliases") from None
+    except _TooDeepError as error:
+        raise InputError(f"job file {shown} is refused: {error}: write the values out with less nesting") from None
     except _DuplicateKeyError as error:
         problem, line = _yaml_problem(error)
         raise InputError(
@@ -487,7 +509,7 @@ def _parse_override(text: Any) -> tuple[list[str], Any]:
         )
     try:
         value = _load_yaml(value_text)
-    except _AliasBombError as error:
+    except (_AliasBombError, _TooDeepError) as error:
         raise InputError(f"--set {key}=...: the value is refused: {error}") from None
     except _DuplicateKeyError as error:
         problem, _ = _yaml_problem(error)

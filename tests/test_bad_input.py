@@ -224,6 +224,21 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     assert "aliases expand to 11,434,312 values" in cli("validate", str(tmp_path / "bomb.yaml"))
 
 
+@pytest.mark.parametrize("shape", ["long-alias-chain", "deep-nesting"])
+def test_yaml_that_would_exhaust_the_stack_is_refused_cli(tmp_path, shape):
+    """20,000 aliases each doubling the last (a count with 6,000 digits, which Python refuses to
+    print, found by a recursive walk) and 1,000 nested brackets (PyYAML's reader recurses): one
+    error line each, for validate and run alike."""
+    if shape == "long-alias-chain":
+        lines = ["l0: &l0 [x, x]"] + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]" for i in range(1, 20000)]
+        text, needle = "\n".join(lines) + "\nname: x\n", "aliases expand to more than 1,000,000,000,000,000,000 values"
+    else:
+        text, needle = "name: x\nloss: {name: mse, opt: " + "[" * 1000 + "]" * 1000 + "}\n", "nested hundreds of levels deep"
+    (tmp_path / "bomb.yaml").write_text(text)
+    for command in ("validate", "run"):
+        assert needle in cli(command, str(tmp_path / "bomb.yaml"))
+
+
 def test_model_that_does_not_fit_the_labels_cli(root, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(jobs.job(root, {"gradient": {}}, loss="categorical_crossentropy")))
