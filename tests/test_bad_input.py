@@ -388,6 +388,27 @@ def test_run_id_already_published_cli(root, tmp_path):
     assert os.stat(existing / "manifest.json").st_mtime_ns == before
 
 
+@pytest.mark.parametrize("damage,needle", [
+    ("garbage", "manifest.json is not valid JSON ('utf-8' codec can't decode byte 0xff"),
+    ("alone", "manifest.json lacks run_id, date, job, examples, loss, files: the run is damaged"),
+    ("the-file", "manifest.json is a file, not a run directory: give the run's folder"),
+])
+def test_a_bare_or_damaged_manifest_is_one_error_line_cli(tmp_path, damage, needle):
+    """A run folder whose manifest.json is binary garbage (was a UnicodeDecodeError traceback),
+    a manifest.json alone that says "complete" and nothing else (was shown as an empty run, exit
+    0), and the manifest file given in place of its folder."""
+    run_dir = tmp_path / "job" / "date=2026-01-02" / "run=r"
+    run_dir.mkdir(parents=True)
+    if damage == "garbage":
+        (run_dir / "manifest.json").write_bytes(b"\x00\xff\xfe garbage {")
+    else:
+        (run_dir / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    given = str(run_dir / "manifest.json") if damage == "the-file" else str(run_dir)
+    for command in (["show", given], ["report", given, "--out", str(tmp_path / "report")], ["compare", given, given]):
+        assert needle in cli(*command)
+    assert not (tmp_path / "report").exists()
+
+
 def test_exact_diagonal_that_would_take_days(tmp_path):
     import keras
 

@@ -271,16 +271,17 @@ def read_manifest(run_dir: str) -> dict:
     target = posixpath.join(path.rstrip("/") or path, MANIFEST)
     try:
         with fs.open_input_stream(target) as stream:
-            text = stream.read().decode("utf-8")
-    except FileNotFoundError as err:
-        raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
+            raw = stream.read()
     except (pa.ArrowException, OSError) as err:
-        if not fs.get_file_info(target).type == pafs.FileType.File:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise InputError(f"{run_dir} is a file, not a run directory: give the run's folder "
+                             f"({posixpath.dirname(run_dir.rstrip('/')) or '.'})") from None
+        if isinstance(err, FileNotFoundError) or not fs.get_file_info(target).type == pafs.FileType.File:
             raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
         raise InputError(f"cannot read {target}: {first_line(err)}: check the path and credentials") from err
     try:
-        manifest = json.loads(text)
-    except ValueError as err:
+        manifest = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError too: bytes that are not text
         raise InputError(f"{run_dir}/{MANIFEST} is not valid JSON ({err}): the run is damaged, run it again") from err
     if not isinstance(manifest, dict):
         raise InputError(f"{run_dir}/{MANIFEST} is not a JSON object: the run is damaged, run it again")
