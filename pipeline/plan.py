@@ -106,7 +106,8 @@ def inspect_model(job) -> CurvatureEngine:
     """Loads the model in the driver (GPUs hidden) as the workers will compute with it: in the
     job's precision, called through the model adapter. Returns the curvature engine."""
     hide_gpus()
-    return CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
+    return CurvatureEngine(load_model(job.model, fetch=local_copy, isolate=True), resolve_loss(job.loss),
+                           precision=job.precision,
                            builder=model_builder(job.model), selected=job.variables)
 
 

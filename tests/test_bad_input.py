@@ -191,6 +191,37 @@ def test_model_builder_that_exits(root, monkeypatch):
     expect(lambda: plan(root, model={"builder": "kinds:exits"}), "model builder 'kinds:exits' failed: SystemExit")
 
 
+def _builder_job(root, tmp_path, model):
+    spec = jobs.job(root, {"gradient": {}}, model=model, workers=1, output=str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return str(tmp_path / "job.yaml")
+
+
+def test_model_builder_that_aborts_cli(root, tmp_path):
+    """os.abort() in the builder killed validate and run (exit 134, no error line): the builder is
+    first called in a child process, whose death is an input error naming the builder."""
+    job_file = _builder_job(root, tmp_path, {"builder": "kinds:aborts"})
+    for command in ("validate", "run"):
+        message = cli(command, job_file, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert message.startswith("error: model builder 'kinds:aborts' ended the process that called it (signal "
+                                  "SIGABRT"), message
+    assert not (tmp_path / "out").exists()  # the run made no folder it left behind
+
+
+def test_builder_weights_that_do_not_fit_print_only_the_error_cli(root, tmp_path):
+    """Keras' UserWarnings while a builder model loads weights of another architecture came
+    before the error line: in default mode only the error line reaches stderr."""
+    import keras
+
+    other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="hidden"), keras.layers.Dense(3, name="out")])
+    other.save_weights(str(tmp_path / "other.weights.h5"))
+    job_file = _builder_job(root, tmp_path, {"builder": "kinds:warns_then_builds",
+                                              "weights": str(tmp_path / "other.weights.h5")})
+    for command in ("validate", "run"):
+        message = cli(command, job_file, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert "does not fit the built model" in message
+
+
 # Wrong labels for the loss are found by running the loss on the first rows (validate).
 def test_one_hot_labels_given_to_a_sparse_loss(root, tmp_path):
     rng = np.random.default_rng(0)
