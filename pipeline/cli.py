@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
             held.clear()
             if args.debug:
                 traceback.print_exc(file=err)
-            message = " ".join(str(exc).split())
+            # One line, and no control characters: a damaged file's bytes can reach the message.
+            message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(exc).split()))
             err.write(f"error: {message}\n")
             return exc.exit_status
         except KeyboardInterrupt:

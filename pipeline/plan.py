@@ -116,11 +116,11 @@ def probe_data(job, engine, data):
     batch (``pipeline.curvature.probe``). Returns ``(ProbeReport, Measurement)``."""
     columns = tensor_columns(job.data, engine.signature)
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
-    check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns)
+    check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns, data.locate)
     report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
         batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)
-        check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns)
+        check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns, data.locate)
     try:
         measured = measure(engine, batch)
     except Exception as exc:  # noqa: BLE001 - the same rows a worker would read first

@@ -489,6 +489,43 @@ def test_damaged_parquet_data_page_names_the_file(root, tmp_path):
     assert "trying again" not in log.getvalue()
 
 
+@pytest.mark.parametrize("damage", ["page-header", "page-values", "page-checksum"])
+def test_corrupt_parquet_data_page_names_the_file_cli(root, tmp_path, damage):
+    """Through the command line: a page header that no longer parses, and page bytes that still
+    decode but to a NaN (no page checksum, no statistics: the footer still matches). Either way
+    one error line that names the damaged file (the second of two), exit 2, nothing left."""
+    rng = np.random.default_rng(5)
+    x, labels = rng.normal(size=(200, 6)), rng.integers(0, 3, 200)
+    data = tmp_path / "data"
+    data.mkdir()
+    for index, rows in enumerate((slice(0, 100), slice(100, 200))):
+        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 6),
+                          "label": pa.array(labels[rows])})
+        pq.write_table(table, str(data / f"part-{index:03d}.parquet"), row_group_size=25, write_statistics=False,
+                       use_dictionary=False, compression="NONE", write_page_checksum=damage == "page-checksum")
+    path = data / "part-001.parquet"
+    raw = bytearray(path.read_bytes())
+    if damage == "page-header":
+        page = pq.ParquetFile(str(path)).metadata.row_group(2).column(0).data_page_offset  # its rows 50-74
+        for i in range(page, page + 40):
+            raw[i] ^= 0x5A
+        needle = f"cannot read rows 0-99 of {path}: Couldn't deserialize thrift"
+    elif damage == "page-values":
+        at = bytes(raw).index(x[160, 4].tobytes())  # row 60 of that file
+        raw[at:at + 8] = np.float64(np.nan).tobytes()
+        needle = f"column 'x' has a NaN or infinite value at row 160 (shard 1); in {path}, its row 60"
+    else:  # a finite value changed, caught only by the page's CRC
+        at = bytes(raw).index(x[160, 4].tobytes())
+        raw[at:at + 8] = np.float64(7.0).tobytes()
+        needle = f"of {path}: could not verify page integrity, CRC checksum verification failed"
+    path.write_bytes(bytes(raw))
+    spec = jobs.job(root, {"gradient": {}}, shards=2, workers=1, output=str(tmp_path / "out"))
+    spec["data"]["path"] = str(data)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert needle in cli("run", str(tmp_path / "job.yaml"), "--run-id", "damaged")
+    assert not (tmp_path / "out").exists()
+
+
 def test_all_zero_weights_column(root, tmp_path):
     """Every weight 0: the weighted mean is undefined. One line, exit 2, nothing left (it can
     only be known after the last row)."""

@@ -115,7 +115,7 @@ class ShardWorker:
         where = f"shard {shard.index}"
         digests: list[str] = []
         for batch in self._batches(shard, digests):
-            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns)
+            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns, shard.locate)
             try:
                 part = self.engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
             except Exception as exc:  # noqa: BLE001 - sorted into input errors and the rest below

@@ -61,6 +61,16 @@ class Shard:
     rows: int
     pieces: tuple[Piece, ...]
 
+    def locate(self, row: int) -> str:
+        """``FILE, its row N`` for global row ``row`` of this shard (N from 0 in that file): a
+        message about a value names the file to fix, not only the dataset's row."""
+        offset = int(row) - self.first_row
+        for piece in self.pieces:
+            if 0 <= offset < piece.stop - piece.start:
+                return f"{piece.file}, its row {piece.start + offset}"
+            offset -= piece.stop - piece.start
+        return f"row {row} is not in shard {self.index}"
+
 
 @dataclass(frozen=True)
 class DataPlan:
@@ -84,6 +94,10 @@ class DataPlan:
     uri: str
     notes: tuple[str, ...] = ()
     file_stamps: tuple[tuple[int, int], ...] = ()
+
+    def locate(self, row: int) -> str:
+        """``FILE, its row N`` for global row ``row`` (``Shard.locate``)."""
+        return _cut_shards(self.files, self.file_rows, self.rows, 1)[0].locate(row)
 
 
 @dataclass
@@ -776,7 +790,9 @@ def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str] | None,
     the row groups read (not the footer, which the data fingerprint covers)."""
     with fs.open_input_file(piece.file) as handle:
         source = handle if digest is None else _HashedReads(handle)
-        parquet = pq.ParquetFile(source)
+        # Pages written with a CRC (write_page_checksum) are checked: a damaged page then fails,
+        # naming the file, instead of decoding to other values. Files without CRCs cost nothing.
+        parquet = pq.ParquetFile(source, page_checksum_verification=True)
         if digest is not None:
             source.digest = digest
         if not checked[0]:
@@ -822,7 +838,8 @@ def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int,
 
 # Errors of Parquet decoding (not of the network): the file's bytes are wrong, and reading it
 # again cannot help.
-_DAMAGED = ("corrupt", "deserializ", "invalid", "unexpected end", "not a parquet", "magic", "out of bounds")
+_DAMAGED = ("corrupt", "deserializ", "invalid", "unexpected end", "not a parquet", "magic", "out of bounds",
+            "checksum")
 
 
 def _read_piece(fs: pafs.FileSystem, piece: Piece, columns: list[str] | None, chunk: int, layout: _Layout,
