@@ -440,6 +440,49 @@ def test_a_bare_or_damaged_manifest_is_one_error_line_cli(tmp_path, damage, need
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.parametrize("where", ["inside-data", "data-is-the-job-folder", "inside-a-published-run"])
+def test_output_that_overlaps_the_data_or_a_published_run_cli(root, tmp_path, where):
+    """--output inside data.path (the next run would read the results as data), data.path that
+    is OUTPUT/NAME itself, and --output inside a published run: refused before anything is
+    written, naming both paths."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    published_run = tmp_path / "runs" / "test-job" / "date=2026-01-02" / "run=done"
+    published_run.mkdir(parents=True)
+    (published_run / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "unused"))
+    if where == "data-is-the-job-folder":
+        (data / "test-job").mkdir()
+        shutil.move(str(data / "part-000.parquet"), str(data / "test-job" / "part-000.parquet"))
+        spec["data"]["path"], output = str(data / "test-job"), data
+    else:
+        spec["data"]["path"] = str(data)
+        output = data / "results" if where == "inside-data" else published_run / "more"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    message = cli("run", str(tmp_path / "job.yaml"), "--output", str(output), "--run-id", "r")
+    if where == "inside-a-published-run":
+        assert f"output {output} is inside the published run {published_run}, which is never written to" in message
+    else:
+        assert f"output {output} puts the runs ({output}/test-job/...) inside data.path {spec['data']['path']}" in message
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_report_into_a_published_run_is_refused_cli(tmp_path):
+    from test_report import _synthetic_run
+
+    run_dir = _synthetic_run(tmp_path, np.array([1.0, 2.0]))
+    before = sorted(os.listdir(run_dir))
+    for out in (run_dir, os.path.join(run_dir, "plots")):
+        message = cli("report", run_dir, "--out", out)
+        assert f"report folder {out} is inside the published run {run_dir}, which is never written to: choose " \
+               "another --out" in message
+    assert "is inside the published run" in cli("report", ".", cwd=run_dir)  # the default ./report-NAME-ID
+    assert sorted(os.listdir(run_dir)) == before
+
+
 def test_exact_diagonal_that_would_take_days(tmp_path):
     import keras
 
