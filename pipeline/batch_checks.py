@@ -39,17 +39,22 @@ def model_refused(exc: BaseException, batch, where: str) -> InputError:
                       "(hessian-pipeline validate runs them on the first rows)")
 
 
-def check_batch(batch, where: str, data_spec, loss, signature, columns) -> None:
+def check_batch(batch, where: str, data_spec, loss, signature, columns, locate=None) -> None:
     """Non-finite values, negative weights and sparse labels out of range, as input errors.
 
     ``columns`` is ``pipeline.storage.dataset.tensor_columns(data_spec, signature)``: the column name(s)
     of each input and label tensor, in the order of ``batch.inputs`` and ``batch.labels``.
+    ``locate(row) -> "FILE, its row N"`` (``Shard.locate``) names the file that holds a bad row
+    (a damaged data page often decodes to such values rather than failing).
     """
-    _check_finite(batch, where, data_spec, columns)
-    _check_sparse_labels(batch, where, loss, signature, columns[1])
+    def found(row: int) -> str:
+        return f"; in {locate(row)}" if locate is not None else ""
+
+    _check_finite(batch, where, data_spec, columns, found)
+    _check_sparse_labels(batch, where, loss, signature, columns[1], found)
 
 
-def _check_finite(batch, where: str, data_spec, columns) -> None:
+def _check_finite(batch, where: str, data_spec, columns, found) -> None:
     groups = list(zip(batch.inputs, columns[0])) + list(zip(batch.labels, columns[1]))
     if batch.weights is not None:
         groups.append((batch.weights, data_spec.weights))
@@ -59,15 +64,15 @@ def _check_finite(batch, where: str, data_spec, columns) -> None:
         finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
         if not finite.all():
             row = int(batch.rows[int(np.flatnonzero(~finite)[0])])
-            raise InputError(f"column '{column}' has a NaN or infinite value at row {row} ({where}): "
+            raise InputError(f"column '{column}' has a NaN or infinite value at row {row} ({where}){found(row)}: "
                              "clean the data or drop that row")
     if batch.weights is not None and np.any(batch.weights < 0):
         row = int(batch.rows[int(np.flatnonzero(batch.weights < 0)[0])])
-        raise InputError(f"column '{data_spec.weights}' has a negative weight at row {row} ({where}): "
+        raise InputError(f"column '{data_spec.weights}' has a negative weight at row {row} ({where}){found(row)}: "
                          "weights must be >= 0")
 
 
-def _check_sparse_labels(batch, where: str, loss, signature, label_columns) -> None:
+def _check_sparse_labels(batch, where: str, loss, signature, label_columns, found) -> None:
     """Sparse class labels outside ``[0, classes)``: TensorFlow would fail or return NaN."""
     if getattr(loss, "family", None) != "categorical_sparse":
         return
@@ -87,4 +92,4 @@ def _check_sparse_labels(batch, where: str, loss, signature, label_columns) -> N
                 f"column '{label_columns[k]}' has label {value.item()!r} at row {int(batch.rows[at])} ({where}), "
                 f"outside the valid range 0-{classes - 1} of {loss.name}"
                 + (f" for output '{output.name}'" if len(signature.outputs) > 1 else "")
-                + f" ({classes} classes): fix the labels, or the loss")
+                + f" ({classes} classes){found(int(batch.rows[at]))}: fix the labels, or the loss")

@@ -16,7 +16,7 @@ import traceback
 import warnings
 
 from pipeline import __version__, interrupts
-from pipeline.errors import ComputeError, InputError, PipelineError
+from pipeline.errors import ComputeError, InputError, InputWarning, PipelineError
 
 EXAMPLES = {
     "run": """examples:
@@ -290,6 +290,42 @@ def _exit_on_sigterm() -> None:
         pass  # not the main thread (the CLI called from a thread in tests): keep the default
 
 
+class _WarningsFirst:
+    """``err`` that writes the held ``warning:`` lines before the command's next line of its own
+    (``run``'s plan, say); an error clears them first, so that it is the only line."""
+
+    def __init__(self, stream, held: list):
+        self.stream = stream
+        self.held = held
+
+    def write(self, text):
+        while self.held:
+            self.stream.write(self.held.pop(0))
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _product_warnings(held: list):
+    """Default mode: a warning this program raises (``loss 'mae' is piecewise linear``) becomes
+    one ``warning:`` line in ``held`` (see ``_WarningsFirst``); a library's warnings (Keras'
+    UserWarnings on weights that do not fit, say) are left out, so that an input error is the
+    only line on stderr. ``--debug`` shows them all, as Python prints them."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, InputWarning):
+            held.append(f"warning: {' '.join(str(message).split())}\n")
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one ``error:`` line (exit 2), like every other input error."""
 
@@ -309,11 +345,14 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     quiet = args.command == "run" and not args.debug
+    held: list[str] = []
     if args.command == "run":
         # Before TensorFlow, pyarrow and Ray create their threads, which inherit this mask and so
         # never take Ctrl-C; the driver releases it once Ray has started (pipeline.interrupts).
         interrupts.hold()
-    with _own_streams(out, err) if quiet else contextlib.nullcontext((out, err)) as (out, err):
+    with _own_streams(out, err) if quiet else contextlib.nullcontext((out, err)) as (out, err), \
+            (contextlib.nullcontext() if args.debug else _product_warnings(held)):
+        err = _WarningsFirst(err, held)
         try:
             if args.command == "run":
                 _exit_on_sigterm()
@@ -321,11 +360,15 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
                 _import_tensorflow_quietly()
             if args.command == "run":
                 _exit_on_sigterm()  # again: TensorFlow's import installs its own handler
-            return HANDLERS[args.command](args, out, err)
+            status = HANDLERS[args.command](args, out, err)
+            err.write("")  # the warnings still held
+            return status
         except PipelineError as exc:
+            held.clear()
             if args.debug:
                 traceback.print_exc(file=err)
-            message = " ".join(str(exc).split())
+            # One line, and no control characters: a damaged file's bytes can reach the message.
+            message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(exc).split()))
             err.write(f"error: {message}\n")
             return exc.exit_status
         except KeyboardInterrupt:

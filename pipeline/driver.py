@@ -28,7 +28,7 @@ from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
 from pipeline.plan import Plan, make_plan, new_run_id
 from pipeline.reduce import Sums
-from pipeline.storage.publish import RunPublisher, published
+from pipeline.storage.publish import RunPublisher, check_output_location, published
 from pipeline.storage.staging import PartialStore
 
 
@@ -88,6 +88,7 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     started = time.time()
     store = None
     if not dry_run:
+        check_output_location(output or job.output, job.name, job.data.path)
         # An interrupted run with this id keeps its start (and so its date) and its layout.
         store = PartialStore(output or job.output, job.name, run_id)
         now = store.started() or now
@@ -232,7 +233,9 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "variables": [{"name": n, "shape": list(s)} for n, s in zip(plan.signature.variables,
                                                                     plan.signature.variable_shapes)],
         "passes": passes,
-        "resumed_shards": int(extra.get("resumed_shards", 0)),
+        "resumed_shards": len(extra.get("resumed_shards", [])),
+        # Which ones: those whose input the workers proved unchanged (the others were computed again).
+        "resumed_shard_indices": [int(i) for i in extra.get("resumed_shards", [])],
         "started_at": started_at,
         "finished_at": _now(),
         "seconds": round(finished - started, 3),

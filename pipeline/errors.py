@@ -23,3 +23,8 @@ class ComputeError(PipelineError):
     """A failure while computing (names the shard and how to resume)."""
 
     exit_status = 1
+
+
+class InputWarning(UserWarning):
+    """Input that works but may not mean what the user wants (a piecewise-linear loss): the
+    command line prints it as one ``warning:`` line; other libraries' warnings it leaves out."""

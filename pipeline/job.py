@@ -49,6 +49,7 @@ import yaml
 
 from pipeline.quantities import registry
 from pipeline.errors import InputError
+from pipeline.storage.layout import MAX_NAME_LENGTH
 from pipeline.options import (MISSING, Check, auto_or_positive_int, boolean, check_keys, choice, column_name, fail, is_int, one_line,
                               positive_float, positive_int, resolved_path, show)
 
@@ -194,13 +195,14 @@ def _seed(value: Any, key: str) -> int:
     return value
 
 
-_CALLABLE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_KERAS_NAME = re.compile(r"^[A-Za-z_]\w*$")
-_JOB_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+# Used with fullmatch only: `$` also matches before a final newline ("x\n" would pass).
+_CALLABLE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_KERAS_NAME = re.compile(r"[A-Za-z_]\w*")
+_JOB_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def _callable(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not _CALLABLE.match(value):
+    if not isinstance(value, str) or not _CALLABLE.fullmatch(value):
         fail(key, 'a "pkg.module:function" reference', value,
               'write it as "pkg.module:function" with the module importable on the workers')
     return value
@@ -369,34 +371,54 @@ class _AliasBombError(yaml.YAMLError):
     pass
 
 
-def _expanded_size(node, memo: dict) -> int:
-    """Nodes in ``node`` with every alias expanded, counted once per distinct node (memoised)."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = 1  # a node that contains itself counts once (PyYAML refuses recursion later)
-    if isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    elif isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
-    else:
-        size = 1
-    memo[key] = size
-    return size
+# Counting stops here: a chain of a few thousand aliases expands to a number with thousands
+# of digits, which Python refuses to print (and no message needs).
+_COUNT_CAP = 10**18
+
+
+def _expanded_size(root) -> int:
+    """Nodes under ``root`` with every alias expanded (at most ``_COUNT_CAP``), each distinct
+    node counted once and memoised; iterative, so a long chain of aliases cannot exhaust the
+    stack."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if children_done:
+            sizes[id(node)] = min(_COUNT_CAP, 1 + sum(sizes[id(child)] for child in children))
+        elif id(node) not in sizes:
+            sizes[id(node)] = 1  # a node that contains itself counts once (PyYAML refuses recursion later)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+class _TooDeepError(yaml.YAMLError):
+    pass
 
 
 def _load_yaml(text: str):
     """YAML text to Python values with ``_JobLoader``, refusing documents whose aliases expand
-    beyond ``MAX_YAML_NODES`` nodes (found on the node graph, before any value is built)."""
+    beyond ``MAX_YAML_NODES`` nodes (found on the node graph, before any value is built) and
+    documents nested so deeply that PyYAML's recursive reader runs out of stack."""
     loader = _JobLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        size = _expanded_size(node, {})
+        size = _expanded_size(node)
         if size > MAX_YAML_NODES:
-            raise _AliasBombError(f"its aliases expand to {size:,} values (more than {MAX_YAML_NODES:,})")
+            count = f"more than {_COUNT_CAP:,}" if size >= _COUNT_CAP else f"{size:,}"
+            raise _AliasBombError(f"its aliases expand to {count} values (more than {MAX_YAML_NODES:,})")
         return loader.construct_document(node)
+    except RecursionError:
+        raise _TooDeepError("its values are nested hundreds of levels deep (a job file needs a few)") from None
     finally:
         loader.dispose()
 
@@ -440,6 +462,8 @@ def _read_job_file(job_path: str, shown: str) -> dict:
     except _AliasBombError as error:
         raise InputError(f"job file {shown} is refused: {error}: write the values out without nested "
                          "aliases") from None
+    except _TooDeepError as error:
+        raise InputError(f"job file {shown} is refused: {error}: write the values out with less nesting") from None
     except _DuplicateKeyError as error:
         problem, line = _yaml_problem(error)
         raise InputError(
@@ -467,7 +491,7 @@ def _read_job_file(job_path: str, shown: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # Overrides (--set KEY=VALUE)
 
-_OVERRIDE_SEGMENT = re.compile(r"^[^\s=.]+$")
+_OVERRIDE_SEGMENT = re.compile(r"[^\s=.]+")
 
 
 def _parse_override(text: Any) -> tuple[list[str], Any]:
@@ -478,14 +502,14 @@ def _parse_override(text: Any) -> tuple[list[str], Any]:
     key, value_text = text.split("=", 1)
     key = key.strip()
     segments = key.split(".")
-    if not all(_OVERRIDE_SEGMENT.match(s) for s in segments):
+    if not all(_OVERRIDE_SEGMENT.fullmatch(s) for s in segments):
         raise InputError(
             f"--set {text!r} has no valid dotted KEY before '=': "
             "write it as e.g. --set quantities.trace.probes=10"
         )
     try:
         value = _load_yaml(value_text)
-    except _AliasBombError as error:
+    except (_AliasBombError, _TooDeepError) as error:
         raise InputError(f"--set {key}=...: the value is refused: {error}") from None
     except _DuplicateKeyError as error:
         problem, _ = _yaml_problem(error)
@@ -567,7 +591,10 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
     check_keys(raw, _TOP_KEYS, "")
 
     name = _required(raw, "name", "", "add e.g. name: digits-mlp")
-    if not isinstance(name, str) or not _JOB_NAME.match(name) or set(name) == {"."}:
+    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        raise InputError(f"name is {len(name)} characters long, more than the {MAX_NAME_LENGTH} allowed (it becomes "
+                         "a folder name): shorten the name in the job file")
+    if not isinstance(name, str) or not _JOB_NAME.fullmatch(name) or set(name) == {"."}:
         # The name becomes a folder of the output, hence no spaces, slashes or "..".
         fail("name", "a string of letters, digits, '.', '_' and '-' (not only dots)", name,
               "set it to e.g. digits-mlp (quote it if YAML reads it as a number)")
@@ -613,7 +640,7 @@ def _parse_model(raw: dict, base_dir: str) -> ModelSpec:
         if model.endswith(".keras"):
             return ModelSpec(path=resolved_path(base_dir, "a .keras file")(model, "model"),
                              builder=None, weights=None)
-        if _CALLABLE.match(model):
+        if _CALLABLE.fullmatch(model):
             fix = f'write model: {{builder: "{model}"}}'
         else:
             fix = ('save the model with model.save("model.keras") '
@@ -677,7 +704,7 @@ def _parse_loss(raw: dict) -> LossSpec:
     key = "loss.name" if isinstance(loss, dict) else "loss"
     if isinstance(name, str) and ":" in name:
         return LossSpec(name=None, options=options, function=_callable(name, key))
-    if not isinstance(name, str) or not _KERAS_NAME.match(name):
+    if not isinstance(name, str) or not _KERAS_NAME.fullmatch(name):
         fail(key, 'a Keras loss name or "pkg.module:function"', name,
               "set it to e.g. sparse_categorical_crossentropy or mse")
     return LossSpec(name=name, options=options, function=None)

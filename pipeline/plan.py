@@ -106,21 +106,24 @@ def inspect_model(job) -> CurvatureEngine:
     """Loads the model in the driver (GPUs hidden) as the workers will compute with it: in the
     job's precision, called through the model adapter. Returns the curvature engine."""
     hide_gpus()
-    return CurvatureEngine(load_model(job.model, fetch=local_copy), resolve_loss(job.loss), precision=job.precision,
+    return CurvatureEngine(load_model(job.model, fetch=local_copy, isolate=True), resolve_loss(job.loss),
+                           precision=job.precision,
                            builder=model_builder(job.model), selected=job.variables)
 
 
 def probe_data(job, engine, data):
     """Runs the model and the loss on the first rows, then times one gradient on the first
     batch (``pipeline.curvature.probe``). Returns ``(ProbeReport, Measurement)``."""
+    if job.include_regularization:
+        engine.check_regularization()
     columns = tensor_columns(job.data, engine.signature)
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
-    check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns)
+    check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns, data.locate)
     report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities),
                    output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
         batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)
-        check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns)
+        check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns, data.locate)
     try:
         measured = measure(engine, batch)
     except Exception as exc:  # noqa: BLE001 - the same rows a worker would read first

@@ -129,3 +129,19 @@ def zero_regressor():
     """Predicts 0 for every input: a label of exactly 0 sits on the kink of ``kink_loss``."""
     x = keras.Input((6,), name="x")
     return keras.Model(x, keras.layers.Dense(1, kernel_initializer="zeros", name="out")(x), name="zero")
+
+
+def aborts():
+    """A builder that ends its process (as a crash in native code would): no Python exception."""
+    import os
+
+    os.abort()
+
+
+def warns_then_builds():
+    """A builder whose model is fine but that warns as Keras does (a UserWarning): paired with
+    weights that do not fit, the warning must not reach stderr beside the error line."""
+    import warnings
+
+    warnings.warn("Skipping variable loading for layer 'out': a library's own warning", UserWarning)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="out")])

@@ -191,6 +191,37 @@ def test_model_builder_that_exits(root, monkeypatch):
     expect(lambda: plan(root, model={"builder": "kinds:exits"}), "model builder 'kinds:exits' failed: SystemExit")
 
 
+def _builder_job(root, tmp_path, model):
+    spec = jobs.job(root, {"gradient": {}}, model=model, workers=1, output=str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return str(tmp_path / "job.yaml")
+
+
+def test_model_builder_that_aborts_cli(root, tmp_path):
+    """os.abort() in the builder killed validate and run (exit 134, no error line): the builder is
+    first called in a child process, whose death is an input error naming the builder."""
+    job_file = _builder_job(root, tmp_path, {"builder": "kinds:aborts"})
+    for command in ("validate", "run"):
+        message = cli(command, job_file, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert message.startswith("error: model builder 'kinds:aborts' ended the process that called it (signal "
+                                  "SIGABRT"), message
+    assert not (tmp_path / "out").exists()  # the run made no folder it left behind
+
+
+def test_builder_weights_that_do_not_fit_print_only_the_error_cli(root, tmp_path):
+    """Keras' UserWarnings while a builder model loads weights of another architecture came
+    before the error line: in default mode only the error line reaches stderr."""
+    import keras
+
+    other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="hidden"), keras.layers.Dense(3, name="out")])
+    other.save_weights(str(tmp_path / "other.weights.h5"))
+    job_file = _builder_job(root, tmp_path, {"builder": "kinds:warns_then_builds",
+                                              "weights": str(tmp_path / "other.weights.h5")})
+    for command in ("validate", "run"):
+        message = cli(command, job_file, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert "does not fit the built model" in message
+
+
 # Wrong labels for the loss are found by running the loss on the first rows (validate).
 def test_one_hot_labels_given_to_a_sparse_loss(root, tmp_path):
     rng = np.random.default_rng(0)
@@ -222,6 +253,21 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     assert len(text) < 500
     (tmp_path / "bomb.yaml").write_text(text)
     assert "aliases expand to 11,434,312 values" in cli("validate", str(tmp_path / "bomb.yaml"))
+
+
+@pytest.mark.parametrize("shape", ["long-alias-chain", "deep-nesting"])
+def test_yaml_that_would_exhaust_the_stack_is_refused_cli(tmp_path, shape):
+    """20,000 aliases each doubling the last (a count with 6,000 digits, which Python refuses to
+    print, found by a recursive walk) and 1,000 nested brackets (PyYAML's reader recurses): one
+    error line each, for validate and run alike."""
+    if shape == "long-alias-chain":
+        lines = ["l0: &l0 [x, x]"] + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]" for i in range(1, 20000)]
+        text, needle = "\n".join(lines) + "\nname: x\n", "aliases expand to more than 1,000,000,000,000,000,000 values"
+    else:
+        text, needle = "name: x\nloss: {name: mse, opt: " + "[" * 1000 + "]" * 1000 + "}\n", "nested hundreds of levels deep"
+    (tmp_path / "bomb.yaml").write_text(text)
+    for command in ("validate", "run"):
+        assert needle in cli(command, str(tmp_path / "bomb.yaml"))
 
 
 def test_model_that_does_not_fit_the_labels_cli(root, tmp_path):
@@ -334,6 +380,32 @@ def test_run_id_that_is_not_a_plain_name(root, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["run-id", "job-name"])
+def test_names_ending_in_a_newline_are_refused_cli(root, tmp_path, where):
+    """`$` matches before a final newline: "x\\n" passed the name check and became a folder."""
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out"))
+    if where == "job-name":
+        spec["name"] = "x\n"
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        assert "name must be a string of letters" in cli("validate", str(tmp_path / "job.yaml"))
+        assert "name must be a string of letters" in cli("run", str(tmp_path / "job.yaml"), "--run-id", "r")
+    else:
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        assert "run id 'x\\n' is not a plain name" in cli("run", str(tmp_path / "job.yaml"), "--run-id", "x\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_id_too_long_for_a_folder_is_refused_for_its_length_cli(root, tmp_path):
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    message = cli("run", str(tmp_path / "job.yaml"), "--run-id", "a" * 300)
+    assert "run id is 300 characters long, more than the 200 allowed" in message and "credentials" not in message
+    spec["name"] = "n" * 300
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert "name is 300 characters long, more than the 200 allowed" in cli("validate", str(tmp_path / "job.yaml"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_id_already_published_cli(root, tmp_path):
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     existing = tmp_path / "out" / "test-job" / f"date={date}" / "run=done"
@@ -345,6 +417,70 @@ def test_run_id_already_published_cli(root, tmp_path):
     assert "run done already published" in cli("run", str(tmp_path / "job.yaml"), "--run-id", "done")
     assert os.listdir(existing) == ["manifest.json"]
     assert os.stat(existing / "manifest.json").st_mtime_ns == before
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("garbage", "manifest.json is not valid JSON ('utf-8' codec can't decode byte 0xff"),
+    ("alone", "manifest.json lacks run_id, date, job, examples, loss, files: the run is damaged"),
+    ("the-file", "manifest.json is a file, not a run directory: give the run's folder"),
+])
+def test_a_bare_or_damaged_manifest_is_one_error_line_cli(tmp_path, damage, needle):
+    """A run folder whose manifest.json is binary garbage (was a UnicodeDecodeError traceback),
+    a manifest.json alone that says "complete" and nothing else (was shown as an empty run, exit
+    0), and the manifest file given in place of its folder."""
+    run_dir = tmp_path / "job" / "date=2026-01-02" / "run=r"
+    run_dir.mkdir(parents=True)
+    if damage == "garbage":
+        (run_dir / "manifest.json").write_bytes(b"\x00\xff\xfe garbage {")
+    else:
+        (run_dir / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    given = str(run_dir / "manifest.json") if damage == "the-file" else str(run_dir)
+    for command in (["show", given], ["report", given, "--out", str(tmp_path / "report")], ["compare", given, given]):
+        assert needle in cli(*command)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("where", ["inside-data", "data-is-the-job-folder", "inside-a-published-run"])
+def test_output_that_overlaps_the_data_or_a_published_run_cli(root, tmp_path, where):
+    """--output inside data.path (the next run would read the results as data), data.path that
+    is OUTPUT/NAME itself, and --output inside a published run: refused before anything is
+    written, naming both paths."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    published_run = tmp_path / "runs" / "test-job" / "date=2026-01-02" / "run=done"
+    published_run.mkdir(parents=True)
+    (published_run / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    spec = jobs.job(root, {"gradient": {}}, output=str(tmp_path / "unused"))
+    if where == "data-is-the-job-folder":
+        (data / "test-job").mkdir()
+        shutil.move(str(data / "part-000.parquet"), str(data / "test-job" / "part-000.parquet"))
+        spec["data"]["path"], output = str(data / "test-job"), data
+    else:
+        spec["data"]["path"] = str(data)
+        output = data / "results" if where == "inside-data" else published_run / "more"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    message = cli("run", str(tmp_path / "job.yaml"), "--output", str(output), "--run-id", "r")
+    if where == "inside-a-published-run":
+        assert f"output {output} is inside the published run {published_run}, which is never written to" in message
+    else:
+        assert f"output {output} puts the runs ({output}/test-job/...) inside data.path {spec['data']['path']}" in message
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_report_into_a_published_run_is_refused_cli(tmp_path):
+    from test_report import _synthetic_run
+
+    run_dir = _synthetic_run(tmp_path, np.array([1.0, 2.0]))
+    before = sorted(os.listdir(run_dir))
+    for out in (run_dir, os.path.join(run_dir, "plots")):
+        message = cli("report", run_dir, "--out", out)
+        assert f"report folder {out} is inside the published run {run_dir}, which is never written to: choose " \
+               "another --out" in message
+    assert "is inside the published run" in cli("report", ".", cwd=run_dir)  # the default ./report-NAME-ID
+    assert sorted(os.listdir(run_dir)) == before
 
 
 def test_exact_diagonal_that_would_take_days(tmp_path):
@@ -394,6 +530,43 @@ def test_damaged_parquet_data_page_names_the_file(root, tmp_path):
     message = expect(lambda: run(spec, run_id="damaged", stream=log), "part-000.parquet")
     assert "the file is damaged" in message
     assert "trying again" not in log.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["page-header", "page-values", "page-checksum"])
+def test_corrupt_parquet_data_page_names_the_file_cli(root, tmp_path, damage):
+    """Through the command line: a page header that no longer parses, and page bytes that still
+    decode but to a NaN (no page checksum, no statistics: the footer still matches). Either way
+    one error line that names the damaged file (the second of two), exit 2, nothing left."""
+    rng = np.random.default_rng(5)
+    x, labels = rng.normal(size=(200, 6)), rng.integers(0, 3, 200)
+    data = tmp_path / "data"
+    data.mkdir()
+    for index, rows in enumerate((slice(0, 100), slice(100, 200))):
+        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 6),
+                          "label": pa.array(labels[rows])})
+        pq.write_table(table, str(data / f"part-{index:03d}.parquet"), row_group_size=25, write_statistics=False,
+                       use_dictionary=False, compression="NONE", write_page_checksum=damage == "page-checksum")
+    path = data / "part-001.parquet"
+    raw = bytearray(path.read_bytes())
+    if damage == "page-header":
+        page = pq.ParquetFile(str(path)).metadata.row_group(2).column(0).data_page_offset  # its rows 50-74
+        for i in range(page, page + 40):
+            raw[i] ^= 0x5A
+        needle = f"cannot read rows 0-99 of {path}: Couldn't deserialize thrift"
+    elif damage == "page-values":
+        at = bytes(raw).index(x[160, 4].tobytes())  # row 60 of that file
+        raw[at:at + 8] = np.float64(np.nan).tobytes()
+        needle = f"column 'x' has a NaN or infinite value at row 160 (shard 1); in {path}, its row 60"
+    else:  # a finite value changed, caught only by the page's CRC
+        at = bytes(raw).index(x[160, 4].tobytes())
+        raw[at:at + 8] = np.float64(7.0).tobytes()
+        needle = f"of {path}: could not verify page integrity, CRC checksum verification failed"
+    path.write_bytes(bytes(raw))
+    spec = jobs.job(root, {"gradient": {}}, shards=2, workers=1, output=str(tmp_path / "out"))
+    spec["data"]["path"] = str(data)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert needle in cli("run", str(tmp_path / "job.yaml"), "--run-id", "damaged")
+    assert not (tmp_path / "out").exists()
 
 
 def test_all_zero_weights_column(root, tmp_path):

@@ -130,3 +130,31 @@ def test_ctrl_c_during_start_up_is_one_error_line(job_file, tmp_path, seconds):
     assert re.fullmatch(r"error: interrupted; run the same command with --run-id \d{8}T\d{6}Z-[0-9a-f]{4} to "
                         r"resume \(finished shards are kept\)", stderr.splitlines()[-1]), stderr
     assert "Traceback" not in stderr and not (tmp_path / "out").exists()
+
+
+def test_only_the_products_own_warnings_reach_stderr_and_an_error_stands_alone(monkeypatch):
+    """Default mode: a library's UserWarning is left out; the product's InputWarning is one
+    `warning:` line, shown when the command succeeds, dropped when it ends in an error."""
+    import io
+    import warnings
+
+    from pipeline import cli as cli_module
+    from pipeline.errors import InputError, InputWarning
+
+    def handler(fail):
+        def show(args, out, err):
+            warnings.warn("a library's warning", UserWarning)
+            warnings.warn("loss 'mae' is piecewise linear", InputWarning)
+            if fail:
+                raise InputError("bad run: fix it")
+            out.write("shown\n")
+            return 0
+        return show
+
+    for fail, expected in ((False, "warning: loss 'mae' is piecewise linear\n"), (True, "error: bad run: fix it\n")):
+        monkeypatch.setitem(cli_module.HANDLERS, "show", handler(fail))
+        out, err = io.StringIO(), io.StringIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            status = cli_module.main(["show", "somewhere"], out=out, err=err)
+        assert (status, err.getvalue()) == (2 if fail else 0, expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -392,3 +393,49 @@ def test_a_file_that_shrinks_after_the_plan_is_an_input_error(dataset):
     with pytest.raises(InputError, match=r"part-2.parquet has 20 rows, but had at least \d+ when the run was "
                                          r"planned: the data changed during the run"):
         read_all(plan, spec(dataset), signature(), 5)
+
+
+# ------------------------------------------------------------------------ content digests
+
+
+def edit_in_place(path, old: bytes, new: bytes) -> None:
+    """Replaces the one occurrence of ``old`` by ``new`` (same length): a data page changes,
+    the file's size, footer and modification time stay as they were."""
+    raw = path.read_bytes()
+    assert raw.count(old) == 1 and len(old) == len(new)
+    before = path.stat()
+    path.write_bytes(raw.replace(old, new))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_shard_digests_cover_the_data_pages_a_shard_reads(tmp_path):
+    """What the data fingerprint (footers, sizes) cannot see, a shard's digest does: the bytes
+    it read. The digest a worker collects while computing equals the one a resumed run
+    recomputes, whatever the batch size, and changes only for the shards that read the edit."""
+    from pipeline.storage.dataset import shard_digests
+
+    root = tmp_path / "data"
+    root.mkdir()
+    first = 0
+    for name, count in (("part-0.parquet", 23), ("part-1.parquet", 40)):
+        # No statistics, dictionary or compression: a value is edited without touching the footer.
+        pq.write_table(rows_table(first, count), root / name, row_group_size=6, write_statistics=False,
+                       use_dictionary=False, compression="NONE")
+        first += count
+    data_spec, sig = spec(root), signature()
+    plan = plan_data(data_spec, 4)
+    assert len(plan.file_stamps) == 2 and plan.file_stamps[0][0] == (root / "part-0.parquet").stat().st_size
+    collected = []
+    for shard in plan.shards:
+        digests = []
+        for _ in read_shard(shard, data_spec, sig, plan.uri, 5, digests=digests):
+            pass
+        assert len(digests) == len(shard.pieces)
+        assert digests == shard_digests(shard, data_spec, sig, plan.uri, 7)
+        collected.append(digests)
+    # Row 10's pixel 3 (1003.0), in shard 0 only.
+    edit_in_place(root / "part-0.parquet", np.float32(1003).tobytes(), np.float32(-7).tobytes())
+    again = plan_data(data_spec, 4)
+    assert again.fingerprint == plan.fingerprint and again.file_stamps == plan.file_stamps
+    after = [shard_digests(shard, data_spec, sig, plan.uri, 5) for shard in plan.shards]
+    assert after[0] != collected[0] and after[1:] == collected[1:]

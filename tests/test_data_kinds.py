@@ -268,3 +268,38 @@ def test_tfrecord_directory_without_records(tmp_path):
                                          r"ending in .tfrecord"):
         plan_data(tf_spec(empty), 1)
     assert os.path.exists(empty / "x.py")
+
+
+def test_tfrecord_shard_digests_cover_the_record_bytes(tmp_path, monkeypatch):
+    """A record rewritten with another value of the same length (the same record headers, so
+    the same data fingerprint) changes the digest of the shard that reads it, and only that one."""
+    from pipeline.storage.dataset import read_shard, shard_digests
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_tfrecords(plain)
+    data_spec = tf_spec(plain)
+    plan = plan_data(data_spec, 3)
+    before = []
+    for shard in plan.shards:
+        digests = []
+        for _ in read_shard(shard, data_spec, signature(), plan.uri, 4, digests=digests):
+            pass
+        assert digests == shard_digests(shard, data_spec, signature(), plan.uri, 4)
+        before.append(digests)
+    original = table
+
+    def edited(first, count):  # row 30's word, in the last shard
+        written = original(first, count)
+        words = [b"w99" if w == b"w30" else w for w in written.column("word").to_pylist()]
+        return written.set_column(written.schema.get_field_index("word"), "word", pa.array(words, pa.binary()))
+
+    size = (plain / "part-2.tfrecord").stat().st_size
+    shutil.rmtree(plain)
+    plain.mkdir()
+    monkeypatch.setitem(globals(), "table", edited)
+    write_tfrecords(plain)
+    assert (plain / "part-2.tfrecord").stat().st_size == size
+    assert plan_data(data_spec, 3).fingerprint == plan.fingerprint
+    after = [shard_digests(shard, data_spec, signature(), plan.uri, 4) for shard in plan.shards]
+    assert after[-1] != before[-1] and after[:-1] == before[:-1]

@@ -8,6 +8,7 @@ import collections
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -253,6 +254,62 @@ def test_driver_killed_then_publish_crash_then_resume(files, tmp_path):
     assert os.listdir(output / "test-job" / "date=1999-12-31") == ["run=nightly"]
 
 
+def test_resume_after_a_data_page_changed_computes_that_shard_again(files, tmp_path):
+    """Issue 24.8: a data page rewritten in place (same size, same footer, so the same data
+    fingerprint, and the old modification time put back) between a killed run and its resume.
+    The staged shard that read it is computed again (its bytes differ from those it was
+    computed from); the result equals a fresh run on the new data, never a mix of the two."""
+    root, _ = files
+    rng = np.random.default_rng(3)
+    x, labels = rng.normal(size=(230, 6)), rng.integers(0, 3, 230)
+    data = tmp_path / "data"
+    data.mkdir()
+    for index, rows in enumerate((slice(0, 100), slice(100, 230))):
+        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 6),
+                          "label": pa.array(labels[rows])})
+        # No statistics, dictionary or compression: one value can change without the footer.
+        pq.write_table(table, str(data / f"part-{index:03d}.parquet"), row_group_size=17, write_statistics=False,
+                       use_dictionary=False, compression="NONE")
+    output = tmp_path / "out"
+    spec = jobs.job(root, QUANTITIES, shards=6, workers=1, output=str(output))
+    spec["data"]["path"] = str(data)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(spec))
+    log = tmp_path / "log"
+    log.mkdir()
+    killed = _cli(job_file, "--run-id", "mixed", fault="kill-driver:shards=2", fault_dir=log)
+    assert killed.returncode == 1 and len(_partials(str(output), "mixed")) == 2  # shards 0 and 1
+
+    from pipeline.storage.dataset import plan_data
+
+    fingerprint = plan_data(load_job(spec).data, 6).fingerprint
+    path = data / "part-000.parquet"
+    raw, before = path.read_bytes(), path.stat()
+    value = x[5, 2].tobytes()
+    assert raw.count(value) == 1  # row 5: shard 0 (rows 0-38)
+    x[5, 2] += 1.0
+    path.write_bytes(raw.replace(value, x[5, 2].tobytes()))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and plan_data(load_job(spec).data, 6).fingerprint == fingerprint
+
+    marks = len((log / "computed.log").read_text().splitlines())
+    done = _cli(job_file, "--run-id", "mixed", fault_dir=log)
+    print("\n" + done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"shard 0 \(rows 0-38\): staged, but the bytes of \S*part-000.parquet rows 0-38 differ from "
+                     r"those it was computed from; computing it again", done.stderr), done.stderr
+    assert "resumed 1 of 6 shards" in done.stderr
+    again = sorted(int(line.split()[0].split("=")[1]) for line in
+                   (log / "computed.log").read_text().splitlines()[marks:])
+    assert again == [0, 2, 3, 4, 5]
+    engine = CurvatureEngine(load_model(load_job(spec).model), resolve_loss(load_job(spec).loss), precision="float64")
+    fresh = finalize(engine.partial([x], [labels], None, np.arange(230),
+                                    BatchWork(hessian_diagonal="exact", sum_grad_squared=True)))
+    manifest = _assert_matches(done.stdout.strip().splitlines()[-1], fresh)
+    assert manifest["resumed_shards"] == 1 and manifest["resumed_shard_indices"] == [1]
+    assert not (output / "test-job" / ".partials").exists()
+
+
 # ------------------------------------------------------------------------- storage
 def test_crash_during_publish_leaves_previous_state_or_complete_run(tmp_path):
     """The publisher alone, killed at its last step, in a subprocess (no Ray, no TensorFlow)."""
@@ -299,8 +356,8 @@ def test_staged_partials_round_trip_and_refuse_damage(tmp_path):
     assert again.started() == start and again.staged_shards == 2
     again.open(plan, start)
     loaded = again.load(shards)
-    assert list(loaded) == [0] and loaded[0].examples == 5
-    np.testing.assert_array_equal(loaded[0].sums["gradient"], np.arange(3.0))
+    assert list(loaded) == [0] and loaded[0].partial.examples == 5
+    np.testing.assert_array_equal(loaded[0].partial.sums["gradient"], np.arange(3.0))
     # A damaged partial is computed again; a damaged state is an input error.
     (tmp_path / "n" / ".partials" / "run=r" / "shard-00000.npz").write_bytes(b"garbage")
     assert again.load(shards) == {}
@@ -609,3 +666,37 @@ def test_rays_processes_do_not_inherit_the_held_sigterm():
     assert any("raylet" in name for name in masks), masks
     sigterm = 1 << (15 - 1)
     assert {name: mask for name, mask in masks.items() if mask & sigterm} == {}
+
+
+def test_a_staged_shard_whose_file_was_rewritten_is_stale(tmp_path):
+    """Each staged shard keeps the digests of the bytes it read and its files' planned size and
+    modification time: a file rewritten since makes the shard stale (computed again)."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from pipeline.partial import Partial
+    from pipeline.storage.dataset import Piece, Shard
+    from pipeline.storage.staging import PartialStore
+
+    shards = (Shard(0, 0, 5, (Piece("/d/a.parquet", 0, 5),)), Shard(1, 5, 4, (Piece("/d/b.parquet", 0, 4),)))
+    job = load_job({"name": "n", "model": "/m.keras", "loss": "mse", "quantities": {"gradient": {}},
+                    "data": {"path": "/d", "features": "x", "labels": "y"}})
+
+    def plan(stamps):
+        data = SimpleNamespace(fingerprint="f", shards=shards, files=("/d/a.parquet", "/d/b.parquet"),
+                               file_stamps=stamps)
+        return SimpleNamespace(job=job, inputs={}, model_sha256="abc", data=data, date="2026-01-02")
+
+    start = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    store = PartialStore(str(tmp_path), "n", "r")
+    store.open(plan(((10, 111), (20, 222))), start)
+    for shard in shards:
+        store.save(shard, Partial(examples=shard.rows, weight_sum=float(shard.rows)), digests=(f"d{shard.index}",))
+    again = PartialStore(str(tmp_path), "n", "r")
+    again.started()
+    again.open(plan(((10, 111), (20, 999))), start)  # b.parquet touched since
+    loaded = again.load(shards)
+    assert loaded[0].stale is None and loaded[0].digests == ("d0",)
+    assert loaded[1].stale == "/d/b.parquet was rewritten since (its size or modification time changed)"
+    again.save(shards[0], Partial(examples=5, weight_sum=5.0))  # served from a worker's memory: no digests
+    assert again.load(shards)[0].stale == "it was staged without a record of the bytes it read"

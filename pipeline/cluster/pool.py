@@ -88,7 +88,7 @@ class WorkerPool:
         # Replacements for lost workers until they have loaded the model: info ref -> (actor, started).
         self._starting: dict = {}
         self.passes = 0
-        self.resumed = 0  # shards of the main pass taken from staging
+        self.resumed: list[int] = []  # shards of the main pass taken from staging
         # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
         self.replacements_left = 2 * plan.workers
 
@@ -132,18 +132,19 @@ class WorkerPool:
         that raised an ordinary exception is moved to another worker, up to ``policy.SHARD_RETRIES``
         more times; then the run stops with a ``ComputeError`` naming the shard. Input errors
         found by a worker stop the run at once. With ``store`` (a ``staging.PartialStore``),
-        shards already staged are not computed again and each new one is staged as it arrives.
+        shards already staged are not computed again, once the workers have found their input
+        unchanged (``_unchanged``), and each new one is staged as it arrives.
         """
         shards = self.plan.data.shards
         reducer = Reducer()
         progress = Progress(progress_stream, self.plan.data.rows, label, enabled=show)
         finished: set[int] = set()
         if store is not None:
-            staged = store.load(shards)
+            staged = self._unchanged(store.load(shards))
             for index, partial in sorted(staged.items()):
                 reducer.add(partial)
                 finished.add(index)
-            self.resumed = len(staged)
+            self.resumed = sorted(staged)
             if staged:
                 progress_stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
                                       f"computing {len(shards) - len(staged)}\n")
@@ -234,7 +235,7 @@ class WorkerPool:
                     if shard.index not in finished:  # never add a shard twice
                         finished.add(shard.index)
                         if store is not None:
-                            store.save(shard, result.partial)
+                            store.save(shard, result.partial, result.digests)
                             staged_now += 1
                             if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
                                 faults.die(f"kill-driver after {staged_now} shards")
@@ -252,6 +253,43 @@ class WorkerPool:
             raise ComputeError(f"shards {missing[:10]} were never computed (no worker left): {self._resume_hint()}")
         self.passes += 1
         return reducer
+
+    def _unchanged(self, staged: dict) -> dict:
+        """``{index: Partial}`` of the staged shards whose input is proven unchanged: each
+        file's size and modification time as planned, and the bytes each piece reads (the
+        workers read them again: I/O, no model) equal to those the shard was computed from.
+        The others are named and computed again; a check that fails counts as a change."""
+        shards = {s.index: s for s in self.plan.data.shards}
+        usable, checks = {}, {}
+        starting = {actor for actor, _ in self._starting.values()}
+        ready = [actor for actor in self.actors if actor not in starting] or self.actors
+        for index, entry in sorted(staged.items()):
+            if entry.stale is not None:
+                self._recompute(shards[index], entry.stale)
+            else:
+                actor = ready[len(checks) % len(ready)]
+                checks[actor.changed_piece.remote(shards[index], entry.digests)] = index
+        while checks:
+            done, _ = ray.wait(list(checks), num_returns=1, timeout=1.0 if self._raylets else LIVENESS_SECONDS)
+            if not done:
+                self._check_live(True, 0, 0)
+                continue
+            shard = shards[checks.pop(done[0])]
+            try:
+                piece = ray.get(done[0])
+            except ray.exceptions.RayError as err:
+                self._recompute(shard, f"its input could not be read to check it ({_cause(err)})")
+                continue
+            if piece is None:
+                usable[shard.index] = staged[shard.index].partial
+            else:
+                changed = shard.pieces[min(piece, len(shard.pieces) - 1)]
+                self._recompute(shard, f"the bytes of {changed.file} rows {changed.start}-{changed.stop - 1} differ "
+                                       "from those it was computed from")
+        return usable
+
+    def _recompute(self, shard, why: str) -> None:
+        self.log.write(f"shard {shard.index} ({self._rows(shard)}): staged, but {why}; computing it again\n")
 
     def _back_up(self, inflight: dict, idle: list, durations: list, backed_up: set, finished: set, submit) -> None:
         """Computes a shard again on a free worker when its own has held it for more than twice

@@ -224,7 +224,7 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         submission_id = default_submission_id(job.name, now)
         if dry_run:  # a look at the plan must not use up the day's id
             submission_id += "-dry-run-" + secrets.token_hex(2)
-    if not re.match(r"^[A-Za-z0-9._-]+$", submission_id):
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", submission_id):
         raise InputError(f"submission id {submission_id!r} is not a plain name (letters, digits, . _ -): "
                          "fix --submission-id")
 

@@ -29,7 +29,7 @@ from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.errors import InputError
 from pipeline.faults import worker_faults
 from pipeline.partial import Partial
-from pipeline.storage.dataset import read_shard, tensor_columns
+from pipeline.storage.dataset import read_shard, shard_digests, tensor_columns
 from pipeline.storage.uri import local_copy
 
 
@@ -42,6 +42,10 @@ class ShardResult:
     partial: Partial
     seconds: float
     worker: str
+    # sha256 of the bytes each piece was read from (``dataset.shard_digests``), staged with
+    # the partial so that a resumed run can prove the shard's input unchanged; empty when the
+    # shard came from the worker's memory.
+    digests: tuple[str, ...] = ()
 
 
 class ShardWorker:
@@ -78,14 +82,15 @@ class ShardWorker:
         return {"worker": self.name, "gpus": len(tf.config.get_visible_devices("GPU")),
                 "parameters": self.engine.parameters, "node_id": self.node_id}
 
-    def _batches(self, shard):
-        """The shard's batches: from memory if cached, else streamed from Parquet."""
+    def _batches(self, shard, digests: list | None = None):
+        """The shard's batches: from memory if cached, else streamed from Parquet (``digests``
+        then receives each piece's digest)."""
         if shard.index in self._cache:
             yield from self._cache[shard.index]
             return
         keep, size = [], 0
         for batch in read_shard(shard, self.job.data, self.signature, self.uri, self.job.data.batch_size,
-                                dtype=self.job.precision):
+                                dtype=self.job.precision, digests=digests):
             if keep is not None:
                 size += sum(a.nbytes for a in batch.inputs + batch.labels) + batch.rows.nbytes
                 if self._cached_bytes + size <= self.cache_bytes:
@@ -108,8 +113,9 @@ class ShardWorker:
         start = time.perf_counter()
         total = Partial()
         where = f"shard {shard.index}"
-        for batch in self._batches(shard):
-            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns)
+        digests: list[str] = []
+        for batch in self._batches(shard, digests):
+            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns, shard.locate)
             try:
                 part = self.engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, work)
             except Exception as exc:  # noqa: BLE001 - sorted into input errors and the rest below
@@ -123,7 +129,16 @@ class ShardWorker:
             # The first batch's sums become the shard's: the engine's arrays are fresh and
             # writable, and a copy would hold a second [K, P] of per-probe sums at the peak.
             total = part if total.batches == 0 else total.add(part)
-        return ShardResult(shard.index, total, time.perf_counter() - start, self.name)
+        return ShardResult(shard.index, total, time.perf_counter() - start, self.name, tuple(digests))
+
+    def changed_piece(self, shard, digests) -> int | None:
+        """The first of ``shard``'s pieces whose bytes differ from ``digests`` (those it was
+        staged with), or None when all are the same: one read of the shard, no model."""
+        found = shard_digests(shard, self.job.data, self.signature, self.uri, self.job.data.batch_size)
+        for index, (now, then) in enumerate(zip(found, digests)):
+            if now != then:
+                return index
+        return None if len(found) == len(digests) else min(len(found), len(digests))
 
     def _non_finite(self, part: Partial, shard, batch, work) -> InputError:
         """Finds the first row whose own sums are not finite (one row at a time, the same work)."""

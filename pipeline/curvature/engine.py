@@ -149,6 +149,18 @@ class CurvatureEngine:
                 f"(set_weights) cannot be copied to {self.precision}: use precision: {self.original_precision()}, "
                 "or give a builder model (model: {builder: ...}) that rebuilds that state")
 
+    def check_regularization(self) -> None:
+        """Raises ``InputError`` when ``include_regularization: true`` cannot be honoured: an
+        ``activity_regularizer``'s term depends on each example's activations, while
+        ``regularization_partial`` adds ``model.losses`` once, as weight regularizers need."""
+        for layer in self.model._flatten_layers(include_self=True):
+            if getattr(layer, "activity_regularizer", None) is not None:
+                raise InputError(
+                    f"layer {layer.name!r} has an activity_regularizer: its term depends on each example's "
+                    "activations, which include_regularization: true does not cover (it adds model.losses once, "
+                    "for weight regularizers): remove the activity regularizer, or set include_regularization: "
+                    "false (activity terms are then left out)")
+
     def original_precision(self) -> str:
         """The precision the loaded model computes in (its variables' dtype for mixed policies)."""
         return "float64" if str(self.original.dtype_policy.variable_dtype) == "float64" else "float32"

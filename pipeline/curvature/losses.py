@@ -15,7 +15,7 @@ import keras
 
 from pipeline.curvature.adapter import KerasLoss
 from pipeline.callables import import_callable
-from pipeline.errors import InputError
+from pipeline.errors import InputError, InputWarning
 
 # Losses whose second derivative is zero almost everywhere: the Hessian, GGN and every
 # spectral quantity are zero or meaningless for them (the user is warned, not refused).
@@ -88,6 +88,7 @@ def resolve_loss(loss_spec) -> PerExampleLoss:
         warnings.warn(
             f"loss {name!r} is piecewise linear: its second derivative is zero almost everywhere, "
             "so Hessian and GGN quantities will be zero or meaningless",
+            InputWarning,
             stacklevel=2,
         )
     canonical = fn.__name__

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import secrets
+import signal
+import subprocess
+import sys
 import tempfile
 import zipfile
 
@@ -38,15 +44,58 @@ def _call_builder(build, reference: str):
     return model
 
 
-def load_model(model_spec, fetch=None):
+# A builder that ends its process (os.abort(), os._exit(), a crash in native code) would end the
+# command that called it with no error line: ``load_model(isolate=True)`` (the driver, validate)
+# first calls it once in a child process, where its death can be seen and reported.
+BUILDER_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_BUILDER_SECONDS", "600"))
+_CHILD = """
+import json, os, sys
+sys.path[:] = json.loads(sys.argv[2])
+from pipeline.callables import import_callable
+try:
+    import_callable(sys.argv[1], "model builder")()
+except BaseException:
+    pass  # raised: called again in the parent, whose message names the exception
+sys.stdout.write(sys.argv[3] + "\\n")
+sys.stdout.flush()
+os._exit(0)
+"""
+_SURVIVED: set[str] = set()  # builders already seen to return, in this process
+
+
+def _check_builder_returns(reference: str) -> None:
+    """Calls the builder in a child process; an ``InputError`` when that process dies in it."""
+    if reference in _SURVIVED:
+        return
+    marker = secrets.token_hex(8)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}  # no GPU memory taken
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, reference, json.dumps(sys.path), marker],
+                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                              timeout=BUILDER_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"model builder {reference!r} did not return within {BUILDER_SECONDS:.0f} s: fix the builder "
+                         "(or raise HESSIAN_PIPELINE_BUILDER_SECONDS)") from None
+    if marker not in done.stdout.split():
+        code = done.returncode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        raise InputError(f"model builder {reference!r} ended the process that called it ({how}: os.abort(), os._exit() "
+                         "or a crash in native code) instead of returning a keras.Model: fix the builder")
+    _SURVIVED.add(reference)
+
+
+def load_model(model_spec, fetch=None, isolate: bool = False):
     """Loads a ``.keras`` file with ``safe_mode`` on, or calls a builder and loads weights.
 
     ``model_spec`` has ``path``, ``builder`` and ``weights`` (``pipeline.job.ModelSpec``).
     ``fetch(path) -> local path`` gets a file's bytes onto this machine (the storage layer's
     ``local_copy``, for URIs); without it paths are read as local files.
     Raises ``InputError`` naming the file and the way out when the model cannot be loaded.
+    With ``isolate``, a builder is first called in a child process (``_check_builder_returns``).
     """
     if model_spec.builder:
+        if isolate:
+            _check_builder_returns(model_spec.builder)
         model = _call_builder(model_builder(model_spec), model_spec.builder)
         if model_spec.weights:
             local = fetch(model_spec.weights) if fetch else model_spec.weights

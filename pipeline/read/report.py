@@ -47,6 +47,7 @@ from pipeline.blocks import ALL
 from pipeline.errors import InputError
 from pipeline.quantities.registry import UNITS
 from pipeline.read.run import Run, load
+from pipeline.storage.publish import published_run_around
 from pipeline.spectrum.slq import density
 
 PLOT_INCHES = (8.0, 4.5)
@@ -545,6 +546,10 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
     run = run if isinstance(run, Run) else load(run)
     baseline = baseline if baseline is None or isinstance(baseline, Run) else load(baseline)
     out = os.path.abspath(os.path.expanduser(out)) if out else default_out(run)
+    inside = published_run_around(out)
+    if inside is not None:
+        raise InputError(f"report folder {out} is inside the published run {inside}, which is never written to: "
+                         f"choose another --out (e.g. --out report-{_slug(run.name)}-{_slug(run.run_id)} outside it)")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:

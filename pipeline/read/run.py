@@ -80,6 +80,12 @@ class Run:
         if self.manifest.get("status") != "complete":
             raise InputError(f"{run_dir} is not a complete run (status {self.manifest.get('status')!r}): "
                              "run the job again")
+        # Every run this program publishes has these (contract section 4); a manifest without
+        # them is a damaged or hand-made one, and reading on would show an empty run as a result.
+        missing = [field for field in _REQUIRED if field not in self.manifest]
+        if missing:
+            raise InputError(f"{self.run_dir.rstrip('/')}/manifest.json lacks {', '.join(missing)}: the run is damaged (or was not "
+                             "published by hessian-pipeline); run the job again")
         self._tables: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ facts
@@ -286,6 +292,9 @@ class Run:
         tables = [f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet")]
         return (f"Run({self.name!r}, run_id={self.run_id!r}, examples={self.manifest.get('examples')}, "
                 f"parameters={self.parameters}, tables={tables})")
+
+
+_REQUIRED = ("run_id", "date", "job", "examples", "loss", "files")
 
 
 def load(run_dir: str | os.PathLike) -> Run:

@@ -61,6 +61,16 @@ class Shard:
     rows: int
     pieces: tuple[Piece, ...]
 
+    def locate(self, row: int) -> str:
+        """``FILE, its row N`` for global row ``row`` of this shard (N from 0 in that file): a
+        message about a value names the file to fix, not only the dataset's row."""
+        offset = int(row) - self.first_row
+        for piece in self.pieces:
+            if 0 <= offset < piece.stop - piece.start:
+                return f"{piece.file}, its row {piece.start + offset}"
+            offset -= piece.stop - piece.start
+        return f"row {row} is not in shard {self.index}"
+
 
 @dataclass(frozen=True)
 class DataPlan:
@@ -70,7 +80,9 @@ class DataPlan:
     order) with its full row count; ``rows`` is the number of rows used (after ``limit``).
     ``uri`` is where the data lives (absolute for local paths): hand it to ``read_shard`` so
     that a worker resolves the same filesystem. ``notes``: what planning had to read, for the
-    plan (counting GZIP TFRecord files decompresses them).
+    plan (counting GZIP TFRecord files decompresses them). ``file_stamps``: each file's
+    ``(size, mtime_ns)`` as listed (mtime -1 where the filesystem has none), so that a resumed
+    run can tell which files were rewritten since a shard was staged.
     """
 
     files: tuple[str, ...]
@@ -81,6 +93,11 @@ class DataPlan:
     schema: pa.Schema
     uri: str
     notes: tuple[str, ...] = ()
+    file_stamps: tuple[tuple[int, int], ...] = ()
+
+    def locate(self, row: int) -> str:
+        """``FILE, its row N`` for global row ``row`` (``Shard.locate``)."""
+        return _cut_shards(self.files, self.file_rows, self.rows, 1)[0].locate(row)
 
 
 @dataclass
@@ -126,9 +143,15 @@ def _match_parts(parts: Sequence[str], patterns: Sequence[str]) -> bool:
         parts[1:], patterns[1:])
 
 
+def _stamp(info: pafs.FileInfo) -> tuple[int, int]:
+    mtime = info.mtime_ns
+    return int(info.size if info.size is not None else -1), int(mtime if mtime is not None else -1)
+
+
 def _list_files(fs: pafs.FileSystem, path: str, shown: str,
-                suffixes: tuple[str, ...] = PARQUET_SUFFIXES) -> tuple[list[str], str]:
-    """Data files (sorted paths) and the root that fingerprints take paths relative to.
+                suffixes: tuple[str, ...] = PARQUET_SUFFIXES) -> tuple[list[str], str, dict]:
+    """Data files (sorted paths), the root that fingerprints take paths relative to, and each
+    file's ``(size, mtime_ns)`` from the same listing (no extra request per file).
 
     A directory gives its files ending in ``suffixes``; a glob, every file it matches."""
     stripped = path.rstrip("/") or path
@@ -137,28 +160,28 @@ def _list_files(fs: pafs.FileSystem, path: str, shown: str,
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"cannot read data path {shown}: {_one_line(err)}: check data.path and credentials") from err
     if info.type == pafs.FileType.File:
-        return [stripped], posixpath.dirname(stripped)
+        return [stripped], posixpath.dirname(stripped), {stripped: _stamp(info)}
     if info.type == pafs.FileType.Directory:
         root = stripped
         listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = [i.path for i in listed if i.type == pafs.FileType.File
-                 and i.path.endswith(suffixes) and not _hidden(i.path[len(root) + 1:])]
-        return sorted(files), root
+        found = {i.path: _stamp(i) for i in listed if i.type == pafs.FileType.File
+                 and i.path.endswith(suffixes) and not _hidden(i.path[len(root) + 1:])}
+        return sorted(found), root, found
     if any(c in stripped for c in GLOB_CHARS):
         parts = stripped.split("/")
         first = next(i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS))
         root = "/".join(parts[:first]) or ("/" if stripped.startswith("/") else "")
         if fs.get_file_info(root).type != pafs.FileType.Directory:
-            return [], root
+            return [], root, {}
         listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         prefix = len(root.rstrip("/")) + 1
-        files = []
+        found = {}
         for i in listed:
             relative = i.path[prefix:]
             if (i.type == pafs.FileType.File and not _hidden(relative)
                     and _match_parts(relative.split("/"), parts[first:])):
-                files.append(i.path)
-        return sorted(files), root
+                found[i.path] = _stamp(i)
+        return sorted(found), root, found
     raise InputError(f"data path {shown} does not exist: check data.path")
 
 
@@ -280,7 +303,7 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
     fs, path = resolve_filesystem(shown)
     uri = data_uri(data_spec)
     records = getattr(data_spec, "format", "parquet") == "tfrecord"
-    files, root = _list_files(fs, path, shown, tfrecord.SUFFIXES if records else PARQUET_SUFFIXES)
+    files, root, stamps = _list_files(fs, path, shown, tfrecord.SUFFIXES if records else PARQUET_SUFFIXES)
     if not files:
         raise InputError(f"no {'TFRecord' if records else 'Parquet'} files under {shown}: check data.path"
                          + (f" (a directory gives its files ending in {', '.join(tfrecord.SUFFIXES)})"
@@ -308,6 +331,7 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
         schema=schema,
         uri=uri,
         notes=notes,
+        file_stamps=tuple(stamps[f] for f in files),
     )
 
 
@@ -718,12 +742,59 @@ def _to_batch(columns: dict[str, np.ndarray], layout: _Layout, rows: np.ndarray,
     )
 
 
+class _HashedReads:
+    """A Parquet input file whose reads, once ``digest`` is set, also feed it (offset, length,
+    bytes): the column chunks a piece's rows are decoded from, hashed as they are read rather
+    than read again. PyArrow reads whole (coalesced) column chunks, so the same file, row groups
+    and columns give the same reads whatever the batch size."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.digest = None
+
+    def read(self, nbytes=None):
+        position = self._handle.tell()
+        data = self._handle.read() if nbytes is None or nbytes < 0 else self._handle.read(nbytes)
+        if self.digest is not None:
+            self.digest.update(position.to_bytes(8, "little") + len(data).to_bytes(8, "little"))
+            self.digest.update(data)
+        return data
+
+    def seek(self, offset, whence=0):
+        return self._handle.seek(offset, whence)
+
+    def tell(self):
+        return self._handle.tell()
+
+    def size(self):
+        return self._handle.size()
+
+    @property
+    def closed(self):
+        return self._handle.closed
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def close(self):
+        pass  # the caller's ``with`` closes the handle
+
+
 def _piece_batches(fs: pafs.FileSystem, piece: Piece, columns: list[str] | None, chunk: int,
-                   layout: _Layout, checked: list[bool]) -> Iterator[pa.RecordBatch]:
+                   layout: _Layout, checked: list[bool], digest=None) -> Iterator[pa.RecordBatch]:
     """Record batches of rows ``[piece.start, piece.stop)``, reading only the row groups needed.
-    ``columns``: None reads every column."""
+    ``columns``: None reads every column. ``digest`` (a ``hashlib`` object): fed the bytes of
+    the row groups read (not the footer, which the data fingerprint covers)."""
     with fs.open_input_file(piece.file) as handle:
-        parquet = pq.ParquetFile(handle)
+        source = handle if digest is None else _HashedReads(handle)
+        # Pages written with a CRC (write_page_checksum) are checked: a damaged page then fails,
+        # naming the file, instead of decoding to other values. Files without CRCs cost nothing.
+        parquet = pq.ParquetFile(source, page_checksum_verification=True)
+        if digest is not None:
+            source.digest = digest
         if not checked[0]:
             _check_layout(parquet.schema_arrow, layout)
             checked[0] = True
@@ -767,15 +838,16 @@ def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int,
 
 # Errors of Parquet decoding (not of the network): the file's bytes are wrong, and reading it
 # again cannot help.
-_DAMAGED = ("corrupt", "deserializ", "invalid", "unexpected end", "not a parquet", "magic", "out of bounds")
+_DAMAGED = ("corrupt", "deserializ", "invalid", "unexpected end", "not a parquet", "magic", "out of bounds",
+            "checksum")
 
 
 def _read_piece(fs: pafs.FileSystem, piece: Piece, columns: list[str] | None, chunk: int, layout: _Layout,
-                checked: list[bool]) -> Iterator[pa.RecordBatch]:
+                checked: list[bool], digest=None) -> Iterator[pa.RecordBatch]:
     """``_piece_batches``, with read errors naming the file: a damaged file (or any error on a
     local disk) is an input error, never retried; other errors (a network) stay retryable."""
     try:
-        yield from _piece_batches(fs, piece, columns, chunk, layout, checked)
+        yield from _piece_batches(fs, piece, columns, chunk, layout, checked, digest)
     except (pa.ArrowException, OSError) as err:
         text = _one_line(err)
         if isinstance(fs, pafs.LocalFileSystem) or any(word in text.lower() for word in _DAMAGED):
@@ -789,27 +861,65 @@ def _tfrecord_path(uri: str, file: str) -> str:
     return f"{uri.split('://', 1)[0]}://{file}" if is_uri(uri) else file
 
 
+def _read_columns(data_spec, layout: _Layout) -> list[str] | None:
+    # Without a transform only the named columns are read; a transform may read any.
+    return None if getattr(data_spec, "transform", None) is not None else layout.columns
+
+
+def _piece_chunks(fs, uri: str, piece: Piece, data_spec, columns, batch_size: int, layout: _Layout,
+                  checked: list[bool], digest=None, parse: bool = True) -> Iterator:
+    """The piece's rows as Arrow record batches (TFRecord: parsed by ``data.schema``; with
+    ``parse`` False, nothing is yielded and the records are only read, for ``digest``)."""
+    if getattr(data_spec, "format", "parquet") == "tfrecord":
+        # Planning, reducing and reading results never need TensorFlow, only the workers
+        # reading TFRecord data do: a lazy import.
+        from pipeline.storage.tf_examples import read_records
+
+        for parsed in read_records(_tfrecord_path(uri, piece.file), piece.start, piece.stop, data_spec.schema,
+                                   columns, batch_size, digest=digest, parse=parse):
+            yield tfrecord.record_batch(parsed, data_spec.schema)
+        return
+    for record in _read_piece(fs, piece, columns, batch_size, layout, checked, digest):
+        if parse:
+            yield record
+
+
+def shard_digests(shard: Shard, data_spec, signature: ModelSignature, uri: str, batch_size: int) -> list[str]:
+    """sha256 (hex) of the bytes each of ``shard``'s pieces is read from: Parquet, its row
+    groups' column chunks (the columns the job reads); TFRecord, its serialized records. The
+    same as ``read_shard(..., digests=...)`` collects while computing, without decoding the
+    rows for the model. Cost: one read of the shard's bytes."""
+    layout = _layout(data_spec, signature)
+    columns = _read_columns(data_spec, layout)
+    fs, _ = resolve_filesystem(uri)
+    checked = [True]  # the schema was checked when the shard was computed
+    found = []
+    for piece in shard.pieces:
+        digest = hashlib.sha256()
+        for _ in _piece_chunks(fs, uri, piece, data_spec, columns, batch_size, layout, checked, digest, parse=False):
+            pass
+        found.append(digest.hexdigest())
+    return found
+
+
 def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, batch_size: int,
-               dtype: str = "float32", check_rows: bool = False) -> Iterator[Batch]:
+               dtype: str = "float32", check_rows: bool = False, digests: list | None = None) -> Iterator[Batch]:
     """Stream a shard as batches of exactly ``batch_size`` rows (the last may be shorter).
 
     A batch may span pieces and files. Memory: about one batch plus one decoded chunk.
     ``data.transform`` is applied to each batch's columns (all the data's columns) before
     features, labels and weights are taken from them; ``check_rows`` also checks that it maps
-    each row on its own (``Transform.check_row_independent``, for ``validate``).
+    each row on its own (``Transform.check_row_independent``, for ``validate``). ``digests``: a
+    list that receives each piece's ``shard_digests`` value as it is read (a resumed run checks
+    a staged shard's input against them).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}: fix data.batch_size")
     layout = _layout(data_spec, signature)
     transform = Transform.load(getattr(data_spec, "transform", None))
-    # Without a transform only the named columns are read; a transform may read any.
-    columns = None if transform is not None else layout.columns
+    columns = _read_columns(data_spec, layout)
     pad_value = getattr(data_spec, "pad_value", 0)
     records = getattr(data_spec, "format", "parquet") == "tfrecord"
-    if records:
-        # Planning, reducing and reading results never need TensorFlow, only the workers
-        # reading TFRecord data do: a lazy import.
-        from pipeline.storage.tf_examples import read_records
     fs, _ = resolve_filesystem(uri)
     # The schema was checked at planning (TFRecord: it is the job's); a transform's output is
     # checked batch by batch instead.
@@ -832,13 +942,8 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
         return _to_batch(arrays, layout, rows, dtype, pad_value)
 
     for piece in shard.pieces:
-        if records:
-            chunks = (tfrecord.record_batch(parsed, data_spec.schema)
-                      for parsed in read_records(_tfrecord_path(uri, piece.file), piece.start, piece.stop,
-                                                 data_spec.schema, columns, batch_size))
-        else:
-            chunks = _read_piece(fs, piece, columns, batch_size, layout, checked)
-        for record in chunks:
+        digest = hashlib.sha256() if digests is not None else None
+        for record in _piece_chunks(fs, uri, piece, data_spec, columns, batch_size, layout, checked, digest):
             pending.append(record)
             pending_rows += record.num_rows
             while pending_rows >= batch_size:
@@ -847,6 +952,8 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
                 rest = table.slice(batch_size)
                 pending = rest.to_batches()
                 pending_rows = rest.num_rows
+        if digest is not None:
+            digests.append(digest.hexdigest())
     if pending_rows:
         yield emit(pa.Table.from_batches(pending))
     if emitted != shard.rows:

@@ -16,7 +16,10 @@ from pipeline.errors import InputError
 from pipeline.storage.uri import absolute, is_uri
 
 MANIFEST = "manifest.json"
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")  # use with fullmatch: `$` also matches before a final newline
+# A name becomes one path component ("run=ID", ".staging-run=ID-<12 hex>"), and file systems
+# allow 255 bytes: checked first, so that a long name is not reported as an unreadable output.
+MAX_NAME_LENGTH = 200
 
 
 def output_root_of(output_root: str) -> str:
@@ -39,6 +42,10 @@ def partials_dir(output_root: str, name: str, run_id: str) -> str:
 
 
 def plain_name(value: str, what: str, flag: str) -> None:
-    """A run id or job name becomes a folder: letters, digits, ``. _ -`` only (no ``..``)."""
-    if not isinstance(value, str) or not PLAIN_NAME.match(value) or value in (".", ".."):
+    """A run id or job name becomes a folder: letters, digits, ``. _ -`` only (no ``..``), at
+    most ``MAX_NAME_LENGTH`` characters."""
+    if isinstance(value, str) and len(value) > MAX_NAME_LENGTH:
+        raise InputError(f"{what} is {len(value)} characters long, more than the {MAX_NAME_LENGTH} allowed (it "
+                         f"becomes a folder name): shorten {flag}")
+    if not isinstance(value, str) or not PLAIN_NAME.fullmatch(value) or value in (".", ".."):
         raise InputError(f"{what} {value!r} is not a plain name (letters, digits, . _ -): fix {flag}")

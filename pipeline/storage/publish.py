@@ -30,7 +30,7 @@ from pipeline.storage.layout import MANIFEST, PLAIN_NAME, output_root_of, plain_
 from pipeline.storage.uri import first_line, resolve_filesystem
 
 PROVENANCE_KEY = b"hessian_pipeline"
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _json_default(value: Any) -> Any:
@@ -66,6 +66,61 @@ def published(output_root: str, name: str, date: str, run_id: str) -> bool:
         return False
 
 
+def _location(path: str) -> tuple[str, str]:
+    """``(filesystem kind, path)`` to compare locations: local paths with their links resolved."""
+    fs, inner = resolve_filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return "local", os.path.realpath(inner)
+    return fs.type_name, inner.rstrip("/")
+
+
+def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+    return inner[0] == outer[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
+
+
+def published_run_around(path: str) -> str | None:
+    """The published run (a folder holding ``manifest.json``) that ``path`` is, or is inside."""
+    try:
+        fs, inner = resolve_filesystem(path)
+        kind, current = _location(path)
+        while True:
+            if fs.get_file_info(posixpath.join(current, MANIFEST)).type == pafs.FileType.File:
+                return current if kind == "local" else path.split("://", 1)[0] + "://" + current
+            parent = posixpath.dirname(current)
+            if parent == current or not parent:
+                return None
+            current = parent
+    except (pa.ArrowException, OSError, InputError):
+        return None  # unreadable: writing there reports it
+
+
+def check_output_location(output_root: str, name: str, data_path: str) -> None:
+    """Refuses an output root that overlaps the run's inputs or a published run, before
+    anything is written: results inside ``data.path`` would be read as data by the next run
+    (a directory or glob takes every Parquet file under it), and a published run is never
+    written to."""
+    root = output_root_of(output_root)
+    inside = published_run_around(root)
+    if inside is not None:
+        raise InputError(f"output {root} is inside the published run {inside}, which is never written to: choose "
+                         "an --output outside it (e.g. the folder that holds the job's runs)")
+    parts = data_path.rstrip("/").split("/")
+    static = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    data_root = "/".join(parts[:static]) or "/"
+    try:
+        fs, inner = resolve_filesystem(data_root)
+        if fs.get_file_info(inner).type == pafs.FileType.File:
+            return  # a single file: nothing can be written inside it
+        # Runs are written under OUTPUT/NAME: that folder must not be among the data.
+        overlap = _within(_location(f"{root.rstrip('/')}/{name}"), _location(data_root))
+    except (pa.ArrowException, OSError, InputError):
+        return  # the plan reports an unreadable data path
+    if overlap:
+        raise InputError(f"output {root} puts the runs ({root.rstrip('/')}/{name}/...) inside data.path {data_path}: "
+                         "the results would be written among the data and read as data by the next run; choose an "
+                         "--output outside the data")
+
+
 class RunPublisher:
     """Stage a run's tables, then publish them all at once with their manifest.
 
@@ -77,7 +132,7 @@ class RunPublisher:
     def __init__(self, output_root: str, name: str, run_id: str, date: str):
         plain_name(run_id, "run id", "--run-id")
         plain_name(name, "job name", "name in the job file")
-        if not isinstance(date, str) or not _DATE.match(date):
+        if not isinstance(date, str) or not _DATE.fullmatch(date):
             raise InputError(f"date {date!r} is not YYYY-MM-DD: pass the run's UTC start date")
         root = output_root_of(output_root)
         self.run_id = run_id
@@ -131,7 +186,7 @@ class RunPublisher:
     def _check_open(self, filename: str) -> None:
         if self._published:
             raise RuntimeError(f"run {self.run_id} is already published; cannot write {filename}")
-        if "/" in filename or "\\" in filename or not PLAIN_NAME.match(filename) or filename in (".", ".."):
+        if "/" in filename or "\\" in filename or not PLAIN_NAME.fullmatch(filename) or filename in (".", ".."):
             raise ValueError(f"file name {filename!r} must be a plain name")
 
     # ------------------------------------------------------------------------- public
@@ -271,16 +326,17 @@ def read_manifest(run_dir: str) -> dict:
     target = posixpath.join(path.rstrip("/") or path, MANIFEST)
     try:
         with fs.open_input_stream(target) as stream:
-            text = stream.read().decode("utf-8")
-    except FileNotFoundError as err:
-        raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
+            raw = stream.read()
     except (pa.ArrowException, OSError) as err:
-        if not fs.get_file_info(target).type == pafs.FileType.File:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise InputError(f"{run_dir} is a file, not a run directory: give the run's folder "
+                             f"({posixpath.dirname(run_dir.rstrip('/')) or '.'})") from None
+        if isinstance(err, FileNotFoundError) or not fs.get_file_info(target).type == pafs.FileType.File:
             raise InputError(f"{run_dir} is not a complete run (no {MANIFEST})") from err
         raise InputError(f"cannot read {target}: {first_line(err)}: check the path and credentials") from err
     try:
-        manifest = json.loads(text)
-    except ValueError as err:
+        manifest = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError too: bytes that are not text
         raise InputError(f"{run_dir}/{MANIFEST} is not valid JSON ({err}): the run is damaged, run it again") from err
     if not isinstance(manifest, dict):
         raise InputError(f"{run_dir}/{MANIFEST} is not a JSON object: the run is damaged, run it again")

@@ -13,7 +13,14 @@ original start date (a run resumed after midnight UTC still publishes under the 
 started), the fingerprint must equal the new plan's (same job apart from ``output``,
 ``workers`` and ``shards``, same model bytes, same data files, same shard layout, same HVP
 vectors), and only the shards without a staged partial are computed. A mismatch is an
-input error that names what changed, never a silent mix. The folder is removed after a
+input error that names what changed, never a silent mix.
+
+The fingerprint sees the data files' footers (TFRecord: record lengths), not their data pages:
+a file rewritten in place with the same size and footer would pass it. So each staged shard
+also carries the sha256 of the bytes each of its pieces was read from (computed by the worker
+as it read them) and each file's size and modification time when it was planned; a staged
+shard whose file was rewritten, or whose bytes no longer match (the workers read them again,
+``cluster.pool``), is computed again rather than resumed. The folder is removed after a
 successful publish, and after an input error found while computing (the data must change,
 so the partials could never be used).
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from dataclasses import dataclass
 import io
 import json
 import os
@@ -80,6 +88,17 @@ _WHAT = {"model_sha256": "the model file", "data_fingerprint": "the data files",
          "inputs_sha256": "the quantities' input files (HVP vectors)", "version": "the hessian-pipeline version"}
 
 
+@dataclass
+class StagedShard:
+    """A finished shard found in staging. ``digests``: sha256 of the bytes each of its pieces
+    was read from; ``stale``: why it must be computed again although its partial reads (a file
+    rewritten since, no record of its input), else None."""
+
+    partial: Partial
+    digests: tuple[str, ...]
+    stale: str | None = None
+
+
 class PartialStore:
     """The staged partials of one run id.
 
@@ -100,6 +119,7 @@ class PartialStore:
         self._fs, fs_root = resolve_filesystem(root)
         self._path = partials_dir(fs_root, name, run_id)
         self._state: dict | None = None
+        self._stamps: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------ files
     def _read(self, path: str) -> bytes | None:
@@ -145,6 +165,7 @@ class PartialStore:
 
     def open(self, plan, started: _dt.datetime) -> None:
         """Writes ``state.json`` for a new run, or checks a staged one against ``plan``."""
+        self._stamps = dict(zip(getattr(plan.data, "files", ()), getattr(plan.data, "file_stamps", ())))
         current = fingerprint(plan)
         if self._state is not None:
             changed = _differences(self._state.get("fingerprint", {}), current)
@@ -166,12 +187,19 @@ class PartialStore:
     def _shard_path(self, index: int) -> str:
         return f"{self._path}/shard-{index:05d}.npz"
 
-    def save(self, shard, partial: Partial) -> None:
+    def _piece_stamps(self, shard) -> np.ndarray:
+        return np.array([self._stamps.get(piece.file, (-1, -1)) for piece in shard.pieces],
+                        dtype=np.int64).reshape(-1, 2)
+
+    def save(self, shard, partial: Partial, digests=()) -> None:
+        """Stages ``shard``'s partial with ``digests`` (the bytes it was read from, one per piece)
+        and the planned size and modification time of each piece's file."""
         arrays = {f"sum_{key}": np.asarray(value, dtype=np.float64) for key, value in partial.sums.items()}
         buffer = io.BytesIO()
         np.savez(buffer, examples=np.int64(partial.examples), weight_sum=np.float64(partial.weight_sum),
                  batches=np.int64(partial.batches), first_row=np.int64(shard.first_row),
-                 rows=np.int64(shard.rows), **arrays)
+                 rows=np.int64(shard.rows), digests=np.array(list(digests), dtype="U64"),
+                 stamps=self._piece_stamps(shard), **arrays)
         try:
             self._write_atomic(self._shard_path(shard.index), buffer.getvalue())
         except (pa.ArrowException, OSError) as err:
@@ -179,8 +207,9 @@ class PartialStore:
                                f"space or fix permissions, then run the same command with --run-id {self.run_id} "
                                "to resume") from err
 
-    def load(self, shards) -> dict[int, Partial]:
-        """The staged partials of ``shards`` (a file that does not match its shard is ignored)."""
+    def load(self, shards) -> dict[int, StagedShard]:
+        """The staged shards among ``shards`` (a file that does not match its shard is ignored;
+        one whose input looks changed is returned ``stale``)."""
         found = {}
         try:
             listed = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
@@ -195,13 +224,25 @@ class PartialStore:
                 with np.load(io.BytesIO(self._read(self._shard_path(shard.index)))) as data:
                     if int(data["first_row"]) != shard.first_row or int(data["rows"]) != shard.rows:
                         continue
-                    found[shard.index] = Partial(
+                    partial = Partial(
                         examples=int(data["examples"]), weight_sum=float(data["weight_sum"]),
                         batches=int(data["batches"]),
                         sums={key[4:]: np.array(data[key]) for key in data.files if key.startswith("sum_")})
+                    digests = tuple(str(d) for d in data["digests"]) if "digests" in data.files else ()
+                    stamps = np.array(data["stamps"]) if "stamps" in data.files else None
+                    found[shard.index] = StagedShard(partial, digests, self._stale(shard, digests, stamps))
             except (ValueError, KeyError, OSError, TypeError):
                 continue  # unreadable: compute the shard again
         return found
+
+    def _stale(self, shard, digests, stamps) -> str | None:
+        if len(digests) != len(shard.pieces) or stamps is None or stamps.shape != (len(shard.pieces), 2):
+            return "it was staged without a record of the bytes it read"
+        for piece, (size, mtime), (size_now, mtime_now) in zip(shard.pieces, stamps, self._piece_stamps(shard)):
+            # A filesystem without modification times (-1) is judged by the size and the digests.
+            if size != size_now or (mtime != mtime_now and -1 not in (mtime, mtime_now)):
+                return f"{piece.file} was rewritten since (its size or modification time changed)"
+        return None
 
     def remove(self) -> None:
         """Deletes the staged partials (best effort: the run is already published)."""

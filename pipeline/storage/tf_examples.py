@@ -40,14 +40,16 @@ def features(schema: dict) -> dict:
 
 
 def read_records(path: str, start: int, stop: int, schema: dict, columns: Sequence[str] | None,
-                 chunk: int) -> Iterator[dict]:
+                 chunk: int, digest=None, parse: bool = True) -> Iterator[dict]:
     """Records ``[start, stop)`` of one file, decoded in chunks of at most ``chunk`` rows.
 
     Each chunk is ``{feature: values}``: ``[n, *shape]`` arrays for fixed shapes (``object``
     arrays of ``bytes`` for strings), ``(flat values, row splits)`` for variable-length
     features. ``columns``: the features to decode (None: every feature of ``schema``). A record
     that does not match the schema, or a damaged file, is an ``InputError`` naming the file and
-    the record (its index in the file, from 0).
+    the record (its index in the file, from 0). ``digest`` (a ``hashlib`` object) is fed each
+    record's length and serialized bytes as read; with ``parse`` False the records are only
+    read (for ``digest``) and nothing is yielded.
     """
     names = list(schema) if columns is None else list(columns)
     spec = features({name: schema[name] for name in names})
@@ -65,8 +67,13 @@ def read_records(path: str, start: int, stop: int, schema: dict, columns: Sequen
                              "damaged; rewrite it or remove it from data.path") from None
         except tf.errors.OpError as err:
             raise OSError(f"reading {path}: {_message(err)}") from err
-        parsed = _parse(serialized, spec, path, position)
-        yield {name: _numpy(parsed[name]) for name in names}
+        if digest is not None:
+            for record in serialized.numpy():
+                digest.update(len(record).to_bytes(8, "little"))
+                digest.update(record)
+        if parse:
+            parsed = _parse(serialized, spec, path, position)
+            yield {name: _numpy(parsed[name]) for name in names}
         position += int(serialized.shape[0])
 
 
