@@ -174,8 +174,10 @@ def _check_versions(address: str, target: str, watch: _Watch) -> None:
 
     def read():
         try:
+            # lazy: Ray's private modules, needed only to join a cluster; one that a Ray version
+            # lacks is an error of this read, reported with the address by the caller (lazy)
             from ray._common.usage import usage_constants
-            from ray._raylet import InnerGcsClient
+            from ray._raylet import InnerGcsClient  # lazy, as above
 
             gcs = InnerGcsClient.standalone(target, None, int(max(1.0, watch.remaining()) * 1000))
             raw = gcs.internal_kv_get(usage_constants.CLUSTER_METADATA_KEY, b"cluster",

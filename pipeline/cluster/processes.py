@@ -117,8 +117,15 @@ def start_watchdog(ray_processes: list[int], session_dir: str | None) -> None:
         return
     command = [sys.executable, "-m", "pipeline.cluster.processes", "--driver", str(os.getpid()),
                "--session-dir", session_dir or "", *map(str, ray_processes)]
+    # It starts while the run holds SIGINT and SIGTERM (``pipeline.interrupts``) and a mask
+    # survives exec: unblocked in the child, or a SIGTERM to the watchdog would wait forever.
+    # (A preexec_fn is what Ray's own process starts use in this same window.)
     subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, close_fds=True)
+                     start_new_session=True, close_fds=True, preexec_fn=_unblock_signals)
+
+
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def watch(driver: int, ray_processes: list[int], session_dir: str, poll_s: float = 0.5) -> None:
@@ -145,7 +152,7 @@ def watch(driver: int, ray_processes: list[int], session_dir: str, poll_s: float
 
 
 def _main(argv=None) -> int:
-    import argparse
+    import argparse  # lazy: only the watchdog's own process parses arguments
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.cluster.processes",
                                      description="(started by a run) end its local Ray when the run's process ends")

@@ -48,6 +48,7 @@ import pipeline
 from pipeline import faults
 from pipeline.errors import ComputeError, InputError
 from pipeline.job import load_job
+from pipeline.storage import layout
 
 try:  # what Ray's own packaging of a working directory uses to read .gitignore/.rayignore
     from ray._private.thirdparty.pathspec import PathSpec
@@ -437,7 +438,6 @@ def published_run(submission: Submission, logs: str, started: _dt.datetime) -> s
     """The run directory if the submitted run was published: the line its driver prints once it
     has published, or the run's manifest under the output (dated any day from the submission to
     now, UTC), if this machine can read that output (a URI, or a path it shares with the head)."""
-    from pipeline.storage import layout
     from pipeline.storage.publish import published  # lazy: PyArrow
 
     printed = run_dir_in_logs(logs)

@@ -403,34 +403,30 @@ def case_softmax_saturated():
                 _weights(rng, n), notes="reference: logits twin + from_logits=True")
 
 
-def case_sigmoid_saturated():
+def _sigmoid_saturated(name, loss, model_seed, data_seed, n, notes):
+    """A two-unit sigmoid MLP whose examples 0 and 1 are saturated, confidently right and
+    confidently wrong; the reference is its logits twin."""
     model, model64, ref = _pair(lambda dt, last_activation="sigmoid": probs_mlp(dt, last_activation, width=2),
-                                10, twin="sigmoid")
-    rng = np.random.default_rng(20)
-    n = 10
+                                model_seed, twin="sigmoid")
+    rng = np.random.default_rng(data_seed)
     x = rng.normal(size=(n, 5))
     x, z = _saturate(ref, x, lambda z0, z1: np.abs(z0).min() > 20 and np.abs(z1).min() > 20)
     y = rng.integers(0, 2, size=(n, 2)).astype(np.float64)
     y[0] = (z[0] > 0)  # confidently right
     y[1] = (z[1] < 0)  # confidently wrong
-    return Case("sigmoid_binary_ce_saturated", model, model64, ref, LOSSES["binary_ce_probs"], [x], [y],
-                _weights(rng, n), notes="reference: logits twin + from_logits=True")
+    return Case(name, model, model64, ref, LOSSES[loss], [x], [y], _weights(rng, n), notes=notes)
+
+
+def case_sigmoid_saturated():
+    return _sigmoid_saturated("sigmoid_binary_ce_saturated", "binary_ce_probs", 10, 20, 10,
+                              "reference: logits twin + from_logits=True")
 
 
 def case_focal_saturated():
     """Binary focal cross-entropy on a sigmoid output with saturated examples: Keras reads the
     logits for its cross-entropy term and the probabilities for its focal factor."""
-    model, model64, ref = _pair(lambda dt, last_activation="sigmoid": probs_mlp(dt, last_activation, width=2),
-                                18, twin="sigmoid")
-    rng = np.random.default_rng(30)
-    n = 8
-    x = rng.normal(size=(n, 5))
-    x, z = _saturate(ref, x, lambda z0, z1: np.abs(z0).min() > 20 and np.abs(z1).min() > 20)
-    y = rng.integers(0, 2, size=(n, 2)).astype(np.float64)
-    y[0] = (z[0] > 0)  # confidently right
-    y[1] = (z[1] < 0)  # confidently wrong
-    return Case("sigmoid_binary_focal_saturated", model, model64, ref, LOSSES["binary_focal_probs"], [x], [y],
-                _weights(rng, n), notes="reference: logits twin, focal factor from sigmoid(logits)")
+    return _sigmoid_saturated("sigmoid_binary_focal_saturated", "binary_focal_probs", 18, 30, 8,
+                              "reference: logits twin, focal factor from sigmoid(logits)")
 
 
 # -- 11. every loss family on a small MLP
