@@ -88,7 +88,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
         routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
         if output_derivatives:
-            engine.check_output_derivatives(*engine.cast_batch(batch.inputs, batch.labels, batch.weights))
+            engine.check_output_derivatives(batch.inputs, batch.labels, batch.weights)
         layers = engine.layer_routes(batch.inputs) if route else {}
         rule_rows = engine.rule_rows(1 << 30) if route else 0
     except InputError:
