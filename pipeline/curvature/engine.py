@@ -24,6 +24,8 @@ another. Cost for a batch of B examples (one "gradient" = one forward and one ba
 ``sum_grad_squared``,     ``LayerProducts`` for the variables  ~0.8 gradients per cotangent column
 ``ggn_diagonal``          with a layer rule, ``ExamplePro-     (1, or C for the exact GGN); ~4 per
                           ducts`` for the others               chunk of rows per example
+``kronecker``             ``KroneckerFactors``                 ~1/3 gradient (a tapped forward pass)
+                          (``kronecker_factors``)              + ~0.8 gradients per column for S
 ========================  ==================================  =====================================
 
 How the exact and per-example products are formed, vectorised or in a loop, is decided once per
@@ -43,6 +45,7 @@ from pipeline.curvature.core import Core
 from pipeline.curvature.example_products import ExampleProducts
 from pipeline.curvature.exact_blocks import ExactBlocks
 from pipeline.curvature.hvp_products import HvpProducts, XlaTrial
+from pipeline.curvature.kronecker_factors import KroneckerFactors
 from pipeline.curvature.layer_products import LayerProducts
 from pipeline.curvature.model import copy_mismatch, to_precision
 from pipeline.curvature.passes import Pass
@@ -109,6 +112,7 @@ class CurvatureEngine:
         # The layers whose Fisher and GGN products take a per-layer rule are decided on the
         # first batch (``layer_routes``).
         self.layers = LayerProducts(core, enabled=layer_rule)
+        self.kronecker = KroneckerFactors(core)
         self.routes = RouteChooser(core, self.exact.hessian_rows, self.examples.sum_sq_vjp)
         # Why each route was kept or dropped after its check on the first rows.
         self.route_checks = self.routes.checks
@@ -208,6 +212,8 @@ class CurvatureEngine:
         self._curvature(part, batch, work)
         if work.sum_grad_squared or work.ggn_diagonal:
             self._outer_products(part, batch, work)
+        if work.kronecker:
+            self._kronecker(part, batch, work)
         return part
 
     def _pass(self, inputs, labels, weights, rows, objective, tag: str) -> Pass:
@@ -297,41 +303,74 @@ class CurvatureEngine:
             self.exact.answer(part, batch, work)
 
     def _outer_products(self, part: Partial, batch: Pass, work: BatchWork) -> None:
-        """The empirical Fisher and the GGN diagonals: the cotangents of each (``dl_i/df_i``;
-        the columns of a square root of ``Lambda_i``; ``dl_i(y'_i)/df_i`` per Monte Carlo
-        sample), squared through the model by ``_example_squares``."""
+        """The empirical Fisher and the GGN diagonals: the cotangents of each (``_cotangents``)
+        squared through the model by ``_example_squares``."""
         self.route_for(self.core.objective, batch.specs, batch.batch)
         self.examples.check(batch)
-        weights = batch.weight_values
         if work.ggn_diagonal == "mc" and self.layers.take_monte_carlo(batch.inputs):
             self.layers.monte_carlo(part, batch, work, with_loss=False)
             if not work.sum_grad_squared:
                 return
-        flat, dl, lam, valid = self.examples.batch_derivatives(batch, work.ggn_diagonal == "exact")
+        derivatives = self.examples.batch_derivatives(batch, work.ggn_diagonal == "exact")
         if work.sum_grad_squared:
-            part.sums["sum_grad_squared"] = self._example_squares(batch.inputs, dl.numpy()[:, None, :],
-                                                                 weights[:, None], moments=False)[0]
+            (cotangents, row_weights), = self._cotangents(batch, "empirical", derivatives)
+            part.sums["sum_grad_squared"] = self._example_squares(batch.inputs, cotangents, row_weights,
+                                                                 moments=False)[0]
         if work.ggn_diagonal == "exact":
+            (cotangents, row_weights), = self._cotangents(batch, "exact", derivatives)
+            part.sums["ggn_diagonal"] = self._example_squares(batch.inputs, cotangents, row_weights, moments=False)[0]
+        elif work.ggn_diagonal == "mc" and "ggn_mc" not in part.sums:
+            sums = None
+            for cotangents, row_weights in self._cotangents(batch, "mc", derivatives, work.ggn_samples, work.seed):
+                got = self._example_squares(batch.inputs, cotangents, row_weights, moments=True)
+                sums = got if sums is None else [a + b for a, b in zip(sums, got)]
+            weights = batch.weight_values
+            part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = sums
+            part.sums["ggn_mc_w2"] = np.asarray(work.ggn_samples * np.sum((weights / work.ggn_samples) ** 2))
+
+    def _cotangents(self, batch: Pass, fisher_type: str, derivatives, samples: int = 1, seed: int = 0) -> list:
+        """``[(U [B, M, C], W [B, M])]``: the output-space vectors whose squared backward passes
+        make each curvature, and their row weights, one entry per Monte Carlo sample:
+
+        - "empirical" (the Fisher): ``u_i = dl_i/df_i`` at the data's labels, ``w_i = s_i``;
+        - "exact" (the GGN): ``u_ic = q_c sqrt|e_c|`` for the eigenpairs of ``Lambda_i``, ``w_ic =
+          s_i sign(e_c)`` (``Lambda_i = sum_c sign_c u_c u_c^T``; eigenvalues under 1e-12 of the
+          largest dropped);
+        - "mc": ``u_i = dl_i(y'_i)/df_i`` scaled (``sampling.draw_labels``) at labels drawn from
+          ``(seed, sample, row)``, ``w_i = s_i / samples``.
+
+        ``derivatives``: the pass's ``(f, dl, Lambda, valid)`` (``ExampleProducts.batch_derivatives``)."""
+        flat, dl, lam, valid = derivatives
+        weights = batch.weight_values
+        if fisher_type == "empirical":
+            return [(dl.numpy()[:, None, :], weights[:, None])]
+        if fisher_type == "exact":
             values, vectors = np.linalg.eigh(lam.numpy().astype(np.float64))  # [B, C], [B, C, C]
             scale = np.abs(values).max(initial=0.0)
             keep = np.abs(values) > 1e-12 * max(scale, 1e-300)
             # u = q_c sqrt|e_c| and sign(e_c): Lambda = sum_c sign_c u_c u_c^T
             cotangents = np.transpose(vectors, (0, 2, 1)) * np.sqrt(np.abs(values))[:, :, None]  # [B, C, C]
-            row_weights = np.where(keep, weights[:, None] * np.sign(values), 0.0)
-            part.sums["ggn_diagonal"] = self._example_squares(batch.inputs, cotangents, row_weights, moments=False)[0]
-        elif work.ggn_diagonal == "mc" and "ggn_mc" not in part.sums:
-            flat_np = flat.numpy().astype(np.float64)
-            sums = None
-            for sample in range(work.ggn_samples):
-                sampled, scale = self.examples.sample_labels(flat_np, valid.numpy().astype(np.float64), batch.rows,
-                                                             work.seed, sample)
-                sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
-                dl_sampled = self.examples.sampled_gradient(batch, sampled)
-                got = self._example_squares(batch.inputs, (dl_sampled.numpy() * scale)[:, None, :],
-                                            (weights / work.ggn_samples)[:, None], moments=True)
-                sums = got if sums is None else [a + b for a, b in zip(sums, got)]
-            part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = sums
-            part.sums["ggn_mc_w2"] = np.asarray(work.ggn_samples * np.sum((weights / work.ggn_samples) ** 2))
+            return [(cotangents, np.where(keep, weights[:, None] * np.sign(values), 0.0))]
+        flat_np = flat.numpy().astype(np.float64)
+        out = []
+        for sample in range(samples):
+            sampled, scale = self.examples.sample_labels(flat_np, valid.numpy().astype(np.float64), batch.rows,
+                                                         seed, sample)
+            sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
+            dl_sampled = self.examples.sampled_gradient(batch, sampled)
+            out.append(((dl_sampled.numpy() * scale)[:, None, :], (weights / samples)[:, None]))
+        return out
+
+    def _kronecker(self, part: Partial, batch: Pass, work: BatchWork) -> None:
+        """Each ``KroneckerRequest`` of ``work`` by the Kronecker family, handed the cotangents
+        of its ``fisher_type`` when it needs an ``S`` (``kfac``, ``kfac_eigen``)."""
+        for request in work.kronecker:
+            columns = ()
+            if request.kind != "layer_inputs":
+                self.examples.check(batch)
+                derivatives = self.examples.batch_derivatives(batch, request.fisher_type == "exact")
+                columns = self._cotangents(batch, request.fisher_type, derivatives, request.samples, work.seed)
+            self.kronecker.answer(part, batch, request, columns)
 
     def _example_squares(self, raw_inputs, cotangents, row_weights, moments):
         """``sum_{i,m} W[i,m] (J_i^T U[i,m])**2`` ([P]; with ``moments`` also the sums with
@@ -378,5 +417,5 @@ def _curvature_asked(work: BatchWork) -> set[str]:
     asked = {"fisher": work.sum_grad_squared, "hessian_diagonal": bool(work.hessian_diagonal),
              "hessian_blocks": bool(work.hessian_blocks), f"ggn_{work.ggn_diagonal}": bool(work.ggn_diagonal),
              "hvp": work.hvp_vectors is not None and len(work.hvp_vectors) > 0,
-             "probes": work.probes is not None and len(work.probes) > 0}
+             "probes": work.probes is not None and len(work.probes) > 0, "kronecker": bool(work.kronecker)}
     return {name for name, wanted in asked.items() if wanted}
