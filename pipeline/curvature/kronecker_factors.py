@@ -59,8 +59,8 @@ _KINDS = {keras.layers.Dense: "dense", keras.layers.EinsumDense: "einsum", keras
 class FactorLayer:
     """A layer with Kronecker factors: ``path`` (its variables' path without the last part, as
     ``blocks: layer`` names it), ``kind`` ("dense" | "einsum" | "conv"), the widths ``inputs``
-    (d_in: a convolution's window x input channels) and ``outputs`` (d_out), and whether it has
-    a bias of d_out entries (``bias``)."""
+    (d_in: a convolution's window x input channels) and ``outputs`` (d_out), and whether its
+    bias, of d_out entries, is among the selected variables (``bias``)."""
 
     path: str
     kind: str
@@ -102,7 +102,9 @@ def factor_layers(model, names: list[str]) -> list[tuple[FactorLayer, object]]:
             inputs, outputs = _einsum_layout(layer, path)[1::2]
         else:
             inputs, outputs = shape
-        has_bias = bias is not None and int(np.prod(bias.shape)) == outputs
+        # The bias as an appended 1 when it is among the selected variables (its gradient is then
+        # the last row of the layer's [d_in + 1, d_out] weight gradient).
+        has_bias = bias is not None and bias.path in selected and int(np.prod(bias.shape)) == outputs
         found.append((FactorLayer(path, kind, inputs, outputs, has_bias), layer))
     return found
 
