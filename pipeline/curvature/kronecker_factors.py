@@ -146,6 +146,7 @@ class KroneckerFactors:
     def __init__(self, core: Core):
         self.core = core
         self._layers = None
+        self._positions = None  # per layer, found on the first EK-FAC batch (``_chunk``)
 
     def layers(self) -> list[tuple[FactorLayer, object]]:
         """The factored layers (``factor_layers``), found once; ``InputError`` when there are
@@ -185,13 +186,15 @@ class KroneckerFactors:
                                     (in_specs, tf.TensorSpec([None], dtype), tf.TensorSpec([None, width, None], dtype),
                                      tf.TensorSpec([None, width], dtype)))
             n = batch.size
-            chunk = self._chunk(request, n)
+            chunk = self._chunk(request, n, batch.inputs)
             for start in range(0, n, chunk):
                 pick = slice(start, start + chunk)
                 u = np.zeros((len(range(n)[pick]), 0, 0)) if cotangents is None else cotangents[pick]
                 w = np.zeros((len(range(n)[pick]), 0)) if row_weights is None else row_weights[pick]
-                out = fn([batch_tensor(np.asarray(a)[pick], dtype) for a in batch.inputs],
-                         as_dtype(batch.weight_values[pick], dtype), as_dtype(u, dtype), as_dtype(w, dtype))
+                whole = chunk >= n  # the pass's own tensors: no second copy of the batch
+                out = fn(batch.x if whole else [batch_tensor(np.asarray(a)[pick], dtype) for a in batch.inputs],
+                         batch.s if whole else as_dtype(batch.weight_values[pick], dtype), as_dtype(u, dtype),
+                         as_dtype(w, dtype))
                 for name, value in out.items():
                     value = value.numpy().astype(np.float64)
                     part.sums[name] = value if name not in part.sums else part.sums[name] + value
@@ -200,13 +203,21 @@ class KroneckerFactors:
             total = part.sums.get(request.weight_key, 0.0) + float(np.sum(batch.weight_values))
             part.sums[request.weight_key] = np.asarray(total, dtype=np.float64)
 
-    def _chunk(self, request: KroneckerRequest, n: int) -> int:
-        """Rows per call: EK-FAC forms ``rows x d_in x d_out`` per-example gradients of each
-        layer, kept under ``vjp_budget``."""
+    def _chunk(self, request: KroneckerRequest, n: int, inputs) -> int:
+        """Rows per call: EK-FAC forms ``rows x d_A x d_S`` per-example gradients of each layer
+        with several positions per example, kept under ``vjp_budget``."""
         if request.kind != "kfac_eigen":
             return max(1, n)
-        held = max((info.inputs + 1) * info.outputs for info, _ in self.layers())
-        return max(1, min(n, self.core.vjp_budget // held))
+        if self._positions is None:
+            self._positions = self.positions(inputs)
+        held = max([(info.inputs + 1) * info.outputs for info, _ in self.layers()
+                    if self._positions[info.path] > 1], default=0)
+        return max(1, min(n, self.core.vjp_budget // held)) if held else max(1, n)
+
+    @staticmethod
+    def _one_position(info: FactorLayer, rule) -> bool:
+        """One call on ``[B, d_in]`` inputs (read while tracing): one position per example."""
+        return info.kind != "conv" and len(rule.records) == 1 and rule.records[0].x.shape.rank == 2
 
     # ------------------------------------------------------------------ traced
     def _taps(self) -> list:
@@ -252,10 +263,19 @@ class KroneckerFactors:
                     value = tf.einsum("brk,brl->kl", right * w[:, None, None], right)
                 else:
                     q_a, q_s = (tf.constant(q, self.core.dtype) for q in request.bases[info.path])
-                    gradients = tf.einsum("brd,brk->bdk", rows[info.path], g)  # [B, d_in, d_out]
-                    projected = tf.einsum("da,bdk,kc->bac", q_a, gradients, q_s)
+                    # Q_A^T G_i Q_S = sum_p (Q_A^T x_ip)(Q_S^T g_ip)^T: each side rotated first.
+                    x_a = tf.einsum("brd,da->bra", rows[info.path], q_a)
+                    g_s = tf.einsum("brk,kc->brc", g, q_s)
                     name = request.key(info.path, "eigen")
-                    value = tf.reshape(tf.einsum("b,bac->ac", w, tf.square(projected)), [-1])
+                    if self._one_position(info, rule):
+                        # One position: the squared outer product is the outer product of the
+                        # squares, summed over the batch by one matrix product (no [B, d_A, d_S]).
+                        value = tf.linalg.matmul(tf.square(x_a[:, 0]) * w[:, None], tf.square(g_s[:, 0]),
+                                                 transpose_a=True)
+                    else:
+                        projected = tf.einsum("bra,brc->bac", x_a, g_s)  # [B, d_A, d_S] per chunk of rows
+                        value = tf.einsum("b,bac->ac", w, tf.square(projected))
+                    value = tf.reshape(value, [-1])
                 out[name] = value if name not in out else out[name] + value
         del tape
         return out

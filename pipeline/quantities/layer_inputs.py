@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from pipeline.curvature.requests import KroneckerRequest
 from pipeline.options import Option, boolean
-from pipeline.quantities import _factors
 from pipeline.quantities._base import Quantity
+from pipeline.quantities.kfac import (FORWARD_GRADIENTS, MAX_DIMENSION, check_widths, factor_cost, layer_lines,
+                                     layer_sums, symmetric)
 from pipeline.storage import tables
 
 KIND = "layer_inputs"
@@ -33,7 +34,7 @@ class LayerInputs(Quantity):
     help = "per layer, its inputs' second moment sum_p x x^T (what GPTQ calls the Hessian)"
     options = {
         "bias": Option(boolean, False, "append a 1 to each input (the bias's row and column)"),
-        "max_dimension": _factors.MAX_DIMENSION,
+        "max_dimension": MAX_DIMENSION,
     }
     files = ("layer_inputs.parquet",)
 
@@ -41,11 +42,11 @@ class LayerInputs(Quantity):
         return True
 
     def notes(self, options, facts):
-        return _factors.layer_lines(self.name, facts.factor_layers, lambda layer: options["bias"], "A")
+        return layer_lines(self.name, facts.factor_layers, lambda layer: options["bias"], "A")
 
     def cost(self, options, w, m, asked, prepared=None):
-        _factors.check_widths(self.name, w.factor_layers, lambda layer: options["bias"], options["max_dimension"])
-        return _factors.factor_cost(self.name, w, m, _factors.FORWARD_GRADIENTS, 1, lambda layer: options["bias"])
+        check_widths(self.name, w.factor_layers, lambda layer: options["bias"], options["max_dimension"])
+        return factor_cost(self.name, w, m, FORWARD_GRADIENTS, 1, lambda layer: options["bias"])
 
     def request(self, options, context):
         return {"kronecker": (KroneckerRequest(KIND, bias=options["bias"]),)}
@@ -54,8 +55,8 @@ class LayerInputs(Quantity):
         if f"{KIND}/weight" not in sums:
             return {}
         weight = float(sums.raw(f"{KIND}/weight"))
-        moments = {path: _factors.symmetric(a / weight) for path, a in _factors.layer_sums(sums, KIND, "A").items()}
-        positions = {path: float(p) / weight for path, p in _factors.layer_sums(sums, KIND, "positions").items()}
+        moments = {path: symmetric(a / weight) for path, a in layer_sums(sums, KIND, "A").items()}
+        positions = {path: float(p) / weight for path, p in layer_sums(sums, KIND, "positions").items()}
         return {self.name: {"A": moments, "positions": positions}}
 
     def manifest(self, options, result):
