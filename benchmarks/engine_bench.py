@@ -354,7 +354,7 @@ def bench_model(key, title, model, n, settings, checks):
     # The compiled functions the engine traced (K=1 above, K=16 below), called directly on
     # tensors: no NumPy conversions, the same work as the reference orderings.
     x_t, y_t, s_t = engine.cast_batch(inputs, labels, None)
-    specs = engine._specs(inputs, labels)
+    specs = engine.core.specs(inputs, labels)
     hvp1 = engine.hvp_function(specs, 1, with_gradient=True)
     v1_t = tf.constant(v1, tf.float32)
     add("engine HVP, K=1 (compiled fn)", lambda: hvp1(x_t, y_t, s_t, v1_t), note="traced by the row above")

@@ -103,6 +103,8 @@ class Workload:
     # The selected variables (paths and shapes, model order), for costs per block of H.
     variables: tuple[str, ...] = ()
     variable_shapes: tuple[tuple[int, ...], ...] = ()
+    # Layers with Kronecker factors: (path, d_in, d_out, positions per example, bias).
+    factor_layers: tuple = ()
 
 
 @dataclass(frozen=True)

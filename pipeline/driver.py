@@ -59,6 +59,13 @@ class HessianOperator:
         probes = np.ascontiguousarray(probes)
         return self._pass(BatchWork(gradient=False, probes=probes), "hessian_probes")
 
+    def kronecker(self, request) -> Sums:
+        """One pass summing a ``KroneckerRequest`` over the data (EK-FAC's projected per-example
+        gradients): the reduced sums. Data loss only: no regularization term."""
+        self.calls += 1
+        work = BatchWork(gradient=False, kronecker=(request,))
+        return self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False).sums()
+
     def _pass(self, work: BatchWork, key: str) -> np.ndarray:
         self.calls += 1
         reducer = self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False)
@@ -247,6 +254,8 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "estimate": plan.cost.as_dict() if plan.cost is not None else None,
         "memory": {"worker_peak_bytes": list(extra.get("worker_peak_bytes", [])),
                    "driver_peak_bytes": memory.peak_bytes()},
+        # The quantities' own entries (layer_inputs and kfac: each layer's positions per example).
+        **registry.manifest(job.quantities, results),
     }
 
 

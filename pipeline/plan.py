@@ -120,7 +120,8 @@ def probe_data(job, engine, data):
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
     check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns, data.locate)
     report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities),
-                   output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)))
+                   output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)),
+                   factors=registry.per_layer(job.quantities))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
         batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)
         check_batch(batch, "the first batch", job.data, engine.loss, engine.signature, columns, data.locate)
@@ -176,7 +177,7 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     facts = registry.PlanFacts(parameters=signature.parameters, batches=plan.batches, route=trial.route,
                                  per_example_route=trial.per_example_route, layer_routes=trial.layer_routes,
                                  variable_sizes=dict(zip(engine.names, engine.sizes)),
-                                 route_checks=trial.route_checks)
+                                 route_checks=trial.route_checks, factor_layers=trial.factor_layers)
     plan.notes.extend(registry.notes(job.quantities, facts))
     # Estimated and checked before anything of the quantities' size is built (random vectors
     # are drawn only when the main pass asks for them).
@@ -199,7 +200,8 @@ def _workload(plan: Plan, engine, trial) -> cost.Workload:
                             if trial.layer_routes.get(name) == "layer rule"),
         rule_rows=trial.rule_rows,
         diagonal_block=engine.diagonal_block, vjp_budget=engine.vjp_budget,
-        variables=tuple(plan.signature.variables), variable_shapes=tuple(plan.signature.variable_shapes))
+        variables=tuple(plan.signature.variables), variable_shapes=tuple(plan.signature.variable_shapes),
+        factor_layers=trial.factor_layers)
 
 
 def worker_cpus(workers: int) -> float:

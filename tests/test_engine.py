@@ -348,8 +348,8 @@ def test_a_worker_keeps_only_the_current_passs_vectors_converted():
         vectors = np.random.default_rng(seed).normal(size=(3, engine.parameters))
         for _ in range(2):
             engine.partial(inputs, labels, weights, rows, BatchWork(hvp_vectors=vectors))
-        assert {key[0] for key in engine._vectors} == {id(vectors)}
-        assert len(engine._vectors) == 2  # blocks of 2 and 1 of the 3 vectors
+        assert {key[0] for key in engine.hvps.vectors} == {id(vectors)}
+        assert len(engine.hvps.vectors) == 2  # blocks of 2 and 1 of the 3 vectors
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])

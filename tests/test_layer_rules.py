@@ -136,7 +136,7 @@ def test_each_variable_takes_the_rule_only_where_it_is_right():
     engine, _, inputs = _sums(convolutions, "float64", BatchWork(sum_grad_squared=True), True)
     assert set(engine.layer_routes(inputs).values()) == {"layer rule"}
     # The convolutions and the Dense on [B, 5, 4] form per-example gradients; the last Dense does not.
-    assert [rule.materialises for rule in engine._rules] == [True, True, True, True, False]
+    assert [rule.materialises for rule in engine.layers.rules] == [True, True, True, True, False]
 
     engine, _, inputs = _sums(sequences, "float64", BatchWork(sum_grad_squared=True), True)
     routes = engine.layer_routes(inputs)

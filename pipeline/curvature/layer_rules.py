@@ -102,7 +102,7 @@ class Rule:
     def _recording(self, original):
         layer, records = self.layer, self.records
 
-        if self.kind in ("dense", "conv"):
+        if self.kind in ("dense", "conv", "einsum"):
             def call(inputs, *args, **kwargs):
                 # z is the pre-activation output: the activation is applied here, after it.
                 activation = layer.activation
@@ -158,7 +158,7 @@ class Rule:
                 out["bias"] = tf.reduce_sum(d, axis=1)
         elif self.kind == "conv":
             shape = self.layer.kernel.shape  # [*window, c_in, c_out]
-            patches = _patches(self.layer, tf.cast(record.x, dz.dtype))
+            patches = unfold(self.layer, tf.cast(record.x, dz.dtype))
             d = tf.reshape(dz, [tf.shape(dz)[0], -1, shape[-1]])
             if "kernel" in names:
                 product = tf.linalg.matmul(tf.reshape(patches, [tf.shape(dz)[0], -1, int(np.prod(shape[:-1]))]), d,
@@ -297,7 +297,7 @@ def _first(w):
     return tf.reduce_sum(w[:1])
 
 
-def _patches(layer, x):
+def unfold(layer, x):
     """The input patches of a channels-last Conv1D/Conv2D: ``[B, *out_positions, window * c_in]``."""
     kernel = list(layer.kernel.shape[:-2])
     strides, dilation = list(layer.strides), list(layer.dilation_rate)

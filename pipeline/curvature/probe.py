@@ -35,6 +35,9 @@ class ProbeReport:
     layer_routes: dict = field(default_factory=dict)
     rule_rows: int = 0  # rows per call of the layer rules (``CurvatureEngine.rule_rows``), 0 if not asked
     route_checks: dict = field(default_factory=dict)  # ``CurvatureEngine.route_checks`` ({} if not asked)
+    # Per factored layer (``KroneckerFactors``): (path, d_in, d_out, positions per example, bias)
+    # when layer_inputs or kfac is asked, else ().
+    factor_layers: tuple = ()
 
 
 def _shapes(arrays) -> str:
@@ -42,15 +45,17 @@ def _shapes(arrays) -> str:
 
 
 def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
-          output_derivatives: bool = False) -> ProbeReport:
+          output_derivatives: bool = False, factors: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
 
     ``columns`` is ``pipeline.storage.dataset.tensor_columns``: the column(s) behind each input and label.
     Raises ``InputError`` naming what failed. With ``route``, the vectorised routes are checked
     against their loops (``CurvatureEngine.vectorisation_routes``); with ``output_derivatives``
     (Fisher or GGN asked), the output-space derivatives against the gradient
-    (``CurvatureEngine.check_output_derivatives``). Cost: one forward pass per output loss
-    check plus one traced gradient on a few rows, and the checks' few passes.
+    (``CurvatureEngine.check_output_derivatives``); with ``factors`` (layer_inputs or kfac),
+    the layers with Kronecker factors and their positions (an ``InputError`` when there are none
+    or one cannot be factored). Cost: one forward pass per output loss check plus one traced
+    gradient on a few rows, and the checks' few passes.
     """
     signature = engine.signature
     inputs = [batch_tensor(a, engine.dtype) for a in batch.inputs]
@@ -88,9 +93,14 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
         routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
         if output_derivatives:
-            engine.check_output_derivatives(*engine.cast_batch(batch.inputs, batch.labels, batch.weights))
+            engine.check_output_derivatives(batch.inputs, batch.labels, batch.weights)
         layers = engine.layer_routes(batch.inputs) if route else {}
         rule_rows = engine.rule_rows(1 << 30) if route else 0
+        factor_layers = ()
+        if factors:
+            positions = engine.kronecker.positions(batch.inputs)
+            factor_layers = tuple((info.path, info.inputs, info.outputs, positions[info.path], info.bias)
+                                  for info, _ in engine.kronecker.layers())
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -101,7 +111,7 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
     return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
                        per_example_route=routes[1], layer_routes=layers, rule_rows=rule_rows,
-                       route_checks=dict(engine.route_checks) if route else {})
+                       route_checks=dict(engine.route_checks) if route else {}, factor_layers=factor_layers)
 
 
 def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:

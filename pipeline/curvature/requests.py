@@ -7,7 +7,7 @@ pass and one gradient per batch (``pipeline.curvature.engine``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -26,7 +26,9 @@ class BatchWork:
       labels per example drawn from ``(seed, sample, row)``);
     - ``sum_grad_squared``: ``sum_i s_i g_i**2`` (BackPACK's ``SumGradSquared``);
     - ``hessian_blocks``: ``sum_i s_i (H_i)_bb`` for each block ``b``, given as the positions of
-      its variables among the engine's (their entries in flat order), as ``hessian_block_<k>``.
+      its variables among the engine's (their entries in flat order), as ``hessian_block_<k>``;
+    - ``kronecker``: per-layer Kronecker factors and layer-input moments, one
+      ``KroneckerRequest`` per quantity that asks (requests of several quantities add up).
     """
 
     gradient: bool = True
@@ -37,6 +39,7 @@ class BatchWork:
     ggn_samples: int = 1
     sum_grad_squared: bool = False
     hessian_blocks: tuple[tuple[int, ...], ...] = ()  # variable positions of each dense block
+    kronecker: tuple = ()  # KroneckerRequest, one per asking quantity
     seed: int = 0
 
     def merged(self, **asked) -> "BatchWork":
@@ -46,12 +49,53 @@ class BatchWork:
         changes = {}
         for name, value in asked.items():
             current, default = getattr(self, name), _DEFAULTS[name]
+            if name == "kronecker":  # each quantity's own request: they add up
+                changes[name] = tuple(dict.fromkeys(current + tuple(value)))
+                continue
             if _same(value, default) or _same(current, value):
                 continue
             if not _same(current, default):
                 raise ValueError(f"two quantities ask the engine for different {name}: {current!r} and {value!r}")
             changes[name] = value
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class KroneckerRequest:
+    """What the Kronecker family (``pipeline.curvature.kronecker_factors``) sums for one
+    quantity, per layer ``l`` of the selected Dense/EinsumDense/Conv1D/Conv2D layers, over the
+    positions ``p`` of each example (a sequence's steps, a convolution's output pixels):
+
+    - ``kind="layer_inputs"``: ``A_l = sum_i s_i sum_p x_ip x_ip^T`` (``x_ip`` the layer's
+      input at p, a convolution's unfolded patch; with ``bias`` a trailing 1);
+    - ``kind="kfac"``: ``A_l`` (a trailing 1 where the layer has a bias) and ``S_l = sum_i s_i
+      sum_p g_ip g_ip^T``, ``g_ip`` the gradient of the per-example loss with respect to the
+      layer's pre-activation output at p, for labels per ``fisher_type`` ("empirical": the
+      data's; "mc": ``samples`` draws from the model's predictive distribution, each weighted
+      ``1/samples``; "exact": each column of a square root of the loss's output Hessian);
+      ``reduction="reduce"`` takes ``x_i = mean_p x_ip`` and ``g_i = sum_p g_ip`` instead;
+    - ``kind="kfac_eigen"``: ``sum_i s_i (Q_A^T G_i Q_S)**2``, ``G_i = sum_p x_ip g_ip^T`` the
+      per-example gradient of the layer's weights (bias as the last row), for the eigenbases
+      ``bases`` = ``{layer: (Q_A, Q_S)}`` of a finished ``kfac``.
+
+    Also summed: ``sum_i s_i`` (the factors' divisor) and ``sum_i s_i R_i`` (positions R_i).
+    """
+
+    kind: str  # "layer_inputs" | "kfac" | "kfac_eigen"
+    bias: bool = False  # layer_inputs: append a 1 to every layer's input
+    fisher_type: str = "empirical"
+    samples: int = 1
+    reduction: str = "expand"
+    # kfac_eigen: {layer: (Q_A [d_in, d_in], Q_S [d_out, d_out])}; not compared (arrays).
+    bases: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def key(self, layer: str, factor: str) -> str:
+        """Its sum's key in ``Partial.sums``: ``"<kind>/<layer>/<factor>"``."""
+        return f"{self.kind}/{layer}/{factor}"
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.kind}/weight"
 
 
 def _same(a, b) -> bool:

@@ -37,6 +37,8 @@ class PlanFacts:
     variable_sizes: dict = field(default_factory=dict)  # entries per variable name
     # Per route ("route", "per_example_route"): its check against the loop on the first rows.
     route_checks: dict = field(default_factory=dict)
+    # Layers with Kronecker factors: (path, d_in, d_out, positions per example, bias).
+    factor_layers: tuple = ()
 
 
 @dataclass
@@ -99,6 +101,15 @@ class Quantity:
         return options
 
     # -------------------------------------------------------------------- the plan
+    def per_layer(self, options: dict) -> bool:
+        """Whether it needs the layers with Kronecker factors (the plan finds them, with their
+        widths and positions, on the first rows: ``Workload.factor_layers``)."""
+        return False
+
+    def manifest(self, options: dict, result: Any) -> dict:
+        """Entries it adds to the run's manifest (``result``: what ``finalize`` gave under its name)."""
+        return {}
+
     def per_parameter(self, options: dict) -> bool:
         """Whether it needs per-parameter or per-example products (the plan then finds their
         route, vectorised or loop, on the first rows)."""

@@ -23,7 +23,7 @@ from pipeline.reduce import Sums
 from pipeline.storage import tables as storage_tables
 
 REGISTRY = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gradient", "hvp", "trace", "eigenvalues",
-            "spectrum", "hessian")
+            "spectrum", "hessian", "layer_inputs", "kfac")
 
 UNITS: dict[str, Quantity] = {name: importlib.import_module(f"pipeline.quantities.{name}").UNIT for name in REGISTRY}
 
@@ -56,6 +56,20 @@ def parse(quantities, base_dir: str) -> dict[str, dict]:
 def per_parameter(quantities: dict) -> bool:
     """Whether any quantity needs per-parameter or per-example products (routes to find)."""
     return any(unit.per_parameter(options) for unit, options in _asked(quantities))
+
+
+def per_layer(quantities: dict) -> bool:
+    """Whether any quantity needs the layers with Kronecker factors (``Quantity.per_layer``)."""
+    return any(unit.per_layer(options) for unit, options in _asked(quantities))
+
+
+def manifest(quantities: dict, results: dict) -> dict:
+    """The manifest entries of every quantity with a result (``Quantity.manifest``)."""
+    out: dict = {}
+    for unit, options in _asked(quantities):
+        if unit.name in results:
+            out.update(unit.manifest(options, results[unit.name]))
+    return out
 
 
 def notes(quantities: dict, facts: PlanFacts) -> list[str]:

@@ -290,6 +290,41 @@ def plot_hessian(run: Run, block: str = "__all__", spectrum: tuple[np.ndarray, n
     return figure
 
 
+def factor_spectra(run: Run) -> list[tuple[str, str, np.ndarray]]:
+    """``(layer, factor, eigenvalues descending)`` of every published factor: ``A`` of
+    ``layer_inputs.parquet`` (named "inputs"), then ``A`` and ``S`` of ``kfac.parquet``, per layer
+    in model order (``numpy.linalg.eigvalsh``)."""
+    out = []
+    if run.has("layer_inputs"):
+        out += [(layer, "inputs", np.linalg.eigvalsh(run.layer_inputs(layer))[::-1])
+                for layer in run.blocks("layer_inputs")]
+    if run.has("kfac"):
+        for layer in run.blocks("kfac"):
+            a, s = run.kfac(layer)
+            out += [(layer, "A", np.linalg.eigvalsh(a)[::-1]), (layer, "S", np.linalg.eigvalsh(s)[::-1])]
+    return out
+
+
+@_default_style
+def plot_factor_spectra(spectra: list[tuple[str, str, np.ndarray]]):
+    """The eigenvalues of each factor by rank, one line per (layer, factor), log scale (the
+    factors are positive semi-definite; an eigenvalue at or below 1e-14 of its factor's largest
+    is drawn at that floor): how fast each layer's input and output-gradient spectra decay."""
+    figure = _figure()
+    axes = figure.subplots()
+    for number, (layer, factor, values) in enumerate(spectra):
+        top = max(float(values[0]) if values.size else 0.0, 1e-300)
+        axes.plot(np.arange(1, values.size + 1), np.maximum(values, 1e-14 * top), marker=".", linewidth=1.2,
+                  linestyle="-" if factor != "S" else "--", label=f"{layer} {factor}",
+                  color=f"C{number % 10}")
+    axes.set_yscale("log")
+    axes.set_xlabel("rank")
+    axes.set_ylabel("eigenvalue")
+    axes.set_title("Kronecker factors: eigenvalues by rank (A solid, S dashed)", fontsize=9)
+    axes.legend(fontsize=7, ncol=2)
+    return figure
+
+
 @_default_style
 def plot_eigenvalues(run: Run, baseline: Run | None = None, block: str = ALL):
     """Top eigenvalues of one block of H (all of it by default) by rank; error bars are the
@@ -574,6 +609,9 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
     spectra = {block: hessian_spectrum(run, block) for block in hessian_blocks(run)}
     for k, (block, spectrum) in enumerate(spectra.items(), start=1):
         save("hessian", plot_hessian(run, block, spectrum), f"hessian-{k:02d}-{_slug(block)}.png", f"block {block}")
+    factors = factor_spectra(run)
+    if factors:
+        save("factors", plot_factor_spectra(factors), "factors.png", "eigenvalues of each layer's factors")
     if has_diagonals:
         save("diagonals", plot_variables(run, baseline), "variables.png", "mean |diagonal| per variable")
         save("diagonals", plot_diagonals(run, None, baseline), "diagonals-all.png", "all parameters")
@@ -581,7 +619,7 @@ def write_report(run, out: str | None = None, baseline=None, sigma: float | None
             save("diagonals", plot_diagonals(run, name, baseline), f"diagonals-{k:02d}-{_slug(name)}.png",
                  f"{name} {tuple(shape)}")
     with open(report.html, "w", encoding="utf-8") as handle:
-        handle.write(_html(run, baseline, sections, {b: values for b, (_, values) in spectra.items()}))
+        handle.write(_html(run, baseline, sections, {b: values for b, (_, values) in spectra.items()}, factors))
     return report
 
 
@@ -651,7 +689,7 @@ def _figures(items: list[tuple[str, str]]) -> str:
 
 
 def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, str]]],
-          hessian_eigenvalues: dict[str, np.ndarray]) -> str:
+          hessian_eigenvalues: dict[str, np.ndarray], factors: list | None = None) -> str:
     title = f"{run.name} {run.run_id}"
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
              f"<style>{_CSS}</style></head><body>\n<h1>{_e(run.name)} <small>{_e(run.run_id)}</small></h1>\n"]
@@ -737,6 +775,16 @@ def _html(run: Run, baseline: Run | None, sections: dict[str, list[tuple[str, st
         parts.append(_figures(sections["hessian"]))
     else:
         parts.append("<p>Not computed.</p>\n")
+
+    parts.append("<h2>Kronecker factors</h2>\n")
+    if factors:
+        rows = [[layer, factor, f"{values.size:,}", _fmt(values.sum()), _fmt(values[0]), _fmt(values[-1]),
+                 _fmt(values[0] / values[-1]) if values[-1] > 0 else "∞"] for layer, factor, values in factors]
+        parts.append(_table(["layer", "factor", "size", "trace", "largest eigenvalue", "smallest eigenvalue",
+                             "condition number"], rows, numeric={2, 3, 4, 5, 6}))
+        parts.append(_figures(sections.get("factors", [])))
+    else:
+        parts.append("<p>Not computed (layer_inputs or kfac).</p>\n")
 
     parts.append("<h2>Diagonals</h2>\n")
     if sections.get("diagonals"):

@@ -203,7 +203,8 @@ class Run:
     def blocks(self, name: str) -> list[str]:
         """The blocks of H a table of the run holds (``"eigenvalues"``, ``"trace"``,
         ``"spectrum"``, ``"hessian"``, ``"eigenvectors"``), in the order published (model order)."""
-        frame = self.table(name, columns=["block"]) if name in ("hessian", "eigenvectors") else self._blocked(name)
+        frame = self.table(name, columns=["block"]) if name in ("hessian", "eigenvectors", "layer_inputs", "kfac",
+                                                                 "kfac_eigen") else self._blocked(name)
         return list(dict.fromkeys(frame["block"]))
 
     def block_size(self, block: str) -> int:
@@ -232,6 +233,31 @@ class Run:
         in the block's flat order (``"__all__"`` for ``blocks: full``; a variable path or a
         layer name otherwise)."""
         part = self.block("hessian", block)
+        return np.stack([np.asarray(row, dtype=np.float64) for row in part["row"]])
+
+    def layer_inputs(self, layer: str) -> np.ndarray:
+        """A layer's input second moment ``A`` (``layer_inputs.parquet``) as a float64 ``[d, d]``
+        matrix; ``layer`` is its path as the plan names it (``run.blocks("layer_inputs")``)."""
+        return self._matrix("layer_inputs", layer)
+
+    def kfac(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """A layer's K-FAC factors ``(A, S)`` (``kfac.parquet``): ``kron(A, S)`` approximates its
+        curvature block, kernel in C order then bias."""
+        return self._matrix("kfac", layer, "A"), self._matrix("kfac", layer, "S")
+
+    def kfac_eigen(self, layer: str) -> np.ndarray:
+        """A layer's EK-FAC eigenvalues ``[d_A, d_S]`` (``kfac_eigen.parquet``): entry ``(a, c)``
+        belongs to ``Q_A[:, a] (x) Q_S[:, c]``, the eigenvectors ``numpy.linalg.eigh`` gives for
+        the published ``A`` and ``S``."""
+        a, s = self.kfac(layer)
+        part = self.block("kfac_eigen", layer)
+        return part.sort_values("index")["value"].to_numpy(np.float64).reshape(len(a), len(s))
+
+    def _matrix(self, name: str, layer: str, factor: str | None = None) -> np.ndarray:
+        part = self.block(name, layer)
+        if factor is not None:
+            part = part[part["factor"] == factor]
+        part = part.sort_values("index")
         return np.stack([np.asarray(row, dtype=np.float64) for row in part["row"]])
 
     def spectrum_runs(self, block: str = ALL) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -96,10 +96,24 @@ def show_run(run_dir: str) -> str:
             present.append((label, f"{len({r['run'] for r in part})} SLQ runs, {len(nodes)} nodes from "
                                    f"{_number(min(nodes))} to {_number(max(nodes))} in spectrum.parquet "
                                    "(plots: hessian-pipeline report)"))
+    for name in ("layer_inputs", "kfac"):
+        if f"{name}.parquet" in files:
+            rows = read(f"{name}.parquet", ["block", "factor"] if name == "kfac" else ["block"])
+            sizes: dict = {}
+            for r in rows:
+                key = (r["block"], r.get("factor", "A"))
+                sizes[key] = sizes.get(key, 0) + 1
+            layers = dict.fromkeys(block for block, _ in sizes)
+            described = "; ".join(f"{layer} " + ", ".join(f"{factor} {n:,} x {n:,}" for (b, factor), n in sizes.items()
+                                                          if b == layer) for layer in layers)
+            extra = ", EK-FAC eigenvalues in kfac_eigen.parquet" if name == "kfac" and "kfac_eigen.parquet" in files \
+                else ""
+            present.append((name, f"{len(layers)} layers ({described}) in {name}.parquet{extra} (run.{name}(layer))"))
     # Any other table (a quantity this module has no layout for): small ones in full, large
     # ones by size, so that a new quantity shows without changes here.
     shown = {"diagonals.parquet", "summary.parquet", "trace.parquet", "eigenvalues.parquet", "hvp.parquet",
-             "hvp_vectors.parquet", "spectrum.parquet", "eigenvectors.parquet"}
+             "hvp_vectors.parquet", "spectrum.parquet", "eigenvectors.parquet", "layer_inputs.parquet", "kfac.parquet",
+             "kfac_eigen.parquet"}
     for name in sorted(f for f in files - shown if f.endswith(".parquet")):
         rows = read(name)
         if rows and len(rows) <= OTHER_ROWS:

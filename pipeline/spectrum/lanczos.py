@@ -62,7 +62,7 @@ def default_block(top: int) -> int:
     every pass advances all of them. Bigger blocks always took fewer passes in our tests
     (P = 1500, tol 1e-6, passes for b = 1 / 4 / 8 / 16): top 1 of a Hessian-like spectrum
     (10 outliers over a bulk near 0) 16 / 7 / 6 / 5; its 5 smallest (the bulk edge)
-    100 / 44 / 30 / 24. But a pass also pays one backward pass per vector (``engine._hvp``),
+    100 / 44 / 30 / 24. But a pass also pays one backward pass per vector (``HvpProducts.products``),
     so past about 4 vectors the passes saved stop paying for the vectors added; the floor of
     4 takes the big early gain (16 -> 7). At most ``MAX_DEFAULT_BLOCK``, which bounds each
     pass and the basis memory.

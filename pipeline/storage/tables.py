@@ -329,3 +329,41 @@ def spectrum_table(blocks: Sequence[tuple[str, Sequence[np.ndarray], Sequence[np
         "node": pa.array(_joined(all_nodes, np.float64), pa.float64()),
         "weight": pa.array(_joined(all_weights, np.float64), pa.float64()),
     })
+
+
+def factors_table(blocks: Sequence[tuple[str, str | None, np.ndarray]]) -> pa.Table:
+    """``layer_inputs.parquet`` / ``kfac.parquet``: for each ``(layer, factor, matrix [d, d])``, one
+    row per row of the matrix: ``block`` (the layer), ``factor`` ("A" | "S"; no such column when
+    every factor is None, as ``layer_inputs.parquet``), ``index`` (the row), ``row`` list<float64>."""
+    named = any(factor is not None for _, factor, _ in blocks)
+    fields = [("block", pa.string())] + ([("factor", pa.string())] if named else []) + \
+        [("index", pa.int64()), ("row", pa.list_(pa.float64()))]
+    parts = []
+    for name, factor, matrix in blocks:
+        matrix = np.asarray(matrix, dtype=np.float64)
+        size = matrix.shape[0]
+        if matrix.shape != (size, size):
+            raise ValueError(f"layer {name!r}: a {matrix.shape} factor, expected a square matrix")
+        offsets = pa.array(np.arange(0, size * size + 1, max(size, 1), dtype=np.int32)[:size + 1], pa.int32())
+        columns = {"block": pa.array([name] * size, pa.string())}
+        if named:
+            columns["factor"] = pa.array([factor] * size, pa.string())
+        columns["index"] = pa.array(np.arange(size, dtype=np.int64), pa.int64())
+        columns["row"] = pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), pa.float64()))
+        parts.append(pa.table(columns))
+    schema = pa.schema(fields)
+    return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+
+
+def eigen_table(blocks: Sequence[tuple[str, np.ndarray]]) -> pa.Table:
+    """``kfac_eigen.parquet``: for each ``(layer, values [d_A, d_S])``, one row per entry in C
+    order: ``block``, ``index``, ``value``."""
+    names, indices, values = [], [], []
+    for name, matrix in blocks:
+        flat = np.asarray(matrix, dtype=np.float64).reshape(-1)
+        names += [name] * flat.size
+        indices.append(np.arange(flat.size, dtype=np.int64))
+        values.append(flat)
+    return pa.table({"block": pa.array(names, pa.string()),
+                     "index": pa.array(_joined(indices, np.int64), pa.int64()),
+                     "value": pa.array(_joined(values, np.float64), pa.float64())})

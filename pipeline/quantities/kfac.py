@@ -1,0 +1,194 @@
+"""``kfac``: per layer, the Kronecker factors of K-FAC, ``A`` and ``S``, and optionally EK-FAC's
+eigenvalues (contract 6.1), the structure Laplace, influence and natural-gradient tools consume.
+
+    A_l = sum_i s_i sum_p x_ip x_ip^T / sum_i s_i,   S_l = sum_i s_i sum_p g_ip g_ip^T / sum_i s_i
+
+``x_ip``: the layer's input at position p (a trailing 1 where the layer's bias is selected);
+``g_ip``: the gradient of example i's loss with respect to the layer's pre-activation output at
+p, for labels per ``fisher_type``: ``empirical`` (the data's), ``mc`` (``samples`` draws from the
+model's predictive distribution, as the Monte Carlo GGN draws them, each weighted 1/samples) or
+``exact`` (one column per output of a square root of the loss's output Hessian: S is then the
+layer-output GGN). ``reduction: reduce`` takes ``x_i = mean_p x_ip`` and ``g_i = sum_p g_ip``
+(Eschenhagen et al. 2023). The layer's GGN/Fisher block is approximated by ``kron(A, S)`` in the
+engine's flat order (kernel ``[d_in, d_out]`` in C order, then the bias). With
+``eigen_correction: true``, a second pass sums EK-FAC's ``sum_i s_i (Q_A^T G_i Q_S)**2 / sum_i
+s_i`` for ``G_i = sum_p x_ip g_ip^T``, in the eigenbases ``Q_A``, ``Q_S`` of the published factors
+(``numpy.linalg.eigh``, ascending eigenvalues): a ``[d_A, d_S]`` matrix per layer.
+
+Cost per batch: a tapped forward pass and one backward pass to the layers' outputs per label
+column (1, ``samples`` or C), plus the output derivatives; EK-FAC one more pass with
+``B x d_A x d_S`` per-example gradients per chunk. Published as ``kfac.parquet`` (``block``,
+``factor``, ``index``, ``row``) and ``kfac_eigen.parquet`` (``block``, ``index``, ``value``).
+API: ``run.kfac(layer) -> (A, S)``, ``run.kfac_eigen(layer)``.
+
+Sources: Martens and Grosse (2015), K-FAC; Grosse and Martens (2016), KFC for convolutions;
+George et al. (2018), EK-FAC; Eschenhagen et al. (2023), K-FAC expand and reduce; curvlinops'
+``KFACLinearOperator`` (its ``fisher_type`` and ``kfac_approx``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import cost
+from pipeline.curvature.requests import KroneckerRequest
+from pipeline.errors import InputError
+from pipeline.memory import gib
+from pipeline.options import Option, boolean, choice, positive_int
+from pipeline.quantities._base import Quantity
+from pipeline.reduce import Sums
+from pipeline.storage import tables
+
+# ------------------------------------------------------------------------------ per-layer factors
+# What kfac and layer_inputs share: their factored layers as the plan found them, each
+# ``(path, d_in, d_out, positions per example, bias)`` (``Workload.factor_layers``), the cost of
+# per-layer ``d x d`` factors, the plan's lines about them, and reading their sums.
+
+#: A tapped forward pass, in gradients: the forward is about a third of a gradient.
+FORWARD_GRADIENTS = 1.0 / 3.0
+
+MAX_DIMENSION = Option(positive_int(8192), 8192, "widest factor allowed (d x d float64 sums per layer)")
+
+#: Copies of each factor held: a worker's running sum and its float64 copy; the driver's running
+#: sum, an arriving partial, staging's copy, the mean, its eigendecomposition and the table.
+WORKER_COPIES, DRIVER_COPIES = 3, 6
+
+
+def widths(layer: tuple, append: bool) -> tuple[int, int]:
+    """``(d_A, d_S)``: the factors' widths of a factored layer, a 1 appended to the input or not."""
+    _, inputs, outputs, _, _ = layer
+    return inputs + (1 if append else 0), outputs
+
+
+def check_widths(name: str, layers, append, limit: int) -> None:
+    """Refuses a factor wider than ``limit`` (``max_dimension``) with its size and memory."""
+    for layer in layers:
+        for width in widths(layer, append(layer)):
+            if width > limit:
+                raise InputError(
+                    f"quantities.{name}: layer {layer[0]!r} has a factor of {width:,} x {width:,} (float64 sums: "
+                    f"{gib(8.0 * width * width)} per copy, {DRIVER_COPIES} in the driver), wider than "
+                    f"max_dimension={limit:,}: leave the layer out with variables: [...], or raise "
+                    f"quantities.{name}.max_dimension")
+
+
+def factor_cost(name: str, w: cost.Workload, m: cost.Measurement, main: float, factors: int,
+                append, passes: int = 0) -> cost.QuantityCost:
+    """The cost of ``factors`` (1: A; 2: A and S) per factored layer: ``main`` gradients per batch
+    in the main pass, ``passes`` more, and the factors' float64 copies in a worker and the driver
+    (beside one batch's ``B x R x d`` rows per layer in the compute dtype)."""
+    entries = 0.0
+    rows = 0.0
+    for layer in w.factor_layers:
+        d_a, d_s = widths(layer, append(layer))
+        entries += d_a * d_a + (d_s * d_s if factors > 1 else 0)
+        rows += w.batch_size * max(1, layer[3]) * (d_a + (d_s if factors > 1 else 0))
+    return cost.QuantityCost(name, main=main, passes=passes,
+                             worker_bytes=8.0 * entries * WORKER_COPIES + rows * w.itemsize + m.activation_bytes,
+                             driver_bytes=8.0 * entries * DRIVER_COPIES)
+
+
+def layer_lines(name: str, layers, append, factors: str) -> list[str]:
+    """The plan's line per factored layer: its factors' sizes, memory and positions."""
+    shown = []
+    for layer in layers:
+        path, _, _, positions, _ = layer
+        d_a, d_s = widths(layer, append(layer))
+        sizes = [f"A {d_a:,} x {d_a:,}"] + ([f"S {d_s:,} x {d_s:,}"] if factors == "AS" else [])
+        held = 8.0 * (d_a * d_a + (d_s * d_s if factors == "AS" else 0))
+        shown.append(f"{path}: {', '.join(sizes)} ({gib(held)} float64), {positions:,} position"
+                     f"{'' if positions == 1 else 's'} per example")
+    return [f"{name}: {len(shown)} layer{'' if len(shown) == 1 else 's'}: " + "; ".join(shown)] if shown else []
+
+
+def layer_sums(sums: Sums, kind: str, factor: str) -> dict[str, np.ndarray]:
+    """``{layer path: sum}`` of one factor of one request kind, in the order summed (model order)."""
+    prefix, suffix = f"{kind}/", f"/{factor}"
+    return {key[len(prefix):-len(suffix)]: sums.raw(key) for key in sums.total.sums
+            if key.startswith(prefix) and key.endswith(suffix)}
+
+
+def symmetric(matrix: np.ndarray) -> np.ndarray:
+    """``(M + M^T) / 2``: a sum of outer products, symmetric up to float rounding."""
+    return (matrix + matrix.T) / 2
+
+
+# ------------------------------------------------------------------------------ the unit
+
+#: Backward passes per label column, in gradients (as the per-layer rules measure them).
+COLUMN_GRADIENTS = 0.8
+
+
+def _bias(layer) -> bool:
+    return bool(layer[4])
+
+
+class Kfac(Quantity):
+    name = "kfac"
+    help = "per layer, K-FAC's Kronecker factors A and S (and EK-FAC's eigenvalues)"
+    options = {
+        "fisher_type": Option(choice("empirical", "mc", "exact"), "empirical",
+                              "labels of S: the data's, sampled from the model, or the exact GGN's columns"),
+        "samples": Option(positive_int(1), 1, "label draws per example (fisher_type: mc)"),
+        "reduction": Option(choice("expand", "reduce"), "expand",
+                            "positions as examples (expand), or averaged inputs and summed gradients (reduce)"),
+        "eigen_correction": Option(boolean, False, "EK-FAC: a second pass for the eigenvalues in the factors' bases"),
+        "max_dimension": MAX_DIMENSION,
+    }
+    files = ("kfac.parquet", "kfac_eigen.parquet")
+
+    def per_layer(self, options):
+        return True
+
+    def notes(self, options, facts):
+        return layer_lines(self.name, facts.factor_layers, _bias, "AS")
+
+    def cost(self, options, w, m, asked, prepared=None):
+        check_widths(self.name, w.factor_layers, _bias, options["max_dimension"])
+        columns = {"empirical": 1, "mc": options["samples"], "exact": w.outputs}[options["fisher_type"]]
+        main = FORWARD_GRADIENTS + 1.0 + columns * COLUMN_GRADIENTS
+        return factor_cost(self.name, w, m, main, 2, _bias, passes=1 if options["eigen_correction"] else 0)
+
+    def _request(self, options, kind="kfac", bases=None) -> KroneckerRequest:
+        return KroneckerRequest(kind, fisher_type=options["fisher_type"], samples=options["samples"],
+                                reduction=options["reduction"], bases=bases or {})
+
+    def request(self, options, context):
+        return {"kronecker": (self._request(options),)}
+
+    def finalize(self, options, sums):
+        if "kfac/weight" not in sums:
+            return {}
+        weight = float(sums.raw("kfac/weight"))
+        return {self.name: {
+            "A": {path: symmetric(a / weight) for path, a in layer_sums(sums, "kfac", "A").items()},
+            "S": {path: symmetric(s / weight) for path, s in layer_sums(sums, "kfac", "S").items()},
+            "positions": {path: float(p) / weight for path, p in layer_sums(sums, "kfac", "positions").items()},
+        }}
+
+    def compute(self, options, context, operator, sums):
+        """EK-FAC (``eigen_correction``): one pass over the data with the factors' eigenbases."""
+        result = self.finalize(options, sums).get(self.name)
+        if result is None or not options["eigen_correction"]:
+            return None
+        bases = {path: (np.linalg.eigh(result["A"][path])[1], np.linalg.eigh(result["S"][path])[1])
+                 for path in result["A"]}
+        eigen_sums = operator.kronecker(self._request(options, "kfac_eigen", bases))
+        weight = float(sums.raw("kfac/weight"))
+        result["eigen"] = {path: eigen.reshape(len(bases[path][0]), len(bases[path][1])) / weight
+                           for path, eigen in layer_sums(eigen_sums, "kfac_eigen", "eigen").items()}
+        context.say(f"kfac: EK-FAC eigenvalues of {len(result['eigen'])} layers in one more pass")
+        return result
+
+    def manifest(self, options, result):
+        return {"layer_positions": result["positions"]}
+
+    def tables(self, options, result, context):
+        out = {"kfac.parquet": tables.factors_table(
+            [(path, factor, result[factor][path]) for path in result["A"] for factor in ("A", "S")])}
+        if "eigen" in result:
+            out["kfac_eigen.parquet"] = tables.eigen_table([(path, values) for path, values in result["eigen"].items()])
+        return out
+
+
+UNIT = Kfac()
