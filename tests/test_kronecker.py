@@ -229,3 +229,15 @@ def test_layers_it_cannot_factor_are_refused_with_the_way_out():
     engine = CurvatureEngine(norm_only, cases.resolved("mse"), precision="float64")
     with pytest.raises(InputError, match="need a Dense, EinsumDense, Conv1D or Conv2D layer"):
         engine.kronecker.layers()
+
+
+def test_float32_factors_are_close_to_float64(seq):
+    model, loss, engine = seq
+    x, y, s = data(4)
+    request = KroneckerRequest("kfac", fisher_type="exact")
+    want = _kfac(engine, request, x, y, s)
+    got = _kfac(CurvatureEngine(model, loss, precision="float32"), request, x, y, s)
+    for key, value in want.items():
+        if key[-1] in ("A", "S"):
+            scale = np.abs(value).max()
+            assert np.abs(got[key] - value).max() <= 1e-4 * scale, key
