@@ -30,6 +30,22 @@ def write_data(folder, rows=230, files=3, row_group=17, seed=0, width=6, classes
     return x, labels, weights
 
 
+def write_bare_data(folder, rows: int, cut: int, row_group: int, seed: int, checksum: bool = False):
+    """Two files (rows ``[0, cut)`` and ``[cut, rows)``) of features ``x`` (6 wide) and int
+    ``label`` with no statistics, dictionary or compression, so that one stored value can change,
+    or be damaged, without the footer noticing (page checksums only with ``checksum``). Returns
+    ``(x, labels)``."""
+    rng = np.random.default_rng(seed)
+    x, labels = rng.normal(size=(rows, 6)), rng.integers(0, 3, rows)
+    os.makedirs(folder, exist_ok=True)
+    for index, part in enumerate((slice(0, cut), slice(cut, rows))):
+        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), 6),
+                          "label": pa.array(labels[part])})
+        pq.write_table(table, os.path.join(folder, f"part-{index:03d}.parquet"), row_group_size=row_group,
+                       write_statistics=False, use_dictionary=False, compression="NONE", write_page_checksum=checksum)
+    return x, labels
+
+
 def write_model(path, dtype="float32"):
     model = cases.mlp(dtype=dtype)
     model.save(path)

@@ -537,15 +537,8 @@ def test_corrupt_parquet_data_page_names_the_file_cli(root, tmp_path, damage):
     """Through the command line: a page header that no longer parses, and page bytes that still
     decode but to a NaN (no page checksum, no statistics: the footer still matches). Either way
     one error line that names the damaged file (the second of two), exit 2, nothing left."""
-    rng = np.random.default_rng(5)
-    x, labels = rng.normal(size=(200, 6)), rng.integers(0, 3, 200)
     data = tmp_path / "data"
-    data.mkdir()
-    for index, rows in enumerate((slice(0, 100), slice(100, 200))):
-        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 6),
-                          "label": pa.array(labels[rows])})
-        pq.write_table(table, str(data / f"part-{index:03d}.parquet"), row_group_size=25, write_statistics=False,
-                       use_dictionary=False, compression="NONE", write_page_checksum=damage == "page-checksum")
+    x, _ = jobs.write_bare_data(data, rows=200, cut=100, row_group=25, seed=5, checksum=damage == "page-checksum")
     path = data / "part-001.parquet"
     raw = bytearray(path.read_bytes())
     if damage == "page-header":

@@ -219,13 +219,26 @@ def test_ekfac_eigenvalues_are_the_projected_per_example_gradients(seq):
 def test_layers_it_cannot_factor_are_refused_with_the_way_out():
     with cases._Policy("float64"):
         x = keras.Input((6, 6, 4), dtype="float64")
-        out = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Conv2D(4, 3, groups=2, name="grouped")(x)))
+        out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(keras.layers.Conv2D(4, 3, groups=2,
+                                                                                         name="grouped")(x)))
         grouped = keras.Model(x, out)
     with pytest.raises(InputError, match=r"'grouped'.*groups=2.*variables:"):
         factor_layers(grouped, [v.path for v in grouped.trainable_variables])
-    assert [info.path for info, _ in factor_layers(grouped, [grouped.trainable_variables[-1].path])] == ["dense"]
+    assert [info.path for info, _ in factor_layers(grouped, [grouped.trainable_variables[-1].path])] == ["head"]
     with cases._Policy("float64"):
         norm_only = keras.Sequential([keras.Input((3,), dtype="float64"), keras.layers.LayerNormalization()])
     engine = CurvatureEngine(norm_only, cases.resolved("mse"), precision="float64")
     with pytest.raises(InputError, match="need a Dense, EinsumDense, Conv1D or Conv2D layer"):
         engine.kronecker.layers()
+
+
+def test_float32_factors_are_close_to_float64(seq):
+    model, loss, engine = seq
+    x, y, s = data(4)
+    request = KroneckerRequest("kfac", fisher_type="exact")
+    want = _kfac(engine, request, x, y, s)
+    got = _kfac(CurvatureEngine(model, loss, precision="float32"), request, x, y, s)
+    for key, value in want.items():
+        if key[-1] in ("A", "S"):
+            scale = np.abs(value).max()
+            assert np.abs(got[key] - value).max() <= 1e-4 * scale, key

@@ -106,6 +106,13 @@ def test_the_plan_lists_each_layers_factors_and_refuses_what_it_cannot_factor(tm
                                          r"max_dimension=6: leave the layer out with variables"):
         make_plan(load_job(jobs.job(tmp_path, {"kfac": {"max_dimension": 6}})), cluster={"CPU": 1})
     with cases._Policy("float32"):
+        keras.Sequential([keras.Input((6,)), keras.layers.Dense(6, name="twin")]).save(str(tmp_path / "twin.keras"))
+    huber = jobs.job(tmp_path, {"kfac": {"fisher_type": "mc"}}, model=str(tmp_path / "twin.keras"), loss="huber",
+                     data={"labels": "x"})
+    with pytest.raises(InputError, match=r"quantities.kfac: fisher_type mc draws labels .* use fisher_type: "
+                                         r"empirical or exact"):
+        make_plan(load_job(huber), cluster={"CPU": 1})
+    with cases._Policy("float32"):
         keras.Sequential([keras.Input((6,)), keras.layers.LayerNormalization(name="norm"),
                           keras.layers.Activation("softmax")]).save(str(tmp_path / "norm.keras"))
     with pytest.raises(InputError, match="need a Dense, EinsumDense, Conv1D or Conv2D layer among the selected"):

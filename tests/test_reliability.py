@@ -260,16 +260,8 @@ def test_resume_after_a_data_page_changed_computes_that_shard_again(files, tmp_p
     The staged shard that read it is computed again (its bytes differ from those it was
     computed from); the result equals a fresh run on the new data, never a mix of the two."""
     root, _ = files
-    rng = np.random.default_rng(3)
-    x, labels = rng.normal(size=(230, 6)), rng.integers(0, 3, 230)
     data = tmp_path / "data"
-    data.mkdir()
-    for index, rows in enumerate((slice(0, 100), slice(100, 230))):
-        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 6),
-                          "label": pa.array(labels[rows])})
-        # No statistics, dictionary or compression: one value can change without the footer.
-        pq.write_table(table, str(data / f"part-{index:03d}.parquet"), row_group_size=17, write_statistics=False,
-                       use_dictionary=False, compression="NONE")
+    x, labels = jobs.write_bare_data(data, rows=230, cut=100, row_group=17, seed=3)
     output = tmp_path / "out"
     spec = jobs.job(root, QUANTITIES, shards=6, workers=1, output=str(output))
     spec["data"]["path"] = str(data)

@@ -39,6 +39,8 @@ class PlanFacts:
     route_checks: dict = field(default_factory=dict)
     # Layers with Kronecker factors: (path, d_in, d_out, positions per example, bias).
     factor_layers: tuple = ()
+    # Whether the loss has a predictive distribution to draw labels from (Monte Carlo methods).
+    predictive: bool = True
 
 
 @dataclass

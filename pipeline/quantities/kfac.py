@@ -141,13 +141,21 @@ class Kfac(Quantity):
         return True
 
     def notes(self, options, facts):
+        """The plan's line per layer; refuses ``fisher_type: mc`` for a loss without a predictive
+        distribution to draw labels from."""
+        if options["fisher_type"] == "mc" and not facts.predictive:
+            raise InputError("quantities.kfac: fisher_type mc draws labels from the loss's predictive distribution, "
+                             "and this loss has none (crossentropy and mse have): use fisher_type: empirical or exact")
         return layer_lines(self.name, facts.factor_layers, _bias, "AS")
 
     def cost(self, options, w, m, asked, prepared=None):
         check_widths(self.name, w.factor_layers, _bias, options["max_dimension"])
         columns = {"empirical": 1, "mc": options["samples"], "exact": w.outputs}[options["fisher_type"]]
         main = FORWARD_GRADIENTS + 1.0 + columns * COLUMN_GRADIENTS
-        return factor_cost(self.name, w, m, main, 2, _bias, passes=1 if options["eigen_correction"] else 0)
+        # The EK-FAC pass repeats the factors' passes and adds the rotated products: its time is
+        # counted here (a pass's own unit is one gradient).
+        eigen = options["eigen_correction"]
+        return factor_cost(self.name, w, m, main * (2 if eigen else 1), 2, _bias, passes=1 if eigen else 0)
 
     def _request(self, options, kind="kfac", bases=None) -> KroneckerRequest:
         return KroneckerRequest(kind, fisher_type=options["fisher_type"], samples=options["samples"],
