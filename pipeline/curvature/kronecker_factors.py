@@ -147,6 +147,7 @@ class KroneckerFactors:
         self.core = core
         self._layers = None
         self._positions = None  # per layer, found on the first EK-FAC batch (``_chunk``)
+        self._bases = None  # (the last eigenbases, their digest) (``_digest``)
 
     def layers(self) -> list[tuple[FactorLayer, object]]:
         """The factored layers (``factor_layers``), found once; ``InputError`` when there are
@@ -174,13 +175,11 @@ class KroneckerFactors:
         squared projected gradients (``kfac_eigen``); the divisor ``sum_i s_i`` and positions."""
         dtype = self.core.dtype
         in_specs = self.core.specs(batch.inputs, [])[0]
+        bases = self._digest(request.bases)
         first = True
         for cotangents, row_weights in (columns or [(None, None)]):
             width = 0 if cotangents is None else int(cotangents.shape[1])
             with_inputs = first and request.kind != "kfac_eigen"
-            # The eigenbases are constants of the traced function: a new pass's bases, a new trace.
-            bases = hashlib.sha256(b"".join(np.ascontiguousarray(q).tobytes() for pair in request.bases.values()
-                                            for q in pair)).hexdigest()
             key = ("kronecker", request, bases, width, with_inputs)
             fn = self.core.compiled(key, lambda a, s, u, w: self._sums(a, s, u, w, request, with_inputs),
                                     (in_specs, tf.TensorSpec([None], dtype), tf.TensorSpec([None, width, None], dtype),
@@ -189,8 +188,9 @@ class KroneckerFactors:
             chunk = self._chunk(request, n, batch.inputs)
             for start in range(0, n, chunk):
                 pick = slice(start, start + chunk)
-                u = np.zeros((len(range(n)[pick]), 0, 0)) if cotangents is None else cotangents[pick]
-                w = np.zeros((len(range(n)[pick]), 0)) if row_weights is None else row_weights[pick]
+                rows = min(chunk, n - start)
+                u = np.zeros((rows, 0, 0)) if cotangents is None else cotangents[pick]
+                w = np.zeros((rows, 0)) if row_weights is None else row_weights[pick]
                 whole = chunk >= n  # the pass's own tensors: no second copy of the batch
                 out = fn(batch.x if whole else [batch_tensor(np.asarray(a)[pick], dtype) for a in batch.inputs],
                          batch.s if whole else as_dtype(batch.weight_values[pick], dtype), as_dtype(u, dtype),
@@ -202,6 +202,18 @@ class KroneckerFactors:
         if request.kind != "kfac_eigen":
             total = part.sums.get(request.weight_key, 0.0) + float(np.sum(batch.weight_values))
             part.sums[request.weight_key] = np.asarray(total, dtype=np.float64)
+
+    def _digest(self, bases: dict) -> str:
+        """A digest of EK-FAC's eigenbases, which are constants of the traced function (a new
+        pass's bases, a new trace): computed once per pass's bases, not per batch (they are
+        megabytes), and kept with them so that their ``id`` stays theirs."""
+        if not bases:
+            return ""
+        if self._bases is None or self._bases[0] is not bases:
+            digest = hashlib.sha256(b"".join(np.ascontiguousarray(q).tobytes() for pair in bases.values()
+                                             for q in pair)).hexdigest()
+            self._bases = (bases, digest)
+        return self._bases[1]
 
     def _chunk(self, request: KroneckerRequest, n: int, inputs) -> int:
         """Rows per call: EK-FAC forms ``rows x d_A x d_S`` per-example gradients of each layer
