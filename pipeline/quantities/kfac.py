@@ -108,6 +108,18 @@ def layer_sums(sums: Sums, kind: str, factor: str) -> dict[str, np.ndarray]:
             if key.startswith(prefix) and key.endswith(suffix)}
 
 
+def factor_means(sums: Sums, kind: str, factors: tuple[str, ...]) -> dict | None:
+    """``{factor: {layer path: sum / sum_i s_i, symmetrised}}`` for each of ``factors``, and
+    ``positions``: each layer's positions per example; None when no batch summed ``kind``."""
+    if f"{kind}/weight" not in sums:
+        return None
+    weight = float(sums.raw(f"{kind}/weight"))
+    means = {factor: {path: symmetric(value / weight) for path, value in layer_sums(sums, kind, factor).items()}
+             for factor in factors}
+    means["positions"] = {path: float(p) / weight for path, p in layer_sums(sums, kind, "positions").items()}
+    return means
+
+
 def symmetric(matrix: np.ndarray) -> np.ndarray:
     """``(M + M^T) / 2``: a sum of outer products, symmetric up to float rounding."""
     return (matrix + matrix.T) / 2
@@ -165,19 +177,15 @@ class Kfac(Quantity):
         return {"kronecker": (self._request(options),)}
 
     def finalize(self, options, sums):
-        if "kfac/weight" not in sums:
-            return {}
-        weight = float(sums.raw("kfac/weight"))
-        return {self.name: {
-            "A": {path: symmetric(a / weight) for path, a in layer_sums(sums, "kfac", "A").items()},
-            "S": {path: symmetric(s / weight) for path, s in layer_sums(sums, "kfac", "S").items()},
-            "positions": {path: float(p) / weight for path, p in layer_sums(sums, "kfac", "positions").items()},
-        }}
+        means = factor_means(sums, "kfac", ("A", "S"))
+        return {} if means is None else {self.name: means}
 
     def compute(self, options, context, operator, sums):
         """EK-FAC (``eigen_correction``): one pass over the data with the factors' eigenbases."""
-        result = self.finalize(options, sums).get(self.name)
-        if result is None or not options["eigen_correction"]:
+        if not options["eigen_correction"]:
+            return None
+        result = factor_means(sums, "kfac", ("A", "S"))
+        if result is None:
             return None
         bases = {path: (np.linalg.eigh(result["A"][path])[1], np.linalg.eigh(result["S"][path])[1])
                  for path in result["A"]}

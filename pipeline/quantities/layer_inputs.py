@@ -22,8 +22,8 @@ from __future__ import annotations
 from pipeline.curvature.requests import KroneckerRequest
 from pipeline.options import Option, boolean
 from pipeline.quantities._base import Quantity
-from pipeline.quantities.kfac import (FORWARD_GRADIENTS, MAX_DIMENSION, check_widths, factor_cost, layer_lines,
-                                     layer_sums, symmetric)
+from pipeline.quantities.kfac import (FORWARD_GRADIENTS, MAX_DIMENSION, check_widths, factor_cost, factor_means,
+                                     layer_lines)
 from pipeline.storage import tables
 
 KIND = "layer_inputs"
@@ -52,12 +52,8 @@ class LayerInputs(Quantity):
         return {"kronecker": (KroneckerRequest(KIND, bias=options["bias"]),)}
 
     def finalize(self, options, sums):
-        if f"{KIND}/weight" not in sums:
-            return {}
-        weight = float(sums.raw(f"{KIND}/weight"))
-        moments = {path: symmetric(a / weight) for path, a in layer_sums(sums, KIND, "A").items()}
-        positions = {path: float(p) / weight for path, p in layer_sums(sums, KIND, "positions").items()}
-        return {self.name: {"A": moments, "positions": positions}}
+        means = factor_means(sums, KIND, ("A",))
+        return {} if means is None else {self.name: means}
 
     def manifest(self, options, result):
         return {"layer_positions": result["positions"]}
