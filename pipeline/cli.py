@@ -15,7 +15,7 @@ import sys
 import traceback
 import warnings
 
-from pipeline import __version__, interrupts
+from pipeline import __version__, interrupts, quiet
 from pipeline.errors import ComputeError, InputError, InputWarning, PipelineError
 
 EXAMPLES = {
@@ -28,7 +28,22 @@ EXAMPLES = {
     "validate": """examples:
   hessian-pipeline validate jobs/example.yaml""",
     "show": """examples:
-  hessian-pipeline show results/digits-mlp/date=2026-11-26/run=20261126T070000Z-ab12""",
+  hessian-pipeline show results/digits-mlp/date=2026-11-26/run=20261126T070000Z-ab12
+  hessian-pipeline show --latest results/digits-mlp        # the newest complete run of the job""",
+    "history": """examples:
+  hessian-pipeline history results/digits-mlp
+  hessian-pipeline history results/digits-mlp --format csv > series.csv
+  hessian-pipeline history results/digits-mlp --fail-above 0.2 --plots /tmp/history
+exit status: 0, 1 with --fail-above exceeded between two consecutive runs, 2 input problem""",
+    "export": """examples:
+  hessian-pipeline export RUN_DIR                                   # -> ./NAME-RUN_ID.npz
+  hessian-pipeline export RUN_DIR --out fisher.npz --laplace --prior-precision auto
+  hessian-pipeline export RUN_DIR --format weights --quantity fisher_diagonal --out fisher.weights.h5
+keys: QUANTITY/VARIABLE_PATH (float64, the variable's shape), examples, weight_sum; with --laplace also
+posterior_variance/VARIABLE_PATH and laplace/... (README "Exports")""",
+    "merge": """examples:
+  hessian-pipeline merge --model a.keras --run RUN_A --model b.keras --run RUN_B --out merged.keras
+merged weight = sum_m F_m w_m / sum_m F_m per entry (the plain average where every F is 0)""",
     "submit": """examples:
   hessian-pipeline submit jobs/nightly.yaml --address http://127.0.0.1:8265
   hessian-pipeline submit job.yaml --address http://head:8265 --output s3://bucket/results --gpus 4
@@ -79,7 +94,39 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     show = command("show", "print a run's manifest and summary as readable tables")
-    show.add_argument("run_dir", metavar="RUN_DIR")
+    show.add_argument("run_dir", metavar="RUN_DIR", help="a run's folder; with --latest, a job's folder OUTPUT/NAME")
+    show.add_argument("--latest", action="store_true", help="show the newest complete run under the job's folder")
+
+    history = command("history", "every run of a job over time: loss, trace, eigenvalues, sharpness, diagonal norms")
+    history.add_argument("root", metavar="ROOT", help="a job's results folder, OUTPUT/NAME")
+    history.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                         help="table (aligned text, default), json or csv")
+    history.add_argument("--fail-above", type=float, metavar="RELATIVE_CHANGE",
+                         help="exit 1 when a run-to-run |relative change| of any series exceeds it (0.05 = 5%%)")
+    history.add_argument("--plots", metavar="DIR", help="also write one PNG per series and index.html into DIR")
+
+    export = command("export", "write a run's diagonals for EWC, merging and Laplace (npz, or Keras weights)")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", choices=["npz", "weights"], default="npz",
+                        help="npz (default): QUANTITY/VARIABLE_PATH arrays; weights: one quantity as a Keras "
+                             ".weights.h5")
+    export.add_argument("--out", metavar="FILE", help="default: ./NAME-RUN_ID.npz (or .weights.h5)")
+    export.add_argument("--laplace", action="store_true", help="add the diagonal Laplace approximation "
+                        "(posterior variances, log marginal likelihood)")
+    export.add_argument("--prior-precision", default="auto", metavar="auto|VALUE",
+                        help="the prior precision delta, or auto to maximise the marginal likelihood (default)")
+    export.add_argument("--quantity", metavar="NAME", help="the curvature used: hessian_diagonal, ggn_diagonal or "
+                        "fisher_diagonal (default: ggn, else fisher, else hessian for --laplace; fisher for weights)")
+    export.add_argument("--sigma-noise", type=float, default=1.0, metavar="SIGMA",
+                        help="noise scale of a mean-squared-error likelihood (--laplace; default 1)")
+    export.add_argument("--model", metavar="FILE.keras", help="the run's model file, when it has moved since")
+
+    merge = command("merge", "Fisher-weighted average of same-architecture models, each with its run")
+    merge.add_argument("--model", dest="models", action="append", default=[], metavar="FILE.keras", required=True)
+    merge.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR", required=True)
+    merge.add_argument("--out", metavar="FILE.keras", required=True)
+    merge.add_argument("--quantity", default="fisher_diagonal", metavar="NAME",
+                       help="the weights' curvature (default fisher_diagonal)")
 
     submit = command("submit", "submit the run as a Ray Job to a cluster; streams its logs and exits with its status")
     submit.add_argument("job", metavar="JOB.yaml")
@@ -135,6 +182,8 @@ def _run(args, out, err) -> int:
         if args.workers is not None and args.workers < 1:
             raise InputError(f"--workers must be a positive integer, got {args.workers}: e.g. --workers 2")
         job = load_job(args.job, args.overrides)
+        if job.checkpoints:
+            return _run_series(job, args, run_id, out, err)
         result = run(job, output=args.output, run_id=run_id, address=args.address, workers=args.workers,
                      dry_run=args.dry_run, stream=err, quiet=not args.debug)
     except KeyboardInterrupt:
@@ -153,13 +202,33 @@ def _run(args, out, err) -> int:
     return 0
 
 
+def _run_series(job, args, run_id, out, err) -> int:
+    """``run`` of a job with several checkpoints: one run each; every run directory is printed,
+    the last one last."""
+    from pipeline.driver import run_checkpoints  # lazy: TensorFlow and Ray
+    from pipeline.plan import Plan  # lazy: TensorFlow
+
+    results = run_checkpoints(job, output=args.output, run_id=run_id, address=args.address, workers=args.workers,
+                              dry_run=args.dry_run, stream=err, quiet=not args.debug)
+    for result in results:
+        if isinstance(result, Plan):
+            out.write(result.describe() + "\n")
+        else:
+            out.write(f"loss {result.manifest['loss']:.6g} over {result.manifest['examples']:,} examples\n")
+            out.write(result.run_dir + "\n")
+    return 0
+
+
 def _validate(args, out, err) -> int:
     from pipeline.job import load_job  # lazy: YAML, PyArrow
     from pipeline.plan import make_plan  # lazy: TensorFlow
 
     job = load_job(args.job, args.overrides)
-    plan = make_plan(job, cluster={"CPU": os.cpu_count() or 1})
-    out.write(f"ok: {job.name}: model {plan.parameters:,} parameters, data {plan.data.rows:,} rows in "
+    # A series: every checkpoint is planned (each model loads and must fit the data and quantities).
+    plans = [make_plan(job.checkpoint(k), cluster={"CPU": os.cpu_count() or 1}) for k in range(len(job.checkpoints))]
+    plan = plans[0] if plans else make_plan(job, cluster={"CPU": os.cpu_count() or 1})
+    series = f", {len(plans)} checkpoints (one run each)" if plans else ""
+    out.write(f"ok: {job.name}: model {plan.parameters:,} parameters{series}, data {plan.data.rows:,} rows in "
               f"{len(plan.data.files)} files, quantities {', '.join(job.quantities)}\n")
     for line in plan.cost.describe(plan.workload):
         out.write(f"cost: {line}\n")
@@ -171,7 +240,49 @@ def _validate(args, out, err) -> int:
 def _show(args, out, err) -> int:
     from pipeline.read.show import show_run  # lazy: PyArrow
 
-    out.write(show_run(args.run_dir))
+    out.write(show_run(args.run_dir, latest=args.latest))
+    return 0
+
+
+def _history(args, out, err) -> int:
+    from pipeline.read.history import RENDERERS, history  # lazy: PyArrow
+    from pipeline.read.history_report import write_history_report  # lazy: matplotlib
+
+    if args.fail_above is not None and not args.fail_above >= 0:
+        raise InputError(f"--fail-above must be a relative change >= 0, got {args.fail_above}: e.g. 0.05 for 5%")
+    result = history(args.root)
+    if result.skipped:
+        err.write(f"warning: {len(result.skipped)} folders under {args.root} hold no complete run (skipped)\n")
+    out.write(RENDERERS[args.format](result))
+    if args.plots:
+        report = write_history_report(result, args.plots, args.fail_above)
+        err.write(f"{len(report.plots)} plots in {report.out_dir}: {report.html}\n")
+    if args.fail_above is not None:
+        above = result.above(args.fail_above)
+        if above:
+            date, run, worst = max(above, key=lambda item: abs(item[2].relative_change))
+            err.write(f"drift: {len(above)} run-to-run relative changes above {args.fail_above:g}, the largest "
+                      f"{worst.relative_change:+.3g} ({worst.quantity} at {date} run {run})\n")
+            return 1
+    return 0
+
+
+def _export(args, out, err) -> int:
+    from pipeline.exports.commands import export  # lazy: PyArrow (and Keras with --laplace or weights)
+
+    path = export(args.run_dir, args.format, args.out, laplace=args.laplace, prior_precision=args.prior_precision,
+                  quantity=args.quantity, sigma_noise=args.sigma_noise, model=args.model)
+    out.write(path + "\n")
+    return 0
+
+
+def _merge(args, out, err) -> int:
+    from pipeline.exports.commands import merge  # lazy: Keras and TensorFlow
+
+    if len(args.models) != len(args.runs):
+        raise InputError(f"merge takes one --run per --model: got {len(args.models)} models and {len(args.runs)} "
+                         "runs")
+    out.write(merge(list(zip(args.models, args.runs)), os.path.abspath(args.out), args.quantity) + "\n")
     return 0
 
 
@@ -220,32 +331,14 @@ def _report(args, out, err) -> int:
 
 
 HANDLERS = {"run": _run, "validate": _validate, "show": _show, "submit": _submit, "compare": _compare,
-            "report": _report}
+            "report": _report, "history": _history, "export": _export, "merge": _merge}
 
 
-def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow and Keras with file descriptor 2 pointed at /dev/null.
-
-    Their C++ start-up lines (``oneDNN custom operations are on``, ``Could not find cuda
-    drivers``, ``cuInit`` errors) are written before absl's logging is set up, so
-    ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them; default mode shows only the product's own
-    lines (``--debug`` shows everything). Deliberately lazy: the other commands never need
-    TensorFlow. An import that fails here fails again, visibly, where the command imports it.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        try:
-            import keras  # noqa: F401 - lazy: see the docstring
-            import tensorflow  # noqa: F401 - lazy: see the docstring
-        except Exception:  # noqa: BLE001 - shown below, with stderr restored
-            pass
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def _imports_tensorflow(args) -> bool:
+    """Whether the command loads a Keras model (then TensorFlow is imported first, quietly)."""
+    if args.command == "export":
+        return args.laplace or args.format == "weights"
+    return args.command in ("run", "validate", "merge")
 
 
 @contextlib.contextmanager
@@ -344,20 +437,21 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         return int(exc.code or 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    quiet = args.command == "run" and not args.debug
+    # Commands that load TensorFlow, whose threads print past any setting: their lines go to /dev/null.
+    silenced = (args.command == "run" or _imports_tensorflow(args)) and not args.debug
     held: list[str] = []
     if args.command == "run":
         # Before TensorFlow, pyarrow and Ray create their threads, which inherit this mask and so
         # never take Ctrl-C; the driver releases it once Ray has started (pipeline.interrupts).
         interrupts.hold()
-    with _own_streams(out, err) if quiet else contextlib.nullcontext((out, err)) as (out, err), \
+    with _own_streams(out, err) if silenced else contextlib.nullcontext((out, err)) as (out, err), \
             (contextlib.nullcontext() if args.debug else _product_warnings(held)):
         err = _WarningsFirst(err, held)
         try:
             if args.command == "run":
                 _exit_on_sigterm()
-            if args.command in ("run", "validate") and not args.debug:
-                _import_tensorflow_quietly()
+            if _imports_tensorflow(args) and not args.debug:
+                quiet.import_tensorflow()
             if args.command == "run":
                 _exit_on_sigterm()  # again: TensorFlow's import installs its own handler
             status = HANDLERS[args.command](args, out, err)

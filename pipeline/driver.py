@@ -28,7 +28,7 @@ from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
 from pipeline.plan import Plan, make_plan, new_run_id
 from pipeline.reduce import Sums
-from pipeline.storage.publish import RunPublisher, check_output_location, published
+from pipeline.storage.publish import RunPublisher, check_output_location, published, published_any_date, read_manifest
 from pipeline.storage.staging import PartialStore
 
 
@@ -158,6 +158,40 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             raise ComputeError(f"terminated (SIGTERM); the finished shards are kept: run the same command with "
                                f"--run-id {run_id} to resume") from None
         raise
+    finally:
+        interrupts.release()
+        if owns_ray:
+            connect.shutdown()
+
+
+def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
+                    workers: int | None = None, dry_run: bool = False, stream=None,
+                    quiet: bool = False) -> list[RunResult | Plan]:
+    """One run per checkpoint of a series (``model:`` a list or glob, contract 6.2), in order, on
+    one Ray session: run ``k`` (from 1) is ``RUN_ID-kk`` (``RUN_ID`` given or new). A
+    checkpoint whose run is already published (an interrupted series run again with its
+    ``--run-id``) is not run again: its published run is returned. Each run is ``run``'s, with
+    its own manifest, model path and sha256; ``history`` reads them as a series.
+    """
+    stream = stream or sys.stderr
+    base = run_id or new_run_id(_dt.datetime.now(_dt.timezone.utc))
+    owns_ray = False
+    results: list = []
+    try:
+        if not dry_run or address or os.environ.get("RAY_ADDRESS"):
+            owns_ray = connect.connect(address, quiet)
+        interrupts.release()
+        for k, path in enumerate(job.checkpoints):
+            one, one_id = job.checkpoint(k), f"{base}-{k + 1:02d}"
+            done = None if dry_run else published_any_date(output or job.output, job.name, one_id)
+            stream.write(f"checkpoint {k + 1} of {len(job.checkpoints)}: {path} (run {one_id})"
+                         + (f": published already, at {done}" if done else "") + "\n")
+            if done:
+                results.append(RunResult(run_dir=done, manifest=read_manifest(done), results={}))
+                continue
+            results.append(run(one, output=output, run_id=one_id, address=address, workers=workers, dry_run=dry_run,
+                               stream=stream, quiet=quiet))
+        return results
     finally:
         interrupts.release()
         if owns_ray:

@@ -38,6 +38,8 @@ Extensions to the contract (section 3), documented in README.md:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import glob
 import math
 import os
 import re
@@ -134,6 +136,14 @@ class JobSpec:
     output: str = "results"  # absolute local path or URI
     limits: LimitsSpec = LimitsSpec()
     job_path: str | None = None  # absolute path of the job file, None when built from a dict
+    # A series (contract 6.2, ``model:`` a list or a glob): every checkpoint's path, in order;
+    # ``model`` is then the first. Empty for a job of one model.
+    checkpoints: tuple[str, ...] = ()
+
+    def checkpoint(self, index: int) -> "JobSpec":
+        """The job of one checkpoint of a series: its model, and no series."""
+        return dataclasses.replace(self, model=ModelSpec(path=self.checkpoints[index], builder=None, weights=None),
+                                   checkpoints=())
 
     def to_dict(self) -> dict:
         """The resolved job with the job file's key names, for ``manifest.json``.
@@ -141,8 +151,10 @@ class JobSpec:
         It is JSON-serialisable (tuples become lists) and a valid job itself: dumped to YAML
         and loaded again it gives an equal spec (``job_path`` aside, which is not a job key).
         """
-        if self.model.path is not None:
-            model: Any = self.model.path
+        if self.checkpoints:
+            model: Any = list(self.checkpoints)
+        elif self.model.path is not None:
+            model = self.model.path
         else:
             model = {"builder": self.model.builder, "weights": self.model.weights}
         loss = {"name": self.loss.function or self.loss.name, **copy.deepcopy(self.loss.options)}
@@ -247,7 +259,8 @@ _LIMITS_KEYS = ("hours", "memory_gib", "force")
 def _keys_table() -> dict[str, Key]:
     keys = {
         "name": Key("run name: letters, digits, . _ -", required=True),
-        "model": Key("a .keras file (path or URI), or a mapping with builder and weights",
+        "model": Key("a .keras file (path or URI), a list or glob of them (one run each), or a mapping with builder "
+                     "and weights",
                      required=True),
         "model.builder": Key('"pkg.module:function" returning a Keras model'),
         "model.weights": Key("weights file loaded into the built model", None),
@@ -603,9 +616,11 @@ def parse_job(raw: dict, base_dir: str, job_path: str | None = None) -> JobSpec:
         value = raw.get(key, DEFAULTS[key])
         return check(value, key)
 
+    checkpoints = _checkpoints(raw, base_dir)
     return JobSpec(
         name=name,
-        model=_parse_model(raw, base_dir),
+        model=ModelSpec(path=checkpoints[0], builder=None, weights=None) if checkpoints else _parse_model(raw, base_dir),
+        checkpoints=checkpoints,
         loss=_parse_loss(raw),
         data=_parse_data(raw, base_dir),
         quantities=registry.parse(_required(raw, "quantities", "", "add e.g. quantities: {hessian_diagonal: "
@@ -631,6 +646,30 @@ def _variables(value: Any, key: str) -> str | tuple[str, ...]:
         fail(key, "all or a non-empty list of glob patterns over variable paths", value,
              'write e.g. variables: ["dense_2/*"] (validate lists the model\'s variable paths)')
     return tuple(dict.fromkeys(value))
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _checkpoints(raw: dict, base_dir: str) -> tuple[str, ...]:
+    """``model:`` as a list of ``.keras`` files or a glob of local ones (contract 6.2): every
+    path, resolved, in the list's order (a glob's: sorted by name); ``()`` for one model."""
+    model = raw.get("model")
+    resolve = resolved_path(base_dir, "a .keras file")
+    if isinstance(model, str) and model.endswith(".keras") and _GLOB.search(model) and "://" not in model:
+        pattern = resolve(model, "model")
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            fail("model", "a glob that matches .keras files", model, f"no file matches {pattern}: check the pattern")
+        return tuple(paths)
+    if not isinstance(model, list):
+        return ()
+    if not model or not all(isinstance(m, str) and m.endswith(".keras") for m in model):
+        fail("model", "a non-empty list of .keras files", model, "write e.g. model: [night-1.keras, night-2.keras]")
+    paths = tuple(resolve(m, "model") for m in model)
+    if len(set(paths)) != len(paths):
+        fail("model", "a list of distinct .keras files", model, "list each checkpoint once")
+    return paths
 
 
 def _parse_model(raw: dict, base_dir: str) -> ModelSpec:

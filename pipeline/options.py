@@ -82,6 +82,14 @@ def positive_float(example: float) -> Check:
     return check
 
 
+def optional(check: Check) -> Check:
+    """``check``, or ``None`` (the option is unset)."""
+    def wrapped(value: Any, key: str) -> Any:
+        return None if value is None else check(value, key)
+
+    return wrapped
+
+
 def choice(*allowed: str, example: str | None = None) -> Check:
     def check(value: Any, key: str) -> str:
         if not isinstance(value, str) or value not in allowed:

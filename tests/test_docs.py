@@ -63,3 +63,39 @@ def test_every_command_help_has_examples(command):
 def test_every_job_key_is_in_the_readme():
     missing = [key for key in job_keys() if f"`{key}`" not in README]
     assert not missing, f"README.md's job file table lacks {', '.join(missing)}"
+
+
+def _python_blocks() -> list[tuple[int, str]]:
+    """``(line, code)`` of every ```python block of README.md, in order."""
+    blocks, lines = [], README.splitlines()
+    for number, line in enumerate(lines):
+        if line.strip() == "```python":
+            end = lines.index("```", number + 1)
+            blocks.append((number + 2, "\n".join(lines[number + 1:end])))
+    return blocks
+
+
+def test_the_readme_has_python_snippets():
+    assert len(_python_blocks()) >= 4
+
+
+@pytest.mark.slow
+def test_every_python_snippet_in_the_readme_runs_as_written(tmp_path):
+    """From a copy of ``jobs/``, after README's series command, every ```python block runs in
+    order in a fresh process (each in its own namespace; a failure names its README line)."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = os.path.join(os.path.dirname(__file__), os.pardir)
+    shutil.copytree(os.path.join(repo, "jobs"), tmp_path / "jobs")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    series = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/series.yaml", "--run-id", "s1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert series.returncode == 0, series.stderr
+    script = "\n".join(f"exec(compile({code!r}, 'README.md line {line}', 'exec'), {{'__name__': '__main__'}})"
+                       for line, code in _python_blocks())
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "results" / "merged.keras").exists() and (tmp_path / "results" / "report" / "index.html").exists()

@@ -63,10 +63,38 @@ def build(folder: str, epochs: int = 8) -> None:
     write_dataset(os.path.join(folder, "data"), pixels, labels, weights)
 
 
+def checkpoints(folder: str, count: int = 5, steps: int = 20, learning_rate: float = 0.05) -> list[str]:
+    """A nightly series: the bundled model (``folder/model.keras``) trained ``steps`` more SGD
+    steps (batch 64, plain SGD with ``learning_rate``) before each of ``count`` checkpoints,
+    written to ``folder/checkpoints/night-KK.keras``; returns their paths. Deterministic."""
+    pixels, labels, _ = make_data()
+    keras.utils.set_random_seed(1)
+    model = keras.models.load_model(os.path.join(folder, "model.keras"), compile=False)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    out = os.path.join(folder, "checkpoints")
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for night in range(1, count + 1):
+        start = ((night - 1) * steps * 64) % len(labels)
+        rows = np.arange(start, start + steps * 64) % len(labels)
+        model.fit(pixels[rows].reshape(-1, 8, 8, 1), labels[rows], batch_size=64, epochs=1, verbose=0, shuffle=False)
+        paths.append(os.path.join(out, f"night-{night:02d}.keras"))
+        model.save(paths[-1])
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default="jobs/example")
-    build(parser.parse_args().folder)
+    parser.add_argument("--checkpoints", type=int, metavar="N",
+                        help="instead: write N checkpoints of the folder's model, each trained a few more steps")
+    args = parser.parse_args()
+    if args.checkpoints:
+        for path in checkpoints(args.folder, args.checkpoints):
+            print(path)
+    else:
+        build(args.folder)
 
 
 if __name__ == "__main__":

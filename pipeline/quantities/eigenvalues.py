@@ -10,6 +10,11 @@ variable or per Keras layer), all blocks' Lanczos runs side by side in the same 
 (``pipeline.spectrum.side_by_side``): as many passes as the slowest block, each with every
 block's vectors. Each block's result is that of a run with ``variables:`` set to the block.
 
+With ``learning_rate: eta`` (the optimiser's step size), ``show`` and ``history`` give the
+edge-of-stability ratio ``lambda_max * eta / 2`` beside the top eigenvalue: gradient descent on
+the local quadratic is stable while it is below 1 (Cohen et al. 2021, "Gradient descent on
+neural networks typically occurs at the edge of stability").
+
 Source: Golub and Underwood (1977), block Lanczos; residuals as in ARPACK/scipy ``eigsh``.
 """
 
@@ -18,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import blocks, spectrum
-from pipeline.options import Option, boolean, choice, positive_float, positive_int
+from pipeline.options import Option, boolean, choice, optional, positive_float, positive_int
 from pipeline.quantities._base import Quantity, per_block, per_block_cost
 from pipeline.storage import tables
 
@@ -34,8 +39,17 @@ class Eigenvalues(Quantity):
         "tol": Option(positive_float(1e-6), 1e-6, "convergence tolerance on the residual"),
         "vectors": Option(boolean, False, "also publish the unit eigenvectors (eigenvectors.parquet)"),
         "blocks": blocks.OPTION,
+        "learning_rate": Option(optional(positive_float(0.01)), None,
+                                "the training learning rate eta: show and history then give the sharpness "
+                                "lambda_max * eta / 2 (>= 1: at the edge of stability)"),
     }
     files = ("eigenvalues.parquet", "eigenvectors.parquet")
+
+    def parse(self, options, where, base_dir):
+        parsed = super().parse(options, where, base_dir)
+        if parsed["learning_rate"] is None:
+            del parsed["learning_rate"]  # unset is absent: a job without it resolves, and publishes, as before
+        return parsed
 
     def notes(self, options, facts):
         return [f"eigenvalues: passes and time are counted at the iteration limit ({options['iterations']}); "

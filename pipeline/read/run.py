@@ -15,6 +15,7 @@ use and kept; a run directory may be local or a URI (``s3://``, ``gs://``, ``fil
 
 from __future__ import annotations
 
+import html
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -108,6 +109,26 @@ class Run:
     @property
     def files(self) -> list[str]:
         return list(self.manifest.get("files", []))
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The job's ``quantities.eigenvalues.learning_rate`` (``None`` when not given)."""
+        options = ((self.manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues") or {}
+        rate = options.get("learning_rate")
+        return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
+
+    def sharpness(self) -> dict[str, float]:
+        """``{block: lambda_max * eta / 2}``, the edge-of-stability ratio of gradient descent with
+        step ``eta`` (Cohen et al. 2021; >= 1: the step is at or past the edge), for a run whose job
+        gave ``quantities.eigenvalues.learning_rate: eta`` and asked for the ``largest`` or
+        ``magnitude`` eigenvalues; ``{}`` otherwise."""
+        rate = self.learning_rate
+        options = ((self.manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues") or {}
+        if rate is None or not self.has("eigenvalues") or options.get("which", "largest") == "smallest":
+            return {}
+        frame = self.eigenvalues
+        return {block: float(part["eigenvalue"].max()) * rate / 2.0
+                for block, part in frame.groupby("block", sort=False)}
 
     def has(self, table: str) -> bool:
         """Whether the run published ``table`` (``"spectrum"`` or ``"spectrum.parquet"``)."""
@@ -313,6 +334,20 @@ class Run:
             raise InputError(f"run {self.run_id} has no variable {name!r} (variables: "
                              f"{', '.join(shapes)})")
         return Variable(name, shapes[name], {q: self.arrays(q)[name] for q in self.quantities()})
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the run's facts, then its summary (``__all__`` rows) when it has one."""
+        facts = [("run", self.run_id), ("directory", self.run_dir), ("job", self.name),
+                 ("examples", self.manifest.get("examples")), ("loss", f"{self.loss:.6g}"),
+                 ("parameters", self.parameters),
+                 ("tables", ", ".join(f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet")))]
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                       f"{html.escape(str(v))}</td></tr>" for k, v in facts)
+        text = f"<table>{rows}</table>"
+        if self.has("summary"):
+            summary = self.summary
+            text += summary[summary["variable"] == ALL].to_html(index=False)
+        return text
 
     def __repr__(self) -> str:
         tables = [f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet")]

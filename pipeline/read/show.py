@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.blocks import ALL
+from pipeline.read.history import latest_run
 from pipeline.read.run import Run
 
 # A table without a layout of its own here is shown in full up to this many rows.
@@ -35,13 +36,15 @@ def _per_block(rows: list[dict]) -> int:
     return int(any(r["block"] != ALL for r in rows))
 
 
-def show_run(run_dir: str) -> str:
-    """The run as text: manifest facts, then one table per result file present."""
-    run = Run(run_dir)
+def show_run(run_dir: str, latest: bool = False) -> str:
+    """The run as text: manifest facts, then one table per result file present. With
+    ``latest``, ``run_dir`` is a job's folder and the newest complete run under it is shown."""
+    run = Run(latest_run(run_dir) if latest else run_dir)
     manifest = run.manifest
     variables = ", ".join(f"{v['name']} {tuple(v['shape'])}" for v in manifest.get("variables", []))
     facts = [
-        ("run", manifest.get("run_id")), ("date", manifest.get("date")), ("status", manifest.get("status")),
+        ("run", manifest.get("run_id")), ("directory", run.run_dir), ("date", manifest.get("date")),
+        ("status", manifest.get("status")),
         ("job", manifest.get("job", {}).get("name")), ("model", manifest.get("model", {}).get("path")),
         ("model sha256", manifest.get("model", {}).get("sha256")),
         ("data", f"{manifest.get('data', {}).get('rows')} rows, fingerprint "
@@ -75,6 +78,11 @@ def show_run(run_dir: str) -> str:
         text += "\neigenvalues\n" + _table(
             [[r["block"]] * blocked + [r["rank"], _number(r["eigenvalue"]), _number(r["residual"])] for r in rows],
             ["block"] * blocked + ["rank", "eigenvalue", "residual"], text_columns=blocked)
+        sharpness = run.sharpness()
+        if sharpness:
+            text += (f"\nsharpness lambda_max * lr / 2 (lr {run.learning_rate:g}; >= 1: the edge of stability)\n"
+                     + _table([[b] * blocked + [_number(v)] for b, v in sharpness.items()],
+                              ["block"] * blocked + ["sharpness"], text_columns=blocked))
     present = []
     if "hvp.parquet" in files:
         vectors = len({r["vector"] for r in read("hvp.parquet", ["vector"])})  # K x P rows: one column read

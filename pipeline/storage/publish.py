@@ -66,6 +66,21 @@ def published(output_root: str, name: str, date: str, run_id: str) -> bool:
         return False
 
 
+def published_any_date(output_root: str, name: str, run_id: str) -> str | None:
+    """The directory of run ``run_id`` of job ``name`` published on any date, or ``None``."""
+    try:
+        filesystem, fs_root = resolve_filesystem(output_root_of(output_root))
+        job_dir = f"{fs_root.rstrip('/')}/{name}"
+        dates = filesystem.get_file_info(pafs.FileSelector(job_dir, allow_not_found=True))
+        for info in sorted(dates, key=lambda i: i.path):
+            date = posixpath.basename(info.path)
+            if date.startswith("date=") and published(output_root, name, date[len("date="):], run_id):
+                return run_dir(output_root_of(output_root), name, date[len("date="):], run_id)
+    except (pa.ArrowException, OSError, InputError):
+        return None
+    return None
+
+
 def _location(path: str) -> tuple[str, str]:
     """``(filesystem kind, path)`` to compare locations: local paths with their links resolved."""
     fs, inner = resolve_filesystem(path)

@@ -1,0 +1,134 @@
+"""``export RUN --format npz``: a run's per-parameter quantities as one ``.npz`` (contract 6.3).
+
+Keys: ``QUANTITY/VARIABLE_PATH`` (``fisher_diagonal/dense/kernel``), each a float64 array of the
+variable's shape, for every diagonal quantity the run computed (``hessian_diagonal``,
+``ggn_diagonal``, ``fisher_diagonal``, ``gradient``); ``examples`` (int64 scalar, N) and
+``weight_sum`` (float64 scalar, ``sum_i s_i``: N for unweighted data). The values are means over
+the data (the run's own normalisation): ``N * F`` is the sum that EWC and Laplace use.
+
+With ``laplace`` (``pipeline.exports.laplace``), also ``posterior_variance/VARIABLE_PATH`` and
+the scalars ``laplace/prior_precision``, ``laplace/log_marginal_likelihood``, ``laplace/quantity``
+(the curvature used) and the curve ``laplace/grid/prior_precision``,
+``laplace/grid/log_marginal_likelihood``.
+
+``numpy.load(FILE)`` reads it; the file is written to a temporary name beside ``FILE`` and
+renamed, so that it is whole or absent. Cost: reading ``diagonals.parquet``; no TensorFlow
+unless ``laplace`` (which loads the run's model for ``w*``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.exports import laplace as laplace_math
+from pipeline.quantities.registry import DIAGONAL_COLUMNS
+from pipeline.read.run import Run
+from pipeline.storage.publish import published_run_around
+
+# The curvature a Laplace approximation uses when none is named: laplace-torch's default first.
+LAPLACE_QUANTITIES = ("ggn_diagonal", "fisher_diagonal", "hessian_diagonal")
+CURVATURE = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal")
+
+
+def per_variable(run: Run) -> list[str]:
+    """The run's quantities that are shaped like the variables (its diagonals and gradient)."""
+    return [q for q in run.quantities() if q in DIAGONAL_COLUMNS]
+
+
+def arrays(run: Run, quantities: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``{"QUANTITY/VARIABLE_PATH": array of the variable's shape, "examples": N, "weight_sum": W}``."""
+    present = per_variable(run)
+    wanted = present if quantities is None else list(quantities)
+    missing = [q for q in wanted if q not in present]
+    if missing or not wanted:
+        raise InputError(f"run {run.run_id} has no {', '.join(missing) or 'per-parameter quantity'} (it has: "
+                         f"{', '.join(present) or 'none'}): add e.g. fisher_diagonal to the job and run it again")
+    out: dict[str, np.ndarray] = {}
+    for quantity in wanted:
+        for name, array in run.arrays(quantity).items():
+            out[f"{quantity}/{name}"] = np.asarray(array, dtype=np.float64)
+    out["examples"] = np.asarray(int(run.manifest.get("examples", 0)), dtype=np.int64)
+    out["weight_sum"] = np.asarray(weight_sum(run), dtype=np.float64)
+    return out
+
+
+def weight_sum(run: Run) -> float:
+    """``sum_i s_i`` (runs published before the manifest kept it: the example count)."""
+    return float(run.manifest.get("weight_sum", run.manifest.get("examples", 0)))
+
+
+def laplace_quantity(run: Run, quantity: str | None) -> str:
+    """The curvature a Laplace approximation of ``run`` uses: ``quantity``, else the first of
+    ``LAPLACE_QUANTITIES`` the run has."""
+    present = per_variable(run)
+    if quantity is not None:
+        if quantity not in CURVATURE:
+            raise InputError(f"--quantity must be one of {', '.join(CURVATURE)}, got {quantity!r}")
+        if quantity not in present:
+            raise InputError(f"run {run.run_id} has no {quantity} (it has: {', '.join(present) or 'none'}): add it to "
+                             "the job and run it again")
+        return quantity
+    for candidate in LAPLACE_QUANTITIES:
+        if candidate in present:
+            return candidate
+    raise InputError(f"run {run.run_id} has no curvature diagonal for a Laplace approximation (it has: "
+                     f"{', '.join(present) or 'none'}): add ggn_diagonal or fisher_diagonal to the job")
+
+
+def laplace_arrays(run: Run, weights: dict[str, np.ndarray], like: laplace_math.Likelihood,
+                   prior_precision: float | str = "auto", quantity: str | None = None) -> dict[str, np.ndarray]:
+    """The Laplace entries of the export: ``weights`` maps each of the run's variables to ``w*``."""
+    quantity = laplace_quantity(run, quantity)
+    curvature = run.arrays(quantity)
+    missing = [name for name in curvature if name not in weights]
+    if missing:
+        raise InputError(f"the model has no variable {missing[0]!r} of run {run.run_id}: give the run's own model")
+    flat_w = np.concatenate([np.asarray(weights[name], np.float64).reshape(-1) for name in curvature])
+    flat_f = np.concatenate([curvature[name].reshape(-1) for name in curvature])
+    fitted = laplace_math.fit(flat_f, flat_w, run.loss, weight_sum(run), like, prior_precision)
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for name, array in curvature.items():
+        out[f"posterior_variance/{name}"] = fitted.posterior_variance[start:start + array.size].reshape(array.shape)
+        start += array.size
+    out["laplace/prior_precision"] = np.asarray(fitted.prior_precision)
+    out["laplace/log_marginal_likelihood"] = np.asarray(fitted.log_marginal_likelihood)
+    out["laplace/quantity"] = np.asarray(quantity)
+    out["laplace/grid/prior_precision"] = fitted.grid_prior_precision
+    out["laplace/grid/log_marginal_likelihood"] = fitted.grid_log_marginal_likelihood
+    return out
+
+
+def default_out(run: Run, suffix: str = ".npz") -> str:
+    """``./NAME-RUN_ID.npz`` in the working directory: a published run is never written to."""
+    return os.path.abspath(f"{run.name}-{run.run_id}{suffix}")
+
+
+def writable_out(out: str, run: Run) -> str:
+    """``out`` made absolute; ``InputError`` when it is inside a published run or its folder is missing."""
+    out = os.path.abspath(os.path.expanduser(out))
+    inside = published_run_around(os.path.dirname(out))
+    if inside is not None:
+        raise InputError(f"{out} is inside the published run {inside}, which is never written to: choose another "
+                         "--out")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise InputError(f"folder {os.path.dirname(out)} does not exist: create it or choose another --out")
+    return out
+
+
+def write_npz(values: dict[str, np.ndarray], out: str) -> str:
+    """Writes ``values`` to ``out`` (uncompressed ``.npz``) whole or not at all."""
+    handle, temporary = tempfile.mkstemp(prefix=".export-", suffix=".npz", dir=os.path.dirname(out))
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **values)
+        os.replace(temporary, out)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return out
