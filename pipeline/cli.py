@@ -173,7 +173,6 @@ def _parser() -> argparse.ArgumentParser:
 # `report` never import TensorFlow or Ray, and `--help` or a bad argument costs no import at all.
 def _run(args, out, err) -> int:
     from pipeline.driver import run  # lazy: TensorFlow and Ray
-    from pipeline.job import load_job  # lazy: YAML, PyArrow
     from pipeline.plan import Plan, new_run_id  # lazy: TensorFlow
 
     # Chosen here, so that an interrupted run's message can name it (the driver would choose the same).
@@ -181,7 +180,7 @@ def _run(args, out, err) -> int:
     try:
         if args.workers is not None and args.workers < 1:
             raise InputError(f"--workers must be a positive integer, got {args.workers}: e.g. --workers 2")
-        job = load_job(args.job, args.overrides)
+        job = args.spec
         if job.checkpoints:
             return _run_series(job, args, run_id, out, err)
         result = run(job, output=args.output, run_id=run_id, address=args.address, workers=args.workers,
@@ -220,10 +219,9 @@ def _run_series(job, args, run_id, out, err) -> int:
 
 
 def _validate(args, out, err) -> int:
-    from pipeline.job import load_job  # lazy: YAML, PyArrow
     from pipeline.plan import make_plan  # lazy: TensorFlow
 
-    job = load_job(args.job, args.overrides)
+    job = args.spec
     # A series: every checkpoint is planned (each model loads and must fit the data and quantities).
     plans = [make_plan(job.checkpoint(k), cluster={"CPU": os.cpu_count() or 1}) for k in range(len(job.checkpoints))]
     plan = plans[0] if plans else make_plan(job, cluster={"CPU": os.cpu_count() or 1})
@@ -450,6 +448,12 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         try:
             if args.command == "run":
                 _exit_on_sigterm()
+            if args.command in ("run", "validate"):
+                # The job file first: a YAML or key error is reported in 0.2 s, before TensorFlow's
+                # 3 s import. Lazy: the other commands never read a job file.
+                from pipeline.job import load_job
+
+                args.spec = load_job(args.job, args.overrides)
             if _imports_tensorflow(args) and not args.debug:
                 quiet.import_tensorflow()
             if args.command == "run":
