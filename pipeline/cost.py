@@ -130,6 +130,8 @@ class QuantityCost:
     driver_bytes: float = 0.0
     seconds: float = 0.0
     blocks: tuple[BlockCost, ...] = ()  # per block, when it runs on several blocks of H
+    # The cheaper way to the same number, named first when this quantity is the one over a limit.
+    remedy: str = ""
 
 
 #: Blocks the plan lists per quantity; the rest are summed up in one line.
@@ -299,28 +301,34 @@ def check(cost: Cost, budget: Budget, limits, workers: int, gpus: bool) -> None:
     """Refuses a plan over its limits (``InputError`` with the numbers and the way out)."""
     if limits.force:
         return
-    way_out = "use fewer probes, vectors or iterations, a smaller data.batch_size"
     force = "or set limits.force=true to run anyway"
+
+    def way_out(size) -> str:
+        top = max(cost.quantities, key=size, default=None)
+        remedy = f"{top.remedy}, or " if top is not None and size(top) > 0 and top.remedy else ""
+        return remedy + "use fewer probes, vectors or iterations, a smaller data.batch_size"
+
     if budget.worker_bytes is not None and cost.worker_bytes > budget.worker_bytes:
         raise InputError(f"each worker would need about {gib(cost.worker_bytes)} "
                          f"({_largest(cost, lambda q: q.worker_bytes, gib)}), more than the "
-                         f"{gib(budget.worker_bytes)} {budget.source}: {way_out}, {force}")
+                         f"{gib(budget.worker_bytes)} {budget.source}: {way_out(lambda q: q.worker_bytes)}, {force}")
     if budget.driver_bytes is not None and cost.driver_bytes > budget.driver_bytes:
         raise InputError(f"the driver would need about {gib(cost.driver_bytes)} "
                          f"({_largest(cost, lambda q: q.driver_bytes, gib)}), more than the "
-                         f"{gib(budget.driver_bytes)} {budget.source}: {way_out}, {force}")
+                         f"{gib(budget.driver_bytes)} {budget.source}: {way_out(lambda q: q.driver_bytes)}, {force}")
     together = cost.driver_bytes + workers * cost.worker_bytes
     if budget.machine_bytes is not None and together > budget.machine_bytes:
         share = _largest(cost, lambda q: q.driver_bytes + workers * q.worker_bytes, gib)
         raise InputError(
             f"the driver and {workers} workers would need about {gib(together)} together ({gib(cost.worker_bytes)} "
             f"per worker, {gib(cost.driver_bytes)} in the driver; {share}), more than the "
-            f"{gib(budget.machine_bytes)} {budget.source}: {way_out}, fewer --workers, {force}")
+            f"{gib(budget.machine_bytes)} {budget.source}: "
+            f"{way_out(lambda q: q.driver_bytes + workers * q.worker_bytes)}, fewer --workers, {force}")
     if not gpus and cost.seconds > limits.hours * 3600:
         raise InputError(
             f"the run would take about {_duration(cost.seconds)} ({cost.passes:,} passes over the data; "
             f"{_largest(cost, lambda q: q.seconds, _duration)}), more than limits.hours={limits.hours:g}: "
-            f"{way_out}, more workers, a larger limits.hours, {force}")
+            f"{way_out(lambda q: q.seconds)}, more workers, a larger limits.hours, {force}")
 
 
 def _largest(cost: Cost, size, shown) -> str:

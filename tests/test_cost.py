@@ -214,3 +214,20 @@ def test_layer_rules_in_calls_of_fewer_rows_cost_each_call():
     one, four = (registry.estimate(exact, w, MEASURED).quantities[0].seconds for w in (whole, split))
     per_call = WORK.batches * MEASURED.gradient_seconds * (cost.LAYER_RULE_FORWARD + 10 * cost.LAYER_RULE_COLUMN)
     assert four - one == pytest.approx(3 * per_call)
+
+
+@pytest.mark.parametrize("quantities, remedy", [
+    ({"hessian_diagonal": {"method": "exact"}}, "set quantities.hessian_diagonal.method=hutchinson"),
+    ({"hessian_diagonal": {"method": "hutchinson", "probes": 50}}, None),
+])
+def test_a_refusal_names_the_cheaper_method_of_the_quantity_over_the_limit(quantities, remedy):
+    """The memory refusal of an exact diagonal first names Hutchinson (the same number, estimated,
+    at a vector's memory per probe), not only smaller batches; a Hutchinson diagonal is not told so."""
+    estimate = registry.estimate(quantities, WORK, MEASURED)
+    tight = cost.Budget(worker_bytes=estimate.worker_bytes - 1, source="x allows")
+    with pytest.raises(InputError) as refused:
+        cost.check(estimate, tight, LimitsSpec(), workers=2, gpus=False)
+    message = str(refused.value)
+    assert ("method=hutchinson" in message) == (remedy is not None)
+    if remedy:
+        assert message.index(remedy) < message.index("a smaller data.batch_size")

@@ -70,8 +70,11 @@ class GgnDiagonal(Quantity):
         products = w.outputs if options.get("method") == "exact" else int(options.get("samples", 1))
         main, held = cost.per_example(w, m, products)
         held += 8 * w.batch_size * w.outputs * (w.outputs + 2)  # output derivatives and their Hessians
+        exact = options.get("method") == "exact" and w.outputs > 1
         return cost.QuantityCost(self.name, main=main, worker_bytes=held,
-                                 driver_bytes=2 * cost.diagonal_driver_bytes(w))
+                                 driver_bytes=2 * cost.diagonal_driver_bytes(w),
+                                 remedy="set quantities.ggn_diagonal.method=mc (one sampled label per example "
+                                        f"instead of {w.outputs} output columns)" if exact else "")
 
     def request(self, options, context):
         return {"ggn_diagonal": options["method"], "ggn_samples": options["samples"]}

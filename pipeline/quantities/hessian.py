@@ -70,7 +70,10 @@ class Hessian(Quantity):
         return cost.QuantityCost(self.name, main=main, worker_bytes=held, driver_bytes=6 * squares,
                                  blocks=tuple(cost.BlockCost(block.name, block.size, block.size,
                                                              6 * 8.0 * block.size ** 2) for block in named)
-                                 if len(named) > 1 else ())
+                                 if len(named) > 1 else (),
+                                 remedy=("set quantities.hessian.blocks=layer (one block per layer) or narrow "
+                                         "variables: to the layers you need") if options.get("blocks", "full") == "full"
+                                 else "narrow variables: to the layers you need")
 
     def request(self, options, context):
         return {"hessian_blocks": tuple(block.members for block in context.blocks(options["blocks"]))}

@@ -132,7 +132,10 @@ class HessianDiagonal(Quantity):
                 f"an exact Hessian diagonal of {w.parameters:,} parameters over {w.batches:,} batches needs "
                 f"{total:,.0f} Hessian-vector products (days of compute): use hessian_diagonal: "
                 "{method: hutchinson}, or set quantities.hessian_diagonal.force=true")
-        return cost.QuantityCost(self.name, main=main, worker_bytes=held, driver_bytes=cost.diagonal_driver_bytes(w))
+        return cost.QuantityCost(self.name, main=main, worker_bytes=held, driver_bytes=cost.diagonal_driver_bytes(w),
+                                 remedy="set quantities.hessian_diagonal.method=hutchinson (an unbiased estimate with "
+                                        "its standard error: probes=20 costs about 20 Hessian-vector products per "
+                                        "row, a vector's memory per probe)")
 
     def request(self, options, context):
         if options["method"] == "exact":
