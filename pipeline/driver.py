@@ -23,6 +23,7 @@ from pipeline import __version__, faults, interrupts, memory
 from pipeline.quantities import registry
 from pipeline.cluster import connect
 from pipeline.cluster.pool import StartedWorkers, WorkerPool
+from pipeline.cluster.progress import PassProgress
 from pipeline.cluster.processes import local_ray_processes
 from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
@@ -42,11 +43,12 @@ class RunResult:
 class HessianOperator:
     """``V [K, P] -> (H V^T)^T`` over the whole dataset: one pass per call."""
 
-    def __init__(self, pool: WorkerPool, regularization: bool, stream):
+    def __init__(self, pool: WorkerPool, regularization: bool, stream, planned_passes: int = 0):
         self.pool = pool
         self.regularization = regularization
         self.stream = stream
         self.calls = 0
+        self.progress = PassProgress(stream, planned_passes)
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
@@ -62,16 +64,20 @@ class HessianOperator:
     def kronecker(self, request) -> Sums:
         """One pass summing a ``KroneckerRequest`` over the data (EK-FAC's projected per-example
         gradients): the reduced sums. Data loss only: no regularization term."""
-        self.calls += 1
-        work = BatchWork(gradient=False, kronecker=(request,))
-        return self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False).sums()
+        return self._reduce(BatchWork(gradient=False, kronecker=(request,)), regularization=False)
 
     def _pass(self, work: BatchWork, key: str) -> np.ndarray:
+        return self._reduce(work, self.regularization).mean(key)
+
+    def _reduce(self, work: BatchWork, regularization: bool) -> Sums:
         self.calls += 1
+        started = time.perf_counter()
         reducer = self.pool.map_shards("compute", work, f"pass {self.pool.passes + 1}", self.stream, show=False)
-        if self.regularization:
+        if regularization:
             reducer.add_regularization(self.pool.call_one("regularization", work))
-        return reducer.sums().mean(key)
+        sums = reducer.sums()
+        self.progress.update(time.perf_counter() - started)
+        return sums
 
 
 def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
@@ -231,8 +237,12 @@ def _compute(plan: Plan, pool: WorkerPool, stream, store=None) -> tuple[dict, di
                          "positive weight, or drop data.weights")
     sums: Sums = reducer.sums()
     results = registry.finalize(sums, job.quantities)
-    operator = HessianOperator(pool, job.include_regularization, stream)
-    results.update(registry.compute(job.quantities, context, operator, sums))
+    operator = HessianOperator(pool, job.include_regularization, stream,
+                               planned_passes=plan.cost.passes - 1 if plan.cost is not None else 0)
+    try:
+        results.update(registry.compute(job.quantities, context, operator, sums))
+    finally:
+        operator.progress.close()
     return results, {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
 
 

@@ -181,3 +181,20 @@ def test_a_block_over_max_parameters_is_refused_at_plan_time(tmp_path):
     ok = load_job(jobs.job(tmp_path, {"hessian": {"blocks": "variable", "max_parameters": 40}}))
     plan = make_plan(ok, cluster={"CPU": 1})
     assert [q.name for q in plan.cost.quantities] == ["hessian"] and plan.cost.quantities[0].worker_bytes > 0
+
+
+def test_a_large_block_is_pooled_to_readable_cells_keeping_sign_and_magnitude():
+    """A 2,080-wide block drawn into a few hundred pixels read as noise (rows dropped): pooled,
+    each cell is the largest-magnitude entry of its tile, sign kept, so no entry is lost."""
+    from pipeline.read.report import HEAT_CELLS, pooled
+
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(2080, 2080)) * 1e-3
+    matrix[1000, 7] = -5.0  # one entry far larger than the rest, negative
+    cells, k = pooled(matrix)
+    assert k == 10 and cells.shape == (208, 208) == (HEAT_CELLS, HEAT_CELLS)
+    assert cells[1000 // k, 7 // k] == -5.0
+    tile = matrix[:k, :k]
+    assert cells[0, 0] == tile.flat[np.abs(tile).argmax()]
+    small = rng.normal(size=(30, 30))
+    assert pooled(small)[1] == 1 and pooled(small)[0] is small

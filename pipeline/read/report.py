@@ -264,23 +264,57 @@ def hessian_spectrum(run: Run, block: str) -> tuple[np.ndarray, np.ndarray]:
     return matrix, np.linalg.eigvalsh(matrix)
 
 
+#: A heat map shows at most this many cells a side: a larger block is pooled (k x k parameters per
+#: cell, the entry of largest magnitude, sign kept), since drawing 2,080 rows into ~270 pixels
+#: drops most of them and reads as noise.
+HEAT_CELLS = 208
+
+
+def pooled(matrix: np.ndarray, cells: int = HEAT_CELLS) -> tuple[np.ndarray, int]:
+    """``(matrix pooled to at most cells x cells, k)``: each cell the largest-magnitude entry (its
+    sign kept) of a ``k x k`` tile; ``k = 1`` for a block of at most ``cells`` parameters."""
+    size = matrix.shape[0]
+    k = max(1, -(-size // cells))
+    if k == 1:
+        return matrix, 1
+    padded = np.zeros((-(-size // k) * k,) * 2)
+    padded[:size, :size] = matrix
+    n = padded.shape[0] // k
+    tiles = padded.reshape(n, k, n, k).transpose(0, 2, 1, 3).reshape(n, n, k * k)
+    return np.take_along_axis(tiles, np.abs(tiles).argmax(axis=2)[..., None], axis=2)[..., 0], k
+
+
 @_default_style
 def plot_hessian(run: Run, block: str = "__all__", spectrum: tuple[np.ndarray, np.ndarray] | None = None):
     """One dense Hessian block: a heat map on a symmetric log colour scale (linear below 1e-4 of
-    its largest entry, so that signs and orders of magnitude both show) and the histogram of its
-    eigenvalues. ``spectrum``: ``hessian_spectrum(run, block)`` when the caller has it already
-    (an eigendecomposition of a 10,000-parameter block takes minutes)."""
+    its largest entry, so that signs and orders of magnitude both show), pooled to at most
+    ``HEAT_CELLS`` cells a side (``pooled``), with the block's variables marked by lines and
+    named on the axis; and the histogram of its eigenvalues. ``spectrum``:
+    ``hessian_spectrum(run, block)`` when the caller has it already (an eigendecomposition of a
+    10,000-parameter block takes minutes)."""
     matrix, eigenvalues = spectrum if spectrum is not None else hessian_spectrum(run, block)
     size = matrix.shape[0]
     scale = max(float(np.abs(matrix).max()), 1e-300)
+    cells, k = pooled(matrix)
     figure = _figure()
-    heat, counts = figure.subplots(1, 2, width_ratios=[1.0, 1.1])
-    image = heat.imshow(matrix, cmap="RdBu_r", interpolation="nearest",
+    heat, counts = figure.subplots(1, 2, width_ratios=[1.25, 1.0])
+    extent = (-0.5, size - 0.5, size - 0.5, -0.5)  # axes in parameters, whatever the pooling
+    image = heat.imshow(cells, cmap="RdBu_r", interpolation="nearest", extent=extent,
                         norm=SymLogNorm(linthresh=1e-4 * scale, vmin=-scale, vmax=scale))
     ticks = [sign * scale * 10.0 ** -power for sign in (-1, 1) for power in (0, 2, 4)] + [0.0]
-    figure.colorbar(image, ax=heat, shrink=0.85, ticks=sorted(ticks), format="%.1e")
-    heat.set_title(f"H of {block} ({size:,} x {size:,})", fontsize=9)
-    heat.set_xlabel("parameter (block order)")
+    figure.colorbar(image, ax=heat, shrink=0.85, ticks=sorted(ticks), format="%.0e")
+    names = run.block("hessian", block)["variable"].tolist()  # each row's variable, in block order
+    bounds = [i for i in range(1, len(names)) if names[i] != names[i - 1]]
+    for edge in bounds:
+        heat.axhline(edge - 0.5, color="#333333", linewidth=0.6)
+        heat.axvline(edge - 0.5, color="#333333", linewidth=0.6)
+    starts = [0, *bounds]
+    if 1 < len(starts) <= 12:
+        middles = [(a + b) / 2 for a, b in zip(starts, [*bounds, size])]
+        heat.set_yticks(middles, [names[a] for a in starts], fontsize=6)
+    pooling = f", {k} x {k} per cell (largest |entry|)" if k > 1 else ""
+    heat.set_title(f"H of {block} ({size:,} x {size:,}{pooling})", fontsize=8)
+    heat.set_xlabel("parameter (block order; lines: variables)", fontsize=8)
     counts.hist(eigenvalues, bins=min(BINS, max(10, size // 2)), color=RUN_COLOR)
     counts.set_yscale("log")
     counts.set_xlabel("eigenvalue")
