@@ -31,6 +31,7 @@ from pipeline.plan import Plan, make_plan, new_run_id
 from pipeline.reduce import Sums
 from pipeline.storage.publish import RunPublisher, check_output_location, published, published_any_date, read_manifest
 from pipeline.storage.staging import PartialStore
+from pipeline.storage.uri import as_submitted
 
 
 @dataclass
@@ -273,7 +274,8 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "run_id": plan.run_id,
         "date": plan.date,
         "status": "complete",
-        "job": job.to_dict(),
+        # The output root the run used (an --output given overrides the job file's).
+        "job": {**_as_submitted(job.to_dict()), "output": plan.output},
         "examples": int(extra["examples"]),
         "weight_sum": float(extra["weight_sum"]),
         "loss": float(results["loss"]),
@@ -291,9 +293,10 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "finished_at": _now(),
         "seconds": round(finished - started, 3),
         "versions": _versions(),
-        "model": {"path": job.model.path or job.model.builder, "weights": job.model.weights,
+        "model": {"path": as_submitted(job.model.path) or job.model.builder, "weights": as_submitted(job.model.weights),
                   "sha256": plan.model_sha256},
-        "data": {"files": list(plan.data.files), "rows": plan.data.rows, "fingerprint": plan.data.fingerprint},
+        "data": {"files": [as_submitted(f) for f in plan.data.files], "rows": plan.data.rows,
+                 "fingerprint": plan.data.fingerprint},
         # The plan's estimate beside what the run measured, so that a wrong estimate shows.
         "estimate": plan.cost.as_dict() if plan.cost is not None else None,
         "memory": {"worker_peak_bytes": list(extra.get("worker_peak_bytes", [])),
@@ -301,6 +304,18 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         # The quantities' own entries (layer_inputs and kfac: each layer's positions per example).
         **registry.manifest(job.quantities, results),
     }
+
+
+def _as_submitted(job: dict) -> dict:
+    """The resolved job with its model, weights and data paths as the submitting user names them."""
+    if isinstance(job.get("model"), dict):
+        job["model"]["weights"] = as_submitted(job["model"].get("weights"))
+    elif isinstance(job.get("model"), list):
+        job["model"] = [as_submitted(p) for p in job["model"]]
+    else:
+        job["model"] = as_submitted(job.get("model"))
+    job["data"]["path"] = as_submitted(job["data"]["path"])
+    return job
 
 
 def _write_tables(publisher, plan: Plan, results: dict, manifest: dict) -> None:

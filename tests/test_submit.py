@@ -211,6 +211,11 @@ def test_submit_end_to_end(head, project, tmp_path):
     assert run_dir.startswith(str(output / "submit-test" / "date=")) and run_dir.endswith("run=e2e-1")
     manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
     assert manifest["status"] == "complete" and manifest["examples"] == 90
+    # the user's paths, not Ray's temporary copy of the uploaded folder
+    assert manifest["model"]["path"] == str(project / "model.keras"), manifest["model"]
+    assert manifest["job"]["data"]["path"].startswith(str(project))
+    copies = [f"{k}.{j}: {w}" for k, v in manifest.items() if isinstance(v, dict) for j, w in v.items() if "runtime_resources" in json.dumps(w)]
+    assert not copies, copies
     assert "submitted e2e-1" in done.stderr  # the logs were streamed
     # Ray's own client lines (`INFO dashboard_sdk.py:... -- Uploading package gcs://...`) only with --debug.
     assert "Uploading" not in done.stderr and " INFO " not in done.stderr, done.stderr[:3000]
@@ -321,3 +326,20 @@ def test_a_head_lost_while_following_a_job_ends_with_one_message(head, monkeypat
     with pytest.raises(ComputeError, match=r"lost contact with the cluster for 3 s while job outlived was running"):
         submitting.follow(client, job, open(os.devnull, "w"), poll_s=0.5)
     assert time.monotonic() - began < 120
+
+
+def test_paths_inside_the_uploaded_folder_are_recorded_as_the_user_names_them(tmp_path, monkeypatch):
+    """On the cluster the run's working directory is Ray's copy of the uploaded folder: the
+    manifest maps paths inside it back to the user's folder (submit sets the variable)."""
+    from pipeline.storage.uri import SUBMITTED_FROM, as_submitted
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_1234"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert as_submitted(str(copy / "model.keras")) == str(copy / "model.keras")  # not submitted: as it is
+    monkeypatch.setenv(SUBMITTED_FROM, "/home/me/project")
+    assert as_submitted(str(copy / "model.keras")) == "/home/me/project/model.keras"
+    assert as_submitted(str(copy / "data")) == "/home/me/project/data"
+    assert as_submitted(str(tmp_path / "elsewhere.keras")) == str(tmp_path / "elsewhere.keras")
+    assert as_submitted("s3://bucket/model.keras") == "s3://bucket/model.keras"
+    assert as_submitted(None) is None

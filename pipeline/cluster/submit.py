@@ -49,6 +49,7 @@ from pipeline import faults
 from pipeline.errors import ComputeError, InputError
 from pipeline.job import load_job
 from pipeline.storage import layout
+from pipeline.storage.uri import SUBMITTED_FROM
 
 try:  # what Ray's own packaging of a working directory uses to read .gitignore/.rayignore
     from ray._private.thirdparty.pathspec import PathSpec
@@ -252,7 +253,8 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         # Not TF_CPP_MIN_LOG_LEVEL: the driver's ray.init sets it, and Ray refuses a job whose
         # runtime env sets the same variable as its driver's.
         # Fault injection (tests only, off unless set) reaches the driver on the cluster.
-        "env_vars": {"PYTHONUNBUFFERED": "1", **faults.environment()},
+        # The manifest then records the user's paths, not Ray's copy of the folder (uri.as_submitted).
+        "env_vars": {"PYTHONUNBUFFERED": "1", SUBMITTED_FROM: working_dir, **faults.environment()},
     }
     metadata = {"hessian_pipeline_job": job.name, "job_file": os.path.relpath(job_path, working_dir)}
     return Submission(submission_id, entrypoint, runtime_env, metadata, working_dir, command=shown, output=target,

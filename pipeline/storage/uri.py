@@ -111,3 +111,21 @@ def local_copy(path: str, what: str = "model file") -> str:
     except Exception as exc:  # noqa: BLE001 - any failure to read a user's URI is their input
         raise InputError(f"{what} {path} cannot be read ({exc}): check the URI and credentials") from None
     return local
+
+
+# Set by `submit` to the folder it uploads, as the user's machine names it: on the cluster the
+# run's working directory is Ray's copy of that folder (a temporary runtime-env path).
+SUBMITTED_FROM = "HESSIAN_PIPELINE_SUBMITTED_FROM"
+
+
+def as_submitted(path):
+    """``path`` as the user who submitted the run knows it: a local path inside the run's working
+    directory (Ray's temporary copy of the uploaded folder) is mapped back into the folder the
+    user uploaded; every other path, URIs and local runs' paths, is returned as it is."""
+    origin = os.environ.get(SUBMITTED_FROM)
+    if not origin or not isinstance(path, str) or is_uri(path):
+        return path
+    here = os.getcwd().rstrip(os.sep)
+    if path == here or path.startswith(here + os.sep):
+        return origin.rstrip(os.sep) + path[len(here):]
+    return path
