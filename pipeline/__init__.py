@@ -13,6 +13,7 @@ def run(job, *, overrides=(), output=None, run_id=None, address=None, workers=No
         from pipeline import quiet as quietly  # lazy: keeps `import pipeline` cheap
 
         quietly.import_tensorflow()
+        quietly.silence_tensorflow_logger()
     from pipeline.api import run as run_job  # lazy: TensorFlow and Ray
 
     return run_job(job, overrides=overrides, output=output, run_id=run_id, address=address, workers=workers,

@@ -82,7 +82,8 @@ class HessianOperator:
 
 
 def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
-        workers: int | None = None, dry_run: bool = False, stream=None, quiet: bool = False) -> RunResult | Plan:
+        workers: int | None = None, dry_run: bool = False, stream=None, quiet: bool = False,
+        warm_start: tuple[str, dict] | None = None) -> RunResult | Plan:
     """Runs ``job`` (a ``JobSpec``) and publishes its results; returns the run.
 
     With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
@@ -90,6 +91,8 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     are found before any worker starts. Called again with the ``run_id`` of an interrupted
     run, it resumes: the shards staged by ``pipeline.storage.staging`` are not computed again,
     and the run keeps its original start date (docs/failures.md). ``quiet``: Ray logs errors only.
+    ``warm_start``: ``(run id, {block: Ritz vectors})`` of the previous checkpoint of a series,
+    where Lanczos starts (recorded in the manifest as ``warm_start``).
     """
     stream = stream or sys.stderr
     connect.STOPPED.clear()
@@ -132,7 +135,9 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             try:
                 pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None, started=early_workers)
                 try:
-                    results, extra = _compute(plan, pool, stream, store)
+                    results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None)
+                    if warm_start:
+                        extra["warm_start"] = warm_start[0]
                     extra["worker_peak_bytes"] = pool.peak_memory()
                 finally:
                     pool.close()
@@ -188,6 +193,7 @@ def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None
         if not dry_run or address or os.environ.get("RAY_ADDRESS"):
             owns_ray = connect.connect(address, quiet)
         interrupts.release()
+        start = None  # the previous checkpoint's (run id, Ritz vectors): Lanczos' warm start
         for k, path in enumerate(job.checkpoints):
             one, one_id = job.checkpoint(k), f"{base}-{k + 1:02d}"
             done = None if dry_run else published_any_date(output or job.output, job.name, one_id)
@@ -195,14 +201,25 @@ def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None
                          + (f": published already, at {done}" if done else "") + "\n")
             if done:
                 results.append(RunResult(run_dir=done, manifest=read_manifest(done), results={}))
+                start = None
                 continue
             results.append(run(one, output=output, run_id=one_id, address=address, workers=workers, dry_run=dry_run,
-                               stream=stream, quiet=quiet))
+                               stream=stream, quiet=quiet, warm_start=start))
+            start = _ritz_vectors(results[-1])
         return results
     finally:
         interrupts.release()
         if owns_ray:
             connect.shutdown()
+
+
+def _ritz_vectors(result) -> tuple[str, dict] | None:
+    """``(run id, {block: Ritz vectors [k, block size]})`` of a run's eigenvalues, if it has any."""
+    if not isinstance(result, RunResult):
+        return None
+    found = {block.name: r.eigenvectors for block, r in result.results.get("eigenvalues") or []
+             if getattr(r, "eigenvectors", None) is not None}
+    return (result.manifest["run_id"], found) if found else None
 
 
 def _pause_after_publish() -> None:
@@ -220,11 +237,12 @@ def _drop_if_published(store, publisher) -> None:
         store.remove()
 
 
-def _compute(plan: Plan, pool: WorkerPool, stream, store=None) -> tuple[dict, dict]:
+def _compute(plan: Plan, pool: WorkerPool, stream, store=None, warm_start: dict | None = None) -> tuple[dict, dict]:
     """The main pass (every quantity's per-batch sums, staged shard by shard so that it can be
     resumed), then each quantity's driver-side algorithm over passes of HVPs."""
     job = plan.job
     context = plan.context(stream)
+    context.warm_start = dict(warm_start or {})
     work = registry.main_request(job.quantities, context)
     reducer = pool.map_shards("compute", work, job.name, stream, store=store)
     if job.include_regularization:
@@ -289,6 +307,8 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "resumed_shards": len(extra.get("resumed_shards", [])),
         # Which ones: those whose input the workers proved unchanged (the others were computed again).
         "resumed_shard_indices": [int(i) for i in extra.get("resumed_shards", [])],
+        # A series: the run whose eigenvectors started this run's Lanczos (None: a random start).
+        **({"warm_start": extra["warm_start"]} if extra.get("warm_start") else {}),
         "started_at": started_at,
         "finished_at": _now(),
         "seconds": round(finished - started, 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -30,3 +31,9 @@ def import_tensorflow() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def silence_tensorflow_logger() -> None:
+    """TensorFlow's Python logger at ERROR: its retracing warnings (a model planned once per
+    checkpoint traces its functions again) are advice to the product, not to its user."""
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -29,6 +29,7 @@ CASES = [
     (["startup_bench.py"], "in-process loop, same work (whole process)"),
     (["probes_bench.py", "--probes", "2,3", "--rows", "16"], "largest worker peak / smallest"),
     (["large_bench.py", "--only", "gradient", "--rows", "8", "--batch", "8"], "gradient "),
+    (["series_bench.py", "--quick"], "passes after the first checkpoint, warm / cold"),
 ]
 
 

@@ -341,3 +341,25 @@ def test_traces_of_small_blocks_are_exact_when_the_products_cover_them(size, pro
         result = estimator(operator, size, probes, seed=3)
         assert result.estimate == pytest.approx(np.trace(matrix), abs=1e-12), estimator.__name__
         assert result.stderr == 0.0 and result.matvecs == operator.matvecs <= probes
+
+
+def test_lanczos_warm_started_from_a_nearby_matrix_needs_fewer_passes_and_finds_the_same_eigenvalues():
+    """A series of checkpoints: H changes a little from night to night. Started from the last
+    night's Ritz vectors, Lanczos converges in fewer passes to the same eigenvalues (within the
+    reported residuals) as from a random start."""
+    from pipeline.spectrum.lanczos import top_eigenvalues
+
+    rng = np.random.default_rng(0)
+    size = 300
+    q, _ = np.linalg.qr(rng.normal(size=(size, size)))
+    spectrum = np.concatenate([[10.0, 8.0, 7.0, 5.0, 4.5], rng.uniform(0, 1, size - 5)])
+    yesterday = (q * spectrum) @ q.T
+    noise = rng.normal(size=(size, size)) * 1e-3
+    today = yesterday + (noise + noise.T) / 2
+    before = top_eigenvalues(lambda v: v @ yesterday, size, top=3, tol=1e-8, iterations=200)
+    cold = top_eigenvalues(lambda v: v @ today, size, top=3, tol=1e-8, iterations=200)
+    warm = top_eigenvalues(lambda v: v @ today, size, top=3, tol=1e-8, iterations=200, start=before.eigenvectors)
+    assert cold.converged and warm.converged
+    np.testing.assert_allclose(warm.eigenvalues, cold.eigenvalues, atol=float(np.max(cold.residuals + warm.residuals)))
+    np.testing.assert_allclose(warm.eigenvalues, np.linalg.eigvalsh(today)[::-1][:3], rtol=1e-7)
+    assert warm.passes < cold.passes

@@ -52,6 +52,9 @@ class Context:
     # Arrays prepared at plan time, by quantity name (``Quantity.prepare``): the HVP vectors.
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     log: TextIO | None = None
+    # A series of checkpoints: the previous checkpoint's Ritz vectors by block of H ([k, block
+    # size]), Lanczos' start block (``eigenvalues``); empty otherwise.
+    warm_start: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:

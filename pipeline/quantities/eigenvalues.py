@@ -10,6 +10,10 @@ variable or per Keras layer), all blocks' Lanczos runs side by side in the same 
 (``pipeline.spectrum.side_by_side``): as many passes as the slowest block, each with every
 block's vectors. Each block's result is that of a run with ``variables:`` set to the block.
 
+In a series of checkpoints (``model:`` a list or glob) Lanczos of each checkpoint starts from
+the previous checkpoint's Ritz vectors (``Context.warm_start``): fewer passes when they changed
+little, the same eigenvalues within the residuals.
+
 With ``learning_rate: eta`` (the optimiser's step size), ``show`` and ``history`` give the
 edge-of-stability ratio ``lambda_max * eta / 2`` beside the top eigenvalue: gradient descent on
 the local quadratic is stable while it is below 1 (Cohen et al. 2021, "Gradient descent on
@@ -65,9 +69,13 @@ class Eigenvalues(Quantity):
         return per_block_cost(self.name, options, w, m, one)
 
     def compute(self, options, context, operator, sums):
+        def start(block):
+            vectors = context.warm_start.get(block.name)
+            return vectors if vectors is not None and vectors.shape[-1] == block.size else None
+
         results = per_block(options, context, operator, lambda block: spectrum.top_eigenvalues_steps(
             block.size, top=min(options["top"], block.size), which=options["which"],
-            iterations=options["iterations"], tol=options["tol"], seed=context.seed))
+            iterations=options["iterations"], tol=options["tol"], seed=context.seed, start=start(block)))
         for block, result in results:
             where = "" if block.name == blocks.ALL else f" of block {block.name}"
             context.say(f"eigenvalues{where} ({options['which']}): {np.array2string(result.eigenvalues, precision=6)}")

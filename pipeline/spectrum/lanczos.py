@@ -94,7 +94,8 @@ def _block_tridiagonal(diagonal: list[np.ndarray], below: list[np.ndarray]) -> n
 
 def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "largest",
                     iterations: int = 100, tol: float = 1e-6, seed: int = 0,
-                    block: int | None = None, eigenvectors: bool = True) -> EigenResult:
+                    block: int | None = None, eigenvectors: bool = True,
+                    start: np.ndarray | None = None) -> EigenResult:
     """The ``top`` extreme eigenvalues of the symmetric ``H`` (``size x size``) by block Lanczos.
 
     ``matvec(V)`` returns ``H V`` row by row (``V`` is ``[K, size]``; one call = one pass over the
@@ -111,7 +112,11 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     (and about ``residual**2 / gap`` when it is separated from the rest of the spectrum).
 
     Block size ``b = block`` or ``default_block(top)``. The start block is ``b`` Gaussian
-    vectors ``(seed, EIGENVALUE_STREAM, k)``, ``k = 0..b-1``. When part of the new block
+    vectors ``(seed, EIGENVALUE_STREAM, k)``, ``k = 0..b-1``; with ``start`` (``[k, size]``, e.g.
+    the Ritz vectors of a previous checkpoint of the same model) its first ``min(k, b)`` rows
+    replace the first random ones: a warm start, which needs fewer steps when the wanted
+    eigenvectors changed little and gives the same eigenvalues (the stopping rule and the
+    residuals do not depend on the start). When part of the new block
     vanishes (an invariant subspace: H of low rank, or ``size`` reached) those directions are
     deflated and replaced by fresh seeded random vectors orthogonal to the basis, so a
     rank-deficient ``H`` gives its nonzero eigenvalues and exact zeros. Once the basis spans
@@ -126,12 +131,12 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     >>> np.round(result.eigenvalues, 6).tolist(), result.converged
     ([100.0, 99.0, 98.0], True)
     """
-    return drive(top_eigenvalues_steps(size, top, which, iterations, tol, seed, block, eigenvectors), matvec)
+    return drive(top_eigenvalues_steps(size, top, which, iterations, tol, seed, block, eigenvectors, start), matvec)
 
 
 def top_eigenvalues_steps(size: int, top: int = 5, which: str = "largest", iterations: int = 100,
                           tol: float = 1e-6, seed: int = 0, block: int | None = None,
-                          eigenvectors: bool = True) -> Steps[EigenResult]:
+                          eigenvectors: bool = True, start: np.ndarray | None = None) -> Steps[EigenResult]:
     """``top_eigenvalues`` step by step (``pipeline.spectrum._base.Steps``): yields each block of
     vectors to multiply by ``H`` and returns the ``EigenResult``."""
     size, top, iterations = int(size), int(top), int(iterations)
@@ -152,7 +157,11 @@ def top_eigenvalues_steps(size: int, top: int = 5, which: str = "largest", itera
 
     # Vectors this small after orthogonalisation are rounding noise, not new directions.
     fresh_floor = 1e-10 * np.sqrt(size)
-    current, _ = orthonormal_rows(draw(0, width), fresh_floor)
+    initial = draw(0, width)
+    if start is not None:
+        start = np.asarray(start, dtype=np.float64).reshape(-1, size)[:width]
+        initial[:len(start)] = start / np.maximum(np.linalg.norm(start, axis=1, keepdims=True), 1e-300)
+    current, _ = orthonormal_rows(initial, fresh_floor)
     drawn = width
     basis: list[np.ndarray] = []
     diagonal: list[np.ndarray] = []
