@@ -343,3 +343,23 @@ def test_paths_inside_the_uploaded_folder_are_recorded_as_the_user_names_them(tm
     assert as_submitted(str(tmp_path / "elsewhere.keras")) == str(tmp_path / "elsewhere.keras")
     assert as_submitted("s3://bucket/model.keras") == "s3://bucket/model.keras"
     assert as_submitted(None) is None
+
+
+def test_a_series_of_checkpoints_travels_whole(project, tmp_path):
+    """``model:`` a glob: every checkpoint is checked to be inside the uploaded folder and the
+    cluster's run gets them all, as a list relative to the job file (not the first alone)."""
+    from pipeline.job import load_job
+
+    nights = project / "nights"
+    nights.mkdir(exist_ok=True)
+    for k in (1, 2):
+        (nights / f"night-{k}.keras").write_bytes((project / "model.keras").read_bytes())
+    spec = yaml.safe_load((project / "job.yaml").read_text())
+    spec["model"] = "nights/night-*.keras"
+    (project / "series.yaml").write_text(yaml.safe_dump(spec))
+    sub = prepare_submission(str(project / "series.yaml"), output=str(tmp_path / "out"))
+    argv = shlex.split(sub.command)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert 'model=["nights/night-1.keras", "nights/night-2.keras"]' in sets
+    again = load_job(str(project / "series.yaml"), sets)
+    assert again.checkpoints == (str(nights / "night-1.keras"), str(nights / "night-2.keras"))

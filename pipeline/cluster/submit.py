@@ -167,7 +167,9 @@ def _yaml_value(text: str) -> str:
 def _local_inputs(job) -> list[tuple[str, str]]:
     """(``--set`` key, absolute local path) of every local input of the job."""
     inputs = []
-    if job.model.path:
+    if job.checkpoints:  # a series: every checkpoint travels (``model[k]``, set back as one list)
+        inputs += [(f"model[{k}]", path) for k, path in enumerate(job.checkpoints)]
+    elif job.model.path:
         inputs.append(("model", job.model.path))
     if job.model.weights:
         inputs.append(("model.weights", job.model.weights))
@@ -199,6 +201,7 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         raise InputError(f"the job file {job_file} is outside --working-dir {working_dir}: it must travel with it")
     job_dir = os.path.dirname(job_path)
     sets = list(overrides)
+    series: list[str] = []
     for key, path in _local_inputs(job):
         local = path[len("file://"):] if path.startswith("file://") else path
         prefix = _literal_prefix(local)
@@ -213,7 +216,12 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
             raise InputError(f"{key} {local} is matched by {os.path.join(working_dir, ignored)}, so Ray would not "
                              f"upload it: add '!{relative}' there, or use object storage (s3://...)")
         # Relative to the job file, as the job file's own relative paths are, on the cluster too.
+        if key.startswith("model["):
+            series.append(os.path.relpath(local, job_dir).replace(os.sep, "/"))
+            continue
         sets.append(f"{key}={_yaml_value(os.path.relpath(local, job_dir).replace(os.sep, '/'))}")
+    if series:
+        sets.append(f"model={json.dumps(series)}")
 
     target = output or job.output
     if "://" not in target:

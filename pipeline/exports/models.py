@@ -8,14 +8,12 @@ merge would silently mix two models).
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 
 from pipeline.curvature.losses import FAMILIES
 from pipeline.curvature.model import load_model
 from pipeline.errors import InputError
+from pipeline.exports.files import written_whole
 from pipeline.job import ModelSpec
 from pipeline.read.run import Run
 from pipeline.storage.uri import local_copy, sha256
@@ -70,17 +68,9 @@ def assign(model, values: dict[str, np.ndarray]) -> None:
 def save_model(model, out: str, weights_only: bool = False) -> str:
     """Saves ``model`` (``.keras``, or its weights: ``.weights.h5``) to ``out``, written under a
     temporary name in the same folder and renamed, so that ``out`` is whole or absent."""
-    suffix = ".weights.h5" if weights_only else ".keras"
-    handle, temporary = tempfile.mkstemp(prefix=".hessian-pipeline-", suffix=suffix, dir=os.path.dirname(out))
-    os.close(handle)
-    try:
+    with written_whole(out, ".weights.h5" if weights_only else ".keras") as temporary:
         if weights_only:
             model.save_weights(temporary, overwrite=True)
         else:
             model.save(temporary, overwrite=True)
-        os.replace(temporary, out)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return out

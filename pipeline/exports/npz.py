@@ -19,12 +19,12 @@ unless ``laplace`` (which loads the run's model for ``w*``).
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.exports import laplace as laplace_math
+from pipeline.exports.files import written_whole
 from pipeline.quantities.registry import DIAGONAL_COLUMNS
 from pipeline.read.run import Run
 from pipeline.storage.publish import published_run_around
@@ -122,13 +122,6 @@ def writable_out(out: str, run: Run) -> str:
 
 def write_npz(values: dict[str, np.ndarray], out: str) -> str:
     """Writes ``values`` to ``out`` (uncompressed ``.npz``) whole or not at all."""
-    handle, temporary = tempfile.mkstemp(prefix=".export-", suffix=".npz", dir=os.path.dirname(out))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **values)
-        os.replace(temporary, out)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with written_whole(out, ".npz") as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, **values)
     return out
