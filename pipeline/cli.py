@@ -122,8 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--model", metavar="FILE.keras", help="the run's model file, when it has moved since")
 
     merge = command("merge", "Fisher-weighted average of same-architecture models, each with its run")
-    merge.add_argument("--model", dest="models", action="append", default=[], metavar="FILE.keras", required=True)
-    merge.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR", required=True)
+    merge.add_argument("--model", dest="models", action="append", default=[], metavar="FILE.keras", required=True,
+                       help="a model to merge (repeat: one per model, each followed by its --run)")
+    merge.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR", required=True,
+                       help="the run of the --model before it, which holds its Fisher diagonal (repeat)")
     merge.add_argument("--out", metavar="FILE.keras", required=True)
     merge.add_argument("--quantity", default="fisher_diagonal", metavar="NAME",
                        help="the weights' curvature (default fisher_diagonal)")
@@ -238,22 +240,31 @@ def _validate(args, out, err) -> int:
 def _show(args, out, err) -> int:
     from pipeline.read.show import show_run  # lazy: PyArrow
 
-    out.write(show_run(args.run_dir, latest=args.latest))
+    if args.latest:
+        from pipeline.read.history import ordered_runs, skipped_warning  # lazy: PyArrow
+
+        runs, skipped = ordered_runs(args.run_dir)
+        if skipped:
+            err.write(skipped_warning(skipped) + "\n")
+        out.write(show_run(runs[-1].run_dir))
+        return 0
+    out.write(show_run(args.run_dir))
     return 0
 
 
 def _history(args, out, err) -> int:
-    from pipeline.read.history import RENDERERS, history  # lazy: PyArrow
+    from pipeline.read.history import RENDERERS, history, skipped_warning  # lazy: PyArrow
     from pipeline.read.history_report import write_history_report  # lazy: matplotlib
 
     if args.fail_above is not None and not args.fail_above >= 0:
         raise InputError(f"--fail-above must be a relative change >= 0, got {args.fail_above}: e.g. 0.05 for 5%")
     result = history(args.root)
     if result.skipped:
-        err.write(f"warning: {len(result.skipped)} folders under {args.root} hold no complete run (skipped)\n")
+        err.write(skipped_warning(result.skipped) + "\n")
+    # The plots first: a bad --plots is an input error with nothing on stdout.
+    report = write_history_report(result, args.plots, args.fail_above) if args.plots else None
     out.write(RENDERERS[args.format](result))
-    if args.plots:
-        report = write_history_report(result, args.plots, args.fail_above)
+    if report is not None:
         err.write(f"{len(report.plots)} plots in {report.out_dir}: {report.html}\n")
     if args.fail_above is not None:
         above = result.above(args.fail_above)

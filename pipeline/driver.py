@@ -31,7 +31,8 @@ from pipeline.plan import Plan, make_plan, new_run_id
 from pipeline.reduce import Sums
 from pipeline.storage.publish import RunPublisher, check_output_location, published, published_any_date, read_manifest
 from pipeline.storage.staging import PartialStore
-from pipeline.storage.uri import as_submitted
+from pipeline.storage.layout import plain_name
+from pipeline.storage.uri import as_submitted, sha256
 
 
 @dataclass
@@ -187,6 +188,7 @@ def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None
     """
     stream = stream or sys.stderr
     base = run_id or new_run_id(_dt.datetime.now(_dt.timezone.utc))
+    plain_name(f"{base}-01", "run id", "--run-id")  # before any line of the series
     owns_ray = False
     results: list = []
     try:
@@ -197,6 +199,8 @@ def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None
         for k, path in enumerate(job.checkpoints):
             one, one_id = job.checkpoint(k), f"{base}-{k + 1:02d}"
             done = None if dry_run else published_any_date(output or job.output, job.name, one_id)
+            if done:
+                _same_checkpoint(done, path)
             stream.write(f"checkpoint {k + 1} of {len(job.checkpoints)}: {path} (run {one_id})"
                          + (f": published already, at {done}" if done else "") + "\n")
             if done:
@@ -211,6 +215,14 @@ def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None
         interrupts.release()
         if owns_ray:
             connect.shutdown()
+
+
+def _same_checkpoint(run_dir: str, path: str) -> None:
+    """A published run of a series stands for its checkpoint only while the file is unchanged."""
+    recorded = (read_manifest(run_dir).get("model") or {}).get("sha256")
+    if recorded and recorded != sha256(path):
+        raise InputError(f"checkpoint {path} changed since run {run_dir} was published from it (sha256 "
+                         f"{sha256(path)[:12]}, the run's {recorded[:12]}): run the series with a new --run-id")
 
 
 def _ritz_vectors(result) -> tuple[str, dict] | None:

@@ -87,11 +87,28 @@ def test_npz_export_holds_every_diagonal_shaped_like_its_variable(runs, tmp_path
             np.testing.assert_array_equal(saved[f"{quantity}/{name}"], array)
     assert int(saved["examples"]) == 120 and float(saved["weight_sum"]) == pytest.approx(run.manifest["weight_sum"])
     assert sorted(os.listdir(tmp_path)) == ["a.npz"]  # no temporary left beside it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "a.npz").st_mode & 0o777 == 0o666 & ~umask  # as any new file, not private
 
 
 def test_export_refuses_an_output_inside_the_run_and_a_missing_quantity(runs, tmp_path):
     run = runs["a"]
+    (tmp_path / "folder").mkdir()
     for argv, message in (
+            (("export", run.run_dir, "--out", str(tmp_path / "folder")), "is a folder"),
+            (("export", run.run_dir, "--out", str(tmp_path) + "/"), "is a folder"),
+            (("export", run.run_dir, "--out", str(tmp_path / "x.h5")), "must end with .npz"),
+            (("export", run.run_dir, "--format", "weights", "--out", str(tmp_path / "x.npz")),
+             "must end with .weights.h5"),
+            (("export", run.run_dir, "--prior-precision", "3", "--out", str(tmp_path / "x.npz")),
+             "--prior-precision apply only with --laplace"),
+            (("export", run.run_dir, "--quantity", "bogus", "--model", "m.keras", "--out", str(tmp_path / "x.npz")),
+             "--quantity, --model apply only with --laplace"),
+            (("export", run.run_dir, "--laplace", "--sigma-noise", "-1", "--out", str(tmp_path / "x.npz")),
+             "--sigma-noise must be a positive number"),
+            (("export", run.run_dir, "--laplace", "--model", "README.md", "--out", str(tmp_path / "x.npz")),
+             "--model README.md is not a .keras file"),
             (("export", run.run_dir, "--out", os.path.join(run.run_dir, "x.npz")), "inside the published run"),
             (("export", run.run_dir, "--out", str(tmp_path / "no" / "x.npz")), "does not exist"),
             (("export", run.run_dir, "--laplace", "--quantity", "hessian_diagonal", "--out", str(tmp_path / "x.npz")),
@@ -102,7 +119,7 @@ def test_export_refuses_an_output_inside_the_run_and_a_missing_quantity(runs, tm
               "--out", str(tmp_path / "x.npz")), "is not the one run a measured")):
         status, out, err = cli(*argv)
         assert status == 2 and out == "" and err.count("\n") == 1 and message in err, err
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["folder"] and os.listdir(tmp_path / "folder") == []
 
 
 def test_laplace_equals_the_closed_form_of_a_linear_gaussian_model(runs, tmp_path):
@@ -189,6 +206,14 @@ def test_merge_refuses_other_architectures_and_unpaired_arguments(runs, tmp_path
               "--run", runs["b"].run_dir), "is not the one run b measured")):
         status, out, err = cli("merge", *argv, "--out", str(tmp_path / "m.keras"))
         assert status == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    before = (root / "b.keras").read_bytes()
+    for argv, message in (
+            (("--out", str(root / "b.keras")), "is one of the inputs"),
+            (("--out", str(tmp_path / "m.h5")), "must end with .keras")):
+        status, out, err = cli("merge", "--model", str(root / "a.keras"), "--run", runs["a"].run_dir, "--model",
+                               str(root / "b.keras"), "--run", runs["b"].run_dir, *argv)
+        assert status == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    assert (root / "b.keras").read_bytes() == before
     assert not os.path.exists(tmp_path / "m.keras")
 
 

@@ -128,11 +128,16 @@ def test_per_block_series_and_sharpness_from_the_learning_rate(tmp_path):
 def test_show_latest_shows_the_newest_complete_run(nights):
     half = nights / "date=2026-12-09" / "run=crashed"
     half.mkdir(parents=True)  # a run being published, or one that crashed: no manifest
+    warning = (f"warning: 1 folder holds no complete run (no manifest.json, or a damaged or incomplete one), "
+               f"skipped: {half}\n")
     status, out, err = cli("show", "--latest", str(nights))
-    assert status == 0 and err == ""
+    assert status == 0 and err == warning
     assert out.splitlines()[0].split() == ["run", "n4"]
     status, _, err = cli("history", str(nights))
-    assert status == 0 and err == f"warning: 1 folders under {nights} hold no complete run (skipped)\n"
+    assert status == 0 and err == warning
+    (nights / "date=2026-12-04" / "run=n4" / "manifest.json").write_text("{not json")  # damaged: skipped, named
+    status, out, err = cli("show", "--latest", str(nights))
+    assert status == 0 and out.splitlines()[0].split() == ["run", "n3"] and "run=n4" in err and "2 folders" in err
 
 
 @pytest.mark.parametrize("where, message", [
@@ -156,6 +161,12 @@ def _png_size(path) -> tuple[int, int]:
         head = handle.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", head[16:24])
+
+
+def test_a_bad_plots_folder_is_an_error_before_any_output(nights, tmp_path):
+    (tmp_path / "file").write_text("x")
+    status, out, err = cli("history", str(nights), "--plots", str(tmp_path / "file"))
+    assert status == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: cannot create plots folder")
 
 
 def test_history_plots_one_png_per_series_and_a_page(nights, tmp_path):
@@ -212,6 +223,11 @@ def test_a_nightly_series_of_five_checkpoints_gives_a_history(tmp_path):
     status, again, err = cli("run", str(folder / "series.yaml"), "--run-id", "s", "--workers", "1")
     assert status == 0 and err.count("published already") == 5
     assert [line for line in again.splitlines() if "run=" in line] == dirs
+    # a checkpoint changed since its run was published: refused, never shown as the old numbers
+    checkpoints[-1].write_bytes(checkpoints[-2].read_bytes())
+    status, again, err = cli("run", str(folder / "series.yaml"), "--run-id", "s", "--workers", "1")
+    assert status == 2 and again == "" and err.splitlines()[-1].startswith("error: checkpoint ")
+    assert "changed since run" in err and err.count("error:") == 1
 
 
 def test_a_model_list_or_glob_is_checked_at_load(tmp_path):

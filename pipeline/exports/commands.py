@@ -6,6 +6,7 @@ The Keras parts are imported only when a step needs a model (deliberately lazy):
 
 from __future__ import annotations
 
+import math
 import os
 
 from pipeline.errors import InputError
@@ -42,8 +43,17 @@ def export(run, format: str = "npz", out: str | None = None, *, laplace: bool = 
             prior_precision = float(prior_precision)
         except (TypeError, ValueError):
             raise InputError(f"--prior-precision must be a positive number or auto, got {prior_precision!r}") from None
+    if not (math.isfinite(sigma_noise) and sigma_noise > 0):
+        raise InputError(f"--sigma-noise must be a positive number, got {sigma_noise}: e.g. --sigma-noise 1")
+    if format == "npz" and not laplace:
+        given = [flag for flag, value, default in (("--prior-precision", prior_precision, "auto"),
+                                                   ("--sigma-noise", sigma_noise, 1.0), ("--quantity", quantity, None),
+                                                   ("--model", model, None)) if value != default]
+        if given:
+            raise InputError(f"{', '.join(given)} apply only with --laplace or --format weights: add --laplace, or "
+                             "leave them out")
     suffix = ".npz" if format == "npz" else ".weights.h5"
-    target = npz.writable_out(out or npz.default_out(run, suffix), run)
+    target = npz.writable_out(out or npz.default_out(run, suffix), suffix)
     if format == "weights":
         return _weights(run, target, quantity or "fisher_diagonal", model)
     values = npz.arrays(run)
@@ -79,10 +89,8 @@ def merge(models_and_runs: list[tuple[str, str]], out: str, quantity: str = "fis
 
     if len(models_and_runs) < 2:
         raise InputError("merge needs at least two --model/--run pairs")
-    if not str(out).endswith(".keras"):
-        raise InputError(f"--out must be a .keras file, got {out}")
     runs = [load(run_dir) for _, run_dir in models_and_runs]
-    target = npz.writable_out(out, runs[0])
+    target = npz.writable_out(out, ".keras", inputs=tuple(path for path, _ in models_and_runs))
     loaded = [models.run_model(run, path) for (path, _), run in zip(models_and_runs, runs)]
     weights = [models.weights_by_path(m) for m in loaded]
     layout = {path: array.shape for path, array in weights[0].items()}

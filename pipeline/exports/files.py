@@ -16,6 +16,10 @@ def written_whole(out: str, suffix: str):
     os.close(handle)
     try:
         yield temporary
+        # mkstemp makes the file private (0600); the result gets the mode any new file would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, out)
     except BaseException:
         if os.path.exists(temporary):

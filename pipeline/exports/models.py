@@ -23,6 +23,8 @@ def run_model(run: Run, path: str | None = None):
     """The Keras model of ``run``: ``path`` (a ``.keras`` file), else the one the manifest names.
     ``InputError`` when it is missing or is not the model the run measured (sha256)."""
     model = run.manifest.get("model") or {}
+    if path is not None and not str(path).endswith(".keras"):
+        raise InputError(f"--model {path} is not a .keras file: give the .keras file run {run.run_id} measured")
     path = path or model.get("path")
     if not path or not str(path).endswith(".keras"):
         raise InputError(f"run {run.run_id} was made from {path or 'an unknown model'}, not a .keras file: give the "

@@ -108,9 +108,18 @@ def default_out(run: Run, suffix: str = ".npz") -> str:
     return os.path.abspath(f"{run.name}-{run.run_id}{suffix}")
 
 
-def writable_out(out: str, run: Run) -> str:
-    """``out`` made absolute; ``InputError`` when it is inside a published run or its folder is missing."""
+def writable_out(out: str, suffix: str, inputs: tuple[str, ...] = ()) -> str:
+    """``out`` made absolute; ``InputError`` when it is a folder, lacks ``suffix``, is one of the
+    command's ``inputs`` (a model being merged), is inside a published run, or its folder is missing."""
+    given = out
     out = os.path.abspath(os.path.expanduser(out))
+    if given.endswith(("/", os.sep)) or os.path.isdir(out):
+        raise InputError(f"--out {given} is a folder: give a file name, e.g. --out {os.path.join(given, 'x' + suffix)}")
+    if not out.endswith(suffix):
+        raise InputError(f"--out {given} must end with {suffix} (what it holds): e.g. --out "
+                         f"{os.path.splitext(given)[0]}{suffix}")
+    if os.path.exists(out) and any(os.path.exists(path) and os.path.samefile(path, out) for path in inputs):
+        raise InputError(f"--out {given} is one of the inputs: it would be overwritten; choose another --out")
     inside = published_run_around(os.path.dirname(out))
     if inside is not None:
         raise InputError(f"{out} is inside the published run {inside}, which is never written to: choose another "

@@ -154,6 +154,14 @@ def ordered_runs(root: str) -> tuple[list[Run], list[str]]:
     return runs, sorted(skipped)
 
 
+def skipped_warning(skipped: list[str], shown: int = 3) -> str:
+    """One ``warning:`` line naming the folders that hold no complete run (the first few)."""
+    names = ", ".join(skipped[:shown]) + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+    noun = "folder holds" if len(skipped) == 1 else "folders hold"
+    return (f"warning: {len(skipped)} {noun} no complete run (no manifest.json, or a damaged or incomplete one), "
+            f"skipped: {names}")
+
+
 def latest_run(root: str) -> str:
     """The newest complete run under a job's folder (``show --latest ROOT``)."""
     runs, _ = ordered_runs(root)
