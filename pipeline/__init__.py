@@ -52,7 +52,7 @@ def export(run_dir, format="npz", out=None, *, laplace=False, prior_precision="a
                         sigma_noise=sigma_noise, model=model)
 
 
-def merge(models_and_runs, out, quantity="fisher_diagonal"):
+def merge(models_and_runs, out, quantity=None):
     """Fisher-weighted average of ``[(model.keras, run_dir), ...]`` written to ``out`` (.keras)."""
     from pipeline.exports.commands import merge as write_merge  # lazy: Keras and TensorFlow
 

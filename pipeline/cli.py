@@ -38,7 +38,7 @@ exit status: 0, 1 with --fail-above exceeded between two consecutive runs, 2 inp
     "export": """examples:
   hessian-pipeline export RUN_DIR                                   # -> ./NAME-RUN_ID.npz
   hessian-pipeline export RUN_DIR --out fisher.npz --laplace --prior-precision auto
-  hessian-pipeline export RUN_DIR --format weights --quantity fisher_diagonal --out fisher.weights.h5
+  hessian-pipeline export RUN_DIR --format weights --quantity ggn_diagonal --out ggn.weights.h5
 keys: QUANTITY/VARIABLE_PATH (float64, the variable's shape), examples, weight_sum; with --laplace also
 posterior_variance/VARIABLE_PATH and laplace/... (README "Exports")""",
     "merge": """examples:
@@ -115,8 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(posterior variances, log marginal likelihood)")
     export.add_argument("--prior-precision", default="auto", metavar="auto|VALUE",
                         help="the prior precision delta, or auto to maximise the marginal likelihood (default)")
-    export.add_argument("--quantity", metavar="NAME", help="the curvature used: hessian_diagonal, ggn_diagonal or "
-                        "fisher_diagonal (default: ggn, else fisher, else hessian for --laplace; fisher for weights)")
+    export.add_argument("--quantity", metavar="NAME", help="the diagonal used (--laplace: the GGN, Fisher or Hessian "
+                        "diagonal, by default the first the run has in that order; weights: any, by default the "
+                        "Fisher diagonal)")
     export.add_argument("--sigma-noise", type=float, default=1.0, metavar="SIGMA",
                         help="noise scale of a mean-squared-error likelihood (--laplace; default 1)")
     export.add_argument("--model", metavar="FILE.keras", help="the run's model file, when it has moved since")
@@ -127,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR", required=True,
                        help="the run of the --model before it, which holds its Fisher diagonal (repeat)")
     merge.add_argument("--out", metavar="FILE.keras", required=True)
-    merge.add_argument("--quantity", default="fisher_diagonal", metavar="NAME",
-                       help="the weights' curvature (default fisher_diagonal)")
+    merge.add_argument("--quantity", metavar="NAME", help="the curvature diagonal that weighs the models (default: "
+                       "the Fisher diagonal)")
 
     submit = command("submit", "submit the run as a Ray Job to a cluster; streams its logs and exits with its status")
     submit.add_argument("job", metavar="JOB.yaml")
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
             if args.command in ("run", "validate"):
                 # The job file first: a YAML or key error is reported in 0.2 s, before TensorFlow's
                 # 3 s import. Lazy: the other commands never read a job file.
-                from pipeline.job import load_job
+                from pipeline.job import load_job  # lazy: see above
 
                 args.spec = load_job(args.job, args.overrides)
             if _imports_tensorflow(args) and not args.debug:

@@ -12,6 +12,7 @@ import os
 from pipeline.errors import InputError
 from pipeline.exports import laplace as laplace_math
 from pipeline.exports import npz
+from pipeline.quantities.registry import FISHER
 from pipeline.read.run import Run, load
 
 FORMATS = ("npz", "weights")
@@ -27,7 +28,7 @@ def export(run, format: str = "npz", out: str | None = None, *, laplace: bool = 
     (``pipeline.exports.laplace``) with ``prior_precision`` (a number or ``"auto"``), the
     curvature ``quantity`` (default: ggn, then fisher, then hessian diagonal) and, for a mean
     squared error, the noise scale ``sigma_noise``; it loads ``model`` (default: the run's).
-    ``format="weights"``: ``quantity`` (default ``fisher_diagonal``) laid out as the model's
+    ``format="weights"``: ``quantity`` (default the Fisher diagonal) laid out as the model's
     weights, a Keras ``.weights.h5`` that ``model.load_weights`` reads (variables the run did not
     measure are 0). ``out`` defaults to ``./NAME-RUN_ID.npz`` (``.weights.h5``).
     Raises ``InputError`` for a run without the quantity, a model that is not the run's, a loss
@@ -55,7 +56,7 @@ def export(run, format: str = "npz", out: str | None = None, *, laplace: bool = 
     suffix = ".npz" if format == "npz" else ".weights.h5"
     target = npz.writable_out(out or npz.default_out(run, suffix), suffix)
     if format == "weights":
-        return _weights(run, target, quantity or "fisher_diagonal", model)
+        return _weights(run, target, quantity or FISHER, model)
     values = npz.arrays(run)
     if laplace:
         from pipeline.exports import models  # lazy: Keras and TensorFlow, only for w*
@@ -79,7 +80,7 @@ def _weights(run: Run, out: str, quantity: str, model: str | None) -> str:
     return models.save_model(keras_model, out, weights_only=True)
 
 
-def merge(models_and_runs: list[tuple[str, str]], out: str, quantity: str = "fisher_diagonal") -> str:
+def merge(models_and_runs: list[tuple[str, str]], out: str, quantity: str | None = None) -> str:
     """Fisher-weighted average (``pipeline.exports.merge``) of the models, each with its run;
     writes ``out`` (``.keras``) and returns its path. ``InputError`` for fewer than two models,
     models of different architectures, a model that is not its run's, or a run without
@@ -87,6 +88,7 @@ def merge(models_and_runs: list[tuple[str, str]], out: str, quantity: str = "fis
     from pipeline.exports import models  # lazy: Keras and TensorFlow
     from pipeline.exports.merge import fisher_weighted
 
+    quantity = quantity or FISHER
     if len(models_and_runs) < 2:
         raise InputError("merge needs at least two --model/--run pairs")
     runs = [load(run_dir) for _, run_dir in models_and_runs]

@@ -6,7 +6,7 @@ proportion to its Fisher information:
 
     penalty = strength * sum_j F_j (w_j - w*_j)^2
 
-``F`` is the run's mean Fisher diagonal (``export --format npz``'s ``fisher_diagonal/PATH``);
+``F`` is the run's mean Fisher diagonal (``export --format npz``'s ``QUANTITY/PATH`` arrays);
 ``strength`` is the paper's ``lambda / 2`` and absorbs ``N`` (use ``strength = lambda N / 2`` to
 weigh task A's data as a sum over its ``N`` examples against task B's mean loss). ``EWC`` is a
 ``keras.regularizers.Regularizer`` (one per variable); ``attach`` sets one on every variable the
@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.quantities.registry import FISHER
 
 
 @keras.saving.register_keras_serializable(package="hessian_pipeline")
@@ -54,7 +55,7 @@ class EWC(keras.regularizers.Regularizer):
         return {"fisher": self.fisher.tolist(), "anchor": self.anchor.tolist(), "strength": self.strength}
 
 
-def attach(model, export: Mapping, strength: float, quantity: str = "fisher_diagonal",
+def attach(model, export: Mapping, strength: float, quantity: str = FISHER,
            anchor: Mapping | None = None) -> list[str]:
     """Sets an ``EWC`` regularizer on each variable of ``model`` that ``export`` (an exported
     ``.npz`` as ``numpy.load`` opens it, or a dict) has ``QUANTITY/PATH`` for; ``anchor`` maps

@@ -2,7 +2,7 @@
 models with Fisher-weighted averaging"), contract 6.3.
 
 Per parameter ``j``: ``w_j = sum_m F_mj w_mj / sum_m F_mj``, the plain average where every
-``F_mj`` is 0; ``F_m`` is model ``m``'s diagonal from its own run (``fisher_diagonal`` by
+``F_mj`` is 0; ``F_m`` is model ``m``'s diagonal from its own run (the Fisher diagonal by
 default). Variables no run measured (non-trainable state such as BatchNorm statistics, or those a
 run's ``variables:`` left out) are averaged plainly. Cost: one pass over the weights; the models
 are loaded with Keras and the merged model is written whole or not at all.
@@ -25,7 +25,7 @@ def fisher_weighted(weights: list[dict[str, np.ndarray]], fishers: list[dict[str
             mass = np.stack([np.asarray(f[path], np.float64) for f in fishers])
             if np.any(mass < 0):
                 raise InputError(f"the curvature of {path} has negative entries: merge with a Fisher or GGN diagonal "
-                                 "(--quantity fisher_diagonal)")
+                                 "(the default --quantity)")
             total = mass.sum(axis=0)
             weighted = (mass * stacked).sum(axis=0) / np.where(total > 0, total, 1.0)
             merged[path] = np.where(total > 0, weighted, stacked.mean(axis=0))

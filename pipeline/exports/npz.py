@@ -1,8 +1,8 @@
 """``export RUN --format npz``: a run's per-parameter quantities as one ``.npz`` (contract 6.3).
 
-Keys: ``QUANTITY/VARIABLE_PATH`` (``fisher_diagonal/dense/kernel``), each a float64 array of the
+Keys: ``QUANTITY/VARIABLE_PATH`` (``ggn_diagonal/dense/kernel``), each a float64 array of the
 variable's shape, for every diagonal quantity the run computed (``hessian_diagonal``,
-``ggn_diagonal``, ``fisher_diagonal``, ``gradient``); ``examples`` (int64 scalar, N) and
+``ggn_diagonal``, the Fisher diagonal, ``gradient``); ``examples`` (int64 scalar, N) and
 ``weight_sum`` (float64 scalar, ``sum_i s_i``: N for unweighted data). The values are means over
 the data (the run's own normalisation): ``N * F`` is the sum that EWC and Laplace use.
 
@@ -25,13 +25,13 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.exports import laplace as laplace_math
 from pipeline.exports.files import written_whole
-from pipeline.quantities.registry import DIAGONAL_COLUMNS
+from pipeline.quantities.registry import DIAGONAL_COLUMNS, FISHER, LAPLACE_CURVATURE
 from pipeline.read.run import Run
 from pipeline.storage.publish import published_run_around
 
 # The curvature a Laplace approximation uses when none is named: laplace-torch's default first.
-LAPLACE_QUANTITIES = ("ggn_diagonal", "fisher_diagonal", "hessian_diagonal")
-CURVATURE = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal")
+LAPLACE_QUANTITIES = LAPLACE_CURVATURE
+CURVATURE = LAPLACE_CURVATURE
 
 
 def per_variable(run: Run) -> list[str]:
@@ -46,7 +46,7 @@ def arrays(run: Run, quantities: list[str] | None = None) -> dict[str, np.ndarra
     missing = [q for q in wanted if q not in present]
     if missing or not wanted:
         raise InputError(f"run {run.run_id} has no {', '.join(missing) or 'per-parameter quantity'} (it has: "
-                         f"{', '.join(present) or 'none'}): add e.g. fisher_diagonal to the job and run it again")
+                         f"{', '.join(present) or 'none'}): add e.g. {FISHER} to the job and run it again")
     out: dict[str, np.ndarray] = {}
     for quantity in wanted:
         for name, array in run.arrays(quantity).items():
@@ -76,7 +76,7 @@ def laplace_quantity(run: Run, quantity: str | None) -> str:
         if candidate in present:
             return candidate
     raise InputError(f"run {run.run_id} has no curvature diagonal for a Laplace approximation (it has: "
-                     f"{', '.join(present) or 'none'}): add ggn_diagonal or fisher_diagonal to the job")
+                     f"{', '.join(present) or 'none'}): add {' or '.join(LAPLACE_QUANTITIES[:2])} to the job")
 
 
 def laplace_arrays(run: Run, weights: dict[str, np.ndarray], like: laplace_math.Likelihood,

@@ -29,12 +29,16 @@ UNITS: dict[str, Quantity] = {name: importlib.import_module(f"pipeline.quantitie
 
 # Columns of diagonals.parquet any run may have, in their order (the read side's list).
 DIAGONAL_COLUMNS = tuple(column for unit in UNITS.values() for column in unit.columns)
+# The curvature diagonals a Laplace approximation can use, in laplace-torch's order of preference
+# (the GGN first), and the Fisher diagonal, which EWC and Fisher merging weigh by (pipeline/exports).
+LAPLACE_CURVATURE = ("ggn_diagonal", "fisher_diagonal", "hessian_diagonal")
+FISHER = LAPLACE_CURVATURE[1]
 # Per-parameter results ``pipeline.load(...).arrays`` gives in each variable's shape.
 ARRAY_QUANTITIES = tuple(name for unit in UNITS.values() for name in unit.columns + unit.vector_tables)
 # Files a run may publish: the two shared by the diagonal quantities, then each unit's own.
 FILES = ("diagonals.parquet", "summary.parquet") + tuple(f for unit in UNITS.values() for f in unit.files)
 
-__all__ = ["ARRAY_QUANTITIES", "DIAGONAL_COLUMNS", "FILES", "REGISTRY", "UNITS", "Context", "PlanFacts", "Quantity", "estimate",
+__all__ = ["ARRAY_QUANTITIES", "DIAGONAL_COLUMNS", "FISHER", "LAPLACE_CURVATURE", "FILES", "REGISTRY", "UNITS", "Context", "PlanFacts", "Quantity", "estimate",
            "finalize", "main_request", "parse", "tables"]
 
 
