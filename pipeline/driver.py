@@ -220,9 +220,10 @@ def run_checkpoints(job, *, output: str | None = None, run_id: str | None = None
 def _same_checkpoint(run_dir: str, path: str) -> None:
     """A published run of a series stands for its checkpoint only while the file is unchanged."""
     recorded = (read_manifest(run_dir).get("model") or {}).get("sha256")
-    if recorded and recorded != sha256(path):
+    now = sha256(path) if recorded else None
+    if recorded and recorded != now:
         raise InputError(f"checkpoint {path} changed since run {run_dir} was published from it (sha256 "
-                         f"{sha256(path)[:12]}, the run's {recorded[:12]}): run the series with a new --run-id")
+                         f"{now[:12]}, the run's {recorded[:12]}): run the series with a new --run-id")
 
 
 def _ritz_vectors(result) -> tuple[str, dict] | None:

@@ -29,10 +29,6 @@ from pipeline.quantities.registry import DIAGONAL_COLUMNS, FISHER, LAPLACE_CURVA
 from pipeline.read.run import Run
 from pipeline.storage.publish import published_run_around
 
-# The curvature a Laplace approximation uses when none is named: laplace-torch's default first.
-LAPLACE_QUANTITIES = LAPLACE_CURVATURE
-CURVATURE = LAPLACE_CURVATURE
-
 
 def per_variable(run: Run) -> list[str]:
     """The run's quantities that are shaped like the variables (its diagonals and gradient)."""
@@ -63,20 +59,20 @@ def weight_sum(run: Run) -> float:
 
 def laplace_quantity(run: Run, quantity: str | None) -> str:
     """The curvature a Laplace approximation of ``run`` uses: ``quantity``, else the first of
-    ``LAPLACE_QUANTITIES`` the run has."""
+    ``LAPLACE_CURVATURE`` the run has."""
     present = per_variable(run)
     if quantity is not None:
-        if quantity not in CURVATURE:
-            raise InputError(f"--quantity must be one of {', '.join(CURVATURE)}, got {quantity!r}")
+        if quantity not in LAPLACE_CURVATURE:
+            raise InputError(f"--quantity must be one of {', '.join(LAPLACE_CURVATURE)}, got {quantity!r}")
         if quantity not in present:
             raise InputError(f"run {run.run_id} has no {quantity} (it has: {', '.join(present) or 'none'}): add it to "
                              "the job and run it again")
         return quantity
-    for candidate in LAPLACE_QUANTITIES:
+    for candidate in LAPLACE_CURVATURE:
         if candidate in present:
             return candidate
     raise InputError(f"run {run.run_id} has no curvature diagonal for a Laplace approximation (it has: "
-                     f"{', '.join(present) or 'none'}): add {' or '.join(LAPLACE_QUANTITIES[:2])} to the job")
+                     f"{', '.join(present) or 'none'}): add {' or '.join(LAPLACE_CURVATURE[:2])} to the job")
 
 
 def laplace_arrays(run: Run, weights: dict[str, np.ndarray], like: laplace_math.Likelihood,

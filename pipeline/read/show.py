@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pipeline.blocks import ALL
-from pipeline.read.history import latest_run
 from pipeline.read.run import Run
 
 # A table without a layout of its own here is shown in full up to this many rows.
@@ -36,10 +35,9 @@ def _per_block(rows: list[dict]) -> int:
     return int(any(r["block"] != ALL for r in rows))
 
 
-def show_run(run_dir: str, latest: bool = False) -> str:
-    """The run as text: manifest facts, then one table per result file present. With
-    ``latest``, ``run_dir`` is a job's folder and the newest complete run under it is shown."""
-    run = Run(latest_run(run_dir) if latest else run_dir)
+def show_run(run_dir: str) -> str:
+    """The run as text: manifest facts, then one table per result file present."""
+    run = Run(run_dir)
     manifest = run.manifest
     variables = ", ".join(f"{v['name']} {tuple(v['shape'])}" for v in manifest.get("variables", []))
     facts = [
