@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one script: on a machine with an NVIDIA GPU, install the GPU extra, run the
-# engine benchmark and a short end-to-end run with one GPU worker, print the figures.
+# engine benchmark, a short end-to-end run with one GPU worker and the scale benchmark's GPU
+# mode (the ~600k-parameter CNN at 10^5 and 10^6 rows, one worker per GPU reading on its CPUs,
+# against a hand-written tf.data loop on the same GPU), print the figures.
 #   bash benchmarks/gpu_check.sh            (from the repository root; OUT=dir keeps the JSON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +33,7 @@ print(f"examples {m['examples']}, passes {m['passes']}, seconds {m['seconds']}, 
 assert any(name.endswith(":gpu") for name in m["worker_names"]), "the worker did not run on a GPU"
 PY
 echo "wall seconds (incl. Ray start): $(echo "$end - $start" | bc)"
+echo "== scale benchmark (GPU mode): the whole run against a hand-written tf.data loop"
+python benchmarks/scale_bench.py --gpu --models cnn --quantities gradient,fisher --formats parquet \
+  --json "$out/scale_gpu.json"
 echo "figures in $out"

@@ -49,10 +49,20 @@ PER_EXAMPLE_LOOP = 0.25
 # gradients, in gradients of the batch (benchmarks/engine_bench.py).
 LAYER_RULE_FORWARD = 0.5
 LAYER_RULE_COLUMN = 0.8
-# Ray start, every worker's TensorFlow import, model load and tracing, and publishing: from the
-# start of ``driver.run`` to the manifest, less the passes (benchmarks/startup_bench.py,
-# 2026-12-01: Ray 3.9 s, plan 3.4 s, the workers ready 2.0 s after the plan, publishing).
-STARTUP_SECONDS = 10.0
+# Start-up, phase by phase (the manifest's ``timings``; benchmarks/scale_bench.py and
+# benchmarks/estimate_bench.py, 2 CPUs, 2026-12-06): a local Ray's start (3.7-4.0 s); the plan,
+# which the estimate measures itself (``Measurement.plan_seconds``: model load, checks, the
+# traces and timings on the first rows, 2 to 12 s); the workers' own start (TensorFlow's import,
+# the model), which runs beside the plan and ends about 6 s after Ray's; the workers' traces of
+# the compiled functions on their first batch (``Measurement.trace_seconds`` per function);
+# publishing and Ray's shutdown.
+RAY_START_SECONDS = 4.0
+WORKER_READY_SECONDS = 6.0
+PUBLISH_SECONDS = 1.5
+# Functions a quantity compiles beyond the loss-and-gradient, in traces of that function: its
+# main-pass work (layer rules, HVPs, per-example products) and its HVP passes.
+TRACES_MAIN = 2.0
+TRACES_PASSES = 2.0
 # A Ray worker process beyond what the driver measured for TensorFlow and the model.
 WORKER_OVERHEAD_BYTES = 250 << 20
 # Bytes per entry of a published long table (variable string, index, value, ...) while built.
@@ -78,6 +88,10 @@ class Measurement:
     process_bytes: int  # resident memory of the driver with TensorFlow and the model loaded
     row_bytes: int  # decoded bytes of one row (features, labels, weights)
     read_seconds: float = 0.0  # reading these rows and converting them (data.transform included)
+    # Threads TensorFlow's pools had when the gradient was timed (0: TensorFlow's default, all CPUs).
+    threads: int = 0
+    trace_seconds: float = 0.0  # one trace of the loss-and-gradient function
+    plan_seconds: float = 0.0  # the plan's own time up to the estimate
 
 
 @dataclass(frozen=True)
@@ -146,10 +160,12 @@ class Cost:
     driver_bytes: int
     quantities: list[QuantityCost] = field(default_factory=list)
     measured: Measurement | None = None
+    startup: float = 0.0  # seconds of ``seconds`` before and after the passes (``startup_seconds``)
 
     def as_dict(self) -> dict:
         """For the manifest: the estimate a run can be checked against."""
-        return {"passes": self.passes, "seconds": round(self.seconds, 1), "worker_bytes": self.worker_bytes,
+        return {"passes": self.passes, "seconds": round(self.seconds, 1), "startup_seconds": round(self.startup, 1),
+                "worker_bytes": self.worker_bytes,
                 "driver_bytes": self.driver_bytes,
                 "gradient_seconds": None if self.measured is None else self.measured.gradient_seconds}
 
@@ -170,7 +186,7 @@ class Cost:
         if m is not None:
             lines.append(f"(estimates from one gradient on {m.rows} rows measured in the driver: "
                          f"{m.gradient_seconds * 1e3:,.1f} ms, reading them {m.read_seconds * 1e3:,.1f} ms; {where}; "
-                         f"time includes {STARTUP_SECONDS:.0f} s of start-up)")
+                         f"time includes {self.startup:.0f} s of start-up and tracing)")
         return lines
 
 
@@ -262,14 +278,14 @@ def combine(parts: list[QuantityCost], w: Workload, m: Measurement) -> Cost:
     """Passes, seconds and peak bytes per worker and in the driver of a run whose quantities
     cost ``parts`` (each unit's ``Quantity.cost``).
 
-    Time: ``STARTUP_SECONDS`` plus, per pass, ``batches x gradient_seconds x (gradient
+    Time: ``startup_seconds`` plus, per pass, ``batches x gradient_seconds x (gradient
     equivalents per batch)``, plus ``batches x read_seconds`` once (every pass when the shards
-    do not stay in the workers' memory), shared by the workers (on CPUs, in proportion to the CPUs they
-    use against the driver's, where the gradient was timed). Memory: the driver's own resident
-    memory with the model loaded (plus a Ray worker's overhead, for a worker), one batch and
-    its activations, each quantity's arrays, and the shards a worker keeps between passes.
+    do not stay in the workers' memory), shared by the workers (``worker_speedup``). Memory: the
+    driver's own resident memory with the model loaded (plus a Ray worker's overhead, for a
+    worker), one batch and its activations, each quantity's arrays, and the shards a worker
+    keeps between passes.
     """
-    speedup = max(1.0, w.workers * w.worker_cpus / max(1, os.cpu_count() or 1)) if not w.gpus else float(w.workers)
+    speedup = worker_speedup(w, m)
     per_batch = m.gradient_seconds * w.batches / speedup
     for q in parts:
         q.seconds = per_batch * (q.main + q.passes * (1.0 + HVP_GRADIENTS * q.vectors))
@@ -278,13 +294,33 @@ def combine(parts: list[QuantityCost], w: Workload, m: Measurement) -> Cost:
     # Reading (and data.transform) is paid once when a worker keeps its shards in memory
     # between passes, else on every pass.
     reads = 1 if passes == 1 or shard_bytes <= SHARD_CACHE_BYTES else passes
-    seconds = STARTUP_SECONDS + per_batch + sum(q.seconds for q in parts) + reads * m.read_seconds * w.batches / speedup
+    startup = startup_seconds(parts, m)
+    seconds = startup + per_batch + sum(q.seconds for q in parts) + reads * m.read_seconds * w.batches / speedup
     batch_bytes = m.activation_bytes + w.batch_size * m.row_bytes
     cache = 0 if passes == 1 else min(SHARD_CACHE_BYTES, shard_bytes)
     worker = m.process_bytes + WORKER_OVERHEAD_BYTES + batch_bytes + cache + sum(q.worker_bytes for q in parts)
     driver = m.process_bytes + sum(q.driver_bytes for q in parts)
     return Cost(passes=passes, seconds=seconds, worker_bytes=int(worker), driver_bytes=int(driver),
-                quantities=parts, measured=m)
+                quantities=parts, measured=m, startup=startup)
+
+
+def worker_speedup(w: Workload, m: Measurement) -> float:
+    """How many of the driver's measured batches the workers finish in its time: GPU workers,
+    one each; CPU workers, one each when the gradient was timed with a worker's threads (the
+    plan sizes its own pools so), in proportion to their threads when it was timed with more."""
+    if w.gpus:
+        return float(w.workers)
+    threads = m.threads or os.cpu_count() or 1
+    return max(1.0, w.workers * min(1.0, w.worker_cpus / threads))
+
+
+def startup_seconds(parts: list[QuantityCost], m: Measurement) -> float:
+    """Seconds of a run beside its passes: Ray's start, the plan (as measured), the rest of the
+    workers' start, their traces (the loss-and-gradient and each quantity's functions, in
+    ``trace_seconds``), publishing."""
+    traces = 1.0 + sum((TRACES_MAIN if q.main else 0.0) + (TRACES_PASSES if q.passes else 0.0) for q in parts)
+    return (RAY_START_SECONDS + m.plan_seconds + max(0.0, WORKER_READY_SECONDS - m.plan_seconds)
+            + traces * m.trace_seconds + PUBLISH_SECONDS)
 
 
 @dataclass(frozen=True)

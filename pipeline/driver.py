@@ -84,7 +84,7 @@ class HessianOperator:
 
 def run(job, *, output: str | None = None, run_id: str | None = None, address: str | None = None,
         workers: int | None = None, dry_run: bool = False, stream=None, quiet: bool = False,
-        warm_start: tuple[str, dict] | None = None) -> RunResult | Plan:
+        warm_start: tuple[str, dict] | None = None, prestarted: StartedWorkers | None = None) -> RunResult | Plan:
     """Runs ``job`` (a ``JobSpec``) and publishes its results; returns the run.
 
     With ``dry_run`` the plan is returned and nothing is computed (no Ray is started for a
@@ -93,7 +93,8 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     run, it resumes: the shards staged by ``pipeline.storage.staging`` are not computed again,
     and the run keeps its original start date (docs/failures.md). ``quiet``: Ray logs errors only.
     ``warm_start``: ``(run id, {block: Ritz vectors})`` of the previous checkpoint of a series,
-    where Lanczos starts (recorded in the manifest as ``warm_start``).
+    where Lanczos starts (recorded in the manifest as ``warm_start``). ``prestarted``: workers
+    started with the local Ray before this process imported TensorFlow (``pool.prestart``).
     """
     stream = stream or sys.stderr
     connect.STOPPED.clear()
@@ -103,7 +104,9 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         interrupts.release()  # no Ray to start: a Ctrl-C the command line held comes now
         return make_plan(job, output, run_id, workers, connect.local_resources(), now)
 
-    started = time.time()
+    # A run whose Ray and workers the command line started early counts from then.
+    began = prestarted.began if prestarted is not None and prestarted.began else None
+    started = began[0] if began else time.time()
     store = None
     if not dry_run:
         check_output_location(output or job.output, job.name, job.data.path)
@@ -118,16 +121,20 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             store.remove()  # leftovers of a driver that lost a race for this run id
         raise
     owns_ray = False
-    early_workers = None  # started before the plan (StartedWorkers)
+    early_workers = prestarted  # started before the plan (StartedWorkers)
+    clock = _Clock(began[1] if began else None)
     try:
         owns_ray = connect.connect(address, quiet)
+        clock.lap("ray_start")
         interrupts.release()  # a Ctrl-C while Ray started arrives here, as KeyboardInterrupt
         staged_shards = store.staged_shards if store is not None and job.shards == "auto" else None
         cluster = connect.cluster_resources(owns_ray)
         # The workers start (TensorFlow, the model) while this process plans (the same, and
         # the model on the first rows): the pool takes them if the plan agrees on their number.
-        early_workers = None if dry_run else StartedWorkers.for_job(job, workers, cluster)
+        if early_workers is None and not dry_run:
+            early_workers = StartedWorkers.for_job(job, workers, cluster)
         plan = make_plan(job, output, run_id, workers, cluster, now, shards=staged_shards)
+        clock.lap("plan")
         if dry_run:
             return plan
         with publisher:
@@ -135,11 +142,14 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
             stream.write(plan.describe() + "\n")
             try:
                 pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None, started=early_workers)
+                clock.lap("workers_start")
                 try:
-                    results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None)
+                    results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None, clock)
                     if warm_start:
                         extra["warm_start"] = warm_start[0]
                     extra["worker_peak_bytes"] = pool.peak_memory()
+                    extra["per_worker"] = pool.per_worker()
+                    extra["timings"] = clock.laps
                 finally:
                     pool.close()
             except InputError:
@@ -250,14 +260,30 @@ def _drop_if_published(store, publisher) -> None:
         store.remove()
 
 
-def _compute(plan: Plan, pool: WorkerPool, stream, store=None, warm_start: dict | None = None) -> tuple[dict, dict]:
+class _Clock:
+    """Seconds of each phase of a run, in order (the manifest's ``timings``)."""
+
+    def __init__(self, since: float | None = None):
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic() if since is None else since
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[f"{name}_seconds"] = round(now - self._last, 3)
+        self._last = now
+
+
+def _compute(plan: Plan, pool: WorkerPool, stream, store=None, warm_start: dict | None = None,
+             clock: _Clock | None = None) -> tuple[dict, dict]:
     """The main pass (every quantity's per-batch sums, staged shard by shard so that it can be
     resumed), then each quantity's driver-side algorithm over passes of HVPs."""
+    clock = clock or _Clock()
     job = plan.job
     context = plan.context(stream)
     context.warm_start = dict(warm_start or {})
     work = registry.main_request(job.quantities, context)
     reducer = pool.map_shards("compute", work, job.name, stream, store=store)
+    clock.lap("main_pass")
     if job.include_regularization:
         reducer.add_regularization(pool.call_one("regularization", work))
     if reducer.total.examples != plan.data.rows:
@@ -275,6 +301,7 @@ def _compute(plan: Plan, pool: WorkerPool, stream, store=None, warm_start: dict 
         results.update(registry.compute(job.quantities, context, operator, sums))
     finally:
         operator.progress.close()
+    clock.lap("hvp_passes")
     return results, {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
 
 
@@ -334,6 +361,10 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "estimate": plan.cost.as_dict() if plan.cost is not None else None,
         "memory": {"worker_peak_bytes": list(extra.get("worker_peak_bytes", [])),
                    "driver_peak_bytes": memory.peak_bytes()},
+        # Where the time went (seconds of each phase, in order: Ray's start or connection, the
+        # plan, the workers' start, the main pass, the passes of HVPs), and each worker's share.
+        "timings": dict(extra.get("timings", {})),
+        "per_worker": list(extra.get("per_worker", [])),
         # The quantities' own entries (layer_inputs and kfac: each layer's positions per example).
         **registry.manifest(job.quantities, results),
     }

@@ -21,11 +21,11 @@ import numpy as np
 from pipeline import cost, memory
 from pipeline.quantities import registry
 from pipeline.batch_checks import check_batch, deterministic, model_refused
-from pipeline.curvature.engine import CurvatureEngine
+from pipeline.curvature.engine import CurvatureEngine, set_threads
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.curvature.probe import measure, probe
-from pipeline.storage.dataset import check_schema, first_rows, plan_data, tensor_columns
+from pipeline.storage.dataset import check_schema, first_rows, plan_data, read_seconds, tensor_columns
 from pipeline.storage.uri import local_copy, sha256
 
 # Rows of the dataset that ``validate`` (and every plan) runs the model and the loss on.
@@ -119,7 +119,7 @@ def probe_data(job, engine, data):
     columns = tensor_columns(job.data, engine.signature)
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
     check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns, data.locate)
-    report = probe(engine, batch, columns, route=registry.per_parameter(job.quantities),
+    report = probe(engine, batch, columns, routes=registry.routes(job.quantities),
                    output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)),
                    factors=registry.per_layer(job.quantities))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
@@ -131,11 +131,10 @@ def probe_data(job, engine, data):
         if not deterministic(exc):
             raise
         raise model_refused(exc, batch, "the first batch") from None
-    # Read the measured rows once more, as a worker reads them (the first read also checked the
-    # transform): decoding images in a data.transform can cost more than the gradient.
-    start = time.perf_counter()
-    first_rows(data, job.data, engine.signature, len(batch), job.precision, check_rows=False)
-    return report, dataclasses.replace(measured, read_seconds=time.perf_counter() - start)
+    # Read the first batches once more, streamed as a worker reads them (the first read also
+    # checked the transform): decoding images in a data.transform can cost more than the gradient.
+    read = read_seconds(data, job.data, engine.signature, len(batch), job.precision)
+    return report, dataclasses.replace(measured, read_seconds=read)
 
 
 def make_plan(job, output: str | None = None, run_id: str | None = None, workers: int | None = None,
@@ -147,14 +146,20 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     ``cluster``: Ray's ``cluster_resources()``, plus ``node_memory`` (the smallest node's, in
     bytes) and ``nodes`` when the workers run on other machines than the driver.
     """
+    began = time.perf_counter()
     now = now or _dt.datetime.now(_dt.timezone.utc)
     run_id = run_id or new_run_id(now)
-    engine = inspect_model(job)
-    signature = engine.signature
     cluster = cluster or {}
     gpus = int(cluster.get("GPU", 0))
     if workers is None:
         workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
+    if not gpus and "nodes" not in cluster:
+        # A local run's workers share this machine's CPUs: the gradient the estimate scales is
+        # timed with one worker's threads (TensorFlow's pools are sized once per process, so a
+        # process that already ran TensorFlow keeps its own; the estimate then scales by them).
+        set_threads(int(worker_cpus(int(workers))))
+    engine = inspect_model(job)
+    signature = engine.signature
     data = plan_data(job.data, shards or job.shards, workers)
     check_schema(data.schema, job.data, signature)
     trial, measured = probe_data(job, engine, data)
@@ -184,6 +189,7 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     # are drawn only when the main pass asks for them).
     plan.inputs = registry.prepare(job.quantities, signature, job.seed)
     plan.workload = _workload(plan, engine, trial)
+    measured = dataclasses.replace(measured, plan_seconds=time.perf_counter() - began)
     plan.cost = registry.estimate(job.quantities, plan.workload, measured, plan.inputs)
     plan.passes = plan.cost.passes
     cost.check(plan.cost, memory_budget(job.limits, cluster, workers), job.limits, workers, bool(gpus))

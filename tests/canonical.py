@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Differ between two runs of one job, by design.
-RUN_FIELDS = ("run_id", "date", "started_at", "finished_at", "seconds", "worker_names", "memory", "estimate")
+RUN_FIELDS = ("run_id", "date", "started_at", "finished_at", "seconds", "worker_names", "memory", "estimate",
+              "timings", "per_worker")
 # Manifest and provenance fields that name the machine or the checkout, not the result.
 PLACE_FIELDS = ("job", "model", "data", "versions")
 

@@ -5,7 +5,7 @@ They call the product's own internals (``HessianOperator``, ``WorkerPool``, the 
 functions, ``driver._compute``), which change under them: two of them crashed unnoticed for
 several sessions. Nothing about their timings is asserted (those are for people to read);
 their numerical checks against the reference HVPs and losses are, through the exit status.
-``estimate_bench.py`` is left out: it has no quick mode (1.5 minutes) and uses only the command
+``estimate_bench.py`` is left out: its quickest mode takes 3 minutes and uses only the command
 line and the manifest, which ``test_cli`` and ``test_run`` cover.
 """
 
@@ -30,6 +30,7 @@ CASES = [
     (["probes_bench.py", "--probes", "2,3", "--rows", "16"], "largest worker peak / smallest"),
     (["large_bench.py", "--only", "gradient", "--rows", "8", "--batch", "8"], "gradient "),
     (["series_bench.py", "--quick"], "passes after the first checkpoint, warm / cold"),
+    (["scale_bench.py", "--quick"], "where the time went"),
 ]
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -69,6 +70,67 @@ def test_dry_run_prints_plan_and_writes_nothing(job_file, tmp_path):
     for word in ("shards       3", "rows", "workers", "parameters   53", "passes"):
         assert word in done.stdout
     assert not (tmp_path / "out").exists()
+
+
+def _ray_processes_of(pid: int) -> list[str]:
+    """Command lines of live processes in a Ray session that process ``pid`` started (Ray names
+    the session directory ``session_<date>_<pid>``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    line = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if re.search(rf"session_[0-9_-]+_{pid}(/|\s|$)", line):
+                found.append(line[:200])
+    return found
+
+
+def _ended(process) -> list[str]:
+    """Ray processes of ``process``'s session still alive 20 s after it exited."""
+    deadline = time.monotonic() + 20
+    while (left := _ray_processes_of(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def test_a_new_run_records_its_phases_and_workers_and_plans_as_its_dry_run(job_file, tmp_path):
+    """A new run from the command line starts its Ray and workers before it imports TensorFlow
+    (no --run-id): it publishes the same kind of manifest, with where the time went (``timings``)
+    and each worker's rows; its plan's passes equal the dry run's and its time is within 1.5x."""
+    dry = cli("run", str(job_file), "--dry-run", "--output", str(tmp_path / "out"))
+    assert dry.returncode == 0, dry.stderr
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
+                                str(tmp_path / "out"), "--workers", "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert _ended(process) == []
+    manifest = json.load(open(os.path.join(out.strip().splitlines()[-1], "manifest.json")))
+    assert list(manifest["timings"]) == ["ray_start_seconds", "plan_seconds", "workers_start_seconds",
+                                         "main_pass_seconds", "hvp_passes_seconds"]
+    assert sum(manifest["timings"].values()) <= manifest["seconds"] + 0.5
+    assert sum(w["rows"] for w in manifest["per_worker"]) == manifest["examples"]
+    assert {w["worker"] for w in manifest["per_worker"]} <= set(manifest["worker_names"])
+    passes = int(re.search(r"passes\s+(\d+) over the data", dry.stdout).group(1))
+    seconds = re.search(r"whole run\s+\d+\s+(\d+) s", dry.stdout)
+    assert passes == manifest["passes"] == manifest["estimate"]["passes"]
+    assert seconds and 1 / 1.5 <= int(seconds.group(1)) / manifest["estimate"]["seconds"] <= 1.5, dry.stdout
+
+
+def test_an_input_error_after_the_early_start_leaves_no_ray(job_file, tmp_path):
+    """A new run starts Ray before its plan: a bad input found by the plan (a column the data
+    lacks) is still one error line and exit 2, and the Ray it started is gone."""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
+                                str(tmp_path / "out"), "--set", "data.labels=no_such_column"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 2, err
+    assert "no_such_column" in error_line(subprocess.CompletedProcess([], 2, out, err))
+    assert _ended(process) == []
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("manifest.json"))
 
 
 def test_validate(job_file):

@@ -390,3 +390,35 @@ def test_xla_twin_that_disagrees_is_dropped():
     assert reports[0]["error"] == pytest.approx(1e-3, rel=0.1)
     with pytest.raises(ValueError, match="xla must be"):
         CurvatureEngine(cases.MODELS["mlp"](), cases.resolved("mse"), xla="yes")
+
+
+def _traced_functions(engine):
+    """Every ``tf.function`` the engine compiled (an XLA trial holds two)."""
+    found = []
+    for fn in engine.core._functions.values():
+        for candidate in (fn.plain, fn.xla) if isinstance(fn, XlaTrial) else (fn,):
+            if hasattr(candidate, "experimental_get_tracing_count"):
+                found.append(candidate)
+    return found
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "batchnorm", "two_inputs"])
+def test_each_compiled_function_is_traced_once_whatever_the_batch_size(model_name):
+    """A worker streams full batches and a shorter last one per shard: every function's
+    signature leaves the batch axis open, so one trace serves every batch size (no padding, no
+    retracing; batch-mixing layers see only real rows)."""
+    model = cases.MODELS[model_name]("float32")
+    loss = cases.resolved("sparse_categorical_crossentropy", from_logits=True)
+    engine = CurvatureEngine(model, loss, precision="float32", hvp_block=2)
+    rng = np.random.default_rng(0)
+    works = [BatchWork(gradient=True), BatchWork(sum_grad_squared=True), BatchWork(ggn_diagonal="mc", seed=1),
+             BatchWork(ggn_diagonal="exact"), BatchWork(probes=rng.choice([-1, 1], size=(2, engine.parameters)).astype(np.int8),
+                                                        hvp_vectors=rng.normal(size=(2, engine.parameters)))]
+    start = 0
+    for n in (8, 8, 3, 8, 5):
+        inputs, labels, weights = _batch(model, None, n=n, seed=n)
+        for work in works:
+            engine.partial(inputs, labels, weights, np.arange(start, start + n), work)
+        start += n
+    counts = [fn.experimental_get_tracing_count() for fn in _traced_functions(engine)]
+    assert len(counts) >= 4 and all(count <= 1 for count in counts), counts

@@ -42,8 +42,11 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     ``quiet`` (the command line without ``--debug``): Ray logs errors only, so its start-up
     warnings (token authentication, ...) do not precede the product's own lines.
     """
+    global _PRESTARTED
     if ray.is_initialized():
-        return False
+        # A local Ray started early by this process (``pool.prestart``) passes to its first caller.
+        owned, _PRESTARTED = _PRESTARTED, False
+        return owned
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": worker_env()}
     level = "ERROR" if quiet else "WARNING"
@@ -70,6 +73,28 @@ def connect(address: str | None, quiet: bool = False) -> bool:
         processes.start_watchdog(started, _session_dir())
     python_handles_signals()
     return True
+
+
+# Whether this process started a local Ray early (``start_early``) that no ``connect`` took yet.
+_PRESTARTED = False
+
+
+def start_early(quiet: bool) -> None:
+    """Starts a local Ray now (``connect(None, quiet)``), for the next ``connect`` to take (it then
+    returns True and owns it); ``release_early`` shuts it down if none did."""
+    global _PRESTARTED
+    _PRESTARTED = connect(None, quiet)
+
+
+def release_early(close_workers) -> None:
+    """Calls ``close_workers`` and shuts down a Ray that ``start_early`` started and no
+    ``connect`` took (the run stopped before it joined Ray: an input error); nothing otherwise
+    (the caller that took them ends them)."""
+    global _PRESTARTED
+    if _PRESTARTED:
+        _PRESTARTED = False
+        close_workers()
+        shutdown()
 
 
 class _Watch:

@@ -17,9 +17,9 @@ from collections import deque
 import ray
 
 from pipeline import faults
-from pipeline.cluster import policy, processes
+from pipeline.cluster import connect, policy, processes
 from pipeline.cluster.progress import Progress
-from pipeline.cluster.worker import remote_worker_class
+from pipeline.cluster.actor import remote_worker_class
 from pipeline.cost import SHARD_CACHE_BYTES
 from pipeline.errors import ComputeError, InputError
 from pipeline.reduce import Reducer
@@ -89,6 +89,9 @@ class WorkerPool:
         self._starting: dict = {}
         self.passes = 0
         self.resumed: list[int] = []  # shards of the main pass taken from staging
+        # Per worker, over every pass: shards and rows computed and the seconds they took in the
+        # worker (the manifest's ``per_worker``: each node's throughput on a cluster).
+        self.throughput: dict[str, dict] = {}
         # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
         self.replacements_left = 2 * plan.workers
 
@@ -240,6 +243,7 @@ class WorkerPool:
                             if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
                                 faults.die(f"kill-driver after {staged_now} shards")
                         reducer.add(result.partial)
+                        self._count(result, shard.rows)
                         progress.update(shard.rows, len(shards))
                         if result.worker not in self.names:
                             self.names.append(result.worker)
@@ -253,6 +257,19 @@ class WorkerPool:
             raise ComputeError(f"shards {missing[:10]} were never computed (no worker left): {self._resume_hint()}")
         self.passes += 1
         return reducer
+
+    def _count(self, result, rows: int) -> None:
+        entry = self.throughput.setdefault(result.worker, {"worker": result.worker, "node": result.node, "shards": 0,
+                                                           "rows": 0, "seconds": 0.0})
+        entry["shards"] += 1
+        entry["rows"] += int(rows)
+        entry["seconds"] += float(result.seconds)
+
+    def per_worker(self) -> list[dict]:
+        """Each worker's shards, rows and compute seconds over every pass, with its rows per second."""
+        return [{**entry, "seconds": round(entry["seconds"], 3),
+                 "rows_per_second": round(entry["rows"] / entry["seconds"], 1) if entry["seconds"] > 0 else None}
+                for entry in self.throughput.values()]
 
     def _unchanged(self, staged: dict) -> dict:
         """``{index: Partial}`` of the staged shards whose input is proven unchanged: each
@@ -398,6 +415,8 @@ class StartedWorkers:
 
     def __init__(self, job, count: int, gpu: bool, cpus: float, start: bool = True):
         self.job, self.count, self.gpu, self.cpus = job, int(count), bool(gpu), float(cpus)
+        # (time.time(), time.monotonic()) when ``prestart`` began starting Ray: the run counts from then.
+        self.began: tuple[float, float] | None = None
         self.uri = data_uri(job.data)
         self._class = remote_worker_class(self.gpu, self.cpus)
         self.actors = [self.actor() for _ in range(self.count)] if start else []
@@ -427,6 +446,20 @@ class StartedWorkers:
             except Exception:  # noqa: BLE001 - some may be gone already
                 pass
         self.actors = []
+
+
+def prestart(job, workers: int | None, quiet: bool) -> StartedWorkers:
+    """A local Ray and the job's workers, started before this process imports TensorFlow: the
+    workers' own start (TensorFlow, the model) then overlaps the driver's import and plan. The
+    driver's ``connect`` takes the Ray (``connect.start_early``) and its pool the workers;
+    ``StartedWorkers.close`` and ``connect.release_early`` end them if the run stops first.
+    Measured on the bundled MLP over 100,000 rows, 2 CPUs: the whole command from 16.1-17.4 s to
+    14.5-15.6 s (3 runs each)."""
+    began = time.time(), time.monotonic()
+    connect.start_early(quiet)
+    started = StartedWorkers.for_job(job, workers, connect.cluster_resources(True))
+    started.began = began
+    return started
 
 
 def _cause(err) -> str:

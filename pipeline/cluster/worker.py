@@ -22,7 +22,6 @@ import tensorflow as tf
 
 from pipeline import memory
 from pipeline.batch_checks import check_batch, deterministic, model_refused
-from pipeline.cluster.connect import worker_env
 from pipeline.curvature.engine import CurvatureEngine, set_threads
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.model import hide_gpus, load_model, model_builder
@@ -32,8 +31,6 @@ from pipeline.partial import Partial
 from pipeline.storage.dataset import read_shard, shard_digests, tensor_columns
 from pipeline.storage.uri import local_copy
 
-
-MAX_RESTARTS = 2
 
 
 @dataclass
@@ -46,10 +43,12 @@ class ShardResult:
     # the partial so that a resumed run can prove the shard's input unchanged; empty when the
     # shard came from the worker's memory.
     digests: tuple[str, ...] = ()
+    # The Ray node the worker runs on (the manifest's per-worker throughput groups by it).
+    node: str = ""
 
 
 class ShardWorker:
-    """Computes partials for shards. Created through ``remote_worker_class()``."""
+    """Computes partials for shards. Runs inside a ``actor.WorkerActor`` (``actor.remote_worker_class``)."""
 
     def __init__(self, job, plan_uri: str, threads: int, gpu: bool):
         if gpu:
@@ -129,7 +128,7 @@ class ShardWorker:
             # The first batch's sums become the shard's: the engine's arrays are fresh and
             # writable, and a copy would hold a second [K, P] of per-probe sums at the peak.
             total = part if total.batches == 0 else total.add(part)
-        return ShardResult(shard.index, total, time.perf_counter() - start, self.name, tuple(digests))
+        return ShardResult(shard.index, total, time.perf_counter() - start, self.name, tuple(digests), self.node_id)
 
     def changed_piece(self, shard, digests) -> int | None:
         """The first of ``shard``'s pieces whose bytes differ from ``digests`` (those it was
@@ -170,14 +169,3 @@ class ShardWorker:
 def _finite(part: Partial) -> bool:
     """A non-finite number in any sum poisons the whole result."""
     return all(np.all(np.isfinite(value)) for value in part.sums.values())
-
-
-def remote_worker_class(gpu: bool, cpus: float):
-    """``ShardWorker`` as a Ray actor class asking for one GPU, or for ``cpus`` CPUs."""
-    options = {"num_gpus": 1, "num_cpus": cpus} if gpu else {"num_cpus": cpus}
-    env = worker_env()
-    # A worker process that dies is restarted by Ray and its in-flight shard run again on the
-    # new process (up to MAX_RESTARTS times); the driver then moves the shard to another worker
-    # (``pool.WorkerPool``), and counts each shard once, by its index.
-    return ray.remote(ShardWorker).options(
-        **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, runtime_env={"env_vars": env})

@@ -50,7 +50,7 @@ from pipeline.curvature.layer_products import LayerProducts
 from pipeline.curvature.model import copy_mismatch, to_precision
 from pipeline.curvature.passes import Pass
 from pipeline.curvature.requests import BatchWork
-from pipeline.curvature.routes import RouteChooser
+from pipeline.curvature.routes import ROUTES, RouteChooser
 from pipeline.curvature.tensors import batch_tensor, input_dtype, set_threads
 from pipeline.errors import InputError
 from pipeline.partial import Partial
@@ -299,13 +299,13 @@ class CurvatureEngine:
         if work.gradient:
             part.sums["gradient"] = batch.gradient.numpy().astype(np.float64)
         if work.hessian_diagonal == "exact" or work.hessian_blocks:
-            self.route_for(batch.objective, batch.specs, batch.batch)
+            self.route_for(batch.objective, batch.specs, batch.batch, needs=("route",))
             self.exact.answer(part, batch, work)
 
     def _outer_products(self, part: Partial, batch: Pass, work: BatchWork) -> None:
         """The empirical Fisher and the GGN diagonals: the cotangents of each (``_cotangents``)
         squared through the model by ``_example_squares``."""
-        self.route_for(self.core.objective, batch.specs, batch.batch)
+        self.route_for(self.core.objective, batch.specs, batch.batch, needs=("per_example_route",))
         self.examples.check(batch)
         if work.ggn_diagonal == "mc" and self.layers.take_monte_carlo(batch.inputs):
             self.layers.monte_carlo(part, batch, work, with_loss=False)
@@ -399,16 +399,16 @@ class CurvatureEngine:
                 total[where] += value
         return totals if moments else totals * 3
 
-    def route_for(self, objective, specs, batch=None) -> str:
+    def route_for(self, objective, specs, batch=None, needs=ROUTES) -> str:
         """``RouteChooser.choose``: the exact family's route, "vectorised" or "loop" (and the
-        per-example family's), decided once per model and checked on ``batch``."""
-        return self.routes.choose(objective, specs, batch)
+        per-example family's), decided once per model; those in ``needs`` checked on ``batch``."""
+        return self.routes.choose(objective, specs, batch, needs)
 
-    def vectorisation_routes(self, inputs, labels) -> tuple[str, str]:
+    def vectorisation_routes(self, inputs, labels, needs=ROUTES) -> tuple[str, str]:
         """``(route, per_example_route)`` for batches like this one (for the plan), each
-        vectorised route checked against its loop on these rows (``route_checks``)."""
+        vectorised route in ``needs`` checked against its loop on these rows (``route_checks``)."""
         x, y, s = self.core.cast_batch(inputs, labels, None)
-        self.route_for(self.core.objective, self.core.specs(inputs, labels), (x, y, s))
+        self.route_for(self.core.objective, self.core.specs(inputs, labels), (x, y, s), needs)
         return self.core.routes.route, self.core.routes.per_example
 
 

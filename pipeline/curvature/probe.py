@@ -44,13 +44,14 @@ def _shapes(arrays) -> str:
     return ", ".join(str(tuple(np.shape(a))) for a in arrays)
 
 
-def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
+def probe(engine: CurvatureEngine, batch, columns, routes: tuple[str, ...] = (),
           output_derivatives: bool = False, factors: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
 
     ``columns`` is ``pipeline.storage.dataset.tensor_columns``: the column(s) behind each input and label.
-    Raises ``InputError`` naming what failed. With ``route``, the vectorised routes are checked
-    against their loops (``CurvatureEngine.vectorisation_routes``); with ``output_derivatives``
+    Raises ``InputError`` naming what failed. With ``routes`` (``routes.ROUTES`` the job's
+    quantities take), those vectorised routes are checked against their loops
+    (``CurvatureEngine.vectorisation_routes``) and the layer rules are decided; with ``output_derivatives``
     (Fisher or GGN asked), the output-space derivatives against the gradient
     (``CurvatureEngine.check_output_derivatives``); with ``factors`` (layer_inputs or kfac),
     the layers with Kronecker factors and their positions (an ``InputError`` when there are none
@@ -91,11 +92,11 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
                              f"not one value per example ({len(batch)}): return per-example losses")
     try:
         part = engine.partial(batch.inputs, batch.labels, batch.weights, batch.rows, BatchWork(gradient=True))
-        routes = engine.vectorisation_routes(batch.inputs, batch.labels) if route else (None, None)
+        chosen = engine.vectorisation_routes(batch.inputs, batch.labels, routes) if routes else (None, None)
         if output_derivatives:
             engine.check_output_derivatives(batch.inputs, batch.labels, batch.weights)
-        layers = engine.layer_routes(batch.inputs) if route else {}
-        rule_rows = engine.rule_rows(1 << 30) if route else 0
+        layers = engine.layer_routes(batch.inputs) if routes else {}
+        rule_rows = engine.rule_rows(1 << 30) if routes else 0
         factor_layers = ()
         if factors:
             positions = engine.kronecker.positions(batch.inputs)
@@ -109,9 +110,9 @@ def probe(engine: CurvatureEngine, batch, columns, route: bool = False,
         raise InputError(f"the loss or its derivatives fail on the first {len(batch)} rows: {error_text(exc, 300)}: "
                          "check data.labels and the loss against the model") from None
     weight = part.weight_sum if part.weight_sum > 0 else 1.0
-    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=routes[0],
-                       per_example_route=routes[1], layer_routes=layers, rule_rows=rule_rows,
-                       route_checks=dict(engine.route_checks) if route else {}, factor_layers=factor_layers)
+    return ProbeReport(rows=len(batch), loss=float(part.sums["loss"]) / weight, route=chosen[0],
+                       per_example_route=chosen[1], layer_routes=layers, rule_rows=rule_rows,
+                       route_checks=dict(engine.route_checks) if routes else {}, factor_layers=factor_layers)
 
 
 def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:
@@ -140,4 +141,18 @@ def measure(engine: CurvatureEngine, batch, repeats: int = 2) -> Measurement:
     arrays = list(batch.inputs) + list(batch.labels) + ([] if batch.weights is None else [batch.weights])
     row_bytes = sum(np.asarray(a).nbytes for a in arrays) // max(1, len(batch))
     return Measurement(rows=len(batch), gradient_seconds=best, activation_bytes=int(grown),
-                       process_bytes=memory.resident_bytes(), row_bytes=int(row_bytes))
+                       process_bytes=memory.resident_bytes(), row_bytes=int(row_bytes),
+                       threads=tf.config.threading.get_intra_op_parallelism_threads(),
+                       trace_seconds=trace_seconds(engine, batch))
+
+
+def trace_seconds(engine: CurvatureEngine, batch) -> float:
+    """Seconds to trace the loss-and-gradient function afresh for ``batch``'s signature, as each
+    worker does on its first batch (the unit of the plan's tracing estimate). Cost: one trace."""
+    core = engine.core
+    objective = core.objective
+    fresh = tf.function(lambda a, b, c: core.loss_and_gradient(objective, a, b, c),
+                        input_signature=core.specs(batch.inputs, batch.labels))
+    start = time.perf_counter()
+    fresh.get_concrete_function()
+    return time.perf_counter() - start

@@ -18,6 +18,12 @@ from pipeline.curvature.core import Core
 from pipeline.curvature.tensors import flat_outputs
 
 
+# The routes a vectorised (``pfor``) computation can take, each checked once against its loop:
+# "route", the exact family's rows of H (exact diagonal, Hessian blocks); "per_example_route",
+# the per-example products of the Fisher and GGN.
+ROUTES = ("route", "per_example_route")
+
+
 class RouteChooser:
     """Decides ``core.routes`` (``choose``) and keeps why each vectorised route was kept or
     dropped after its check (``checks``: ``{"route": ..., "per_example_route": ...}``).
@@ -33,7 +39,7 @@ class RouteChooser:
         self.checks: dict = {}
         self._unchecked = {"route": False, "per_example_route": False}
 
-    def choose(self, objective, specs, batch=None) -> str:
+    def choose(self, objective, specs, batch=None, needs=ROUTES) -> str:
         """"vectorised" or "loop": how this model's exact diagonal is formed; also decides
         ``per_example``, for the Fisher and GGN products (both once per model).
 
@@ -45,7 +51,8 @@ class RouteChooser:
         in float32 on a CPU also take ``tf.map_fn``: vectorised, TensorFlow 2.21's oneDNN
         kernels corrupt the heap and the process dies (tests/zoo/repro_mha_onednn.py).
         A vectorised route chosen here is checked against its loop on ``batch`` the first time
-        one is given (``_check``).
+        one is given and the caller ``needs`` it (``_check``): a job that never forms the
+        exact family's rows of ``H`` (a Fisher alone) never pays for their check.
         """
         routes = self.core.routes
         if routes.route is None or routes.per_example is None:
@@ -61,11 +68,11 @@ class RouteChooser:
             routes.route = routes.route or ("loop" if loops else "vectorised")
             routes.per_example = routes.per_example or (
                 "loop" if loops or ("Einsum" in kinds and onednn) else "vectorised")
-        if batch is not None and any(self._unchecked.values()):
-            self._check(objective, specs, batch)
+        if batch is not None and any(self._unchecked[name] for name in needs):
+            self._check(objective, specs, batch, needs)
         return routes.route
 
-    def _check(self, objective, specs, batch) -> None:
+    def _check(self, objective, specs, batch, needs=ROUTES) -> None:
         """Checks each vectorised (``pfor``) route chosen by ``choose`` against its loop on
         ``batch`` (at most 4 rows), once per model; a route that fails or disagrees takes the
         loop, and ``checks`` says why (the plan prints it).
@@ -78,7 +85,7 @@ class RouteChooser:
         """
         x, y, s = [t[:4] for t in batch[0]], [t[:4] for t in batch[1]], batch[2][:4]
         tolerance = 1e-8 if self.core.dtype == tf.float64 else 1e-4
-        if self._unchecked["route"]:
+        if self._unchecked["route"] and "route" in needs:
             self._unchecked["route"] = False
             offsets = self.core.offsets
             picks = np.unique(np.concatenate([[o, o + (n - 1) // 2, o + n - 1]
@@ -92,7 +99,7 @@ class RouteChooser:
 
             self.core.routes.route, self.checks["route"] = _checked_route(
                 lambda: rows_of(False), lambda: rows_of(True), tolerance, "vectorised Jacobian of H's rows")
-        if self._unchecked["per_example_route"]:
+        if self._unchecked["per_example_route"] and "per_example_route" in needs:
             self._unchecked["per_example_route"] = False
             width = int(flat_outputs(self.core.adapter.forward(list(x))[0], self.core.dtype).shape[1])
             # Any fixed, non-trivial cotangents: the check compares two routes to the same products.

@@ -115,10 +115,11 @@ class Quantity:
         """Entries it adds to the run's manifest (``result``: what ``finalize`` gave under its name)."""
         return {}
 
-    def per_parameter(self, options: dict) -> bool:
-        """Whether it needs per-parameter or per-example products (the plan then finds their
-        route, vectorised or loop, on the first rows)."""
-        return False
+    def routes(self, options: dict) -> tuple[str, ...]:
+        """The vectorised routes its products take (``curvature.routes.ROUTES``): "route" for
+        the exact family's rows of H, "per_example_route" for per-example products. The plan
+        checks each against its loop on the first rows and decides the layer rules."""
+        return ()
 
     def notes(self, options: dict, facts: PlanFacts) -> list[str]:
         """Lines the plan prints about this quantity."""

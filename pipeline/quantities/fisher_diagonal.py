@@ -22,8 +22,8 @@ class FisherDiagonal(Quantity):
     columns = ("fisher_diagonal",)
     label, color, line_width = "Fisher", "#2ca02c", 1.4
 
-    def per_parameter(self, options):
-        return True
+    def routes(self, options):
+        return ("per_example_route",)
 
     def notes(self, options, facts):
         return per_example_notes(facts)

@@ -60,8 +60,8 @@ class GgnDiagonal(Quantity):
     columns = ("ggn_diagonal", "ggn_diagonal_stderr")
     label, color, line_width = "GGN", "#ff7f0e", 1.4
 
-    def per_parameter(self, options):
-        return True
+    def routes(self, options):
+        return ("per_example_route",)
 
     def notes(self, options, facts):
         return per_example_notes(facts)

@@ -37,8 +37,8 @@ class Hessian(Quantity):
     }
     files = ("hessian.parquet",)
 
-    def per_parameter(self, options):
-        return True
+    def routes(self, options):
+        return ("route",)
 
     def notes(self, options, facts):
         return loop_notes(facts)

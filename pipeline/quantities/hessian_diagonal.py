@@ -105,8 +105,8 @@ class HessianDiagonal(Quantity):
     columns = ("hessian_diagonal", "hessian_diagonal_stderr")
     label, color, line_width = "Hessian", "#1f77b4", 2.6
 
-    def per_parameter(self, options):
-        return options["method"] == "exact"
+    def routes(self, options):
+        return ("route",) if options["method"] == "exact" else ()
 
     def notes(self, options, facts):
         if options["method"] == "hutchinson":

@@ -57,9 +57,11 @@ def parse(quantities, base_dir: str) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------ the plan
-def per_parameter(quantities: dict) -> bool:
-    """Whether any quantity needs per-parameter or per-example products (routes to find)."""
-    return any(unit.per_parameter(options) for unit, options in _asked(quantities))
+def routes(quantities: dict) -> tuple[str, ...]:
+    """The vectorised routes the quantities take (``Quantity.routes``), in ``routes.ROUTES`` order:
+    the plan checks these against their loops on the first rows."""
+    taken = {name for unit, options in _asked(quantities) for name in unit.routes(options)}
+    return tuple(name for name in ("route", "per_example_route") if name in taken)
 
 
 def per_layer(quantities: dict) -> bool:

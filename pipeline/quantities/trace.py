@@ -43,8 +43,8 @@ class Trace(Quantity):
                              f"spectrum), got {parsed['probes']}: use probes: 3 or more, or method: hutchinson")
         return parsed
 
-    def per_parameter(self, options):
-        return options["method"] == "exact"
+    def routes(self, options):
+        return ("route",) if options["method"] == "exact" else ()
 
     def notes(self, options, facts):
         return loop_notes(facts) + (exact_diagonal_notes(facts) if options["method"] == "exact" else [])

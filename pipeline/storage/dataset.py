@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -834,6 +835,21 @@ def first_rows(plan: DataPlan, data_spec, signature: ModelSignature, count: int,
     count = max(1, min(int(count), plan.rows))
     shard = _cut_shards(plan.files, plan.file_rows, count, 1)[0]
     return next(iter(read_shard(shard, data_spec, signature, plan.uri, count, dtype, check_rows=check_rows)))
+
+
+def read_seconds(plan: DataPlan, data_spec, signature: ModelSignature, batch_size: int, dtype: str = "float32",
+                 batches: int = 4) -> float:
+    """Seconds to read one batch of ``batch_size`` rows as a worker streams a shard: the first
+    ``batches`` batches are read, and the time after the first (which opens the file and reads
+    its footer, once per shard) is divided by the rest; with one batch of data, that one.
+    Cost: reading ``batches x batch_size`` rows (the plan's estimate of reading)."""
+    count = max(1, min(int(batches) * batch_size, plan.rows))
+    shard = _cut_shards(plan.files, plan.file_rows, count, 1)[0]
+    start = time.perf_counter()
+    stamps = [time.perf_counter() - start for _ in read_shard(shard, data_spec, signature, plan.uri, batch_size, dtype)]
+    if len(stamps) < 2:
+        return stamps[0] if stamps else 0.0
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
 # Errors of Parquet decoding (not of the network): the file's bytes are wrong, and reading it
