@@ -207,11 +207,16 @@ def _run(args, out, err) -> int:
 def _prestarts(args) -> bool:
     """Whether ``run`` starts its local Ray and workers before TensorFlow's import: a new run of
     one model on a Ray of its own (not a dry run, no cluster address, no --run-id to resume,
-    valid --workers, an output the driver accepts). Otherwise Ray starts in the driver, after
-    the checks that need no Ray, so that their errors come in a fraction of a second."""
+    valid --workers, an output the driver accepts, no Ray in this process yet). Otherwise Ray
+    starts in the driver, after the checks that need no Ray. With the early start, only the
+    output's location is checked before Ray starts; the other input errors come after it (and
+    Ray and the workers are ended)."""
     if (args.dry_run or args.address or os.environ.get("RAY_ADDRESS") or args.spec.checkpoints or args.run_id
             or (args.workers is not None and args.workers < 1)):
         return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False  # a Ray this process already has (main() called in-process): the driver uses it
     from pipeline.storage.publish import check_output_location  # lazy: PyArrow, for `run` only
 
     try:

@@ -74,7 +74,7 @@ TABLE_ENTRY_BYTES = 48
 # standard error). Measured with the bundled example at K = 4,000.
 WORKER_VECTOR_COPIES = 3
 DRIVER_VECTOR_COPIES = 8
-# Workers keep their shards in memory between passes up to this size (``workers.ShardWorker``).
+# Workers keep their shards in memory between passes up to this size (``worker.ShardWorker``).
 SHARD_CACHE_BYTES = 1 << 30
 
 

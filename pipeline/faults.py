@@ -26,7 +26,7 @@
 each shard ran, and where.
 
 Both variables reach Ray workers through the actor's runtime environment
-(``workers.remote_worker_class``), and a job's driver through the runtime env of ``submit``. Standard library only.
+(``actor.remote_worker_class``), and a job's driver through the runtime env of ``submit``. Standard library only.
 """
 
 from __future__ import annotations

@@ -153,14 +153,15 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     gpus = int(cluster.get("GPU", 0))
     if workers is None:
         workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
+    data = plan_data(job.data, shards or job.shards, workers)
     if not gpus and "nodes" not in cluster:
         # A local run's workers share this machine's CPUs: the gradient the estimate scales is
         # timed with one worker's threads (TensorFlow's pools are sized once per process, so a
         # process that already ran TensorFlow keeps its own; the estimate then scales by them).
-        set_threads(int(worker_cpus(int(workers))))
+        capacity = int(cluster.get("CPU", os.cpu_count() or 1))
+        set_threads(int(worker_cpus(max(1, min(int(workers), len(data.shards), max(1, capacity))))))
     engine = inspect_model(job)
     signature = engine.signature
-    data = plan_data(job.data, shards or job.shards, workers)
     check_schema(data.schema, job.data, signature)
     trial, measured = probe_data(job, engine, data)
     workers = max(1, min(int(workers), len(data.shards)))

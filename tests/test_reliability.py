@@ -495,27 +495,34 @@ def test_node_lost_mid_run_completes_and_no_node_left_ends_the_run(files, fault,
         cluster.shutdown()
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "raylet killed"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGTERM to a new run", "raylet killed"])
 def test_a_run_stopped_mid_pass_ends_with_one_line(files, fault, tmp_path, how):
     """SIGTERM to the driver (a scheduler stopping the job), or the only node's raylet killed
     (as the OOM killer would): exit 1 within seconds, one error line that says how to resume,
-    nothing on stdout, no report from Ray or absl; the finished shards are kept."""
+    nothing on stdout, no report from Ray or absl; the finished shards are kept. A new run (no
+    --run-id: its Ray started before TensorFlow's import) names the run id it chose."""
     import signal
 
     root, _ = files
     output = tmp_path / "out"
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(jobs.job(root, {"gradient": {}}, shards=6, workers=1, output=str(output))))
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "stopped"],
+    named = [] if how == "SIGTERM to a new run" else ["--run-id", "stopped"]
+
+    def staged():
+        found = glob.glob(os.path.join(str(output), "test-job", ".partials", "run=*", "shard-*.npz"))
+        return found if not named else _partials(str(output), "stopped")
+
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), *named],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**ENV, "HESSIAN_PIPELINE_FAULT": "delay:seconds=1",
                                    "HESSIAN_PIPELINE_FAULT_DIR": str(fault.folder)})
     try:
         deadline = time.time() + 120
-        while not _partials(str(output), "stopped"):
+        while not staged():
             assert driver.poll() is None and time.time() < deadline, driver.communicate()
             time.sleep(0.2)
-        if how == "SIGTERM":
+        if how.startswith("SIGTERM"):
             driver.send_signal(signal.SIGTERM)
         else:
             raylets = subprocess.run(["pgrep", "-x", "raylet", "-P", str(driver.pid)], capture_output=True,
@@ -527,11 +534,12 @@ def test_a_run_stopped_mid_pass_ends_with_one_line(files, fault, tmp_path, how):
         driver.kill()
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert driver.returncode == 1 and len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
-    expected = "terminated (SIGTERM)" if how == "SIGTERM" else "the local Ray node died mid-pass"
-    assert expected in errors[0] and "--run-id stopped to resume" in errors[0]
+    expected = "terminated (SIGTERM)" if how.startswith("SIGTERM") else "the local Ray node died mid-pass"
+    run_id = re.search(r"--run-id (\S+) to resume", errors[0])
+    assert expected in errors[0] and run_id, errors[0]
     assert stdout == "" and "Traceback" not in stderr and "SIGTERM received" not in stderr
     assert not [line for line in stderr.splitlines() if line.startswith("[")], stderr  # no Ray C++ log lines
-    assert _partials(str(output), "stopped")
+    assert _partials(str(output), "stopped" if named else run_id.group(1))
 
 
 # ------------------------------------------------------------------ never wait forever

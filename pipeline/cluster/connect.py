@@ -30,7 +30,8 @@ CONNECT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_CONNECT_SECONDS", "15")
 
 def connect(address: str | None, quiet: bool = False) -> bool:
     """Uses a Ray already initialised in this process, a cluster at ``address``, or a new local
-    one; returns whether this call started it (and must shut it down).
+    one; returns whether the caller owns it (and must shut it down): this call started it, or
+    ``start_early`` did and this is the first call since.
 
     Ctrl-C and SIGTERM are held while Ray starts and stay held when this returns
     (``pipeline.interrupts``): Ray's core worker installs C-level handlers for them during
@@ -44,8 +45,11 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     """
     global _PRESTARTED
     if ray.is_initialized():
-        # A local Ray started early by this process (``pool.prestart``) passes to its first caller.
+        # A local Ray started early by this process (``pool.prestart``) passes to its first caller,
+        # with Python's signal handlers in charge again (TensorFlow's import, since, set its own).
         owned, _PRESTARTED = _PRESTARTED, False
+        if owned:
+            python_handles_signals()
         return owned
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": worker_env()}

@@ -457,7 +457,11 @@ def prestart(job, workers: int | None, quiet: bool) -> StartedWorkers:
     14.5-15.6 s (3 runs each)."""
     began = time.time(), time.monotonic()
     connect.start_early(quiet)
-    started = StartedWorkers.for_job(job, workers, connect.cluster_resources(True))
+    try:
+        started = StartedWorkers.for_job(job, workers, connect.cluster_resources(True))
+    except BaseException:
+        connect.release_early(lambda: None)
+        raise
     started.began = began
     return started
 
