@@ -154,16 +154,6 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
     if workers is None:
         workers = job.workers if job.workers != "auto" else (gpus or max(1, int(cluster.get("CPU", os.cpu_count() or 1))))
     data = plan_data(job.data, shards or job.shards, workers)
-    if not gpus and "nodes" not in cluster:
-        # A local run's workers share this machine's CPUs: the gradient the estimate scales is
-        # timed with one worker's threads (TensorFlow's pools are sized once per process, so a
-        # process that already ran TensorFlow keeps its own; the estimate then scales by them).
-        capacity = int(cluster.get("CPU", os.cpu_count() or 1))
-        set_threads(int(worker_cpus(max(1, min(int(workers), len(data.shards), max(1, capacity))))))
-    engine = inspect_model(job)
-    signature = engine.signature
-    check_schema(data.schema, job.data, signature)
-    trial, measured = probe_data(job, engine, data)
     workers = max(1, min(int(workers), len(data.shards)))
     # An actor asking for a CPU (or GPU) the cluster does not have is never scheduled, silently
     # (PITFALLS.md): start only the workers the cluster can place.
@@ -174,6 +164,15 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
         plan_notes.append(f"workers: {workers} asked, {placed} can be placed (the cluster has {capacity} "
                           f"{'GPUs' if gpus else 'CPUs'}): using {placed}")
         workers = placed
+    if not gpus and "nodes" not in cluster:
+        # A local run's workers share this machine's CPUs: the gradient the estimate scales is
+        # timed with one worker's threads (TensorFlow's pools are sized once per process, so a
+        # process that already ran TensorFlow keeps its own; the estimate then scales by them).
+        set_threads(int(worker_cpus(workers)))
+    engine = inspect_model(job)
+    signature = engine.signature
+    check_schema(data.schema, job.data, signature)
+    trial, measured = probe_data(job, engine, data)
     plan = Plan(job=job, data=data, signature=signature, workers=workers, gpus=gpus if gpus else 0,
                 run_id=run_id, date=now.strftime("%Y-%m-%d"), output=output or job.output,
                 model_sha256=model_fingerprint(job.model), passes=1)

@@ -4,10 +4,10 @@ The one module that imports TensorFlow, Ray and PyArrow together: it is where th
 meet (a Ray actor that reads shards through the storage layer and computes with the engine).
 
 One ``ShardWorker`` per GPU (``num_gpus=1``, TensorFlow memory growth on) or, without GPUs,
-one per CPU slot (each inside a Ray actor, ``actor.WorkerActor``) with TensorFlow's thread pools sized to the CPUs Ray gave it. A worker
-streams its shard from Parquet batch by batch and returns one ``Partial`` per shard; between
-passes over the data (Lanczos, Hutch++, SLQ) it keeps the shards it has read in memory when
-they fit in ``cache_bytes``.
+one per CPU slot with TensorFlow's thread pools sized to the CPUs Ray gave it, each inside a
+Ray actor (``actor.WorkerActor``). A worker streams its shard from Parquet batch by batch and
+returns one ``Partial`` per shard; between passes over the data (Lanczos, Hutch++, SLQ) it
+keeps the shards it has read in memory when they fit in ``cache_bytes``.
 """
 
 from __future__ import annotations
