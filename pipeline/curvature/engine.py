@@ -47,7 +47,7 @@ from pipeline.curvature.exact_blocks import ExactBlocks
 from pipeline.curvature.hvp_products import HvpProducts, XlaTrial
 from pipeline.curvature.kronecker_factors import KroneckerFactors
 from pipeline.curvature.layer_products import LayerProducts
-from pipeline.curvature.model import copy_mismatch, to_precision
+from pipeline.curvature.model import copy_mismatch, each_example_alone, to_precision
 from pipeline.curvature.passes import Pass
 from pipeline.curvature.requests import BatchWork
 from pipeline.curvature.routes import ROUTES, RouteChooser
@@ -96,8 +96,8 @@ class CurvatureEngine:
         self.precision = precision
         self.dtype = tf.float64 if precision == "float64" else tf.float32
         # The model as loaded, kept to check the copy against it (``check_copy``).
-        self.original = model
-        self.model = to_precision(model, precision, builder)
+        self.original = each_example_alone(model)
+        self.model = each_example_alone(to_precision(model, precision, builder))
         self.loss = loss
         self.core = Core(self.model, loss, self.dtype, selected, hvp_block, diagonal_block, vjp_budget, route)
         core = self.core

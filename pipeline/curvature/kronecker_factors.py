@@ -78,6 +78,9 @@ def factor_layers(model, names: list[str]) -> list[tuple[FactorLayer, object]]:
     found = []
     for layer in model._flatten_layers(include_self=False, recursive=True):  # Keras has no public walk
         kind = _KINDS.get(type(layer))
+        if kind is None or not any(v.path in selected for v in layer.trainable_variables):
+            continue  # (a LoRA layer's ``kernel`` is a computed tensor: read it only where selected)
+        _refuse_unfactorable(layer)
         kernel = getattr(layer, "kernel", None)
         bias = getattr(layer, "bias", None)
         owned = [v for v in (kernel, bias) if v is not None and v.path in selected]
@@ -107,6 +110,23 @@ def factor_layers(model, names: list[str]) -> list[tuple[FactorLayer, object]]:
         has_bias = bias is not None and bias.path in selected and int(np.prod(bias.shape)) == outputs
         found.append((FactorLayer(path, kind, inputs, outputs, has_bias), layer))
     return found
+
+
+def _refuse_unfactorable(layer) -> None:
+    """An ``InputError`` for a layer whose Kronecker factors would describe no selected weight:
+    an int8/int4-quantized one (Keras runs its ``quantized_call``, which the tap does not see,
+    and its kernel is integer and not trainable) or one with LoRA (its kernel is computed from
+    the frozen kernel and the trainable ``lora_kernel_a``/``lora_kernel_b``)."""
+    mode = getattr(layer, "quantization_mode", None)
+    if mode:
+        why = (f"is {mode}-quantized: Keras runs its quantized_call, and its {mode} kernel is not trainable, so no "
+               "Kronecker factor describes its weights")
+    elif getattr(layer, "lora_enabled", False):
+        why = "has LoRA enabled: its kernel is computed from lora_kernel_a and lora_kernel_b, which A (x) S does not describe"
+    else:
+        return
+    raise InputError(f"layer {layer.name!r} {why}: leave its variables out with variables: [...], or ask for "
+                     "ggn_diagonal or fisher_diagonal, which cover it")
 
 
 def _einsum_layout(layer, path: str) -> tuple[list[int], int, list[int], int]:

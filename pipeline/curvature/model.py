@@ -135,6 +135,29 @@ def _load_error(path: str, exc: Exception) -> InputError:
                       "saved by Keras 3 with model.save('name.keras')")
 
 
+def each_example_alone(model):
+    """Returns ``model`` computing each example on its own (contract 1), or raises ``InputError``.
+
+    - A recurrent layer with ``stateful=True`` carries its state from one call to the next,
+      even in inference (PITFALLS.md), and the engine calls the model many times: its
+      ``stateful`` is turned off, so that every call starts from a zero state, as its
+      ``stateful=False`` twin computes each example (the state Keras kept, saved or not, is
+      not used).
+    - A float8-quantized layer (``layer.quantize("float8")``) is refused: Keras makes its scale
+      and amax-history variables trainable and rounds its backward pass to e5m2, so neither the
+      variables nor the derivatives are those of the model's function.
+    """
+    for layer in model._flatten_layers(include_self=False):  # Keras has no public walk
+        if getattr(layer, "quantization_mode", None) == "float8":
+            raise InputError(
+                f"layer {layer.name!r} is float8-quantized (quantize('float8')): Keras makes its scale and "
+                "amax-history variables trainable and rounds its backward pass to e5m2, so no derivative through it "
+                "is exact: measure the model saved before quantize('float8')")
+        if isinstance(layer, keras.layers.RNN) and layer.stateful:
+            layer.stateful = False
+    return model
+
+
 def _retype(config, dtype: str):
     """Rewrites every floating dtype (and dtype policy) in a serialized Keras config."""
     if isinstance(config, dict):
@@ -143,7 +166,11 @@ def _retype(config, dtype: str):
             if key == "dtype" and isinstance(value, str) and value.startswith(("float", "bfloat", "mixed")):
                 out[key] = dtype
             elif key == "dtype" and isinstance(value, dict) and value.get("class_name", "").endswith("DTypePolicy"):
-                out[key] = {**value, "config": {**value.get("config", {}), "name": dtype}}
+                # A quantized policy (QuantizedDTypePolicy, int8/int4/float8) names the dtype it
+                # computes in ``source_name`` and takes no ``name`` key (PITFALLS.md).
+                inner = value.get("config", {})
+                field = "source_name" if "source_name" in inner else "name"
+                out[key] = {**value, "config": {**inner, field: dtype}}
             else:
                 out[key] = _retype(value, dtype)
         return out

@@ -660,12 +660,40 @@ def _float_or_given(spec_dtype: str, float_dtype: str) -> np.dtype:
     return np.dtype(float_dtype) if np.issubdtype(given, np.floating) else given
 
 
+def _check_row_widths(values: np.ndarray, column: str, rows: np.ndarray, tensor: _Tensor, locate=None) -> None:
+    """Each row of a variable-length column against the model input it feeds: a float input of a
+    fixed shape takes exactly its size per row (padding a short row would be silently wrong),
+    one with an unknown dimension whole steps of the others; token ids and strings may be
+    shorter than a fixed input (padded, as ``keras.utils.pad_sequences`` would), never longer.
+    ``InputError`` naming the row, its file (``locate``) and both widths."""
+    shape = tuple(tensor.spec.shape)
+    known = _size(shape)
+    step = int(np.prod([d for d in shape if d is not None], dtype=np.int64))
+    tokens = not tensor.spec.dtype.startswith(("float", "bfloat", "half"))
+    lengths = np.fromiter((0 if row is None else np.size(row) for row in values), dtype=np.int64, count=len(values))
+    if known is not None:
+        bad = lengths > known if tokens else lengths != known
+        want = f"at most {known}" if tokens else f"{known}"
+    else:
+        bad = (lengths % max(1, step)) != 0
+        want = f"a multiple of {step}"
+    bad &= np.fromiter((row is not None for row in values), dtype=bool, count=len(values))  # nulls: _dense
+    if bad.any():
+        at = int(np.flatnonzero(bad)[0])
+        where = f" ({locate(int(rows[at]))})" if locate is not None else ""
+        raise InputError(f"column '{column}' has {int(lengths[at])} values at row {int(rows[at])}{where} but model "
+                         f"input '{tensor.spec.name}' of shape {_shape_text(shape)} takes {want} per row: fix or drop "
+                         "that row")
+
+
 def _input_array(columns: dict[str, np.ndarray], tensor: _Tensor, rows: np.ndarray, float_dtype: str,
-                 pad_value=0) -> np.ndarray:
+                 pad_value=0, locate=None) -> np.ndarray:
     n = len(rows)
     if len(tensor.columns) == 1:
         column = tensor.columns[0]
         variable = _ragged(columns[column])
+        if variable:
+            _check_row_widths(columns[column], column, rows, tensor, locate)
         values = _dense(columns[column], column, rows, pad_value)
         if values.ndim > 2:  # a transform's [B, ...] output: its values in C order
             values = values.reshape(n, -1)
@@ -728,7 +756,7 @@ def _check_transformed(columns: dict[str, np.ndarray], layout: _Layout, transfor
 
 
 def _to_batch(columns: dict[str, np.ndarray], layout: _Layout, rows: np.ndarray, float_dtype: str,
-              pad_value=0) -> Batch:
+              pad_value=0, locate=None) -> Batch:
     weights = None
     if layout.weights is not None:
         weights = _dense(columns[layout.weights], layout.weights, rows, 0).astype(np.float64)
@@ -736,7 +764,7 @@ def _to_batch(columns: dict[str, np.ndarray], layout: _Layout, rows: np.ndarray,
             raise InputError(f"column '{layout.weights}' holds {weights.shape[1:]} values per row, not one: "
                              "fix data.weights")
     return Batch(
-        inputs=[_input_array(columns, t, rows, float_dtype, pad_value) for t in layout.inputs],
+        inputs=[_input_array(columns, t, rows, float_dtype, pad_value, locate) for t in layout.inputs],
         labels=[_label_array(columns, t, rows, float_dtype, pad_value) for t in layout.labels],
         weights=weights,
         rows=rows,
@@ -955,7 +983,7 @@ def read_shard(shard: Shard, data_spec, signature: ModelSignature, uri: str, bat
                 transform.check_row_independent(arrays, rows)
             arrays = transform(arrays, rows)
             _check_transformed(arrays, layout, transform)
-        return _to_batch(arrays, layout, rows, dtype, pad_value)
+        return _to_batch(arrays, layout, rows, dtype, pad_value, shard.locate)
 
     for piece in shard.pieces:
         digest = hashlib.sha256() if digests is not None else None

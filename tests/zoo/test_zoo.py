@@ -36,7 +36,7 @@ MIXED = ["mixed_precision_mixed_float16", "mixed_precision_mixed_bfloat16",
          "mixed_float16_preprocessing_state"]  # float32 runs only
 FLOAT32 = ["residual_mlp_layernorm", "transformer_block", "softmax_sparse_ce_saturated",
            "masked_lstm_sequence", "grouped_conv2d", "sigmoid_binary_focal_saturated",
-           "preprocessing_state_float64"] + MIXED
+           "preprocessing_state_float64", "stateful_rnn", "int8_dense"] + MIXED
 RUNS = [(name, "float64") for name in SINGLE_BATCH if name not in MIXED] + [(name, "float32") for name in FLOAT32]
 
 # Runs in a child process: a crash there must fail one test, not end the run (the
@@ -139,7 +139,8 @@ ALONE_CASES = [("masked_lstm_sequence", "float64"), ("softmax_sparse_ce_saturate
                ("softmax_sparse_ce_saturated", "float32"), ("sigmoid_binary_focal_saturated", "float64"),
                ("sigmoid_binary_focal_saturated", "float32"), ("grouped_conv2d", "float64"),
                ("grouped_conv2d", "float32"), ("preprocessing_state_float64", "float64"),
-               ("mixed_float16_preprocessing_state", "float32")]
+               ("mixed_float16_preprocessing_state", "float32"), ("stateful_rnn", "float64"),
+               ("stateful_rnn", "float32"), ("int8_dense", "float64")]
 ALONE = {"gradient": (dict(gradient=True), "gradient", lambda ref: ref.gradient),
          "hessian_diagonal": (dict(hessian_diagonal="exact"), "hessian_diagonal", lambda ref: np.diag(ref.hessian)),
          "ggn_diagonal": (dict(ggn_diagonal="exact"), "ggn_diagonal", lambda ref: ref.ggn),

@@ -652,6 +652,78 @@ def case_subclassed():
                 [rng.normal(size=(n, 5))], [rng.integers(0, 3, n)], _weights(rng, n), builder=build_subclassed)
 
 
+# -- 20. a stateful SimpleRNN (turn 4): Keras carries its state between calls; the engine
+# computes every example from a zero state (contract 1), so the reference is its stateless twin.
+def stateful_rnn(dt, stateful, batch):
+    x = keras.Input((4, 2), batch_size=batch if stateful else None, dtype=dt, name="series")
+    h = keras.layers.SimpleRNN(3, stateful=stateful, name="rnn")(x)
+    return keras.Model(x, keras.layers.Dense(2, activation="tanh", name="out")(h), name="stateful")
+
+
+def case_stateful_rnn():
+    n = 8
+    keras.utils.set_random_seed(30)
+    with _Policy("float32"):
+        model = stateful_rnn("float32", True, n)
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=(n, 4, 2))
+    model(x.astype(np.float32))  # a state Keras carries into the next call, as a used model has
+    with _Policy("float64"):
+        model64 = stateful_rnn("float64", False, n)
+        model64.set_weights(model.get_weights())
+    return Case("stateful_rnn", model, model64, model64, LOSSES["mse"], [x], [rng.normal(size=(n, 2))],
+                _weights(rng, n), pfor=False)
+
+
+# -- 21. an int8-quantized Dense first (turn 4): Keras quantizes its inputs per row and divides
+# the int8 product by both scales. The reference writes that forward pass out by hand in float64
+# from the int8 kernel and its scale (the layer's inputs are data: no straight-through gradient).
+def int8_first(dt, last_activation=None):
+    x = _float_input((5,), dt, "x")
+    h = keras.layers.Dense(4, activation="tanh", name="quantized")(x)
+    return keras.Model(x, keras.layers.Dense(3, name="head")(h), name="int8_first")
+
+
+class Int8Reference(keras.Model):
+    """``int8_first`` with its quantized Dense computed by hand in float64."""
+
+    def __init__(self, kernel, kernel_scale, bias, head):
+        super().__init__(dtype="float64")
+        self.kernel = tf.constant(kernel, tf.float64)
+        self.kernel_scale = tf.constant(kernel_scale, tf.float64)
+        self.bias = self.add_weight(shape=bias.shape, dtype="float64", name="bias")
+        self.bias.assign(bias)
+        self.head = head
+
+    def call(self, x, training=False):
+        scale = 127.0 / (tf.reduce_max(tf.abs(x), axis=-1, keepdims=True) + 1e-7)
+        quantized = tf.clip_by_value(tf.round(x * scale), -127.0, 127.0)
+        return self.head(tf.tanh(quantized @ self.kernel / (self.kernel_scale * scale) + self.bias))
+
+
+def case_int8():
+    keras.utils.set_random_seed(32)
+    with _Policy("float32"):
+        model = int8_first("float32")
+    model.get_layer("quantized").quantize("int8")
+    layer = model.get_layer("quantized")
+    with _Policy("float64"):
+        model64 = int8_first("float64")
+        model64.get_layer("quantized").quantize("int8")
+        model64.set_weights(model.get_weights())
+        head = keras.layers.Dense(3, name="head")
+        head.build((None, 4))
+        head.set_weights(model.get_layer("head").get_weights())
+        reference = Int8Reference(np.asarray(layer._kernel), np.asarray(layer.kernel_scale), np.asarray(layer.bias),
+                                  head)
+    # The reference's trainable variables in the model's order: quantized/bias, head/kernel, head/bias.
+    assert [v.path for v in model.trainable_variables] == ["quantized/bias", "head/kernel", "head/bias"]
+    rng = np.random.default_rng(33)
+    n = 8
+    return Case("int8_dense", model, model64, reference, LOSSES["sparse_ce_logits"], [rng.normal(size=(n, 5))],
+                [rng.integers(0, 3, n)], _weights(rng, n))
+
+
 CASES = {
     "residual_mlp_layernorm": case_residual_mlp,
     "cnn_batchnorm_dropout_pool": case_cnn_batchnorm,
@@ -679,6 +751,8 @@ CASES = {
     "preprocessing_state_float64": case_preprocessing,
     "mixed_float16_preprocessing_state": lambda: case_preprocessing("mixed_float16",
                                                                     "mixed_float16_preprocessing_state"),
+    "stateful_rnn": case_stateful_rnn,
+    "int8_dense": case_int8,
 }
 
 _CASES: dict = {}
