@@ -63,7 +63,7 @@ def _data(folder, x, y):
     os.makedirs(folder, exist_ok=True)
     width = int(np.prod(x.shape[1:]))
     pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(len(x), -1).ravel()), width),
-                             "y": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), y.shape[1])
+                             "y": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), int(np.prod(y.shape[1:])))
                              if y.ndim > 1 else pa.array(y)}),
                    os.path.join(folder, "part-000.parquet"), row_group_size=9)
 
@@ -190,3 +190,58 @@ def test_a_short_row_of_a_list_column_is_refused_naming_the_file_row_and_widths(
     pq.write_table(pa.table({"x": pa.array(rows, pa.list_(pa.float64())), "label": pa.array(rng.integers(0, 3, 300))}),
                    str(tmp_path / "data" / "part-000.parquet"), row_group_size=50)
     assert "column 'x' has 7 values at row 20 (" in cli("validate", str(tmp_path / "job.yaml"))
+
+
+# ------------------------------------------------------------------ 4. what kron(A, S) approximates
+def _sequence_dense(tmp_path, rows=30):
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(rows, 4, 3)), rng.normal(size=(rows, 4, 2))
+    _data(tmp_path / "data", x, y)
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((4, 3))
+    keras.Model(inputs, keras.layers.Dense(2, name="seq")(inputs)).save(tmp_path / "model.keras")
+
+
+def test_kfac_curvature_is_the_exact_ggn_block_of_a_linear_dense_over_four_steps(tmp_path):
+    """K-FAC expand is exact for a linear layer under mse: ``kron(A, S) / R`` (R = 4 steps) equals
+    the layer's GGN block, which for a linear model under mse is its Hessian block (an independent
+    route: the exact ``hessian`` quantity). ``kron(A, S)`` alone is 4 times it."""
+    import pipeline
+
+    _sequence_dense(tmp_path)
+    job = _job(tmp_path, {"kfac": {"fisher_type": "exact"}, "hessian": {"blocks": "layer"}}, shards=3)
+    result = run(load_job(job), run_id="expand", stream=io.StringIO())
+    published = pipeline.load(result.run_dir)
+    exact = published.hessian("seq")
+    assert published.manifest["layer_positions"]["seq"] == 4
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(published.kfac_curvature("seq"), exact, atol=1e-8 * scale, rtol=0)
+    a, s = published.kfac("seq")
+    np.testing.assert_allclose(np.kron(a, s), 4 * exact, atol=1e-8 * scale, rtol=0)
+    with pytest.raises(ValueError, match="GiB"):
+        published.kfac_curvature("seq", max_dimension=4)
+
+
+def test_kfac_mc_publishes_the_standard_error_of_s(tmp_path):
+    """Contract 1: every stochastic estimate has a standard error. ``S`` of ``fisher_type: mc``
+    against the exact-labels ``S`` of the same layer: within 4 standard errors everywhere, and the
+    standard errors are not vacuous (the typical error is a sizeable fraction of them)."""
+    import pipeline
+
+    jobs.write_data(tmp_path / "data", rows=200, files=2)
+    jobs.write_model(str(tmp_path / "model.keras"))
+    base = jobs.job(tmp_path, {"kfac": {"fisher_type": "mc", "samples": 2}}, workers=1)
+    mc = pipeline.load(run(load_job(base), run_id="mc", stream=io.StringIO()).run_dir)
+    exact = pipeline.load(run(load_job({**base, "quantities": {"kfac": {"fisher_type": "exact"}}}), run_id="exact",
+                              stream=io.StringIO()).run_dir)
+    assert set(pq.read_table(os.path.join(mc.run_dir, "kfac.parquet")).column("factor").to_pylist()) == \
+        {"A", "S", "S_stderr"}
+    for layer in mc.blocks("kfac"):
+        s_mc, stderr, s_exact = mc.kfac(layer)[1], mc.kfac_stderr(layer), exact.kfac(layer)[1]
+        assert np.all(stderr > 0)
+        z = (s_mc - s_exact) / stderr
+        print(f"\n{layer}: |z| max {np.abs(z).max():.2f}, median {np.median(np.abs(z)):.2f}")
+        assert np.abs(z).max() < 4
+        assert np.median(np.abs(z)) > 0.05
+    with pytest.raises(KeyError, match="fisher_type: mc"):
+        exact.kfac_stderr(exact.blocks("kfac")[0])

@@ -370,6 +370,10 @@ class CurvatureEngine:
                 self.examples.check(batch)
                 derivatives = self.examples.batch_derivatives(batch, request.fisher_type == "exact")
                 columns = self._cotangents(batch, request.fisher_type, derivatives, request.samples, work.seed)
+                if request.fisher_type == "mc" and request.kind == "kfac":
+                    # Every draw in one entry: S's standard error needs each example's S_i whole.
+                    columns = [(np.concatenate([u for u, _ in columns], axis=1),
+                                np.concatenate([w for _, w in columns], axis=1))]
             self.kronecker.answer(part, batch, request, columns)
 
     def _example_squares(self, raw_inputs, cotangents, row_weights, moments):

@@ -5,14 +5,15 @@ eigenvalues in the factors' eigenbasis.
 For a layer ``z = W^T x (+ b)`` applied at positions p of each example (a Dense on a sequence,
 a convolution's output pixels, with ``x_ip`` the unfolded patch), the per-example gradient of
 its weights is ``G_i = sum_p x_ip g_ip^T`` (``g_ip = dl_i/dz_ip``), and K-FAC approximates the
-layer's GGN/Fisher block ``sum_i s_i vec(G_i) vec(G_i)^T`` by ``A (x) S`` with (expand)
+layer's GGN/Fisher block ``sum_i s_i vec(G_i) vec(G_i)^T`` by ``A (x) S / R`` (R positions per
+example; contract 6.1) with (expand)
 
     A = sum_i s_i sum_p x_ip x_ip^T,      S = sum_i s_i sum_p g_ip g_ip^T
 
 (the driver divides both by ``sum_i s_i``), or (reduce) the same with ``x_i = mean_p x_ip`` and
-``g_i = sum_p g_ip``. With the bias as an appended 1 in ``x``, the parameters ``[W; b]`` of a
-``[d_in + 1, d_out]`` matrix in C order are the engine's flat order (kernel then bias), so the
-block is ``kron(A, S)``. EK-FAC keeps the eigenbases ``Q_A, Q_S`` and replaces the Kronecker
+``g_i = sum_p g_ip`` (then the block is ``A (x) S``). With the bias as an appended 1 in ``x``, the
+parameters ``[W; b]`` of a ``[d_in + 1, d_out]`` matrix in C order are the engine's flat order
+(kernel then bias), so the block is ``kron(A, S) / R`` (expand). EK-FAC keeps the eigenbases ``Q_A, Q_S`` and replaces the Kronecker
 eigenvalues by ``sum_i s_i (Q_A^T G_i Q_S)**2``. Every sum is float64 on the host; the factor
 of one layer is ``d x d`` with d its input (or output) width.
 
@@ -23,7 +24,8 @@ gradients per chunk of rows for EK-FAC.
 
 Supported: Keras' own ``Dense``, ``EinsumDense`` (an equation ``batch positions contracted,
 contracted features -> batch positions features``), ``Conv1D``/``Conv2D`` (channels last, one
-group, valid or same padding); other layers owning a selected variable are not factored.
+group, valid or same padding); other layers owning a selected variable are not factored, and an
+int8/int4-quantized or LoRA layer among the selected ones is refused (``_refuse_unfactorable``).
 Sequence masks are not applied to ``A``: a padded step's input counts, as in Keras' GPTQ.
 
 Sources: Martens and Grosse (2015), "Optimizing neural networks with Kronecker-factored
@@ -238,6 +240,10 @@ class KroneckerFactors:
     def _chunk(self, request: KroneckerRequest, n: int, inputs) -> int:
         """Rows per call: EK-FAC forms ``rows x d_A x d_S`` per-example gradients of each layer
         with several positions per example, kept under ``vjp_budget``."""
+        if request.kind == "kfac" and request.fisher_type == "mc":
+            # Each example's S_i ([rows, d_out, d_out]) for S's standard error.
+            held = max(info.outputs ** 2 for info, _ in self.layers())
+            return max(1, min(n, self.core.vjp_budget // held))
         if request.kind != "kfac_eigen":
             return max(1, n)
         if self._positions is None:
@@ -283,6 +289,8 @@ class KroneckerFactors:
             del tape
             return out
         tapped = taps.outputs()
+        # fisher_type mc: each example's S_i over its draws, for S's standard error (``s_stderr``).
+        per_example = {} if request.kind == "kfac" and request.fisher_type == "mc" else None
         for m in range(columns):  # static: one backward pass each
             grads = tape.gradient(flat, tapped, output_gradients=cotangents[:, m, :],
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -292,6 +300,10 @@ class KroneckerFactors:
                 if request.kind == "kfac":
                     right = tf.reduce_sum(g, axis=1, keepdims=True) if request.reduction == "reduce" else g
                     name = request.key(info.path, "S")
+                    if per_example is not None:
+                        mine = tf.einsum("brk,brl->bkl", right * w[:, None, None], right)  # s_i S_i's draw m
+                        per_example[info.path] = mine + per_example.get(info.path, 0.0)
+                        continue
                     value = tf.einsum("brk,brl->kl", right * w[:, None, None], right)
                 else:
                     q_a, q_s = (tf.constant(q, self.core.dtype) for q in request.bases[info.path])
@@ -309,6 +321,11 @@ class KroneckerFactors:
                         value = tf.einsum("b,bac->ac", w, tf.square(projected))
                     value = tf.reshape(value, [-1])
                 out[name] = value if name not in out else out[name] + value
+        for path, terms in (per_example or {}).items():  # terms: s_i S_i per example
+            out[request.key(path, "S")] = tf.reduce_sum(terms, axis=0)
+            out[request.key(path, "S_w2q2")] = tf.reduce_sum(tf.square(terms), axis=0)
+            out[request.key(path, "S_w2q")] = tf.einsum("b,bkl->kl", weights, terms)
+            out[request.key(path, "S_w2")] = tf.reduce_sum(tf.square(weights))
         del tape
         return out
 

@@ -9,8 +9,11 @@ p, for labels per ``fisher_type``: ``empirical`` (the data's), ``mc`` (``samples
 model's predictive distribution, as the Monte Carlo GGN draws them, each weighted 1/samples) or
 ``exact`` (one column per output of a square root of the loss's output Hessian: S is then the
 layer-output GGN). ``reduction: reduce`` takes ``x_i = mean_p x_ip`` and ``g_i = sum_p g_ip``
-(Eschenhagen et al. 2023). The layer's GGN/Fisher block is approximated by ``kron(A, S)`` in the
-engine's flat order (kernel ``[d_in, d_out]`` in C order, then the bias). With
+(Eschenhagen et al. 2023). The layer's GGN/Fisher block is approximated by ``kron(A, S) / R``
+(expand; R its positions per example, manifest ``layer_positions``) or ``kron(A, S)`` (reduce),
+as kfac-jax, curvlinops and Grosse & Martens (2016) define it (contract 6.1; the published A and
+S are unscaled), in the engine's flat order (kernel ``[d_in, d_out]`` in C order, then the bias):
+``Run.kfac_curvature``. ``fisher_type: mc`` also publishes ``S_stderr`` (``s_stderr``). With
 ``eigen_correction: true``, a second pass sums EK-FAC's ``sum_i s_i (Q_A^T G_i Q_S)**2 / sum_i
 s_i`` for ``G_i = sum_p x_ip g_ip^T``, in the eigenbases ``Q_A``, ``Q_S`` of the published factors
 (``numpy.linalg.eigh``, ascending eigenvalues): a ``[d_A, d_S]`` matrix per layer.
@@ -19,7 +22,9 @@ Cost per batch: a tapped forward pass and one backward pass to the layers' outpu
 column (1, ``samples`` or C), plus the output derivatives; EK-FAC one more pass with
 ``B x d_A x d_S`` per-example gradients per chunk. Published as ``kfac.parquet`` (``block``,
 ``factor``, ``index``, ``row``) and ``kfac_eigen.parquet`` (``block``, ``index``, ``value``).
-API: ``run.kfac(layer) -> (A, S)``, ``run.kfac_eigen(layer)``.
+API: ``run.kfac(layer) -> (A, S)``, ``run.kfac_curvature(layer)``, ``run.kfac_stderr(layer)``,
+``run.kfac_eigen(layer)``. EK-FAC's eigenvalues come from the per-example gradients themselves,
+so they need no 1/R: only the eigenbases come from A and S.
 
 Sources: Martens and Grosse (2015), K-FAC; Grosse and Martens (2016), KFC for convolutions;
 George et al. (2018), EK-FAC; Eschenhagen et al. (2023), K-FAC expand and reduce; curvlinops'
@@ -120,6 +125,20 @@ def factor_means(sums: Sums, kind: str, factors: tuple[str, ...]) -> dict | None
     return means
 
 
+def s_stderr(sums: Sums) -> dict[str, np.ndarray]:
+    """``{layer path: standard error of S}`` for ``fisher_type: mc``: the ratio estimator's, as
+    ``ggn_diagonal_stderr`` (``sum_i s_i^2 (S_i - S)**2`` over the examples, each entry's square
+    root over ``sum_i s_i``), ``S_i`` example i's own factor over its draws."""
+    weight = float(sums.raw("kfac/weight"))
+    out = {}
+    for path, total in layer_sums(sums, "kfac", "S").items():
+        estimate = total / weight
+        spread = (sums.raw(f"kfac/{path}/S_w2q2") - 2.0 * estimate * sums.raw(f"kfac/{path}/S_w2q")
+                  + estimate ** 2 * sums.raw(f"kfac/{path}/S_w2"))
+        out[path] = symmetric(np.sqrt(np.maximum(spread, 0.0)) / weight)
+    return out
+
+
 def symmetric(matrix: np.ndarray) -> np.ndarray:
     """``(M + M^T) / 2``: a sum of outer products, symmetric up to float rounding."""
     return (matrix + matrix.T) / 2
@@ -176,15 +195,22 @@ class Kfac(Quantity):
     def request(self, options, context):
         return {"kronecker": (self._request(options),)}
 
-    def finalize(self, options, sums):
+    @staticmethod
+    def _means(options, sums) -> dict | None:
         means = factor_means(sums, "kfac", ("A", "S"))
+        if means is not None and options["fisher_type"] == "mc":
+            means["S_stderr"] = s_stderr(sums)
+        return means
+
+    def finalize(self, options, sums):
+        means = self._means(options, sums)
         return {} if means is None else {self.name: means}
 
     def compute(self, options, context, operator, sums):
         """EK-FAC (``eigen_correction``): one pass over the data with the factors' eigenbases."""
         if not options["eigen_correction"]:
             return None
-        result = factor_means(sums, "kfac", ("A", "S"))
+        result = self._means(options, sums)
         if result is None:
             return None
         bases = {path: (np.linalg.eigh(result["A"][path])[1], np.linalg.eigh(result["S"][path])[1])
@@ -200,8 +226,9 @@ class Kfac(Quantity):
         return {"layer_positions": result["positions"]}
 
     def tables(self, options, result, context):
+        factors = ("A", "S", "S_stderr") if "S_stderr" in result else ("A", "S")
         out = {"kfac.parquet": tables.factors_table(
-            [(path, factor, result[factor][path]) for path in result["A"] for factor in ("A", "S")])}
+            [(path, factor, result[factor][path]) for path in result["A"] for factor in factors])}
         if "eigen" in result:
             out["kfac_eigen.parquet"] = tables.eigen_table([(path, values) for path, values in result["eigen"].items()])
         return out

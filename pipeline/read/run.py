@@ -262,9 +262,43 @@ class Run:
         return self._matrix("layer_inputs", layer)
 
     def kfac(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """A layer's K-FAC factors ``(A, S)`` (``kfac.parquet``): ``kron(A, S)`` approximates its
-        curvature block, kernel in C order then bias."""
+        """A layer's K-FAC factors ``(A, S)`` (``kfac.parquet``) as published (contract 6.1). They
+        approximate its curvature block at a scale: ``kron(A, S) / R`` with ``reduction: expand``
+        (R positions per example), ``kron(A, S)`` with ``reduce``; ``kfac_curvature`` applies it."""
         return self._matrix("kfac", layer, "A"), self._matrix("kfac", layer, "S")
+
+    def kfac_stderr(self, layer: str) -> np.ndarray:
+        """The standard error of a layer's ``S`` (``fisher_type: mc`` only; ``factor`` "S_stderr"
+        of ``kfac.parquet``), entry by entry, ``[d_out, d_out]``. ``KeyError`` for another
+        fisher_type (its S is exact for its labels)."""
+        part = self.block("kfac", layer)
+        if not (part["factor"] == "S_stderr").any():
+            raise KeyError(f"layer {layer!r} has no S_stderr: only kfac with fisher_type: mc has one")
+        return self._matrix("kfac", layer, "S_stderr")
+
+    def kfac_curvature(self, layer: str, max_dimension: int = 4096) -> np.ndarray:
+        """The dense K-FAC approximation of a layer's GGN/Fisher block (contract 6.1), ``[D, D]``
+        with ``D = d_A * d_S`` in the engine's flat order (kernel ``[d_in, d_out]`` in C order,
+        then the bias):
+
+            C_l = kron(A, S) / R   (reduction: expand; R = manifest layer_positions[layer])
+            C_l = kron(A, S)       (reduction: reduce)
+
+        the approximation of kfac-jax, curvlinops and Grosse & Martens (2016): for a linear
+        layer under mse, where K-FAC expand is exact, ``C_l`` is the layer's GGN block (a test
+        shows it to 1e-8). ``kron(A, S)`` alone is R times too large for a layer with R > 1
+        positions (a Conv, a Dense on a sequence). Memory: ``8 D^2`` bytes; ``ValueError`` above
+        ``max_dimension``, ``KeyError`` for a layer without factors."""
+        a, s = self.kfac(layer)
+        size = len(a) * len(s)
+        if size > max_dimension:
+            raise ValueError(f"layer {layer!r}: its K-FAC block is {size:,} x {size:,} ({8 * size * size / 2**30:.1f} "
+                             f"GiB); use its factors (run.kfac), or raise max_dimension")
+        options = self.manifest.get("job", {}).get("quantities", {}).get("kfac", {}) or {}
+        positions = 1.0
+        if options.get("reduction", "expand") == "expand":
+            positions = float(self.manifest["layer_positions"][layer])
+        return np.kron(a, s) / positions
 
     def kfac_eigen(self, layer: str) -> np.ndarray:
         """A layer's EK-FAC eigenvalues ``[d_A, d_S]`` (``kfac_eigen.parquet``): entry ``(a, c)``

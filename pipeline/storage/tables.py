@@ -333,7 +333,7 @@ def spectrum_table(blocks: Sequence[tuple[str, Sequence[np.ndarray], Sequence[np
 
 def factors_table(blocks: Sequence[tuple[str, str | None, np.ndarray]]) -> pa.Table:
     """``layer_inputs.parquet`` / ``kfac.parquet``: for each ``(layer, factor, matrix [d, d])``, one
-    row per row of the matrix: ``block`` (the layer), ``factor`` ("A" | "S"; no such column when
+    row per row of the matrix: ``block`` (the layer), ``factor`` ("A" | "S" | "S_stderr"; no such column when
     every factor is None, as ``layer_inputs.parquet``), ``index`` (the row), ``row`` list<float64>."""
     named = any(factor is not None for _, factor, _ in blocks)
     fields = [("block", pa.string())] + ([("factor", pa.string())] if named else []) + \
