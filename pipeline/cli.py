@@ -521,7 +521,10 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
             err.write(f"error: {message}\n")
             return exc.exit_status
         except KeyboardInterrupt:
-            err.write("error: interrupted; run the same command with the same --run-id to resume\n")
+            # Only run and submit stage work that the same --run-id resumes.
+            resumable = args.command in ("run", "submit")
+            err.write("error: interrupted" + ("; run the same command with the same --run-id to resume" if resumable
+                                              else f" before {args.command} finished") + "\n")
             return 1
         except SystemExit as exc:
             if exc.code != signal.SIGTERM:

@@ -174,6 +174,14 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     except BaseException as exc:
         if early_workers is not None:
             early_workers.close()  # (those the pool took are closed already; again is harmless)
+        if publisher is not None and publisher.published:
+            # Stopped once published (``ray job stop``, SIGTERM, Ctrl-C): the run is complete and
+            # only its staged partials were left to remove.
+            store.remove()
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                stream.write("stopped after the run was published: the results are complete\n")
+                return RunResult(run_dir=run_dir, manifest=manifest, results=results)
+            raise
         if publisher is not None:
             publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
             _drop_if_published(store, publisher)

@@ -454,10 +454,19 @@ def _yaml_problem(error: yaml.YAMLError) -> tuple[str, int | None]:
     return one_line(problem), line
 
 
+# A job file is a few hundred bytes (vectors, data and models are files of their own); a larger one
+# is refused before it is parsed: YAML took minutes over a 100 MB string.
+JOB_FILE_LIMIT = 1 << 20
+
+
 def _read_job_file(job_path: str, shown: str) -> dict:
     try:
-        with open(job_path, encoding="utf-8") as stream:
-            text = stream.read()
+        with open(job_path, "rb") as stream:
+            data = stream.read(JOB_FILE_LIMIT + 1)
+        if len(data) > JOB_FILE_LIMIT:
+            raise InputError(f"job file {shown} is over {JOB_FILE_LIMIT >> 20} MiB, the most a job file may be: keep "
+                             "data, vectors and models in files of their own and name their paths")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"job file {shown} not found: check the path") from None
     except IsADirectoryError:

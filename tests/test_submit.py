@@ -294,6 +294,7 @@ def test_a_job_stopped_after_it_published_reports_its_run(head, project, tmp_pat
     assert lines[-1].startswith(str(output / "submit-test" / "date=")) and lines[-1].endswith("/run=late")
     assert os.path.exists(os.path.join(lines[-1], "manifest.json"))
     assert not error_lines(done) or all("terminated" in line for line in error_lines(done)), done.stderr[-3000:]
+    assert not (output / "submit-test" / ".partials").exists()  # the stopped driver removed its staged shards
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import zipfile
 import subprocess
 import sys
 
@@ -245,3 +246,104 @@ def test_kfac_mc_publishes_the_standard_error_of_s(tmp_path):
         assert np.median(np.abs(z)) > 0.05
     with pytest.raises(KeyError, match="fisher_type: mc"):
         exact.kfac_stderr(exact.blocks("kfac")[0])
+
+
+# ------------------------------------------------------------------ 7-10. hostile and unlucky inputs
+def test_a_keras_zip_that_declares_a_huge_member_is_refused_before_it_is_read(tmp_path):
+    """The issue's file: a few MB declaring GiBs, inflated for minutes before failing."""
+    jobs.write_data(tmp_path / "data", rows=24, files=1)
+    with zipfile.ZipFile(tmp_path / "model.keras", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("metadata.json", '{"keras_version": "3.15.1"}')
+        archive.writestr("config.json", "{}")
+        with archive.open("model.weights.h5", "w", force_zip64=True) as member:
+            for _ in range(32):
+                member.write(bytes(1 << 24))  # 512 MiB of zeros, stored in about 0.5 MB
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(jobs.job(tmp_path, {"gradient": {}})))
+    line = cli("validate", str(tmp_path / "job.yaml"), timeout=120)
+    assert "member 'model.weights.h5' declares 0.50 GiB stored in 0.5 MiB" in line, line
+
+
+def test_a_job_file_over_its_limit_is_refused_at_once(tmp_path):
+    """A 100 MB string made ``validate`` parse for minutes; the limit is checked before parsing."""
+    from pipeline.job import JOB_FILE_LIMIT
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: big\ndescription: '" + "x" * (JOB_FILE_LIMIT + 10) + "'\n")
+    line = cli("validate", str(path), timeout=60)
+    assert f"is over {JOB_FILE_LIMIT >> 20} MiB, the most a job file may be" in line
+
+
+def test_ctrl_c_in_validate_says_nothing_about_resuming(tmp_path):
+    """Ctrl-C advised ``--run-id`` to ``validate``, which has none. A builder that takes its time
+    holds validate while the interrupt arrives."""
+    import signal
+    import time
+
+    jobs.write_data(tmp_path / "data", rows=24, files=1)
+    (tmp_path / "slow_builder.py").write_text("import time\n\ndef build():\n    time.sleep(120)\n")
+    spec = jobs.job(tmp_path, {"gradient": {}}, model={"builder": "slow_builder:build"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), ENV.get("PYTHONPATH")) if p)}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "validate", str(tmp_path / "job.yaml")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(8)  # TensorFlow imported, the builder's child process running
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    print(stderr)
+    assert process.returncode == 1
+    assert stderr.strip().splitlines()[-1] == "error: interrupted before validate finished"
+
+
+def test_rays_temp_directory_without_room_is_one_line_naming_it(tmp_path):
+    """A full Ray temp directory: Ray waited 30 s and ended in a 30-line traceback (exit 1)."""
+    from pipeline.cluster.connect import check_ray_temp_space
+
+    jobs.write_data(tmp_path / "data", rows=24, files=1)
+    jobs.write_model(str(tmp_path / "model.keras"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(jobs.job(tmp_path, {"gradient": {}})))
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode == 0
+    try:
+        if mounted:  # a real full file system (root, as CI runs)
+            subprocess.run(["dd", "if=/dev/zero", f"of={full / 'fill'}", "bs=4k"], capture_output=True)
+            done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")],
+                                  capture_output=True, text=True, env={**ENV, "RAY_TMPDIR": str(full)}, timeout=120)
+            print(done.stderr)
+            assert done.returncode == 2
+            assert done.stderr.strip().splitlines()[-1].startswith(f"error: Ray's temp directory {full}/ray has 0.0 "
+                                                                 "MiB free, and a local Ray needs 64 MiB")
+            assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1
+        os.environ["RAY_TMPDIR"] = str(full)
+        free = __import__("shutil").disk_usage(full).free
+        message = refused(lambda: check_ray_temp_space(need=free + (1 << 30)))
+        assert message.startswith(f"Ray's temp directory {full}/ray has ")
+    finally:
+        os.environ.pop("RAY_TMPDIR", None)
+        if mounted:
+            subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_a_run_stopped_after_it_was_published_is_complete_and_leaves_no_partials(tmp_path):
+    """``ray job stop`` (SIGTERM) landing after the publish left ``.partials/run=ID/`` and ended with
+    "terminated ... to resume". The driver now finishes its cleanup and says the run is complete."""
+    import signal
+    import time
+
+    jobs.write_data(tmp_path / "data", rows=40, files=1)
+    jobs.write_model(str(tmp_path / "model.keras"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(jobs.job(tmp_path, {"gradient": {}})))
+    env = {**ENV, "HESSIAN_PIPELINE_FAULT": "pause-after-publish:seconds=300"}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--run-id", "late"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("results/test-job/date=*/run=late/manifest.json")) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    print(stderr)
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1].endswith("/run=late")
+    assert stderr.strip().splitlines()[-1] == "stopped after the run was published: the results are complete"
+    assert not list(tmp_path.glob("results/test-job/.partials*/**/*"))
+    assert not (tmp_path / "results" / "test-job" / ".partials").exists()

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -26,6 +27,31 @@ STOPPED: list[int] = []  # signals received by a run (SIGTERM)
 # How long joining a cluster (--address, RAY_ADDRESS) may take before the run stops with a
 # line that names the address: Ray's own connection retries last about 150 s, silently.
 CONNECT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_CONNECT_SECONDS", "15"))
+
+# A local Ray writes its session (sockets, ports, logs) under its temp directory and starts no
+# server when it cannot: it waited 30 s and ended in a traceback. Checked before it starts.
+RAY_TEMP_MIN_BYTES = 64 << 20
+
+
+def ray_temp_dir() -> str:
+    """Where a local Ray puts its sessions: ``$RAY_TMPDIR/ray``, else ``$TMPDIR/ray``, else
+    ``/tmp/ray`` (``ray._common.utils.get_default_ray_temp_dir``, which Ray reads itself)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
+
+
+def check_ray_temp_space(need: int = RAY_TEMP_MIN_BYTES) -> None:
+    """``InputError`` naming Ray's temp directory and its free space when it has under ``need``."""
+    folder = ray_temp_dir()
+    existing = folder
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # nothing to measure: Ray reports what it finds
+    if free < need:
+        raise InputError(f"Ray's temp directory {folder} has {free / 2**20:.1f} MiB free, and a local Ray needs "
+                         f"{need >> 20} MiB for its session: free space there, or set RAY_TMPDIR to a folder with room")
 
 
 def connect(address: str | None, quiet: bool = False) -> bool:
@@ -54,6 +80,8 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": worker_env()}
     level = "ERROR" if quiet else "WARNING"
+    if not address or address == "local":
+        check_ray_temp_space()  # before the signals are held: an error here leaves them as they were
     interrupts.hold()
     if address and address != "local":
         with _Watch(address, CONNECT_SECONDS) as watch:

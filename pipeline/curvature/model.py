@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import memory
 from pipeline.callables import import_callable
 from pipeline.errors import InputError
 
@@ -112,10 +113,43 @@ def load_model(model_spec, fetch=None, isolate: bool = False):
     if not zipfile.is_zipfile(local):  # Keras would say "File not found" about a file that exists
         raise InputError(f"model {model_spec.path} is not a Keras 3 model file (a .keras file is a zip archive): "
                          "save it with model.save('name.keras')")
+    check_archive(local, model_spec.path)
     try:
         return keras.models.load_model(local, safe_mode=True, compile=False)
     except Exception as exc:  # noqa: BLE001
         raise _load_error(model_spec.path, exc) from None
+
+
+# Keras stores a .keras archive's members uncompressed (zipfile's default) and float weights
+# deflate by about 1.1x if re-zipped: a member that inflates 100-fold is no model's. Keras
+# reads the weights member into memory whole, so one larger than the free memory cannot load.
+MAX_INFLATION = 100
+_SMALL_MEMBER = 64 << 20  # below this, any ratio (config.json compresses well)
+
+
+def check_archive(local: str, shown: str) -> None:
+    """Refuses a ``.keras`` archive by its central directory alone, before any member is read
+    (a 4 MB file declaring a 4 GiB member took 132 s and 4.7 GiB to fail): ``InputError``
+    naming the member and its declared size when it inflates over ``MAX_INFLATION`` times its
+    stored bytes, or when the members declare more than this machine's free memory."""
+    try:
+        with zipfile.ZipFile(local) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"model {shown} is not a readable zip archive ({exc}): save it again with "
+                         "model.save('name.keras')") from None
+    for info in members:
+        if info.file_size > _SMALL_MEMBER and info.file_size > MAX_INFLATION * max(info.compress_size, 1):
+            raise InputError(f"model {shown}: member {info.filename!r} declares {info.file_size / 2**30:.2f} GiB stored "
+                             f"in {info.compress_size / 2**20:.1f} MiB, which no Keras file does: the file is damaged "
+                             "or hostile; save the model again with model.save('name.keras')")
+    total = sum(info.file_size for info in members)
+    free = memory.available_bytes()
+    if total > free:
+        largest = max(members, key=lambda info: info.file_size)
+        raise InputError(f"model {shown}: its members declare {total / 2**30:.2f} GiB (member {largest.filename!r} "
+                         f"{largest.file_size / 2**30:.2f} GiB), more than the {free / 2**30:.2f} GiB this machine has "
+                         "free: run where more memory is free")
 
 
 def _load_error(path: str, exc: Exception) -> InputError:

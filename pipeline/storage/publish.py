@@ -287,6 +287,11 @@ class RunPublisher:
                 if entry.startswith(prefix) and entry != own and len(entry) == len(own):
                     shutil.rmtree(f"{self._date_path}/{entry}", ignore_errors=True)
 
+    @property
+    def published(self) -> bool:
+        """Whether this publisher has published its run (``publish`` returned)."""
+        return self._published
+
     def published_elsewhere(self) -> bool:
         """Whether this run id is published by another process (its manifest exists)."""
         if self._published:
