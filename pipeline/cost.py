@@ -356,8 +356,8 @@ def check(cost: Cost, budget: Budget, limits, workers: int, gpus: bool) -> None:
     if budget.machine_bytes is not None and together > budget.machine_bytes:
         share = _largest(cost, lambda q: q.driver_bytes + workers * q.worker_bytes, gib)
         raise InputError(
-            f"the driver and {workers} workers would need about {gib(together)} together ({gib(cost.worker_bytes)} "
-            f"per worker, {gib(cost.driver_bytes)} in the driver; {share}), more than the "
+            f"the driver and {workers} workers would need about {gib(together)} ({gib(cost.worker_bytes)} "
+            f"/worker, {gib(cost.driver_bytes)} driver; {share}), more than the "
             f"{gib(budget.machine_bytes)} {budget.source}: "
             f"{way_out(lambda q: q.driver_bytes + workers * q.worker_bytes)}, fewer --workers, {force}")
     if not gpus and cost.seconds > limits.hours * 3600:

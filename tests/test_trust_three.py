@@ -347,3 +347,23 @@ def test_a_run_stopped_after_it_was_published_is_complete_and_leaves_no_partials
     assert stderr.strip().splitlines()[-1] == "stopped after the run was published: the results are complete"
     assert not list(tmp_path.glob("results/test-job/.partials*/**/*"))
     assert not (tmp_path / "results" / "test-job" / ".partials").exists()
+
+
+# ------------------------------------------------------------------ 6. every refusal of the failures page
+WAY_OUT = re.compile(r"\b(check|fix|use|give|set|run|choose|delete|remove|clean|drop|save|pass|rewrite|try|shorten|"
+                     r"write|make|start|install|send|submit|return|register|merge|leave|ask|select|measure|free|keep|"
+                     r"see|quote|raise|rebuild|point|call|did you mean|resume)\b")
+
+
+def test_every_refusal_in_the_failures_page_is_short_and_has_a_way_out():
+    """docs/failures.md quotes the lines users see: each under 300 characters, each naming a way out
+    after its cause (lines the page shortens with an ellipsis are checked for their length only)."""
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "failures.md"), encoding="utf-8").read()
+    lines = re.findall(r"`(error: [^`]*)`", page)
+    assert len(lines) > 100
+    too_long = [line for line in lines if len(line) >= LINE_LIMIT]
+    assert not too_long, too_long
+    shortened = [line for line in lines if line.rstrip().endswith(("…", "...", ": ")) or line.count("(") > line.count(")")]
+    no_way_out = [line for line in lines if line not in shortened and not WAY_OUT.search(line.split(": ", 1)[1])]
+    assert not no_way_out, no_way_out
+    assert len(shortened) < 15, shortened

@@ -37,6 +37,12 @@ LIVENESS_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_LIVENESS_SECONDS", "10
 WAIT_REPORT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WAIT_REPORT_SECONDS", "60"))
 
 
+
+def _short(cause: str, limit: int = 120) -> str:
+    """A shard's failure as it goes into the one ``error:`` line: a storage client's message can
+    run to hundreds of characters (the whole cause was printed with each retry before)."""
+    return cause if len(cause) <= limit else cause[:limit - 3] + "..."
+
 class WorkerPool:
     """Ray actors that hold the model; ``map_shards`` is one pass over the data."""
 
@@ -176,7 +182,7 @@ class WorkerPool:
             if policy.decide(kind, attempts[shard.index], len(self.actors)) == "raise":
                 what = "lost its worker" if kind == policy.LOST else "failed"
                 raise ComputeError(
-                    f"shard {shard.index} ({self._rows(shard)}) {what} after its retries: {cause}; "
+                    f"shard {shard.index} ({self._rows(shard)}) {what} after its retries: {_short(cause)}; "
                     f"{self._resume_hint()}") from None
             self.log.write(f"shard {shard.index} ({self._rows(shard)}): {cause}; trying again "
                            f"({attempts[shard.index]} of {policy.SHARD_RETRIES})\n")

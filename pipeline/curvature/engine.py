@@ -142,10 +142,9 @@ class CurvatureEngine:
             [batch_tensor(a, self.dtype) for a in inputs]))
         if different:
             raise InputError(
-                f"the {self.precision} copy of the model does not compute what the model computes on the first "
-                f"{len(inputs[0])} rows: {different}. A layer whose state Keras does not carry in its weights "
-                f"(set_weights) cannot be copied to {self.precision}: use precision: {self.original_precision()}, "
-                "or give a builder model (model: {builder: ...}) that rebuilds that state")
+                f"the {self.precision} copy of the model differs from it on the first {len(inputs[0])} rows: "
+                f"{different}: its state is not all in its weights (set_weights): use precision: "
+                f"{self.original_precision()}, or give a builder model (model: {{builder: ...}}) that rebuilds it")
 
     def check_regularization(self) -> None:
         """Raises ``InputError`` when ``include_regularization: true`` cannot be honoured: an
@@ -155,9 +154,8 @@ class CurvatureEngine:
             if getattr(layer, "activity_regularizer", None) is not None:
                 raise InputError(
                     f"layer {layer.name!r} has an activity_regularizer: its term depends on each example's "
-                    "activations, which include_regularization: true does not cover (it adds model.losses once, "
-                    "for weight regularizers): remove the activity regularizer, or set include_regularization: "
-                    "false (activity terms are then left out)")
+                    "activations, and include_regularization: true adds model.losses once: remove the activity "
+                    "regularizer, or set include_regularization: false (activity terms are then left out)")
 
     def original_precision(self) -> str:
         """The precision the loaded model computes in (its variables' dtype for mixed policies)."""

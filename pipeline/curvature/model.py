@@ -39,7 +39,8 @@ def _call_builder(build, reference: str):
     try:
         model = build()
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: any failure is the user's input
-        raise InputError(f"model builder {reference!r} failed: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+        raise InputError(f"model builder {reference!r} failed: {type(exc).__name__}: {str(exc)[:150]}: fix the builder "
+                         "so that it returns a keras.Model".replace("\n", " ")) from None
     if not isinstance(model, keras.Model):
         raise InputError(f"model builder {reference!r} returned {type(model).__name__}, not a keras.Model")
     return model
