@@ -274,7 +274,8 @@ def test_wrong_width_names_both_sizes(dataset):
         next(read_shard(plan.shards[0], data_spec, sig, plan.uri, 4))
     # A variable-size list column is checked while reading.
     target = spec(dataset, features="target")
-    with pytest.raises(InputError, match=r"column 'target' holds 3 values per row but .* = 4 values"):
+    with pytest.raises(InputError, match=r"column 'target' has 3 values at row 0 \(.*part-0.parquet, its row 0\) "
+                                         r"but model input 't' of shape \(4,\) takes 4 per row"):
         next(read_shard(plan.shards[0], target, signature(inputs=(("t", (4,), "float32"),)), plan.uri, 4))
     scalar = spec(dataset, features="a")
     with pytest.raises(InputError, match=r"column 'a' holds 1 values per row but .* = 64 values"):

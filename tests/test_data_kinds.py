@@ -79,8 +79,9 @@ def test_transform_builds_the_features_in_every_shard(parquet, shards):
 def test_transform_sees_variable_length_rows_and_may_return_them(parquet):
     # target has 1-4 values per row; tail drops the first: 0-3 values, padded with pad_value.
     data = spec(parquet, features="tail", labels="size", transform="transforms:lengths", pad_value=-1)
-    # Every batch of 8 holds a row of 3: float features are padded to the batch's longest row only.
-    batches = read_all(data, signature(width=3), shards=1, batch_size=8)
+    # Every batch of 8 holds a row of 3: float features are padded to the batch's longest row only,
+    # for an input of variable length (a fixed-size float input takes rows of its size alone).
+    batches = read_all(data, signature(width=None), shards=1, batch_size=8)
     x, sizes, rows = joined(batches)
     np.testing.assert_array_equal(sizes, 1 + rows % 4)
     for row, values in zip(rows, x):
@@ -208,7 +209,7 @@ def test_tfrecord_variable_length_and_string_features(records):
 def test_tfrecord_with_a_transform(records):
     data = tf_spec(records, transform="transforms:lengths", features="tail", labels="size",
                    schema={k: SCHEMA[k] for k in ("id", "target", "label")})
-    _, sizes, rows = joined(read_all(data, signature(width=3), shards=2))
+    _, sizes, rows = joined(read_all(data, signature(width=None), shards=2))
     np.testing.assert_array_equal(sizes, 1 + rows % 4)
 
 
