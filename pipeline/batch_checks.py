@@ -28,6 +28,7 @@ def error_text(exc: BaseException, limit: int = 400) -> str:
     """``Type: message`` of a model or loss error on one line, without TensorFlow's
     ``{{function_node ...}}`` prefix and ``[Op:...]`` suffix, cut at ``limit`` characters."""
     text = re.sub(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", " ".join(str(exc).split()))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # Keras' bold in its exception texts
     return f"{type(exc).__name__}: {text[:limit] + '...' if len(text) > limit else text}"
 
 

@@ -224,4 +224,11 @@ def test_the_bundled_example_publishes_what_it_published_before_the_refactor(tmp
     assert done.returncode == 0, done.stderr
     with open(os.path.join(os.path.dirname(__file__), "golden", "example.json"), encoding="utf-8") as handle:
         golden = json.load(handle)
-    assert canonical.canonical(done.stdout.strip().splitlines()[-1]) == golden
+    got = canonical.canonical(done.stdout.strip().splitlines()[-1])
+    # The float32 Lanczos and Hutchinson chains (eigenvalues, spectrum, trace) round differently on
+    # CPUs whose oneDNN kernels differ: the golden lists the bytes each machine the project ran on
+    # gave, from the same code (the 2026-12-07 machine added the second digest at 9e56a3c).
+    for name, entry in golden["files"].items():
+        if isinstance(entry["sha256"], list) and got["files"].get(name, {}).get("sha256") in entry["sha256"]:
+            entry["sha256"] = got["files"][name]["sha256"]
+    assert got == golden

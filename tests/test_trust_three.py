@@ -367,3 +367,56 @@ def test_every_refusal_in_the_failures_page_is_short_and_has_a_way_out():
     no_way_out = [line for line in lines if line not in shortened and not WAY_OUT.search(line.split(": ", 1)[1])]
     assert not no_way_out, no_way_out
     assert len(shortened) < 15, shortened
+
+
+# ------------------------------------------------------------------ kinds a fresh helper found (issue 33)
+def hashed_then_dense():
+    """A builder-free model with an integer-output ``Hashing`` (its policy is int64)."""
+    tokens = keras.Input((2,), dtype="int32", name="tokens")
+    counts = keras.layers.CategoryEncoding(num_tokens=5, output_mode="count")(keras.layers.Hashing(num_bins=5)(tokens))
+    return keras.Model(tokens, keras.layers.Dense(3)(counts))
+
+
+def lora_built():
+    """A builder whose model has LoRA enabled (as a KerasHub backbone's ``enable_lora``)."""
+    keras.utils.set_random_seed(9)
+    inputs = keras.Input((6,))
+    layer = keras.layers.Dense(4, name="adapted")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(layer(inputs)))
+    layer.enable_lora(2)
+    return model
+
+
+def test_an_integer_hashing_layer_stays_integer_in_the_float64_copy(tmp_path):
+    """Before: 'cannot compute the model in float64 (... Hashing ... dtype should be an integer type)':
+    the copy's config rewrite made every dtype policy float64, the integer ones included."""
+    rng = np.random.default_rng(8)
+    os.makedirs(tmp_path / "data")
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(0, 50, 60).astype("int32")), 2),
+                             "label": pa.array(rng.integers(0, 3, 30))}), str(tmp_path / "data" / "part.parquet"))
+    hashed_then_dense().save(tmp_path / "model.keras")
+    plan = make_plan(load_job(jobs.job(tmp_path, {"gradient": {}})), cluster=CLUSTER)
+    assert plan.parameters == 5 * 3 + 3
+
+
+def test_a_lora_builder_in_float64_names_lora_not_the_weight_count(tmp_path):
+    """Before: 'the float64 copy of the model does not take its weights (... 29 ... 25 weights): give a
+    builder that builds the same architecture every time' (the builder does)."""
+    jobs.write_data(tmp_path / "data", rows=24, files=1)
+    spec = jobs.job(tmp_path, {"gradient": {}}, model={"builder": f"{__name__}:lora_built"})
+    message = refused(lambda: make_plan(load_job(spec), cluster=CLUSTER))
+    assert "LoRA" in message and "does not take its weights" not in message
+    make_plan(load_job({**spec, "precision": "float32"}), cluster=CLUSTER)  # the way out
+
+
+def test_a_channels_first_convolution_is_refused_naming_it_not_the_data(tmp_path):
+    """Before: 'the model fails on the first 8 rows of data.features (... NHWC ...): fix data.features'."""
+    rng = np.random.default_rng(10)
+    _data(tmp_path / "data", rng.normal(size=(16, 2, 6, 6)), rng.integers(0, 3, 16))
+    keras.utils.set_random_seed(10)
+    inputs = keras.Input((2, 6, 6))
+    h = keras.layers.Conv2D(3, 3, data_format="channels_first", name="nchw")(inputs)
+    keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h))).save(tmp_path / "model.keras")
+    spec = _job(tmp_path, {"gradient": {}}, loss={"name": "sparse_categorical_crossentropy", "from_logits": True})
+    message = refused(lambda: make_plan(load_job(spec), cluster=CLUSTER))
+    assert "layer 'nchw' (Conv2D) is channels_first" in message and "data.features" not in message

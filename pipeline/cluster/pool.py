@@ -38,10 +38,13 @@ WAIT_REPORT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WAIT_REPORT_SECONDS
 
 
 
-def _short(cause: str, limit: int = 120) -> str:
-    """A shard's failure as it goes into the one ``error:`` line: a storage client's message can
-    run to hundreds of characters (the whole cause was printed with each retry before)."""
-    return cause if len(cause) <= limit else cause[:limit - 3] + "..."
+def _short(cause: str, limit: int = 155) -> str:
+    """A shard's failure as it goes into the one ``error:`` line, under ``limit`` characters: its
+    start (the exception and what it read) and its end (a storage client's reason, after hundreds
+    of characters of request details). Each retry's line printed the whole cause before."""
+    if len(cause) <= limit:
+        return cause
+    return cause[:50] + "..." + cause[-(limit - 53):]
 
 class WorkerPool:
     """Ray actors that hold the model; ``map_shards`` is one pass over the data."""

@@ -128,7 +128,7 @@ def _refuse_unfactorable(layer) -> None:
     else:
         return
     raise InputError(f"layer {layer.name!r} {why}: leave its variables out with variables: [...], or ask for "
-                     "ggn_diagonal or fisher_diagonal, which cover it")
+                     "its GGN or Fisher diagonal, which cover it")
 
 
 def _einsum_layout(layer, path: str) -> tuple[list[int], int, list[int], int]:

@@ -205,7 +205,9 @@ def _retype(config, dtype: str):
                 # computes in ``source_name`` and takes no ``name`` key (PITFALLS.md).
                 inner = value.get("config", {})
                 field = "source_name" if "source_name" in inner else "name"
-                out[key] = {**value, "config": {**inner, field: dtype}}
+                # An integer policy (Hashing, IntegerLookup with int outputs) stays as it is.
+                floating = str(inner.get(field, "float")).startswith(("float", "bfloat", "mixed"))
+                out[key] = {**value, "config": {**inner, field: dtype}} if floating else value
             else:
                 out[key] = _retype(value, dtype)
         return out
@@ -310,23 +312,31 @@ def to_precision(model, precision: str, builder=None):
                 problems.append(f"rebuilt from its config, {problem}")
                 copy = None
     if copy is None:
-        other = "float32" if precision == "float64" else "float64"
-        if any("whatever the dtype policy" in problem for problem in problems):
-            way_out = (f"use precision: {other}" + (", or merge the LoRA weights into the kernel before saving"
-                                                     if any("LoRA" in p for p in problems) else ""))
-        else:
-            way_out = (f"remove fixed dtypes from its layers, or give a builder model (model: {{builder: ...}}), "
-                       f"or use precision: {other}")
-        raise InputError(f"cannot compute the model in {precision} ({'; '.join(problems)}): {way_out}"
-                         .replace("\n", " "))
+        raise _no_copy(precision, problems)
     try:
         copy.set_weights([np.asarray(w, dtype=precision if np.asarray(w).dtype.kind == "f" else None)
                           for w in model.get_weights()])
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"the {precision} copy of the model does not take its weights ({exc}): give a builder "
-                         "that builds the same architecture every time".replace("\n", " ")) from None
+        if problems:  # the builder's copy was refused first: its reason is the real one (a config copy lost LoRA)
+            raise _no_copy(precision, problems) from None
+        raise InputError(f"the {precision} copy of the model does not take its weights ({str(exc)[:150]}): give a "
+                         "builder that builds the same architecture every time".replace("\n", " ")) from None
     _copy_layer_state(model, copy)
     return copy
+
+
+def _no_copy(precision: str, problems: list[str]) -> InputError:
+    """Why no copy of the model computes in ``precision``, and the way out."""
+    other = "float32" if precision == "float64" else "float64"
+    if any("whatever the dtype policy" in problem for problem in problems):
+        way_out = (f"use precision: {other}" + (", or merge the LoRA weights into the kernel before saving"
+                                                 if any("LoRA" in p for p in problems) else ""))
+    else:
+        way_out = (f"remove fixed dtypes from its layers, or give a builder model (model: {{builder: ...}}), "
+                   f"or use precision: {other}")
+    # The first problem, cut: a rebuild's exception can run to thousands of characters.
+    cause = "; ".join(problem if len(problem) <= 160 else problem[:157] + "..." for problem in problems[:1])
+    return InputError(f"cannot compute the model in {precision} ({cause}): {way_out}".replace("\n", " "))
 
 
 def _copy_layer_state(model, copy) -> None:

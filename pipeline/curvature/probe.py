@@ -44,6 +44,18 @@ def _shapes(arrays) -> str:
     return ", ".join(str(tuple(np.shape(a))) for a in arrays)
 
 
+def _refuse_channels_first(model, exc: Exception) -> None:
+    """TensorFlow has no CPU kernel for a channels_first convolution or pooling, and the plan runs
+    the model on the CPU: the data is not the cause, so the message names the layer instead."""
+    if not isinstance(exc, tf.errors.UnimplementedError):
+        return
+    for layer in model._flatten_layers(include_self=False):  # Keras has no public walk
+        if getattr(layer, "data_format", None) == "channels_first":
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is channels_first, which TensorFlow's CPU "
+                             "kernels do not run (the plan runs the model on the CPU): rebuild the model with "
+                             "data_format='channels_last' and the same weights") from None
+
+
 def probe(engine: CurvatureEngine, batch, columns, routes: tuple[str, ...] = (),
           output_derivatives: bool = False, factors: bool = False) -> ProbeReport:
     """Runs the model, each output's loss, and one loss-and-gradient step on ``batch``.
@@ -69,6 +81,7 @@ def probe(engine: CurvatureEngine, batch, columns, routes: tuple[str, ...] = (),
     try:
         outputs, masks = engine.adapter.forward(inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of the model on the data is an input problem
+        _refuse_channels_first(engine.model, exc)
         specs = ", ".join(f"{s.name} {s.shape}" for s in signature.inputs)
         raise InputError(
             f"the model fails on the first {len(batch)} rows of data.features (columns {'; '.join(columns[0])}, "
