@@ -420,3 +420,20 @@ def test_a_channels_first_convolution_is_refused_naming_it_not_the_data(tmp_path
     spec = _job(tmp_path, {"gradient": {}}, loss={"name": "sparse_categorical_crossentropy", "from_logits": True})
     message = refused(lambda: make_plan(load_job(spec), cluster=CLUSTER))
     assert "layer 'nchw' (Conv2D) is channels_first" in message and "data.features" not in message
+
+
+def test_a_bilinear_resize_in_a_float64_run_is_named_in_a_warning(tmp_path):
+    """``UpSampling2D(interpolation="bilinear")`` runs ``tf.image.resize`` in float32 inside a float64
+    run (the helper measured a Hessian diagonal 7e-9 off): validate says so in one warning line."""
+    rng = np.random.default_rng(12)
+    _data(tmp_path / "data", rng.normal(size=(16, 3, 3, 1)), rng.integers(0, 3, 16))
+    keras.utils.set_random_seed(12)
+    inputs = keras.Input((3, 3, 1))
+    h = keras.layers.UpSampling2D(2, interpolation="bilinear", name="up")(inputs)
+    keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h))).save(tmp_path / "model.keras")
+    spec = _job(tmp_path, {"gradient": {}}, loss={"name": "sparse_categorical_crossentropy", "from_logits": True})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = cli("validate", str(tmp_path / "job.yaml"), expect=0)
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "layer 'up' resizes with tf.image.resize, which computes in float32" in warned[0], \
+        done.stderr

@@ -47,7 +47,7 @@ from pipeline.curvature.exact_blocks import ExactBlocks
 from pipeline.curvature.hvp_products import HvpProducts, XlaTrial
 from pipeline.curvature.kronecker_factors import KroneckerFactors
 from pipeline.curvature.layer_products import LayerProducts
-from pipeline.curvature.model import copy_mismatch, each_example_alone, to_precision
+from pipeline.curvature.model import copy_mismatch, each_example_alone, to_precision, warn_float32_inside
 from pipeline.curvature.passes import Pass
 from pipeline.curvature.requests import BatchWork
 from pipeline.curvature.routes import ROUTES, RouteChooser
@@ -98,6 +98,7 @@ class CurvatureEngine:
         # The model as loaded, kept to check the copy against it (``check_copy``).
         self.original = each_example_alone(model)
         self.model = each_example_alone(to_precision(model, precision, builder))
+        warn_float32_inside(self.model, precision)
         self.loss = loss
         self.core = Core(self.model, loss, self.dtype, selected, hvp_block, diagonal_block, vjp_budget, route)
         core = self.core

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import keras
@@ -18,7 +19,7 @@ import tensorflow as tf
 
 from pipeline import memory
 from pipeline.callables import import_callable
-from pipeline.errors import InputError
+from pipeline.errors import InputError, InputWarning
 
 
 def hide_gpus() -> None:
@@ -191,6 +192,22 @@ def each_example_alone(model):
         if isinstance(layer, keras.layers.RNN) and layer.stateful:
             layer.stateful = False
     return model
+
+
+def warn_float32_inside(model, precision: str) -> None:
+    """An ``InputWarning`` naming the layers that compute in float32 whatever ``precision`` asks:
+    ``UpSampling2D`` and ``Resizing`` with a non-nearest interpolation call ``tf.image.resize``,
+    which computes in float32 (a 1e-12 change of a float64 input leaves its output unchanged)."""
+    if precision != "float64":
+        return
+    found = [layer.name for layer in model._flatten_layers(include_self=False)
+             if isinstance(layer, (keras.layers.UpSampling2D, keras.layers.Resizing))
+             and getattr(layer, "interpolation", "nearest") != "nearest"]
+    if found:
+        warnings.warn(f"layer {found[0]!r}{f' and {len(found) - 1} more' if len(found) > 1 else ''} resizes with "
+                      "tf.image.resize, which computes in float32 even in a float64 run: derivatives through it are "
+                      "accurate to about 1e-7, not 1e-15 (interpolation='nearest' stays float64)", InputWarning,
+                      stacklevel=2)
 
 
 def _retype(config, dtype: str):
