@@ -437,3 +437,27 @@ def test_a_bilinear_resize_in_a_float64_run_is_named_in_a_warning(tmp_path):
     warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "layer 'up' resizes with tf.image.resize, which computes in float32" in warned[0], \
         done.stderr
+
+
+def test_batched_matmuls_keras_writes_for_einsums_take_the_per_example_loop_on_a_cpu():
+    """A KerasHub BERT with LoRA crashed validate 3 times in 8 (heap corruption in oneDNN's
+    vectorised per-example products; the runs that lived saw the vectorised route disagree by
+    0.038 or nan): Keras had written its einsums as ``BatchMatMulV2``, which the guard for
+    ``Einsum`` did not see. An EinsumDense over positions, with static shapes, has the same graph."""
+    import cases
+    from pipeline.curvature.engine import CurvatureEngine
+    from pipeline.curvature.routes import BATCHED_PRODUCTS
+
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((5, 4))
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 3), bias_axes="d", activation="tanh")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(h)))
+    engine = CurvatureEngine(model, cases.resolved("sparse_categorical_crossentropy", from_logits=True),
+                             precision="float32")
+    rng = np.random.default_rng(13)
+    x, y = [rng.normal(size=(6, 5, 4)).astype(np.float32)], [rng.integers(0, 3, 6)]
+    traced = tf.function(lambda a, b, c: engine.core.loss_and_gradient(engine.core.objective, a, b, c))
+    kinds = {op.type for op in traced.get_concrete_function(*engine.core.cast_batch(x, y, None)).graph.get_operations()}
+    assert "Einsum" not in kinds and kinds & BATCHED_PRODUCTS, kinds  # the case the Einsum guard missed
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+    assert engine.vectorisation_routes(x, y)[1] == ("loop" if onednn else "vectorised")

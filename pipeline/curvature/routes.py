@@ -24,6 +24,11 @@ from pipeline.curvature.tensors import flat_outputs
 ROUTES = ("route", "per_example_route")
 
 
+
+# Ops whose vectorised per-example products TensorFlow 2.21's oneDNN CPU kernels run into heap
+# corruption (``RouteChooser.choose``): an einsum, and the batched matmuls Keras writes for one.
+BATCHED_PRODUCTS = frozenset({"Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"})
+
 class RouteChooser:
     """Decides ``core.routes`` (``choose``) and keeps why each vectorised route was kept or
     dropped after its check (``checks``: ``{"route": ..., "per_example_route": ...}``).
@@ -49,7 +54,9 @@ class RouteChooser:
         ``while_loop`` Jacobian, its per-example products by ``tf.map_fn`` over the examples.
         Per-example products through an ``Einsum`` (``MultiHeadAttention``, ``EinsumDense``)
         in float32 on a CPU also take ``tf.map_fn``: vectorised, TensorFlow 2.21's oneDNN
-        kernels corrupt the heap and the process dies (tests/zoo/repro_mha_onednn.py).
+        kernels corrupt the heap and the process dies (tests/zoo/repro_mha_onednn.py). Keras'
+        TensorFlow backend writes many einsums with static shapes as ``BatchMatMulV2`` (a
+        KerasHub BERT with LoRA had no ``Einsum`` op left and crashed 4 times in 9): those count too.
         A vectorised route chosen here is checked against its loop on ``batch`` the first time
         one is given and the caller ``needs`` it (``_check``): a job that never forms the
         exact family's rows of ``H`` (a Fisher alone) never pays for their check.
@@ -59,15 +66,16 @@ class RouteChooser:
             traced = tf.function(lambda a, b, c: self.core.loss_and_gradient(objective, a, b, c))
             kinds = {op.type for op in traced.get_concrete_function(*specs).graph.get_operations()}
             loops = bool(kinds & {"While", "StatelessWhile"})
+            batched = bool(kinds & BATCHED_PRODUCTS)
             onednn = (self.core.dtype != tf.float64 and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
                       and not tf.config.list_logical_devices("GPU"))
             # Chosen here (not given): a vectorised route is checked on the first batch.
             self._unchecked = {"route": routes.route is None and not loops,
                                "per_example_route": routes.per_example is None and not loops
-                               and not ("Einsum" in kinds and onednn)}
+                               and not (batched and onednn)}
             routes.route = routes.route or ("loop" if loops else "vectorised")
             routes.per_example = routes.per_example or (
-                "loop" if loops or ("Einsum" in kinds and onednn) else "vectorised")
+                "loop" if loops or (batched and onednn) else "vectorised")
         if batch is not None and any(self._unchecked[name] for name in needs):
             self._check(objective, specs, batch, needs)
         return routes.route
