@@ -523,8 +523,9 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         except KeyboardInterrupt:
             # Only run and submit stage work that the same --run-id resumes.
             resumable = args.command in ("run", "submit")
-            err.write("error: interrupted" + ("; run the same command with the same --run-id to resume" if resumable
-                                              else f" before {args.command} finished; run it again to finish it") + "\n")
+            advice = ("; run the same command with the same --run-id to resume" if resumable
+                      else f" before {args.command} finished; run it again to finish it")
+            err.write(f"error: interrupted{advice}\n")
             return 1
         except SystemExit as exc:
             if exc.code != signal.SIGTERM:

@@ -13,8 +13,8 @@ example; contract 6.1) with (expand)
 (the driver divides both by ``sum_i s_i``), or (reduce) the same with ``x_i = mean_p x_ip`` and
 ``g_i = sum_p g_ip`` (then the block is ``A (x) S``). With the bias as an appended 1 in ``x``, the
 parameters ``[W; b]`` of a ``[d_in + 1, d_out]`` matrix in C order are the engine's flat order
-(kernel then bias), so the block is ``kron(A, S) / R`` (expand). EK-FAC keeps the eigenbases ``Q_A, Q_S`` and replaces the Kronecker
-eigenvalues by ``sum_i s_i (Q_A^T G_i Q_S)**2``. Every sum is float64 on the host; the factor
+(kernel then bias), so the block is ``kron(A, S) / R`` (expand). EK-FAC keeps the eigenbases
+``Q_A, Q_S`` and replaces the Kronecker eigenvalues by ``sum_i s_i (Q_A^T G_i Q_S)**2``. Every sum is float64 on the host; the factor
 of one layer is ``d x d`` with d its input (or output) width.
 
 Cost per batch: one forward pass with the layers tapped (``layer_inputs`` alone: about a third
@@ -124,7 +124,8 @@ def _refuse_unfactorable(layer) -> None:
         why = (f"is {mode}-quantized: Keras runs its quantized_call, and its {mode} kernel is not trainable, so no "
                "Kronecker factor describes its weights")
     elif getattr(layer, "lora_enabled", False):
-        why = "has LoRA enabled: its kernel is computed from lora_kernel_a and lora_kernel_b, which A (x) S does not describe"
+        why = ("has LoRA enabled: its kernel is computed from lora_kernel_a and lora_kernel_b, which A (x) S does "
+               "not describe")
     else:
         return
     raise InputError(f"layer {layer.name!r} {why}: leave its variables out with variables: [...], or ask for "

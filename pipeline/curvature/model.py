@@ -142,9 +142,9 @@ def check_archive(local: str, shown: str) -> None:
                          "model.save('name.keras')") from None
     for info in members:
         if info.file_size > _SMALL_MEMBER and info.file_size > MAX_INFLATION * max(info.compress_size, 1):
-            raise InputError(f"model {shown}: member {info.filename!r} declares {info.file_size / 2**30:.2f} GiB stored "
-                             f"in {info.compress_size / 2**20:.1f} MiB, which no Keras file does: the file is damaged "
-                             "or hostile; save the model again with model.save('name.keras')")
+            raise InputError(f"model {shown}: member {info.filename!r} declares {info.file_size / 2**30:.2f} GiB "
+                             f"stored in {info.compress_size / 2**20:.1f} MiB, which no Keras file does: the file is "
+                             "damaged or hostile; save the model again with model.save('name.keras')")
     total = sum(info.file_size for info in members)
     free = memory.available_bytes()
     if total > free:
