@@ -223,8 +223,8 @@ def _retype(config, dtype: str):
                 inner = value.get("config", {})
                 field = "source_name" if "source_name" in inner else "name"
                 # An integer policy (Hashing, IntegerLookup with int outputs) stays as it is.
-                floating = str(inner.get(field, "float")).startswith(("float", "bfloat", "mixed"))
-                out[key] = {**value, "config": {**inner, field: dtype}} if floating else value
+                out[key] = {**value, "config": {**inner, field: dtype}} if _floating(inner.get(field, "float")) \
+                    else value
             else:
                 out[key] = _retype(value, dtype)
         return out

@@ -660,6 +660,11 @@ def _float_or_given(spec_dtype: str, float_dtype: str) -> np.dtype:
     return np.dtype(float_dtype) if np.issubdtype(given, np.floating) else given
 
 
+def _takes_tokens(spec: TensorSpec) -> bool:
+    """Whether a model input takes token ids or strings (padded up to its length), not floats."""
+    return not spec.dtype.startswith(("float", "bfloat", "half"))
+
+
 def _check_row_widths(values: np.ndarray, column: str, rows: np.ndarray, tensor: _Tensor, locate=None) -> None:
     """Each row of a variable-length column against the model input it feeds: a float input of a
     fixed shape takes exactly its size per row (padding a short row would be silently wrong),
@@ -669,7 +674,7 @@ def _check_row_widths(values: np.ndarray, column: str, rows: np.ndarray, tensor:
     shape = tuple(tensor.spec.shape)
     known = _size(shape)
     step = int(np.prod([d for d in shape if d is not None], dtype=np.int64))
-    tokens = not tensor.spec.dtype.startswith(("float", "bfloat", "half"))
+    tokens = _takes_tokens(tensor.spec)
     lengths = np.fromiter((0 if row is None else np.size(row) for row in values), dtype=np.int64, count=len(values))
     if known is not None:
         bad = lengths > known if tokens else lengths != known
@@ -699,7 +704,7 @@ def _input_array(columns: dict[str, np.ndarray], tensor: _Tensor, rows: np.ndarr
             values = values.reshape(n, -1)
         width = 1 if values.ndim == 1 else values.shape[1]
         known = _size(tensor.spec.shape)
-        tokens = not tensor.spec.dtype.startswith(("float", "bfloat", "half"))
+        tokens = _takes_tokens(tensor.spec)
         if variable and tokens and known is not None and width < known:
             # Variable-length token ids or strings feeding a fixed-length input: pad up to the
             # model's length, as keras.utils.pad_sequences(maxlen=...) would. Float features of
