@@ -57,7 +57,6 @@ except ImportError:  # pragma: no cover - moved in another Ray version
     PathSpec = None
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-RUN_DIR_LINE = re.compile(r"^\s*(\S.*/date=\d{4}-\d{2}-\d{2}/run=[A-Za-z0-9._-]+)\s*$")
 GPU_WAIT_DEFAULT_S = 1800
 _LOG_TAIL_CHARS = 1 << 20
 
@@ -381,7 +380,7 @@ def run_dir_in_logs(text: str) -> str | None:
     """The run directory the driver printed last (``.../date=YYYY-MM-DD/run=ID``)."""
     found = None
     for line in text.splitlines():
-        match = RUN_DIR_LINE.match(line)
+        match = layout.RUN_DIR_LINE.match(line)
         if match:
             found = match.group(1)
     return found

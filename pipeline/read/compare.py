@@ -1,10 +1,11 @@
 """``compare RUN_A RUN_B``: what changed between two published runs (nightly drift).
 
-For every (variable, quantity) row the two runs' ``summary.parquet`` share, the change of
-``mean``, ``l2_norm`` and ``sum``; the change of the loss, of the trace estimate and of each
-top eigenvalue (by rank, when both runs asked for the same ``which``), per block of H when the
-runs computed them per block (``blocks: variable | layer``: the per-layer sharpness drift;
-the ``variable`` column then names the block). Each change is given
+The change of the loss, then what each view compares (``pipeline.read.views``): for every
+(variable, quantity) row the two runs' ``summary.parquet`` share, the change of ``mean``,
+``l2_norm`` and ``sum``; the change of the trace estimate and of each top eigenvalue (by rank,
+when both runs asked for the same ``which``), per block of H when the runs computed them per
+block (``blocks: variable | layer``: the per-layer sharpness drift; the ``variable`` column
+then names the block). Each change is given
 absolute, ``b - a``, and relative, ``(b - a) / |a|`` (``inf`` when ``a`` is 0 and ``b`` is not,
 0 when both are 0, NaN when either is NaN: an empty variable).
 
@@ -27,42 +28,12 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.blocks import ALL
-from pipeline.errors import InputError
+from pipeline.read.changes import Change
 from pipeline.read.run import Run
+from pipeline.read.views import VIEWS
 
-STATISTICS = ("mean", "l2_norm", "sum")
 COLUMNS = ("variable", "quantity", "statistic", "a", "b", "change", "relative_change")
-
-
-@dataclass(frozen=True)
-class Change:
-    """One compared number: ``b - a`` and ``(b - a) / |a|``."""
-
-    variable: str
-    quantity: str
-    statistic: str
-    a: float
-    b: float
-    # A change this small is no change: the numbers' own error (an eigenvalue's residual bound).
-    floor: float = 0.0
-
-    @property
-    def change(self) -> float:
-        return self.b - self.a
-
-    @property
-    def relative_change(self) -> float:
-        if math.isnan(self.a) or math.isnan(self.b):
-            return math.nan
-        if self.a == self.b or abs(self.b - self.a) <= self.floor:
-            return 0.0
-        if self.a == 0:
-            return math.copysign(math.inf, self.b)
-        return (self.b - self.a) / abs(self.a)
-
-    def as_dict(self) -> dict:
-        return {"variable": self.variable, "quantity": self.quantity, "statistic": self.statistic, "a": self.a,
-                "b": self.b, "change": self.change, "relative_change": self.relative_change}
+LOSS = "loss"  # a fact of every manifest, compared first
 
 
 @dataclass
@@ -85,40 +56,35 @@ class Comparison:
         return max(finite, key=lambda c: abs(c.relative_change), default=None)
 
 
-# ------------------------------------------------------------------------------------ reading
-def _files(manifest: dict) -> set[str]:
-    return set(manifest.get("files") or [])
+def _short(text) -> str:
+    return str(text)[:12] if text else "?"
 
 
 def _float(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def _short(text) -> str:
-    return str(text)[:12] if text else "?"
-
-
 # ---------------------------------------------------------------------------------- comparing
 def compare_runs(run_a: str, run_b: str) -> Comparison:
-    """Compares two complete runs (local directories or URIs); ``InputError`` if one is not a run."""
-    loaded_a, loaded_b = Run(run_a), Run(run_b)
-    manifest_a, manifest_b = loaded_a.manifest, loaded_b.manifest
-    result = Comparison(run_a, run_b, manifest_a, manifest_b)
-    _provenance_warnings(result)
+    """Compares two complete runs (local directories or URIs); ``InputError`` if one is not a run.
 
-    result.changes.append(Change("__all__", "loss", "value", _float(manifest_a.get("loss")),
-                                 _float(manifest_b.get("loss"))))
-    files_a, files_b = _files(manifest_a), _files(manifest_b)
-    if "summary.parquet" in files_a and "summary.parquet" in files_b:
-        result.changes += _summary_changes(result, loaded_a.rows("summary.parquet"),
-                                           loaded_b.rows("summary.parquet"))
-    if "trace.parquet" in files_a and "trace.parquet" in files_b:
-        result.changes += _trace_changes(result, loaded_a, loaded_b)
-    if "eigenvalues.parquet" in files_a and "eigenvalues.parquet" in files_b:
-        result.changes += _eigenvalue_changes(result, loaded_a, loaded_b)
-    only = sorted((files_a ^ files_b) & {"summary.parquet", "trace.parquet", "eigenvalues.parquet"})
+    The loss first, then each registered view's numbers (``View.changes``) when both runs hold
+    the tables it compares; a table only one run holds is named in a warning.
+    """
+    loaded_a, loaded_b = Run(run_a), Run(run_b)
+    result = Comparison(run_a, run_b, loaded_a.manifest, loaded_b.manifest)
+    _provenance_warnings(result)
+    result.changes.append(Change(ALL, LOSS, "value", _float(result.manifest_a.get(LOSS)),
+                                 _float(result.manifest_b.get(LOSS))))
+    files_a, files_b = set(loaded_a.files), set(loaded_b.files)
+    only: list[str] = []
+    for view in VIEWS:
+        compared = set(view.compared)
+        if compared and compared <= files_a and compared <= files_b:
+            result.changes += view.changes(result, loaded_a, loaded_b)
+        only += (files_a ^ files_b) & compared
     if only:
-        result.warnings.append(f"only one run has {', '.join(only)}: not compared")
+        result.warnings.append(f"only one run has {', '.join(sorted(only))}: not compared")
     return result
 
 
@@ -132,99 +98,6 @@ def _provenance_warnings(result: Comparison) -> None:
     if data_a != data_b:
         result.warnings.append(f"different data (fingerprint {_short(data_a)} vs {_short(data_b)}): the changes "
                                "include the change of the data")
-
-
-def _summary_changes(result: Comparison, rows_a: list[dict], rows_b: list[dict]) -> list[Change]:
-    by_key_b = {(r["variable"], r["quantity"]): r for r in rows_b}
-    keys_a = {(r["variable"], r["quantity"]) for r in rows_a}
-    changes = []
-    for row in rows_a:  # in A's order: quantity-major, variables in parameter order
-        other = by_key_b.get((row["variable"], row["quantity"]))
-        if other is None:
-            continue
-        if row.get("size") != other.get("size"):
-            result.warnings.append(f"{row['variable']} ({row['quantity']}) has {row.get('size')} parameters in A "
-                                   f"and {other.get('size')} in B")
-        for statistic in STATISTICS:
-            changes.append(Change(row["variable"], row["quantity"], statistic, _float(row[statistic]),
-                                  _float(other[statistic])))
-    unmatched = len(keys_a ^ set(by_key_b))
-    if unmatched:
-        result.warnings.append(f"{unmatched} (variable, quantity) summary rows are in only one run: not compared")
-    return changes
-
-
-def _shared_blocks(result: Comparison, what: str, run_a: Run, run_b: Run) -> list[str]:
-    """The blocks of ``what`` (``"trace"``, ``"eigenvalues"``) both runs hold with the same number
-    of parameters, in A's order; warnings name the others (a block is paired by name, and two
-    runs with different ``variables:`` can give one name to different parameters)."""
-    blocks_a, blocks_b = run_a.blocks(what), run_b.blocks(what)
-    only = [b for b in blocks_a if b not in blocks_b] + [b for b in blocks_b if b not in blocks_a]
-    if only:
-        result.warnings.append(f"{what} of blocks {', '.join(only)} are in only one run: not compared")
-    shared = []
-    for block in (b for b in blocks_a if b in blocks_b):
-        size_a, size_b = _block_size(run_a, block), _block_size(run_b, block)
-        if size_a != size_b:
-            result.warnings.append(f"{what} of block {block} covers {size_a} parameters in A and {size_b} in B: "
-                                   "not compared")
-        else:
-            shared.append(block)
-    return shared
-
-
-def _block_size(run: Run, block: str) -> int | None:
-    try:
-        return run.block_size(block)
-    except InputError:  # a run whose manifest does not list the block's variables
-        return None
-
-
-def _trace_changes(result: Comparison, run_a: Run, run_b: Run) -> list[Change]:
-    """The trace of each block both runs hold (``variable`` = the block: ``__all__``, a variable
-    path or a layer name)."""
-    rows_a = {r["block"]: r for r in run_a.trace.to_dict("records")}
-    rows_b = {r["block"]: r for r in run_b.trace.to_dict("records")}
-    changes = []
-    for block in _shared_blocks(result, "trace", run_a, run_b):
-        a, b = rows_a[block], rows_b[block]
-        if a["method"] != b["method"]:
-            where = "" if block == ALL else f" of block {block}"
-            result.warnings.append(f"the trace{where} was estimated by {a['method']} in A and by {b['method']} in B")
-        changes.append(Change(block, "trace", "estimate", _float(a["estimate"]), _float(b["estimate"])))
-    return changes
-
-
-def _eigenvalue_changes(result: Comparison, run_a: Run, run_b: Run) -> list[Change]:
-    """Each eigenvalue by (block, rank), when both runs asked for the same ``which``.
-
-    A change within the two residuals (``|lambda - theta| <= residual``: neither run knows its
-    eigenvalue better), or within 1e-12 of the block's largest eigenvalue, is reported as no
-    relative change: per-block spectra often hold exact zeros (a rank-deficient kernel, the
-    shift invariance of a softmax bias) whose computed values are rounding noise of either sign.
-    """
-    def which(manifest):
-        return ((manifest.get("job") or {}).get("quantities") or {}).get("eigenvalues", {}).get("which", "largest")
-
-    which_a, which_b = which(result.manifest_a), which(result.manifest_b)
-    if which_a != which_b:
-        result.warnings.append(f"eigenvalues are the {which_a} in A and the {which_b} in B: not compared")
-        return []
-    frame_a, frame_b = run_a.eigenvalues, run_b.eigenvalues
-    by_key_b = {(r["block"], int(r["rank"])): r for r in frame_b.to_dict("records")}
-    rows_a = frame_a.to_dict("records")
-    changes = []
-    for block in _shared_blocks(result, "eigenvalues", run_a, run_b):
-        mine = sorted((r for r in rows_a if r["block"] == block), key=lambda r: int(r["rank"]))
-        theirs = [by_key_b[(block, int(r["rank"]))] for r in mine if (block, int(r["rank"])) in by_key_b]
-        scale = max([abs(_float(r["eigenvalue"])) for r in mine + theirs] + [0.0])
-        for row in mine:
-            other = by_key_b.get((block, int(row["rank"])))
-            if other is not None:
-                floor = _float(row["residual"]) + _float(other["residual"]) + 1e-12 * scale
-                changes.append(Change(block, "eigenvalues", f"rank_{int(row['rank'])}", _float(row["eigenvalue"]),
-                                      _float(other["eigenvalue"]), floor if math.isfinite(floor) else 0.0))
-    return changes
 
 
 # ---------------------------------------------------------------------------------- rendering

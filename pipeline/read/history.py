@@ -4,7 +4,8 @@
 partitions. One row per complete run, in date order (then start time, then run id), with:
 
 - ``date``, ``run``, ``model_sha256`` (the first 12 hex digits in the text table), ``examples``;
-- ``loss``: the weighted mean loss over the data;
+- ``loss``: the weighted mean loss over the data; then each view's series
+  (``pipeline.read.views``, ``View.series``):
 - ``trace`` (``trace[BLOCK]`` per block of H with ``blocks: variable | layer``);
 - ``eigenvalue_K`` for each rank ``K`` (``eigenvalue_K[BLOCK]`` per block);
 - ``sharpness`` (``sharpness[BLOCK]``): ``lambda_max * eta / 2`` when the job gave
@@ -42,9 +43,11 @@ import pyarrow.fs as pafs
 
 from pipeline.blocks import ALL
 from pipeline.errors import InputError
-from pipeline.read.compare import Change
+from pipeline.read.changes import Change
 from pipeline.read.run import Run
-from pipeline.storage.layout import MANIFEST
+from pipeline.read.text import aligned
+from pipeline.read.views import on_page
+from pipeline.storage.layout import DATE_PART, MANIFEST, date_of, run_id_of
 from pipeline.storage.uri import absolute, first_line, is_uri, resolve_filesystem
 
 FACTS = ("date", "run", "model_sha256", "examples")
@@ -101,14 +104,14 @@ def run_dirs(root: str) -> tuple[list[str], list[str]]:
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read {root}: {first_line(err)}: check the path and credentials") from None
     if info.type != pafs.FileType.Directory:
-        raise InputError(f"{root} is not a folder: give a job's results folder, OUTPUT/NAME (it holds date=... "
-                         "folders)")
+        raise InputError(f"{root} is not a folder: give a job's results folder, OUTPUT/NAME (it holds "
+                         f"{DATE_PART}YYYY-MM-DD folders)")
     found, skipped = [], []
     for date in _children(fs, path):
-        if not posixpath.basename(date).startswith("date="):
+        if date_of(date) is None:
             continue
         for run in _children(fs, date):
-            if not posixpath.basename(run).startswith("run="):
+            if run_id_of(run) is None:
                 continue
             if fs.get_file_info(posixpath.join(run, MANIFEST)).type == pafs.FileType.File:
                 found.append(run)
@@ -121,7 +124,7 @@ def run_dirs(root: str) -> tuple[list[str], list[str]]:
             raise InputError(f"{root} is one run, not a job's folder: give its parent's parent, "
                              f"{posixpath.dirname(posixpath.dirname(prefix))}")
         names = [posixpath.basename(c) for c in _children(fs, path)
-                 if any(posixpath.basename(d).startswith("date=") for d in _children(fs, c))]
+                 if any(date_of(d) is not None for d in _children(fs, c))]
         hint = f" (it holds the jobs {', '.join(sorted(names))}: give one, e.g. {prefix}/{sorted(names)[0]})" \
             if names else ""
         raise InputError(f"no published runs under {root}{hint}: give a job's results folder, OUTPUT/NAME")
@@ -169,30 +172,15 @@ def latest_run(root: str) -> str:
 
 
 # ------------------------------------------------------------------------------ the series
-def _key(name: str, block: str) -> str:
-    return name if block == ALL else f"{name}[{block}]"
-
-
 def _numbers(run: Run) -> tuple[dict, dict]:
-    """One run's series ``{name: value}`` and floors ``{name: absolute change that is no change}``."""
+    """One run's series ``{name: value}`` and floors ``{name: absolute change that is no change}``:
+    the loss, then each view's (``View.series``) in page order."""
     values: dict[str, float] = {"loss": run.loss}
     floors: dict[str, float] = {}
-    if run.has("trace"):
-        for row in run.trace.to_dict("records"):
-            values[_key("trace", row["block"])] = float(row["estimate"])
-    if run.has("eigenvalues"):
-        frame = run.eigenvalues
-        for row in frame.to_dict("records"):
-            key = _key(f"eigenvalue_{int(row['rank'])}", row["block"])
-            values[key] = float(row["eigenvalue"])
-            residual = float(row["residual"])
-            floors[key] = residual if math.isfinite(residual) else 0.0
-        for block, sharpness in run.sharpness().items():
-            values[_key("sharpness", block)] = sharpness
-    if run.has("summary"):
-        for row in run.rows("summary", ["variable", "quantity", "l2_norm"]):
-            if row["variable"] == ALL:
-                values[f"{row['quantity']}.l2_norm"] = float(row["l2_norm"])
+    for view in on_page():
+        more, more_floors = view.series(run)
+        values.update(more)
+        floors.update(more_floors)
     return values, floors
 
 
@@ -222,17 +210,9 @@ def _number(value) -> str:
 
 def as_table(result: History) -> str:
     """Aligned text: one line per run, ``model_sha256`` shortened to 12 hex digits."""
-    header = [*FACTS, *result.series]
     rows = [[r["date"], r["run"], r["model_sha256"][:12], str(r["examples"]),
              *[_number(r[name]) for name in result.series]] for r in result.rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    text_columns = 3
-
-    def line(values) -> str:
-        return "  ".join(str(v).ljust(w) if i < text_columns else str(v).rjust(w)
-                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)]) + "\n"
+    return aligned(rows, [*FACTS, *result.series], text_columns=3)
 
 
 def as_json(result: History) -> str:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.read import pages
+from pipeline.read.figures import BLOCK_COLORS, RUN_COLOR, new_figure, save, slug
 from pipeline.read.history import History, as_table, values
-from pipeline.read.report import _CSS, _e, _figure, _figures, _save, _slug, BLOCK_COLORS, RUN_COLOR
 from pipeline.storage.publish import published_run_around
 
 FLAG_COLOR = "#d62728"
@@ -41,7 +42,7 @@ def groups(result: History) -> dict[str, list[str]]:
 
 def plot_series(result: History, names: list[str], fail_above: float | None = None):
     """One or more series (a quantity and its blocks) against the runs, oldest left."""
-    figure = _figure()
+    figure = new_figure()
     ax = figure.add_subplot()
     x = np.arange(len(result.rows))
     flagged = {(run, change.quantity) for _, run, change in (result.above(fail_above) if fail_above is not None
@@ -81,15 +82,14 @@ def write_history_report(result: History, out: str, fail_above: float | None = N
     report = HistoryReport(out_dir=out, html=os.path.join(out, "index.html"))
     captions = []
     for k, (group, names) in enumerate(groups(result).items(), start=1):
-        name = f"{k:02d}-{_slug(group)}.png"
-        _save(plot_series(result, names, fail_above), os.path.join(out, name))
+        name = f"{k:02d}-{slug(group)}.png"
+        save(plot_series(result, names, fail_above), os.path.join(out, name))
         report.plots.append(name)
         captions.append((name, group if len(names) == 1 else f"{group}, {len(names)} series"))
     title = f"history of {result.root}"
-    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n"
-            f"<p>{len(result.rows)} runs, oldest first.</p>\n{_figures(captions)}"
-            f"<h2>Table</h2>\n<pre>{_e(as_table(result))}</pre>\n</body></html>\n")
+    page = (f"{pages.head(title)}<h1>{pages.escape(title)}</h1>\n"
+            f"<p>{len(result.rows)} runs, oldest first.</p>\n{pages.figures(captions)}"
+            f"<h2>Table</h2>\n<pre>{pages.escape(as_table(result))}</pre>\n</body></html>\n")
     with open(report.html, "w", encoding="utf-8") as handle:
         handle.write(page)
     return report

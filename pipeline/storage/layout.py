@@ -16,6 +16,9 @@ from pipeline.errors import InputError
 from pipeline.storage.uri import absolute, is_uri
 
 MANIFEST = "manifest.json"
+DATE_PART, RUN_PART = "date=", "run="  # the Hive-style partition keys of a run's path
+# A run directory as a line of text (what the driver prints last; ``submit`` reads it back).
+RUN_DIR_LINE = re.compile(r"^\s*(\S.*/date=\d{4}-\d{2}-\d{2}/run=[A-Za-z0-9._-]+)\s*$")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")  # use with fullmatch: `$` also matches before a final newline
 # A name becomes one path component ("run=ID", ".staging-run=ID-<12 hex>"), and file systems
 # allow 255 bytes: checked first, so that a long name is not reported as an unreadable output.
@@ -33,12 +36,24 @@ def output_root_of(output_root: str) -> str:
 def run_dir(output_root: str, name: str, date: str, run_id: str) -> str:
     """Where a run is published (the contract's Hive-style layout)."""
     root = output_root.rstrip("/") if output_root.rstrip("/") else ""
-    return f"{root}/{name}/date={date}/run={run_id}"
+    return f"{root}/{name}/{DATE_PART}{date}/{RUN_PART}{run_id}"
 
 
 def partials_dir(output_root: str, name: str, run_id: str) -> str:
     """Where a run's finished shards are staged until it is published."""
-    return f"{output_root.rstrip('/')}/{name}/.partials/run={run_id}"
+    return f"{output_root.rstrip('/')}/{name}/.partials/{RUN_PART}{run_id}"
+
+
+def date_of(folder: str) -> str | None:
+    """The date of a ``date=YYYY-MM-DD`` folder (its path or its name), ``None`` for another folder."""
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    return name[len(DATE_PART):] if name.startswith(DATE_PART) else None
+
+
+def run_id_of(folder: str) -> str | None:
+    """The run id of a ``run=ID`` folder (its path or its name), ``None`` for another folder."""
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    return name[len(RUN_PART):] if name.startswith(RUN_PART) else None
 
 
 def plain_name(value: str, what: str, flag: str) -> None:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline import faults
 from pipeline.errors import InputError
-from pipeline.storage.layout import MANIFEST, PLAIN_NAME, output_root_of, plain_name, run_dir
+from pipeline.storage.layout import MANIFEST, PLAIN_NAME, date_of, output_root_of, plain_name, run_dir
 from pipeline.storage.uri import first_line, resolve_filesystem
 
 PROVENANCE_KEY = b"hessian_pipeline"
@@ -73,9 +73,9 @@ def published_any_date(output_root: str, name: str, run_id: str) -> str | None:
         job_dir = f"{fs_root.rstrip('/')}/{name}"
         dates = filesystem.get_file_info(pafs.FileSelector(job_dir, allow_not_found=True))
         for info in sorted(dates, key=lambda i: i.path):
-            date = posixpath.basename(info.path)
-            if date.startswith("date=") and published(output_root, name, date[len("date="):], run_id):
-                return run_dir(output_root_of(output_root), name, date[len("date="):], run_id)
+            date = date_of(info.path)
+            if date is not None and published(output_root, name, date, run_id):
+                return run_dir(output_root_of(output_root), name, date, run_id)
     except (pa.ArrowException, OSError, InputError):
         return None
     return None
@@ -155,7 +155,7 @@ class RunPublisher:
         self._fs, fs_root = resolve_filesystem(root)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
         self._date_path = run_dir(fs_root, name, date, run_id).rsplit("/", 1)[0]
-        self._final_path = f"{self._date_path}/run={run_id}"
+        self._final_path = run_dir(fs_root, name, date, run_id)
         if self._exists(f"{self._final_path}/{MANIFEST}"):
             raise InputError(f"run {run_id} already published at {self.final_dir}: choose another --run-id "
                              f"or delete it")
