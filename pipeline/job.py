@@ -21,7 +21,7 @@ Example::
     >>> spec.data.batch_size, spec.quantities["trace"]
     (64, {'method': 'hutch++', 'probes': 100, 'blocks': 'full'})
 
-Extensions to the contract (section 3), documented in README.md:
+Extensions to the contract (section 3), documented in docs/job-file.md:
 
 - ``quantities.hessian_diagonal.force`` (bool, default false): the exact Hessian diagonal costs
   one HVP per parameter, so the engine refuses it for large models unless ``force: true``.
@@ -111,7 +111,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class LimitsSpec:
-    """What a plan may cost before it is refused (extension, README "Cost and limits")."""
+    """What a plan may cost before it is refused (extension, docs/cost.md)."""
 
     hours: float = 24.0  # estimated wall time of the run
     memory_gib: float | str = "auto"  # per process (a worker, the driver); auto = what the machine has free
@@ -235,7 +235,7 @@ def _required(mapping: dict, key: str, where: str, fix: str) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # The keys of a job file, as one table: used to fill defaults, to check quantity options and to
-# let a test check that README.md documents every key.
+# let a test check that docs/job-file.md documents every key.
 
 @dataclass(frozen=True)
 class Key:

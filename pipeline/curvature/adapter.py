@@ -202,7 +202,7 @@ class KerasLoss:
         per output the masked positions' count ``[B]`` instead (ones without a mask)."""
         logit_flags = logit_outputs or (False,) * len(outputs)
         if self.loss.user_function and len(outputs) > 1:
-            # A user function for several outputs gets the lists (documented in README.md).
+            # A user function for several outputs gets the lists (documented in docs/definitions.md).
             values = tf.convert_to_tensor(self.loss.fn([self._label(y) for y in labels], list(outputs)))
             return [_reduce_per_example(tf.cast(values, self.dtype), None, self.dtype, counts)]
         losses = []

@@ -8,7 +8,7 @@ unfolded patch, ``tf.image.extract_patches`` order = the kernel's C order), with
 ``bias: true``. Layers: every Dense, EinsumDense, Conv1D and Conv2D layer owning a selected
 variable (``variables:``). Keras' GPTQ (``keras/src/quantizers/gptq.py``) takes
 ``H = 2 X^T X / n`` over the ``n`` rows of every position: ``H = 2 A / R`` for R positions per
-example (README, "Feeding GPTQ"). Cost: one tapped forward pass per batch (about a third of a
+example (docs/quantities/kronecker.md, "Feeding GPTQ"). Cost: one tapped forward pass per batch (about a third of a
 gradient) and ``d x d`` float64 sums per layer. Published as ``layer_inputs.parquet`` (``block``
 = layer, ``index``, ``row``); the manifest records each layer's positions per example.
 API: ``pipeline.load(run).layer_inputs(layer)``.
