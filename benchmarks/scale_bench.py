@@ -42,7 +42,7 @@ Hutchinson draw different random numbers in the two, so only their cost is compa
 more, each node with its own ``--temp-dir``), runs the pipeline on it with three workers, runs
 it again on one node, checks that the two results agree to float rounding, and prints each
 node's rows per second (the manifest's ``per_worker``). Nothing here is asserted in a test:
-``tests/test_benchmarks.py`` runs ``--quick`` for its checks, never its timings.
+``tests/system/test_benchmarks.py`` runs ``--quick`` for its checks, never its timings.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     python docs/gen_cli.py            # from the repository root; rewrites docs/cli.md
     python docs/gen_cli.py --check    # exit 1 when docs/cli.md is stale
 
-``tests/test_docs.py`` regenerates the page and fails when the committed file differs, so the
+``tests/system/test_docs.py`` regenerates the page and fails when the committed file differs, so the
 reference cannot drift from the parser. It lives here, not in ``pipeline/``: it is a tool of the
 documentation, not of the product.
 """
@@ -94,7 +94,7 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         "",
         "Every command of `hessian-pipeline --help`, as its parser defines it (`python -m pipeline` is",
         "the same program). [Commands](commands.md) says what each does in more words; this page is",
-        "generated from the parser by `python docs/gen_cli.py`, and `tests/test_docs.py` fails when it",
+        "generated from the parser by `python docs/gen_cli.py`, and `tests/system/test_docs.py` fails when it",
         "is stale.",
         "",
         f"## {parser.prog}",

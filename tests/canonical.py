@@ -4,7 +4,7 @@ differs between two runs of one job (run id, date, clock times, process names, m
 memory and the measured timing in the estimate).
 
 ``python tests/canonical.py RUN_DIR > tests/golden/example.json`` records a run (made by
-``tests/test_layers.py``'s command on the code before a refactor); the test compares a new run
+``tests/system/test_layers.py``'s command on the code before a refactor); the test compares a new run
 with it. Reads only PyArrow and JSON, so it works on any version's output.
 """
 

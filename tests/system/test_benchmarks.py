@@ -16,8 +16,9 @@ import subprocess
 import sys
 
 import pytest
+import paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.REPO
 
 # (script and arguments, a line its output must hold)
 CASES = [

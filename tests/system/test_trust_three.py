@@ -24,6 +24,7 @@ import tensorflow as tf
 import yaml
 
 import jobs
+import paths
 from pipeline.driver import run
 from pipeline.errors import InputError
 from pipeline.job import load_job
@@ -358,7 +359,7 @@ WAY_OUT = re.compile(r"\b(check|fix|use|give|set|run|choose|delete|remove|clean|
 def test_every_refusal_in_the_failures_page_is_short_and_has_a_way_out():
     """docs/failures.md quotes the lines users see: each under 300 characters, each naming a way out
     after its cause (lines the page shortens with an ellipsis are checked for their length only)."""
-    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "failures.md"), encoding="utf-8").read()
+    page = open(os.path.join(paths.REPO, "docs", "failures.md"), encoding="utf-8").read()
     lines = re.findall(r"`(error: [^`]*)`", page)
     assert len(lines) > 100
     too_long = [line for line in lines if len(line) >= LINE_LIMIT]

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import paths
 from pipeline.driver import run
 from pipeline.errors import ComputeError
 from pipeline.examples.digits import make_data
@@ -21,7 +22,7 @@ from pipeline.job import load_job
 from pipeline.storage.dataset import write_columns
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 ROWS = 1200  # data.limit: the first 1,200 of the bundled 4,000 digits keep each run short
 QUANTITIES = {"gradient": {}, "fisher_diagonal": {}, "ggn_diagonal": {"method": "mc"},
               "trace": {"method": "hutch++", "probes": 12}}

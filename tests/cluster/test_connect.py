@@ -17,11 +17,12 @@ import time
 
 import pytest
 
+import paths
 from pipeline.cluster import connect
 from pipeline.errors import InputError
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.REPO
 EXAMPLE = os.path.join(ROOT, "jobs", "example.yaml")
 BIN = os.path.dirname(sys.executable)
 

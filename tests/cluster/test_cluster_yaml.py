@@ -9,8 +9,9 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+import paths
 
-CLUSTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster.yaml")
+CLUSTER = os.path.join(paths.REPO, "cluster.yaml")
 
 
 @pytest.fixture()

@@ -16,11 +16,12 @@ import ast
 import os
 import re
 
+import paths
 from pipeline.quantities.registry import FILES, REGISTRY
 from pipeline.read.views import VIEWS, on_page
 from pipeline.read.views.generic import GenericView
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+ROOT = paths.REPO
 PACKAGE = os.path.join(ROOT, "pipeline")
 TESTS = os.path.join(ROOT, "tests")
 READ_COMMANDS = ("read/show.py", "read/compare.py", "read/history.py", "read/history_report.py", "read/report.py",

@@ -19,10 +19,11 @@ import sys
 import pytest
 import yaml
 
+import paths
 from pipeline.cli import _parser
 from pipeline.job import job_keys
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+ROOT = paths.REPO
 DOCS = os.path.join(ROOT, "docs")
 sys.path.insert(0, DOCS)
 import gen_cli  # noqa: E402  (docs/gen_cli.py: the CLI reference's generator lives with the docs)

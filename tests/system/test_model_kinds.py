@@ -26,6 +26,7 @@ import tensorflow as tf
 import cases
 import jobs
 import kinds
+import paths
 from pipeline.errors import InputError
 from pipeline.job import load_job
 from pipeline.driver import run
@@ -33,7 +34,7 @@ from pipeline.plan import make_plan
 
 pytestmark = pytest.mark.slow
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = paths.TESTS
 CLUSTER = {"CPU": 2}
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import canonical
+import paths
 from pipeline.quantities import registry
 from pipeline.cluster import policy
 from pipeline.partial import Partial
@@ -21,7 +22,7 @@ from pipeline.quantities.registry import UNITS
 from pipeline.reduce import Sums
 from pipeline.signature import ModelSignature
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = paths.REPO
 PACKAGE = os.path.join(ROOT, "pipeline")
 HEAVY = {"tensorflow": "TensorFlow", "keras": "TensorFlow", "ray": "Ray", "pyarrow": "PyArrow"}
 # Where the three layers meet: a Ray actor that reads shards and computes with the engine.
@@ -215,13 +216,13 @@ def test_the_bundled_example_publishes_what_it_published_before_the_refactor(tmp
 
     Renewed when the Fisher and GGN diagonals took per-layer rules: this float32 job's GGN
     column moved by float32 rounding (2.0e-6 of its largest entry; Fisher 5.9e-8), every other
-    file identical; ``tests/test_layer_rules.py`` holds both routes equal to 1e-10 in float64."""
+    file identical; ``tests/curvature/test_layer_rules.py`` holds both routes equal to 1e-10 in float64."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", os.path.join(ROOT, "jobs", "example.yaml"),
                            "--workers", "1", "--set", "data.limit=1024", "--output", str(tmp_path),
                            "--run-id", "layers"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
-    with open(os.path.join(os.path.dirname(__file__), "golden", "example.json"), encoding="utf-8") as handle:
+    with open(os.path.join(paths.TESTS, "golden", "example.json"), encoding="utf-8") as handle:
         golden = json.load(handle)
     got = canonical.canonical(done.stdout.strip().splitlines()[-1])
     # The float32 Lanczos and Hutchinson chains (eigenvalues, spectrum, trace) round differently on

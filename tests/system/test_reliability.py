@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 import jobs
+import paths
 from pipeline.curvature.engine import CurvatureEngine
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.model import load_model
@@ -415,10 +416,10 @@ def test_two_drivers_with_one_run_id_at_once(ray_local, files, tmp_path):
 def test_run_stays_within_the_memory_its_plan_printed(tmp_path):
     """The plan's per-process estimate against the peaks the run measured (manifest), under a
     memory cap: Hutchinson probes make the K x P arrays the largest part of every process."""
-    example = os.path.join(os.path.dirname(__file__), "..", "jobs", "example.yaml")
+    example = os.path.join(paths.REPO, "jobs", "example.yaml")
     probes = ["--set", "quantities={hessian_diagonal: {method: hutchinson, probes: 3000}}",
               "--set", "data.limit=512", "--set", "shards=2", "--output", str(tmp_path / "out")]
-    # (A plan over the cap is refused: tests/test_cost.py and test_bad_input.py.)
+    # (A plan over the cap is refused: tests/test_cost.py and tests/system/test_bad_input.py.)
     done = _cli(example, *probes, "--set", "limits.memory_gib=3")
     assert done.returncode == 0, done.stderr
     assert "whole run" in done.stderr  # the plan printed its cost table
@@ -658,7 +659,7 @@ def test_rays_processes_do_not_inherit_the_held_sigterm():
     """Signals held while Ray starts must not stay blocked in the processes it forks: a raylet
     that blocks SIGTERM made ``ray.shutdown`` wait a second for each of Ray's processes and then
     kill them (5 s of the bundled example's 32 s)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = paths.REPO
     done = subprocess.run([sys.executable, "-c", RAY_CHILDREN_MASKS, root], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-2000:]

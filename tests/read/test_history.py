@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+import paths
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import InputError
@@ -26,7 +27,7 @@ from pipeline.storage.publish import RunPublisher
 
 VARIABLES = ("hidden/kernel", "hidden/bias")
 SHAPES = ((3, 2), (2,))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 
 
 def publish(root, run_id, date, started, *, loss=0.5, trace=6.0, eigenvalues=(4.0, 2.0), scale=1.0,

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 import jobs
+import paths
 from pipeline.errors import InputError
 from pipeline.job import load_job
 from pipeline.quantities.hessian_diagonal import EXACT_DIAGONAL_LIMIT
@@ -187,7 +188,7 @@ def test_keras_file_with_an_unregistered_custom_class_names_it(root, tmp_path):
 
 
 def test_model_builder_that_exits(root, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(paths.TESTS)
     expect(lambda: plan(root, model={"builder": "kinds:exits"}), "model builder 'kinds:exits' failed: SystemExit")
 
 
@@ -202,7 +203,7 @@ def test_model_builder_that_aborts_cli(root, tmp_path):
     first called in a child process, whose death is an input error naming the builder."""
     job_file = _builder_job(root, tmp_path, {"builder": "kinds:aborts"})
     for command in ("validate", "run"):
-        message = cli(command, job_file, cwd=os.path.dirname(os.path.abspath(__file__)))
+        message = cli(command, job_file, cwd=paths.TESTS)
         assert message.startswith("error: model builder 'kinds:aborts' ended the process that called it (signal "
                                   "SIGABRT"), message
     assert not (tmp_path / "out").exists()  # the run made no folder it left behind
@@ -218,7 +219,7 @@ def test_builder_weights_that_do_not_fit_print_only_the_error_cli(root, tmp_path
     job_file = _builder_job(root, tmp_path, {"builder": "kinds:warns_then_builds",
                                               "weights": str(tmp_path / "other.weights.h5")})
     for command in ("validate", "run"):
-        message = cli(command, job_file, cwd=os.path.dirname(os.path.abspath(__file__)))
+        message = cli(command, job_file, cwd=paths.TESTS)
         assert "does not fit the built model" in message
 
 
@@ -240,7 +241,7 @@ def test_class_ids_given_to_categorical_crossentropy(root):
 
 
 def test_loss_function_with_the_wrong_signature(root, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(paths.TESTS)
     expect(lambda: plan(root, loss="kinds:three_arguments"), "fails on output")
 
 

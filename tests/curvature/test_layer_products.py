@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import families
+import paths
 from pipeline.curvature.example_products import ExampleProducts
 from pipeline.curvature.layer_products import LayerProducts
 from pipeline.curvature.requests import BatchWork
@@ -64,7 +65,7 @@ def test_fused_monte_carlo_pass_equals_the_per_example_route_on_the_same_draws()
 
 def test_no_family_imports_another():
     """Each family reads the ``Core`` and the ``Pass``; the engine alone combines them."""
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipeline", "curvature")
+    folder = os.path.join(paths.REPO, "pipeline", "curvature")
     found = {}
     for family in FAMILIES:
         with open(os.path.join(folder, f"{family}.py"), encoding="utf-8") as handle:

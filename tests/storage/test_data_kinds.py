@@ -1,5 +1,5 @@
 """Data as TensorFlow teams keep it (contract 5.4): a batch transform, raw columns, TFRecord
-files. Planning and streaming only (no Ray); tests/test_images.py runs the jobs end to end."""
+files. Planning and streaming only (no Ray); tests/examples/test_images.py runs the jobs end to end."""
 
 from __future__ import annotations
 
