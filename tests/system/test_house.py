@@ -1,6 +1,6 @@
 """The house check (issue "A house for the next years"): the shape of the codebase, measured.
 
-- the read commands name no quantity (at most ``QUOTED_LIMIT`` quoted names): families live in
+- the read commands name no quantity (``QUOTED_LIMIT`` quoted names at most): families live in
   ``pipeline/read/views/``, one module each, registered once;
 - the run layout's ``date=`` is built and taken apart only in ``pipeline/storage/layout.py``;
 - no function over 80 lines, no class over 300; ``engine.py`` at most 400 lines and
@@ -26,7 +26,7 @@ PACKAGE = os.path.join(ROOT, "pipeline")
 TESTS = os.path.join(ROOT, "tests")
 READ_COMMANDS = ("read/show.py", "read/compare.py", "read/history.py", "read/history_report.py", "read/report.py",
                  "read/run.py", "read/published.py", "exports/commands.py")
-QUOTED_LIMIT = 10
+QUOTED_LIMIT = 0  # the issue allowed 10; the views left none (206 before them)
 NAMES = sorted(set(REGISTRY) | {f.removesuffix(".parquet") for f in FILES}, key=len, reverse=True)
 
 
@@ -50,7 +50,8 @@ def _strings(path: str) -> list[str]:
 
 
 def _quoted_names(path: str) -> list[str]:
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, NAMES)) + r")(\.parquet)?(?![\w(])")
+    # Whole names only: not "hessian-pipeline", not an HTML tag such as <summary>.
+    pattern = re.compile(r"(?<![\w.</-])(" + "|".join(map(re.escape, NAMES)) + r")(\.parquet)?(?![\w(>-])")
     return [match.group(0) for text in _strings(path) for match in pattern.finditer(text)]
 
 
