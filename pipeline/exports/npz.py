@@ -27,6 +27,7 @@ from pipeline.exports import laplace as laplace_math
 from pipeline.exports.files import written_whole
 from pipeline.quantities.registry import DIAGONAL_COLUMNS, FISHER, LAPLACE_CURVATURE
 from pipeline.read.run import Run
+from pipeline.read.views import VIEWS
 from pipeline.storage.publish import published_run_around
 
 
@@ -36,17 +37,18 @@ def per_variable(run: Run) -> list[str]:
 
 
 def arrays(run: Run, quantities: list[str] | None = None) -> dict[str, np.ndarray]:
-    """``{"QUANTITY/VARIABLE_PATH": array of the variable's shape, "examples": N, "weight_sum": W}``."""
+    """``{"QUANTITY/VARIABLE_PATH": array of the variable's shape, "examples": N, "weight_sum": W}``:
+    what each view of the read side exports (``View.export``), or only ``quantities``."""
     present = per_variable(run)
-    wanted = present if quantities is None else list(quantities)
-    missing = [q for q in wanted if q not in present]
-    if missing or not wanted:
+    missing = [q for q in quantities or [] if q not in present]
+    out: dict[str, np.ndarray] = {}
+    if not missing:
+        for view in VIEWS:
+            out.update((key, array) for key, array in view.export(run).items()
+                       if quantities is None or key.split("/", 1)[0] in quantities)
+    if missing or not out:
         raise InputError(f"run {run.run_id} has no {', '.join(missing) or 'per-parameter quantity'} (it has: "
                          f"{', '.join(present) or 'none'}): add e.g. {FISHER} to the job and run it again")
-    out: dict[str, np.ndarray] = {}
-    for quantity in wanted:
-        for name, array in run.arrays(quantity).items():
-            out[f"{quantity}/{name}"] = np.asarray(array, dtype=np.float64)
     out["examples"] = np.asarray(int(run.manifest.get("examples", 0)), dtype=np.int64)
     out["weight_sum"] = np.asarray(weight_sum(run), dtype=np.float64)
     return out

@@ -1,6 +1,6 @@
 """The registry of views: one per family of published tables (``pipeline.read.views._base.View``).
 
-``VIEWS`` is the order in which ``show``, ``compare`` and ``Run`` take them; ``on_page()`` the
+``VIEWS`` is the order in which ``show``, ``compare``, ``export`` and ``Run`` take them; ``on_page()`` the
 order of the report's page and of ``history``'s series (``View.page``). Adding a family to the
 read side is one module here and one line in ``VIEWS``; a table that no view lists falls to the
 generic view (``show`` prints it). ``ACCESSORS`` are the views' mixins that ``Run`` is built from.

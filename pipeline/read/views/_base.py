@@ -69,6 +69,10 @@ class View:
         """HTML a notebook shows under the run's facts (``Run._repr_html_``)."""
         return ""
 
+    def export(self, run) -> dict:
+        """``export --format npz``: its arrays, ``{"KEY/VARIABLE_PATH": array}`` (contract 6.3)."""
+        return {}
+
     # ------------------------------------------------------------------ compare
     def changes(self, comparison, run_a, run_b) -> list:
         """``compare``: its numbers' ``Change`` rows for two runs that both hold its tables;

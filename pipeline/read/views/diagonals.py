@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.blocks import ALL
 from pipeline.errors import InputError
-from pipeline.quantities.registry import UNITS
+from pipeline.quantities.registry import DIAGONAL_COLUMNS, UNITS
 from pipeline.read import pages
 from pipeline.read.changes import Change, as_float
 from pipeline.read.figures import BINS, default_style, fmt, label, new_figure, runs, slug
@@ -79,6 +79,13 @@ class DiagonalsView(View):
             return ""
         summary = run.summary
         return summary[summary["variable"] == ALL].to_html(index=False)
+
+    def export(self, run) -> dict:
+        """``QUANTITY/VARIABLE_PATH``: every diagonal quantity and the gradient, each a float64
+        array of its variable's shape."""
+        return {f"{quantity}/{name}": np.asarray(array, dtype=np.float64)
+                for quantity in run.quantities() if quantity in DIAGONAL_COLUMNS
+                for name, array in run.arrays(quantity).items()}
 
     def changes(self, comparison, run_a, run_b) -> list[Change]:
         rows_a, rows_b = run_a.rows(SUMMARY_TABLE), run_b.rows(SUMMARY_TABLE)
