@@ -1,37 +1,17 @@
 """``export --format npz`` without Ray: where it may write (``writable_out``), the file whole or
-absent (``write_npz``), and the arrays of a run published as files by hand (a manifest and a
-``diagonals.parquet`` in the contract's layout, read through ``pipeline.load``)."""
+absent (``write_npz``), and the arrays of a run published by hand (``handmade.py``: a manifest
+and a ``diagonals.parquet`` in the contract's layout, read through ``pipeline.load``)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
+from handmade import publish
 from pipeline.errors import InputError
 from pipeline.exports import npz
-from pipeline.read.run import load
-from pipeline.storage.layout import run_dir
-from pipeline.storage.tables import diagonals_table
-
-VARIABLES = (("dense/kernel", (3, 2)), ("dense/bias", (2,)))
-
-
-def publish(tmp_path, columns: dict, manifest: dict | None = None):
-    """A published run of the two variables with ``columns`` of ``diagonals.parquet`` (flat [8])."""
-    folder = run_dir(str(tmp_path / "results"), "toy", "2026-12-07", "r1")
-    os.makedirs(folder)
-    pq.write_table(diagonals_table([v for v, _ in VARIABLES], [s for _, s in VARIABLES], columns),
-                   os.path.join(folder, "diagonals.parquet"))
-    with open(os.path.join(folder, "manifest.json"), "w", encoding="utf-8") as handle:
-        json.dump({"status": "complete", "run_id": "r1", "date": "2026-12-07", "job": {"name": "toy"},
-                   "examples": 40, "loss": 0.5, "files": ["diagonals.parquet", "manifest.json"],
-                   "parameters": 8, "variables": [{"name": v, "shape": list(s)} for v, s in VARIABLES],
-                   **(manifest or {})}, handle)
-    return load(folder)
 
 
 # ------------------------------------------------------------------ writable_out
