@@ -1,12 +1,15 @@
 """Exports (contract 6.3): ``export --format npz|weights``, the diagonal Laplace approximation
 against the closed form of a linear-Gaussian model, Fisher-weighted ``merge`` against its
 formula, and the EWC regularizer in a real Keras training loop. Every run is a real one: real
-Parquet, real saved models, the pipeline on a local Ray."""
+Parquet, real saved models, the pipeline on a local Ray. The last tests call ``commands`` and
+``models`` directly on a run published by hand (``handmade.py``), without Ray."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
 
 import keras
 import numpy as np
@@ -17,8 +20,10 @@ import pytest
 import cases
 import jobs
 import pipeline
+from handmade import publish
 from pipeline.cli import main
 from pipeline.errors import InputError
+from pipeline.exports import commands, models
 from pipeline.exports import laplace as laplace_math
 from pipeline.exports.ewc import EWC, attach
 from pipeline.exports.merge import fisher_weighted
@@ -260,3 +265,69 @@ def test_ewc_penalty_is_the_formula_and_holds_important_weights_in_training(runs
     assert float(regularizer(keras.ops.convert_to_tensor(np.array([1.0, 3.0])))) == pytest.approx(20.0)
     with pytest.raises(InputError, match="no variable"):
         attach(keras.Sequential([keras.Input((6,)), keras.layers.Dense(2, name="z")]), export, 1.0)
+
+
+# ------------------------------------------------------------------ without Ray: commands and models called directly
+def test_export_checks_its_arguments_before_writing(tmp_path):
+    run = publish(tmp_path, {"gradient": np.arange(8.0)})
+    for options, message in (({"format": "csv"}, "--format must be one of npz, weights, got 'csv'"),
+                             ({"format": "weights", "laplace": True}, "--laplace writes into an npz"),
+                             ({"laplace": True, "prior_precision": "big"}, "--prior-precision must be a positive"),
+                             ({"sigma_noise": float("nan")}, "--sigma-noise must be a positive number"),
+                             ({"quantity": "gradient"}, "--quantity apply only with --laplace or --format weights")):
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            commands.export(run.run_dir, out=str(tmp_path / "x.npz"), **options)
+    assert not os.path.exists(tmp_path / "x.npz")
+    path = commands.export(run, out=str(tmp_path / "x.npz"))
+    assert path == str(tmp_path / "x.npz")
+    with np.load(path) as loaded:
+        np.testing.assert_array_equal(loaded["gradient/dense/kernel"], np.arange(6.0).reshape(3, 2))
+        assert int(loaded["examples"]) == 40
+
+
+def test_merge_needs_two_pairs_before_it_loads_anything(tmp_path):
+    with pytest.raises(InputError, match="^merge needs at least two --model/--run pairs$"):
+        commands.merge([(str(tmp_path / "a.keras"), str(tmp_path / "no-run"))], str(tmp_path / "m.keras"))
+    assert commands.FORMATS == ("npz", "weights")
+
+
+def test_run_model_refuses_a_model_that_is_not_the_runs(tmp_path):
+    cases.mlp(seed=0).save(tmp_path / "a.keras")
+    cases.mlp(seed=5).save(tmp_path / "b.keras")
+    digest = hashlib.sha256((tmp_path / "a.keras").read_bytes()).hexdigest()
+    run = publish(tmp_path, {"gradient": np.zeros(8)}, {"model": {"path": str(tmp_path / "a.keras"), "sha256": digest},
+                                                        "job": {"name": "toy", "loss": {"name": "mse"}}})
+    model = models.run_model(run)  # the manifest's own
+    assert [v.path for v in model.trainable_variables] == ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"]
+    with pytest.raises(InputError, match=r"^model .*b.keras is not the one run r1 measured \(sha256 "):
+        models.run_model(run, str(tmp_path / "b.keras"))
+    with pytest.raises(InputError, match=r"^--model .*a.h5 is not a .keras file"):
+        models.run_model(run, str(tmp_path / "a.h5"))
+    with pytest.raises(InputError, match=r"^cannot read model .*gone.keras"):
+        models.run_model(run, str(tmp_path / "gone.keras"))
+    assert models.loss_family(run) == "gaussian"
+    assert models.loss_family(publish(tmp_path / "other", {"gradient": np.zeros(8)})) == ""
+
+
+def test_model_weights_by_path_assigned_and_saved_whole(tmp_path):
+    cases.mlp(dtype="float32", seed=1).save(tmp_path / "a.keras")
+    model = keras.models.load_model(tmp_path / "a.keras")  # paths as a run names them
+    weights = models.weights_by_path(model)
+    assert list(weights) == ["hidden/kernel", "hidden/bias", "out/kernel", "out/bias"]
+    assert all(w.dtype == np.float64 for w in weights.values()) and weights["out/kernel"].shape == (5, 3)
+    np.testing.assert_array_equal(weights["hidden/kernel"], model.get_layer("hidden").kernel.numpy())
+    assert models.output_size(model) == 3
+    models.assign(model, {"out/bias": np.array([1.0, 2.0, 3.0]), "not/a/variable": np.zeros(1)})
+    assert model.get_layer("out").bias.dtype == "float32"
+    np.testing.assert_array_equal(model.get_layer("out").bias.numpy(), [1.0, 2.0, 3.0])
+    out = models.save_model(model, str(tmp_path / "m.keras"))
+    assert out == str(tmp_path / "m.keras") and sorted(os.listdir(tmp_path)) == ["a.keras", "m.keras"]
+    np.testing.assert_array_equal(keras.models.load_model(out).get_layer("out").bias.numpy(), [1.0, 2.0, 3.0])
+    models.save_model(model, str(tmp_path / "m.weights.h5"), weights_only=True)
+    fresh = cases.mlp(dtype="float32", seed=2)
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    np.testing.assert_array_equal(fresh.get_layer("out").bias.numpy(), [1.0, 2.0, 3.0])
+    inputs = keras.Input((2,))
+    two = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)])
+    with pytest.raises(InputError, match="^the model has 2 outputs"):
+        models.output_size(two)
