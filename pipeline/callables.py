@@ -22,9 +22,9 @@ def import_callable(reference: str, what: str):
         ) from None
     target = module
     for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
+        if not hasattr(target, part):
             raise InputError(f"{what} {reference!r}: module {module_name!r} has no {attr!r}: fix the name")
+        target = getattr(target, part)
     if not callable(target):
         raise InputError(f"{what} {reference!r} is not callable: name a function")
     return target

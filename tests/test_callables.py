@@ -64,8 +64,6 @@ def test_something_that_is_not_callable_is_refused():
     assert error_of("os:sep", "loss").endswith("is not callable: name a function")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: getattr(target, part, None) takes an attribute that is None for a "
-                   "missing one, so the message says the module has no such name when it has one that is not callable")
 def test_an_attribute_that_is_none_is_reported_as_not_callable(tmp_path, monkeypatch):
     (tmp_path / "user_none_hp.py").write_text("build = None\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -33,15 +33,23 @@ def output_root_of(output_root: str) -> str:
     return absolute(output_root)
 
 
+def _under(output_root: str, path: str) -> str:
+    """``path`` below the output root; a scheme alone (``file:///``, ``s3://``) keeps its slashes,
+    which are part of it, so that the result is still a URI."""
+    stripped = output_root.rstrip("/")
+    if stripped.endswith(":"):
+        return output_root + path if output_root.endswith("/") else f"{output_root}/{path}"
+    return f"{stripped}/{path}"
+
+
 def run_dir(output_root: str, name: str, date: str, run_id: str) -> str:
     """Where a run is published (the contract's Hive-style layout)."""
-    root = output_root.rstrip("/") if output_root.rstrip("/") else ""
-    return f"{root}/{name}/{DATE_PART}{date}/{RUN_PART}{run_id}"
+    return _under(output_root, f"{name}/{DATE_PART}{date}/{RUN_PART}{run_id}")
 
 
 def partials_dir(output_root: str, name: str, run_id: str) -> str:
     """Where a run's finished shards are staged until it is published."""
-    return f"{output_root.rstrip('/')}/{name}/.partials/{RUN_PART}{run_id}"
+    return _under(output_root, f"{name}/.partials/{RUN_PART}{run_id}")
 
 
 def date_of(folder: str) -> str | None:

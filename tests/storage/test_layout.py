@@ -74,9 +74,6 @@ def test_a_name_over_the_limit_is_refused_by_its_length():
     assert str(info.value).endswith("shorten name:")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: run_dir and partials_dir strip a scheme-only root's slashes "
-                   "('file:///' -> 'file:/NAME/...'): output_root_of keeps 'file:///' and the files land under '/', "
-                   "but the run directory shown, printed and loaded is no longer a URI")
 def test_a_scheme_only_output_root_stays_a_uri():
     assert output_root_of("file:///") == "file:///"
     assert run_dir("file:///", "n", DAY, "x") == f"file:///n/date={DAY}/run=x"
