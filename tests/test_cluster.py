@@ -111,7 +111,8 @@ def test_pass_ledger_tracks_each_shards_copies_without_ray():
     shards = [SimpleNamespace(index=i, first_row=10 * i, rows=10) for i in range(3)]
     launched = []
     ledger = PassLedger(shards, lambda worker, shard: launched.append((worker, shard.index)) or len(launched))
-    ledger.status[1].finished = True  # resumed from staging
+    ledger.finish(1)  # resumed from staging
+    ledger.finish(1)
     ledger.queue_unfinished()
     assert [s.index for s in ledger.pending] == [0, 2]
     ledger.start(["a", "b", "c"])

@@ -27,13 +27,10 @@ class PassLedger:
         self.idle: list = []
         self.durations: list[float] = []  # seconds of each shard of this pass, as the driver saw them
         self.saved = 0  # shards staged by this pass (``kill-driver`` counts them)
+        self.finished = 0  # shards finished (``finish``)
         # For the lines that say what a long wait waits for.
         self.last_result = self.reported = time.monotonic()
         self._launch = launch
-
-    @property
-    def finished(self) -> int:
-        return sum(status.finished for status in self.status.values())
 
     @property
     def complete(self) -> bool:
@@ -41,6 +38,12 @@ class PassLedger:
 
     def missing(self) -> list[int]:
         return sorted(index for index, status in self.status.items() if not status.finished)
+
+    def finish(self, index: int) -> None:
+        """Marks shard ``index`` finished (its result added, or taken from staging)."""
+        if not self.status[index].finished:
+            self.status[index].finished = True
+            self.finished += 1
 
     def queue_unfinished(self) -> None:
         """Queues every shard not finished yet (by a resumed run), in the plan's order."""

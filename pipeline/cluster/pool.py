@@ -129,8 +129,11 @@ class WorkerPool:
         status is kept in a ``PassLedger``; what to do with it is ``policy.make_decision``'s.
         """
         argument_ref = ray.put(argument)
-        ledger = PassLedger(self.plan.data.shards, lambda actor, shard: getattr(actor, method).remote(shard,
-                                                                                                   argument_ref))
+
+        def launch(actor, shard):
+            return getattr(actor, method).remote(shard, argument_ref)
+
+        ledger = PassLedger(self.plan.data.shards, launch)
         reducer = Reducer()
         progress = Progress(progress_stream, self.plan.data.rows, label, enabled=show)
         if store is not None:
@@ -167,7 +170,7 @@ class WorkerPool:
                            1.0 if self._raylets else LIVENESS_SECONDS, lambda: self._check_live(True, 0, 0))
         for index, partial in sorted(staged.items()):
             reducer.add(partial)
-            ledger.status[index].finished = True
+            ledger.finish(index)
         self.resumed = sorted(staged)
         if staged:
             stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
@@ -231,7 +234,7 @@ class WorkerPool:
         ledger.durations.append(time.monotonic() - submitted)
         ledger.last_result = ledger.reported = time.monotonic()
         if policy.make_decision(status, policy.RESULT, len(self.actors)) is Decision.DONE:
-            status.finished = True
+            ledger.finish(shard.index)
             keep(result, shard)
         ledger.idle.append(actor)
 
