@@ -66,20 +66,22 @@ writes PNG plots (800x450) and index.html, which shows them by file name; prints
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per entry of ``COMMANDS``, each with ``--debug``."""
     parser = _Parser(
         prog="hessian-pipeline",
         description="Curvature statistics of trained Keras models over whole Parquet datasets, on Ray.")
     parser.add_argument("--version", action="version", version=f"hessian-pipeline {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name, help_text):
+    for name, help_text, options in COMMANDS:
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
-        return sub
+        options(sub)
+    return parser
 
-    run = command("run", "run a job on Ray and publish its results; prints the run directory last")
+
+def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("job", metavar="JOB.yaml")
     run.add_argument("--output", metavar="DIR", help="root directory or URI for results (default: the job's output)")
     run.add_argument("--run-id", metavar="ID", help="name of the run (default: UTC time and a random suffix)")
@@ -89,15 +91,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a job key, e.g. data.batch_size=64 (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print the plan and compute nothing")
 
-    validate = command("validate", "check the job, the model file and the data schema without computing")
+
+def _validate_options(validate: argparse.ArgumentParser) -> None:
     validate.add_argument("job", metavar="JOB.yaml")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    show = command("show", "print a run's manifest and summary as readable tables")
+
+def _show_options(show: argparse.ArgumentParser) -> None:
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run's folder; with --latest, a job's folder OUTPUT/NAME")
     show.add_argument("--latest", action="store_true", help="show the newest complete run under the job's folder")
 
-    history = command("history", "every run of a job over time: loss, trace, eigenvalues, sharpness, diagonal norms")
+
+def _history_options(history: argparse.ArgumentParser) -> None:
     history.add_argument("root", metavar="ROOT", help="a job's results folder, OUTPUT/NAME")
     history.add_argument("--format", choices=["table", "json", "csv"], default="table",
                          help="table (aligned text, default), json or csv")
@@ -105,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="exit 1 when a run-to-run |relative change| of any series exceeds it (0.05 = 5%%)")
     history.add_argument("--plots", metavar="DIR", help="also write one PNG per series and index.html into DIR")
 
-    export = command("export", "write a run's diagonals for EWC, merging and Laplace (npz, or Keras weights)")
+
+def _export_options(export: argparse.ArgumentParser) -> None:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", choices=["npz", "weights"], default="npz",
                         help="npz (default): QUANTITY/VARIABLE_PATH arrays; weights: one quantity as a Keras "
@@ -122,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="noise scale of a mean-squared-error likelihood (--laplace; default 1)")
     export.add_argument("--model", metavar="FILE.keras", help="the run's model file, when it has moved since")
 
-    merge = command("merge", "Fisher-weighted average of same-architecture models, each with its run")
+
+def _merge_options(merge: argparse.ArgumentParser) -> None:
     merge.add_argument("--model", dest="models", action="append", default=[], metavar="FILE.keras", required=True,
                        help="a model to merge (repeat: one per model, each followed by its --run)")
     merge.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR", required=True,
@@ -131,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--quantity", metavar="NAME", help="the curvature diagonal that weighs the models (default: "
                        "the Fisher diagonal)")
 
-    submit = command("submit", "submit the run as a Ray Job to a cluster; streams its logs and exits with its status")
+
+def _submit_options(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("job", metavar="JOB.yaml")
     submit.add_argument("--address", metavar="URL", help="the head's dashboard, e.g. http://HEAD:8265 "
                         "(default: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS if it is http)")
@@ -154,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="as for run (repeatable)")
     submit.add_argument("--dry-run", action="store_true", help="as for run: the job prints the plan on the cluster")
 
-    compare = command("compare", "per-variable change of every quantity two runs share (nightly drift)")
+
+def _compare_options(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("run_a", metavar="RUN_A")
     compare.add_argument("run_b", metavar="RUN_B")
     compare.add_argument("--format", choices=["table", "json", "csv"], default="table",
@@ -162,14 +171,28 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--fail-above", type=float, metavar="RELATIVE_CHANGE",
                          help="exit 1 when any |relative change| exceeds it (0.05 = 5%%)")
 
-    report = command("report", "write PNG plots and an HTML page of a run (diagonals, eigenvalues, spectrum, trace)")
+
+def _report_options(report: argparse.ArgumentParser) -> None:
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.add_argument("--out", metavar="DIR", help="folder for the plots and index.html (default: "
                         "./report-NAME-RUN_ID; a published run is never written to)")
     report.add_argument("--baseline", metavar="RUN_DIR", help="a second run overlaid on every plot (dashed)")
     report.add_argument("--sigma", type=float, metavar="WIDTH", help="Gaussian width of the spectral density "
                         "(default: 1/400 of the spectrum's range)")
-    return parser
+
+
+# Each command, in the order ``--help`` lists them: its name, what it does, its options.
+COMMANDS = (
+    ("run", "run a job on Ray and publish its results; prints the run directory last", _run_options),
+    ("validate", "check the job, the model file and the data schema without computing", _validate_options),
+    ("show", "print a run's manifest and summary as readable tables", _show_options),
+    ("history", "every run of a job over time: loss, trace, eigenvalues, sharpness, diagonal norms", _history_options),
+    ("export", "write a run's diagonals for EWC, merging and Laplace (npz, or Keras weights)", _export_options),
+    ("merge", "Fisher-weighted average of same-architecture models, each with its run", _merge_options),
+    ("submit", "submit the run as a Ray Job to a cluster; streams its logs and exits with its status", _submit_options),
+    ("compare", "per-variable change of every quantity two runs share (nightly drift)", _compare_options),
+    ("report", "write PNG plots and an HTML page of a run (diagonals, eigenvalues, spectrum, trace)", _report_options),
+)
 
 
 # Each command imports its own layers when it runs (deliberately lazy): `show`, `compare` and

@@ -107,22 +107,11 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
     # A run whose Ray and workers the command line started early counts from then.
     began = prestarted.began if prestarted is not None and prestarted.began else None
     started = began[0] if began else time.time()
-    store = None
-    if not dry_run:
-        check_output_location(output or job.output, job.name, job.data.path)
-        # An interrupted run with this id keeps its start (and so its date) and its layout.
-        store = PartialStore(output or job.output, job.name, run_id)
-        now = store.started() or now
-    try:
-        publisher = None if dry_run else RunPublisher(output or job.output, job.name, run_id,
-                                                      now.strftime("%Y-%m-%d"))
-    except InputError:
-        if store is not None and published(output or job.output, job.name, now.strftime("%Y-%m-%d"), run_id):
-            store.remove()  # leftovers of a driver that lost a race for this run id
-        raise
+    store, publisher, now = (None, None, now) if dry_run else _open_run(job, output, run_id, now)
     owns_ray = False
     early_workers = prestarted  # started before the plan (StartedWorkers)
     clock = _Clock(began[1] if began else None)
+    outcome = None  # the published run, once it is
     try:
         owns_ray = connect.connect(address, quiet)
         clock.lap("ray_start")
@@ -140,54 +129,19 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         with publisher:
             store.open(plan, now)
             stream.write(plan.describe() + "\n")
-            try:
-                pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None, started=early_workers)
-                clock.lap("workers_start")
-                try:
-                    results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None, clock)
-                    if warm_start:
-                        extra["warm_start"] = warm_start[0]
-                    extra["worker_peak_bytes"] = pool.peak_memory()
-                    extra["per_worker"] = pool.per_worker()
-                    extra["timings"] = clock.laps
-                finally:
-                    pool.close()
-            except InputError:
-                # Bad data found while computing: the staged partials can never be resumed
-                # (the data must change), so leave nothing behind.
-                store.remove()
-                raise
-            extra["resumed_shards"] = pool.resumed
+            results, extra, pool = _compute_in_pool(plan, stream, store, owns_ray, early_workers, warm_start, clock)
             manifest = _manifest(plan, results, pool.passes, extra, started, now.isoformat(timespec="seconds"),
                                  pool.names)
-            try:
-                _write_tables(publisher, plan, results, manifest)
-                run_dir = publisher.publish(manifest)
-                _pause_after_publish()
-            except OSError as err:  # a full disk, a revoked permission: the computed shards are kept
-                raise ComputeError(
-                    f"cannot write the results under {plan.output}: {err}; nothing was published and the computed "
-                    f"shards are kept: fix the output (free space, permissions) and run the same command with --run-id "
-                    f"{plan.run_id} to resume") from None
+            outcome = RunResult(run_dir=_publish(publisher, plan, results, manifest), manifest=manifest,
+                                results=results)
+            _pause_after_publish()
         store.remove()
-        return RunResult(run_dir=run_dir, manifest=manifest, results=results)
+        return outcome
     except BaseException as exc:
         if early_workers is not None:
             early_workers.close()  # (those the pool took are closed already; again is harmless)
-        if publisher is not None and publisher.published:
-            # Stopped once published (``ray job stop``, SIGTERM, Ctrl-C): the run is complete and
-            # only its staged partials were left to remove.
-            store.remove()
-            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                stream.write("stopped after the run was published: the results are complete\n")
-                return RunResult(run_dir=run_dir, manifest=manifest, results=results)
-            raise
-        if publisher is not None:
-            publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
-            _drop_if_published(store, publisher)
-        if connect.STOPPED and isinstance(exc, SystemExit):
-            raise ComputeError(f"terminated (SIGTERM); the finished shards are kept: run the same command with "
-                               f"--run-id {run_id} to resume") from None
+        if _clean_up_after(exc, publisher, store, stream, run_id):
+            return outcome
         raise
     finally:
         interrupts.release()
@@ -251,6 +205,80 @@ def _ritz_vectors(result) -> tuple[str, dict] | None:
     found = {block.name: r.eigenvectors for block, r in result.results.get("eigenvalues") or []
              if getattr(r, "eigenvectors", None) is not None}
     return (result.manifest["run_id"], found) if found else None
+
+
+def _open_run(job, output: str | None, run_id: str, now):
+    """``(store, publisher, now)`` of a run that computes: its output checked, its staged
+    partials (``PartialStore``; an interrupted run with this id keeps its start, and so its
+    date, and its layout) and its publisher. Raises ``InputError`` (and removes the staged
+    leftovers of a driver that lost a race for this run id) when the run id is taken."""
+    check_output_location(output or job.output, job.name, job.data.path)
+    store = PartialStore(output or job.output, job.name, run_id)
+    now = store.started() or now
+    try:
+        publisher = RunPublisher(output or job.output, job.name, run_id, now.strftime("%Y-%m-%d"))
+    except InputError:
+        if published(output or job.output, job.name, now.strftime("%Y-%m-%d"), run_id):
+            store.remove()  # leftovers of a driver that lost a race for this run id
+        raise
+    return store, publisher, now
+
+
+def _compute_in_pool(plan: Plan, stream, store, owns_ray: bool, early_workers, warm_start, clock):
+    """``(results, extra, pool)``: every pass of ``plan`` on a ``WorkerPool`` (closed after),
+    with the manifest's worker figures in ``extra``."""
+    try:
+        pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None, started=early_workers)
+        clock.lap("workers_start")
+        try:
+            results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None, clock)
+            if warm_start:
+                extra["warm_start"] = warm_start[0]
+            extra["worker_peak_bytes"] = pool.peak_memory()
+            extra["per_worker"] = pool.per_worker()
+            extra["timings"] = clock.laps
+        finally:
+            pool.close()
+    except InputError:
+        # Bad data found while computing: the staged partials can never be resumed (the data
+        # must change), so leave nothing behind.
+        store.remove()
+        raise
+    extra["resumed_shards"] = pool.resumed
+    return results, extra, pool
+
+
+def _publish(publisher, plan: Plan, results: dict, manifest: dict) -> str:
+    """Writes the tables and the manifest; returns the run directory. A full disk or a revoked
+    permission is a ``ComputeError`` that keeps the computed shards."""
+    try:
+        _write_tables(publisher, plan, results, manifest)
+        return publisher.publish(manifest)
+    except OSError as err:
+        raise ComputeError(
+            f"cannot write the results under {plan.output}: {err}; nothing was published and the computed "
+            f"shards are kept: fix the output (free space, permissions) and run the same command with --run-id "
+            f"{plan.run_id} to resume") from None
+
+
+def _clean_up_after(exc: BaseException, publisher, store, stream, run_id: str) -> bool:
+    """What a run stopped by ``exc`` leaves: True when it was published before an interrupt
+    (its caller returns it); a ``ComputeError`` for a SIGTERM before; else False (re-raise)."""
+    if publisher is not None and publisher.published:
+        # Stopped once published (``ray job stop``, SIGTERM, Ctrl-C): the run is complete and
+        # only its staged partials were left to remove.
+        store.remove()
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            stream.write("stopped after the run was published: the results are complete\n")
+            return True
+        return False
+    if publisher is not None:
+        publisher.abort()  # no empty OUTPUT/NAME/date=... left by a run that published nothing
+        _drop_if_published(store, publisher)
+    if connect.STOPPED and isinstance(exc, SystemExit):
+        raise ComputeError(f"terminated (SIGTERM); the finished shards are kept: run the same command with "
+                           f"--run-id {run_id} to resume") from None
+    return False
 
 
 def _pause_after_publish() -> None:

@@ -5,19 +5,23 @@ The pool holds the actors (one per GPU, or per CPU slot), pulls work (a worker t
 shard takes the next), and applies the failure policy (``policy``): a failed shard is moved to
 another worker, a lost worker is replaced, a late shard is computed again on a free worker, and
 every wait has a deadline and a liveness check (the local Ray's processes every second, the
-cluster's nodes every ``LIVENESS_SECONDS``). Ray only.
+cluster's nodes every ``LIVENESS_SECONDS``). Each shard's status lives in a ``ledger.PassLedger``
+and ``policy.make_decision`` says what to do with it; a resumed pass keeps the staged shards
+whose input ``resume.unchanged`` proves unchanged. Ray only.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
 
 import ray
 
 from pipeline import faults
 from pipeline.cluster import connect, policy, processes
+from pipeline.cluster.ledger import PassLedger, error_line, rows_of
+from pipeline.cluster.policy import Decision
+from pipeline.cluster.resume import unchanged
 from pipeline.cluster.progress import Progress
 from pipeline.cluster.actor import remote_worker_class
 from pipeline.cost import SHARD_CACHE_BYTES
@@ -35,7 +39,6 @@ LIVENESS_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_LIVENESS_SECONDS", "10
 # A wait that lasts longer than this says what it waits for (a stalled object store, a busy
 # cluster), then again each time it lasts as long again: progress never freezes silently.
 WAIT_REPORT_SECONDS = float(os.environ.get("HESSIAN_PIPELINE_WAIT_REPORT_SECONDS", "60"))
-
 
 
 def _short(cause: str, limit: int = 155) -> str:
@@ -83,7 +86,7 @@ class WorkerPool:
             actor.keep_shards.remote(cache)
         self.actors += [start() for _ in range(plan.workers - len(self.actors))]
         try:
-            infos = self._await_start([a.info.remote() for a in self.actors])
+            infos = _await_start([a.info.remote() for a in self.actors], self.log)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise ComputeError(
@@ -104,33 +107,10 @@ class WorkerPool:
         # A worker lost for good (after Ray's restarts) is replaced, this many times in all.
         self.replacements_left = 2 * plan.workers
 
-    def _await_start(self, refs: list) -> list:
-        """The workers' ``info``, once all have loaded the model; a line every
-        ``WAIT_REPORT_SECONDS`` while they have not; ``GetTimeoutError`` after ``WORKER_START_SECONDS``."""
-        began = time.monotonic()
-        while True:
-            left = WORKER_START_SECONDS - (time.monotonic() - began)
-            ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(left, WAIT_REPORT_SECONDS)))
-            if not waiting:
-                return ray.get(refs)
-            if left <= WAIT_REPORT_SECONDS:
-                raise ray.exceptions.GetTimeoutError()
-            self.log.write(f"waiting for {len(waiting)} of {len(refs)} workers to start (import TensorFlow, load the "
-                           f"model): {time.monotonic() - began:.0f} s so far, at most {WORKER_START_SECONDS:.0f} s\n")
-
-    def _report_wait(self, inflight: dict, since: float) -> None:
-        """One line naming the shards a pass waits for, and for how long."""
-        now = time.monotonic()
-        oldest = sorted(inflight.values(), key=lambda item: item[2])[:3]
-        shards = ", ".join(f"shard {shard.index} ({self._rows(shard)}, {now - submitted:.0f} s)"
-                           for _, shard, submitted in oldest)
-        more = f" and {len(inflight) - len(oldest)} more" if len(inflight) > len(oldest) else ""
-        self.log.write(f"waiting for {shards}{more}: no shard finished for {now - since:.0f} s (the workers are "
-                       f"reading the data or computing; a read of object storage gives up after "
-                       f"{STORAGE_TIMEOUT_SECONDS:.0f} s)\n")
-
-    def _rows(self, shard) -> str:
-        return f"rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
+    def _ready(self, every: bool = True) -> list:
+        """The workers that have loaded the model (with ``every``, all of them if none has)."""
+        starting = {actor for actor, _ in self._starting.values()}
+        return [actor for actor in self.actors if actor not in starting] or (self.actors if every else [])
 
     def _resume_hint(self) -> str:
         return f"run the same command with --run-id {self.plan.run_id} to resume (finished shards are kept)"
@@ -145,127 +125,133 @@ class WorkerPool:
         more times; then the run stops with a ``ComputeError`` naming the shard. Input errors
         found by a worker stop the run at once. With ``store`` (a ``staging.PartialStore``),
         shards already staged are not computed again, once the workers have found their input
-        unchanged (``_unchanged``), and each new one is staged as it arrives.
+        unchanged (``resume.unchanged``), and each new one is staged as it arrives. Each shard's
+        status is kept in a ``PassLedger``; what to do with it is ``policy.make_decision``'s.
         """
-        shards = self.plan.data.shards
+        argument_ref = ray.put(argument)
+
+        def launch(actor, shard):
+            return getattr(actor, method).remote(shard, argument_ref)
+
+        ledger = PassLedger(self.plan.data.shards, launch)
         reducer = Reducer()
         progress = Progress(progress_stream, self.plan.data.rows, label, enabled=show)
-        finished: set[int] = set()
         if store is not None:
-            staged = self._unchanged(store.load(shards))
-            for index, partial in sorted(staged.items()):
-                reducer.add(partial)
-                finished.add(index)
-            self.resumed = sorted(staged)
-            if staged:
-                progress_stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
-                                      f"computing {len(shards) - len(staged)}\n")
-                progress.rows = sum(s.rows for s in shards if s.index in finished)
-                progress.shards = len(finished)
-        pending = deque(s for s in shards if s.index not in finished)
-        kill_driver = faults.active("kill-driver") if store is not None else None
-        staged_now = 0
-        attempts: dict[int, int] = {}
-        argument_ref = ray.put(argument)
-        inflight = {}
-        idle = []
-
-        durations: list[float] = []  # seconds of each shard of this pass, as the driver saw them
-        backed_up: set[int] = set()
-        last_result = reported = time.monotonic()  # for the lines that say what a long wait waits for
-
-        def submit(actor, shard=None):
-            shard = shard or pending.popleft()
-            inflight[getattr(actor, method).remote(shard, argument_ref)] = (actor, shard, time.monotonic())
-
-        def retry(shard, cause: str, kind: str):
-            if shard.index in finished or any(s.index == shard.index for _, s, _ in inflight.values()):
-                return  # its backup copy has finished it, or is computing it
-            attempts[shard.index] = attempts.get(shard.index, 0) + 1
-            if policy.decide(kind, attempts[shard.index], len(self.actors)) == "raise":
-                what = "lost its worker" if kind == policy.LOST else "failed"
-                raise ComputeError(
-                    f"shard {shard.index} ({self._rows(shard)}) {what} after its retries: {_short(cause)}; "
-                    f"{self._resume_hint()}") from None
-            self.log.write(f"shard {shard.index} ({self._rows(shard)}): {cause}; trying again "
-                           f"({attempts[shard.index]} of {policy.SHARD_RETRIES})\n")
-            pending.appendleft(shard)
-
-        starting = {actor for actor, _ in self._starting.values()}
-        for actor in self.actors:
-            if actor in starting:
-                continue  # joins once it has loaded the model
-            if pending:
-                submit(actor)
-            else:
-                idle.append(actor)
-        while len(finished) < len(shards) and (inflight or (pending and self._starting)):
-            waiting = list(inflight) + list(self._starting)
+            self._resume(store, ledger, reducer, progress, progress_stream)
+        ledger.queue_unfinished()
+        keep = self._keeper(ledger, reducer, progress, store)
+        ledger.start(self._ready(every=False))  # the others join once they have loaded the model
+        while not ledger.complete and (ledger.inflight or (ledger.pending and self._starting)):
+            waiting = list(ledger.inflight) + list(self._starting)
             done, _ = ray.wait(waiting, num_returns=1, timeout=1.0 if self._raylets else LIVENESS_SECONDS)
             if not done or self._raylets:
-                self._check_live(bool(inflight), len(finished), len(shards))
+                self._check_live(bool(ledger.inflight), ledger.finished, len(ledger.shards))
             if not done:
-                if inflight and time.monotonic() - reported >= WAIT_REPORT_SECONDS:
-                    reported = time.monotonic()
-                    self._report_wait(inflight, last_result)
-                if idle and not pending and durations:
-                    self._back_up(inflight, idle, durations, backed_up, finished, submit)
-                continue
-            if done[0] in self._starting:
-                # A replacement worker has loaded the model (or failed to): only then does it
-                # get shards, so a worker no node can host never holds one.
-                actor, _ = self._starting.pop(done[0])
-                try:
-                    ray.get(done[0])
-                    idle.append(actor)
-                except ray.exceptions.RayError:
-                    self._drop(actor)
+                if ledger.inflight and time.monotonic() - ledger.reported >= WAIT_REPORT_SECONDS:
+                    ledger.reported = time.monotonic()
+                    self.log.write(_waiting_line(ledger.inflight, ledger.last_result))
+            elif done[0] in self._starting:
+                self._joined(done[0], ledger)
             else:
-                actor, shard, submitted = inflight.pop(done[0])
-                try:
-                    result = ray.get(done[0])
-                except ray.exceptions.RayTaskError as err:
-                    cause = getattr(err, "cause", None)
-                    if isinstance(cause, (InputError, ComputeError)):
-                        kind = policy.INPUT if isinstance(cause, InputError) else policy.DETERMINISTIC
-                        if policy.decide(kind, 1, len(self.actors)) == "raise":
-                            raise type(cause)(" ".join(str(cause).split())) from None
-                    retry(shard, _cause(err), policy.ERROR)
-                    idle.append(actor)
-                except ray.exceptions.RayError as err:
-                    # RayActorError, ObjectLostError, ...: the worker process (or its node) is
-                    # gone and Ray's own restarts are spent. Drop it, start a fresh one, move
-                    # the shard to a worker that is up.
-                    self._drop(actor)
-                    retry(shard, f"its worker died ({type(err).__name__})", policy.LOST)
-                else:
-                    if result.index != shard.index:
-                        raise ComputeError(f"shard {shard.index} came back as shard {result.index}: "
-                                           f"{self._resume_hint()}")
-                    durations.append(time.monotonic() - submitted)
-                    last_result = reported = time.monotonic()
-                    if shard.index not in finished:  # never add a shard twice
-                        finished.add(shard.index)
-                        if store is not None:
-                            store.save(shard, result.partial, result.digests)
-                            staged_now += 1
-                            if kill_driver is not None and staged_now >= int(kill_driver.get("shards", 1)):
-                                faults.die(f"kill-driver after {staged_now} shards")
-                        reducer.add(result.partial)
-                        self._count(result, shard.rows)
-                        progress.update(shard.rows, len(shards))
-                        if result.worker not in self.names:
-                            self.names.append(result.worker)
-                    idle.append(actor)
-            while pending and idle:
-                submit(idle.pop(0))
-            if idle and not pending and durations:
-                self._back_up(inflight, idle, durations, backed_up, finished, submit)
-        if len(finished) != len(shards):
-            missing = sorted({s.index for s in shards} - finished)
-            raise ComputeError(f"shards {missing[:10]} were never computed (no worker left): {self._resume_hint()}")
+                self._arrived(done[0], ledger, keep)
+            ledger.fill()
+            if ledger.idle and not ledger.pending and ledger.durations:
+                self._back_up(ledger)
+        if not ledger.complete:
+            raise ComputeError(f"shards {ledger.missing()[:10]} were never computed (no worker left): "
+                               f"{self._resume_hint()}")
         self.passes += 1
         return reducer
+
+    def _resume(self, store, ledger: PassLedger, reducer: Reducer, progress: Progress, stream) -> None:
+        """Adds the shards ``store`` holds whose input is unchanged (``resume.unchanged``) as finished."""
+        shards = ledger.shards
+        staged = unchanged(store.load(shards), shards, self._ready(), self.log,
+                           1.0 if self._raylets else LIVENESS_SECONDS, lambda: self._check_live(True, 0, 0))
+        for index, partial in sorted(staged.items()):
+            reducer.add(partial)
+            ledger.finish(index)
+        self.resumed = sorted(staged)
+        if staged:
+            stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
+                         f"computing {len(shards) - len(staged)}\n")
+            progress.rows = sum(s.rows for s in shards if ledger.status[s.index].finished)
+            progress.shards = ledger.finished
+
+    def _keeper(self, ledger: PassLedger, reducer: Reducer, progress: Progress, store):
+        """``keep(result, shard)``: stages (with ``store``) and adds the first result of a shard."""
+        kill_driver = faults.active("kill-driver") if store is not None else None
+
+        def keep(result, shard) -> None:
+            if store is not None:
+                store.save(shard, result.partial, result.digests)
+                ledger.saved += 1
+                if kill_driver is not None and ledger.saved >= int(kill_driver.get("shards", 1)):
+                    faults.die(f"kill-driver after {ledger.saved} shards")
+            reducer.add(result.partial)
+            self._count(result, shard.rows)
+            progress.update(shard.rows, len(ledger.shards))
+            if result.worker not in self.names:
+                self.names.append(result.worker)
+
+        return keep
+
+    def _joined(self, ref, ledger: PassLedger) -> None:
+        """A replacement worker has loaded the model (or failed to): only then does it get
+        shards, so a worker no node can host never holds one."""
+        actor, _ = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+            ledger.idle.append(actor)
+        except ray.exceptions.RayError:
+            self._drop(actor)
+
+    def _arrived(self, ref, ledger: PassLedger, keep) -> None:
+        """A copy of a shard has returned: its result is kept (``keep``) if it is the first, its
+        failure handed to ``_failed``; a worker that is still up takes the next shard."""
+        actor, shard, submitted = ledger.take(ref)
+        status = ledger.status[shard.index]
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, (InputError, ComputeError)):
+                kind = policy.INPUT if isinstance(cause, InputError) else policy.DETERMINISTIC
+                if policy.make_decision(status, kind, len(self.actors)) is Decision.GIVE_UP:
+                    raise type(cause)(" ".join(str(cause).split())) from None
+            self._failed(ledger, shard, error_line(err), policy.ERROR)
+            ledger.idle.append(actor)
+            return
+        except ray.exceptions.RayError as err:
+            # RayActorError, ObjectLostError, ...: the worker process (or its node) is gone and
+            # Ray's own restarts are spent. Drop it, start a fresh one, move the shard to a worker
+            # that is up.
+            self._drop(actor)
+            self._failed(ledger, shard, f"its worker died ({type(err).__name__})", policy.LOST)
+            return
+        if result.index != shard.index:
+            raise ComputeError(f"shard {shard.index} came back as shard {result.index}: {self._resume_hint()}")
+        ledger.durations.append(time.monotonic() - submitted)
+        ledger.last_result = ledger.reported = time.monotonic()
+        if policy.make_decision(status, policy.RESULT, len(self.actors)) is Decision.DONE:
+            ledger.finish(shard.index)
+            keep(result, shard)
+        ledger.idle.append(actor)
+
+    def _failed(self, ledger: PassLedger, shard, cause: str, kind: str) -> None:
+        """Queues a failed shard again, or stops the run (``policy.make_decision``)."""
+        status = ledger.status[shard.index]
+        decision = policy.make_decision(status, kind, len(self.actors))
+        if decision is Decision.NOOP:
+            return
+        status.attempts += 1
+        if decision is Decision.GIVE_UP:
+            what = "lost its worker" if kind == policy.LOST else "failed"
+            raise ComputeError(f"shard {shard.index} ({rows_of(shard)}) {what} after its retries: "
+                               f"{_short(cause)}; {self._resume_hint()}") from None
+        self.log.write(f"shard {shard.index} ({rows_of(shard)}): {cause}; trying again "
+                       f"({status.attempts} of {policy.SHARD_RETRIES})\n")
+        ledger.pending.appendleft(shard)
 
     def _count(self, result, rows: int) -> None:
         entry = self.throughput.setdefault(result.worker, {"worker": result.worker, "node": result.node, "shards": 0,
@@ -280,58 +266,23 @@ class WorkerPool:
                  "rows_per_second": round(entry["rows"] / entry["seconds"], 1) if entry["seconds"] > 0 else None}
                 for entry in self.throughput.values()]
 
-    def _unchanged(self, staged: dict) -> dict:
-        """``{index: Partial}`` of the staged shards whose input is proven unchanged: each
-        file's size and modification time as planned, and the bytes each piece reads (the
-        workers read them again: I/O, no model) equal to those the shard was computed from.
-        The others are named and computed again; a check that fails counts as a change."""
-        shards = {s.index: s for s in self.plan.data.shards}
-        usable, checks = {}, {}
-        starting = {actor for actor, _ in self._starting.values()}
-        ready = [actor for actor in self.actors if actor not in starting] or self.actors
-        for index, entry in sorted(staged.items()):
-            if entry.stale is not None:
-                self._recompute(shards[index], entry.stale)
-            else:
-                actor = ready[len(checks) % len(ready)]
-                checks[actor.changed_piece.remote(shards[index], entry.digests)] = index
-        while checks:
-            done, _ = ray.wait(list(checks), num_returns=1, timeout=1.0 if self._raylets else LIVENESS_SECONDS)
-            if not done:
-                self._check_live(True, 0, 0)
-                continue
-            shard = shards[checks.pop(done[0])]
-            try:
-                piece = ray.get(done[0])
-            except ray.exceptions.RayError as err:
-                self._recompute(shard, f"its input could not be read to check it ({_cause(err)})")
-                continue
-            if piece is None:
-                usable[shard.index] = staged[shard.index].partial
-            else:
-                changed = shard.pieces[min(piece, len(shard.pieces) - 1)]
-                self._recompute(shard, f"the bytes of {changed.file} rows {changed.start}-{changed.stop - 1} differ "
-                                       "from those it was computed from")
-        return usable
-
-    def _recompute(self, shard, why: str) -> None:
-        self.log.write(f"shard {shard.index} ({self._rows(shard)}): staged, but {why}; computing it again\n")
-
-    def _back_up(self, inflight: dict, idle: list, durations: list, backed_up: set, finished: set, submit) -> None:
+    def _back_up(self, ledger: PassLedger) -> None:
         """Computes a shard again on a free worker when its own has held it for more than twice
-        the slowest shard of the pass (plus ``LIVENESS_SECONDS``): a worker whose node was lost
-        waits for a restart that Ray may never place. The first copy to finish counts."""
+        the slowest shard of the pass (plus ``LIVENESS_SECONDS``, ``policy.late``): a worker
+        whose node was lost waits for a restart that Ray may never place. The first copy to
+        finish counts."""
         now = time.monotonic()
-        for _, shard, submitted in list(inflight.values()):
-            if not idle:
+        for _, shard, submitted in list(ledger.inflight.values()):
+            if not ledger.idle:
                 return
-            if shard.index in backed_up or shard.index in finished or not policy.late(now - submitted, durations,
-                                                                                     LIVENESS_SECONDS):
+            status = ledger.status[shard.index]
+            if policy.make_decision(status, policy.HELD, len(self.actors), now - submitted, ledger.durations,
+                                    LIVENESS_SECONDS) is not Decision.BACKUP:
                 continue
-            backed_up.add(shard.index)
-            self.log.write(f"shard {shard.index} ({self._rows(shard)}): no result after {now - submitted:.0f} s (its "
+            status.backed_up = True
+            self.log.write(f"shard {shard.index} ({rows_of(shard)}): no result after {now - submitted:.0f} s (its "
                            f"worker may be waiting for a restart); computing it again on a free worker\n")
-            submit(idle.pop(0), shard)
+            ledger.submit(ledger.idle.pop(0), shard)
 
     def _drop(self, actor) -> None:
         """Forgets a lost worker and starts a replacement (``replacements_left`` in all)."""
@@ -384,9 +335,7 @@ class WorkerPool:
 
     def call_one(self, method: str, argument):
         """One call on one worker (the regularization term), with the passes' liveness checks."""
-        starting = {actor for actor, _ in self._starting.values()}
-        ready = [actor for actor in self.actors if actor not in starting] or self.actors
-        ref = getattr(ready[0], method).remote(argument)
+        ref = getattr(self._ready()[0], method).remote(argument)
         while not ray.wait([ref], timeout=LIVENESS_SECONDS)[0]:
             self._check_live(True, 0, 0)
         return ray.get(ref)
@@ -475,7 +424,27 @@ def prestart(job, workers: int | None, quiet: bool) -> StartedWorkers:
     return started
 
 
-def _cause(err) -> str:
-    """The last line of a worker's exception: its type and message, not Ray's traceback."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+def _waiting_line(inflight: dict, since: float) -> str:
+    """One line naming the shards a pass waits for, and for how long."""
+    now = time.monotonic()
+    oldest = sorted(inflight.values(), key=lambda item: item[2])[:3]
+    shards = ", ".join(f"shard {shard.index} ({rows_of(shard)}, {now - submitted:.0f} s)"
+                       for _, shard, submitted in oldest)
+    more = f" and {len(inflight) - len(oldest)} more" if len(inflight) > len(oldest) else ""
+    return (f"waiting for {shards}{more}: no shard finished for {now - since:.0f} s (the workers are reading the "
+            f"data or computing; a read of object storage gives up after {STORAGE_TIMEOUT_SECONDS:.0f} s)\n")
+
+
+def _await_start(refs: list, log) -> list:
+    """The workers' ``info``, once all have loaded the model; a line every
+    ``WAIT_REPORT_SECONDS`` while they have not; ``GetTimeoutError`` after ``WORKER_START_SECONDS``."""
+    began = time.monotonic()
+    while True:
+        left = WORKER_START_SECONDS - (time.monotonic() - began)
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(left, WAIT_REPORT_SECONDS)))
+        if not waiting:
+            return ray.get(refs)
+        if left <= WAIT_REPORT_SECONDS:
+            raise ray.exceptions.GetTimeoutError()
+        log.write(f"waiting for {len(waiting)} of {len(refs)} workers to start (import TensorFlow, load the "
+                  f"model): {time.monotonic() - began:.0f} s so far, at most {WORKER_START_SECONDS:.0f} s\n")

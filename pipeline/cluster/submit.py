@@ -184,22 +184,12 @@ def default_submission_id(name: str, now: _dt.datetime | None = None) -> str:
     return f"hessian-{name}-{now.strftime('%Y-%m-%d')}"
 
 
-def prepare_submission(job_file: str, *, overrides=(), output: str | None = None, run_id: str | None = None,
-                       workers: int | None = None, dry_run: bool = False, debug: bool = False,
-                       submission_id: str | None = None, working_dir: str | None = None, gpus: int | None = None,
-                       gpu_timeout: float = GPU_WAIT_DEFAULT_S, now: _dt.datetime | None = None,
-                       python: str | None = None) -> Submission:
-    """Checks the job here (an input error costs a second, not a cluster round trip) and builds
-    the Ray Job: entrypoint, runtime environment, submission id."""
-    job = load_job(job_file, overrides)
-    job_path = os.path.abspath(job_file)
-    working_dir = os.path.abspath(os.path.expanduser(working_dir or os.path.dirname(job_path)))
-    if not os.path.isdir(working_dir):
-        raise InputError(f"--working-dir {working_dir} is not a directory: name the folder to upload")
-    if not _inside(job_path, working_dir):
-        raise InputError(f"the job file {job_file} is outside --working-dir {working_dir}: it must travel with it")
-    job_dir = os.path.dirname(job_path)
-    sets = list(overrides)
+def _input_overrides(job, job_dir: str, working_dir: str) -> list[str]:
+    """``--set KEY=VALUE`` texts that give each local input of ``job`` (the model, or each
+    checkpoint of a series, the data, ...) relative to the job file, as it lies in the uploaded
+    ``working_dir`` on the cluster; an ``InputError`` for one outside it, missing, or that a
+    ``.gitignore``/``.rayignore`` keeps Ray from uploading."""
+    sets: list[str] = []
     series: list[str] = []
     for key, path in _local_inputs(job):
         local = path[len("file://"):] if path.startswith("file://") else path
@@ -221,6 +211,25 @@ def prepare_submission(job_file: str, *, overrides=(), output: str | None = None
         sets.append(f"{key}={_yaml_value(os.path.relpath(local, job_dir).replace(os.sep, '/'))}")
     if series:
         sets.append(f"model={json.dumps(series)}")
+    return sets
+
+
+def prepare_submission(job_file: str, *, overrides=(), output: str | None = None, run_id: str | None = None,
+                       workers: int | None = None, dry_run: bool = False, debug: bool = False,
+                       submission_id: str | None = None, working_dir: str | None = None, gpus: int | None = None,
+                       gpu_timeout: float = GPU_WAIT_DEFAULT_S, now: _dt.datetime | None = None,
+                       python: str | None = None) -> Submission:
+    """Checks the job here (an input error costs a second, not a cluster round trip) and builds
+    the Ray Job: entrypoint, runtime environment, submission id."""
+    job = load_job(job_file, overrides)
+    job_path = os.path.abspath(job_file)
+    working_dir = os.path.abspath(os.path.expanduser(working_dir or os.path.dirname(job_path)))
+    if not os.path.isdir(working_dir):
+        raise InputError(f"--working-dir {working_dir} is not a directory: name the folder to upload")
+    if not _inside(job_path, working_dir):
+        raise InputError(f"the job file {job_file} is outside --working-dir {working_dir}: it must travel with it")
+    job_dir = os.path.dirname(job_path)
+    sets = list(overrides) + _input_overrides(job, job_dir, working_dir)
 
     target = output or job.output
     if "://" not in target:

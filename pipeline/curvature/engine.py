@@ -10,7 +10,9 @@ Every method returns *sums over the batch* (``sum_i s_i * ...``); the reducer di
 fields to the family of products that owns it, each in its own module over a shared ``Core``
 (the model, the loss, the parameters, the compiled functions) and a per-batch ``Pass`` (the
 loss, the gradient and the output-space derivatives, computed once); no family imports
-another. Cost for a batch of B examples (one "gradient" = one forward and one backward pass):
+another (``outer_products`` combines two of them; ``cotangents`` serves both that and the
+Kronecker family). Cost for a batch of B examples (one "gradient" = one forward and one
+backward pass):
 
 ========================  ==================================  =====================================
 ``BatchWork`` field       family (module)                     cost
@@ -42,12 +44,14 @@ import tensorflow as tf
 
 from pipeline.curvature.adapter import model_signature
 from pipeline.curvature.core import Core
+from pipeline.curvature.cotangents import cotangents, joined
 from pipeline.curvature.example_products import ExampleProducts
 from pipeline.curvature.exact_blocks import ExactBlocks
 from pipeline.curvature.hvp_products import HvpProducts, XlaTrial
 from pipeline.curvature.kronecker_factors import KroneckerFactors
 from pipeline.curvature.layer_products import LayerProducts
 from pipeline.curvature.model import copy_mismatch, each_example_alone, to_precision, warn_float32_inside
+from pipeline.curvature.outer_products import OuterProducts
 from pipeline.curvature.passes import Pass
 from pipeline.curvature.requests import BatchWork
 from pipeline.curvature.routes import ROUTES, RouteChooser
@@ -57,6 +61,15 @@ from pipeline.partial import Partial
 
 # Re-exported: the worker sizes TensorFlow's pools, the probe casts batches, tests try XLA.
 __all__ = ["CurvatureEngine", "XlaTrial", "batch_tensor", "set_threads"]
+
+# The families that answer a batch after the fused passes (``_fused``), in order: whether
+# ``work`` asks for it, and the method that hands it the batch. A new family is one module,
+# its construction in ``CurvatureEngine.__init__`` and one line here.
+FAMILIES = (
+    (lambda work: True, "_curvature"),  # the loss, the gradient, HVPs, exact diagonal and blocks
+    (lambda work: bool(work.sum_grad_squared or work.ggn_diagonal), "_outer_products"),
+    (lambda work: bool(work.kronecker), "_kronecker"),
+)
 
 
 class CurvatureEngine:
@@ -114,6 +127,7 @@ class CurvatureEngine:
         # first batch (``layer_routes``).
         self.layers = LayerProducts(core, enabled=layer_rule)
         self.kronecker = KroneckerFactors(core)
+        self.outer = OuterProducts(core, self.examples, self.layers)
         self.routes = RouteChooser(core, self.exact.hessian_rows, self.examples.sum_sq_vjp)
         # Why each route was kept or dropped after its check on the first rows.
         self.route_checks = self.routes.checks
@@ -208,11 +222,9 @@ class CurvatureEngine:
         part = Partial(examples=len(rows), weight_sum=self._weight_sum(batch), batches=1)
         if self._fused(part, batch, work):
             return part
-        self._curvature(part, batch, work)
-        if work.sum_grad_squared or work.ggn_diagonal:
-            self._outer_products(part, batch, work)
-        if work.kronecker:
-            self._kronecker(part, batch, work)
+        for asks, answer in FAMILIES:
+            if asks(work):
+                getattr(self, answer)(part, batch, work)
         return part
 
     def _pass(self, inputs, labels, weights, rows, objective, tag: str) -> Pass:
@@ -302,63 +314,10 @@ class CurvatureEngine:
             self.exact.answer(part, batch, work)
 
     def _outer_products(self, part: Partial, batch: Pass, work: BatchWork) -> None:
-        """The empirical Fisher and the GGN diagonals: the cotangents of each (``_cotangents``)
-        squared through the model by ``_example_squares``."""
+        """The empirical Fisher and the GGN diagonals (``OuterProducts``) on the per-example
+        route decided for the model."""
         self.route_for(self.core.objective, batch.specs, batch.batch, needs=("per_example_route",))
-        self.examples.check(batch)
-        if work.ggn_diagonal == "mc" and self.layers.take_monte_carlo(batch.inputs):
-            self.layers.monte_carlo(part, batch, work, with_loss=False)
-            if not work.sum_grad_squared:
-                return
-        derivatives = self.examples.batch_derivatives(batch, work.ggn_diagonal == "exact")
-        if work.sum_grad_squared:
-            (cotangents, row_weights), = self._cotangents(batch, "empirical", derivatives)
-            part.sums["sum_grad_squared"] = self._example_squares(batch.inputs, cotangents, row_weights,
-                                                                 moments=False)[0]
-        if work.ggn_diagonal == "exact":
-            (cotangents, row_weights), = self._cotangents(batch, "exact", derivatives)
-            part.sums["ggn_diagonal"] = self._example_squares(batch.inputs, cotangents, row_weights, moments=False)[0]
-        elif work.ggn_diagonal == "mc" and "ggn_mc" not in part.sums:
-            sums = None
-            for cotangents, row_weights in self._cotangents(batch, "mc", derivatives, work.ggn_samples, work.seed):
-                got = self._example_squares(batch.inputs, cotangents, row_weights, moments=True)
-                sums = got if sums is None else [a + b for a, b in zip(sums, got)]
-            weights = batch.weight_values
-            part.sums["ggn_mc"], part.sums["ggn_mc_w2q"], part.sums["ggn_mc_w2q2"] = sums
-            part.sums["ggn_mc_w2"] = np.asarray(work.ggn_samples * np.sum((weights / work.ggn_samples) ** 2))
-
-    def _cotangents(self, batch: Pass, fisher_type: str, derivatives, samples: int = 1, seed: int = 0) -> list:
-        """``[(U [B, M, C], W [B, M])]``: the output-space vectors whose squared backward passes
-        make each curvature, and their row weights, one entry per Monte Carlo sample:
-
-        - "empirical" (the Fisher): ``u_i = dl_i/df_i`` at the data's labels, ``w_i = s_i``;
-        - "exact" (the GGN): ``u_ic = q_c sqrt|e_c|`` for the eigenpairs of ``Lambda_i``, ``w_ic =
-          s_i sign(e_c)`` (``Lambda_i = sum_c sign_c u_c u_c^T``; eigenvalues under 1e-12 of the
-          largest dropped);
-        - "mc": ``u_i = dl_i(y'_i)/df_i`` scaled (``sampling.draw_labels``) at labels drawn from
-          ``(seed, sample, row)``, ``w_i = s_i / samples``.
-
-        ``derivatives``: the pass's ``(f, dl, Lambda, valid)`` (``ExampleProducts.batch_derivatives``)."""
-        flat, dl, lam, valid = derivatives
-        weights = batch.weight_values
-        if fisher_type == "empirical":
-            return [(dl.numpy()[:, None, :], weights[:, None])]
-        if fisher_type == "exact":
-            values, vectors = np.linalg.eigh(lam.numpy().astype(np.float64))  # [B, C], [B, C, C]
-            scale = np.abs(values).max(initial=0.0)
-            keep = np.abs(values) > 1e-12 * max(scale, 1e-300)
-            # u = q_c sqrt|e_c| and sign(e_c): Lambda = sum_c sign_c u_c u_c^T
-            cotangents = np.transpose(vectors, (0, 2, 1)) * np.sqrt(np.abs(values))[:, :, None]  # [B, C, C]
-            return [(cotangents, np.where(keep, weights[:, None] * np.sign(values), 0.0))]
-        flat_np = flat.numpy().astype(np.float64)
-        out = []
-        for sample in range(samples):
-            sampled, scale = self.examples.sample_labels(flat_np, valid.numpy().astype(np.float64), batch.rows,
-                                                         seed, sample)
-            sampled = [tf.constant(l, dtype=self.dtype if l.dtype.kind == "f" else l.dtype) for l in sampled]
-            dl_sampled = self.examples.sampled_gradient(batch, sampled)
-            out.append(((dl_sampled.numpy() * scale)[:, None, :], (weights / samples)[:, None]))
-        return out
+        self.outer.answer(part, batch, work)
 
     def _kronecker(self, part: Partial, batch: Pass, work: BatchWork) -> None:
         """Each ``KroneckerRequest`` of ``work`` by the Kronecker family, handed the cotangents
@@ -368,39 +327,11 @@ class CurvatureEngine:
             if request.kind != "layer_inputs":
                 self.examples.check(batch)
                 derivatives = self.examples.batch_derivatives(batch, request.fisher_type == "exact")
-                columns = self._cotangents(batch, request.fisher_type, derivatives, request.samples, work.seed)
+                columns = cotangents(batch, request.fisher_type, derivatives, self.examples, self.dtype,
+                                     request.samples, work.seed)
                 if request.fisher_type == "mc" and request.kind == "kfac":
-                    # Every draw in one entry: S's standard error needs each example's S_i whole.
-                    columns = [(np.concatenate([u for u, _ in columns], axis=1),
-                                np.concatenate([w for _, w in columns], axis=1))]
+                    columns = joined(columns)  # S's standard error needs each example's S_i whole
             self.kronecker.answer(part, batch, request, columns)
-
-    def _example_squares(self, raw_inputs, cotangents, row_weights, moments):
-        """``sum_{i,m} W[i,m] (J_i^T U[i,m])**2`` ([P]; with ``moments`` also the sums with
-        ``W**2`` of q and q**2, else the first sum three times) for cotangents U [B, M, C] and
-        row weights W [B, M]: the variables with a layer rule by it (``LayerProducts``), the
-        others by per-example products of their rows (``W != 0``, ``ExampleProducts``)."""
-        routes = self.layers.routes(raw_inputs)
-        count = 3 if moments else 1
-        totals = [np.zeros(self.core.parameters) for _ in range(count)]
-        offsets = self.core.offsets
-        columns = cotangents.shape[1]
-        # Several columns (the exact GGN) need a static output size: with an open axis (a
-        # sequence length) their count changes per batch, and each count would be traced anew.
-        rules = self.layers.rules if columns == 1 or self.core.static_outputs else []
-        if not rules:
-            routes = {name: "per-example" for name in self.core.names}
-        if rules:
-            self.layers.squares(raw_inputs, cotangents, row_weights, moments, totals)
-        rest = [k for k, name in enumerate(self.core.names) if routes[name] != "layer rule"]
-        if rest:
-            example, column = np.nonzero(row_weights)
-            got = self.examples.squares(raw_inputs, example, cotangents[example, column], row_weights[example, column],
-                                moments, rest)
-            where = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in rest])
-            for total, value in zip(totals, got):
-                total[where] += value
-        return totals if moments else totals * 3
 
     def route_for(self, objective, specs, batch=None, needs=ROUTES) -> str:
         """``RouteChooser.choose``: the exact family's route, "vectorised" or "loop" (and the

@@ -5,8 +5,8 @@ its pre-activation output, which one backward pass gives for the whole batch at 
 Per cotangent column (1 for the Fisher and the Monte Carlo GGN, C for the exact GGN): one
 backward pass to the layer outputs and, per layer, a product of its inputs and output
 gradients, about 0.8 gradients each, against ~4 for per-example products of the whole model.
-Which layers take a rule is decided once per model on its first rows (``routes``, checked as
-``layer_rules`` says); the other variables are the per-example family's. Two fused passes answer
+Which layers take a rule is decided once per model on its first rows (``routes``, checked by
+``rule_checks``); the other variables are the per-example family's. Two fused passes answer
 a batch alone: the Fisher with the loss and the gradient (``loss_gradient_fisher``) and the Monte
 Carlo GGN with them (``monte_carlo``).
 
@@ -22,6 +22,7 @@ import tensorflow as tf
 from pipeline.curvature import layer_rules, sampling
 from pipeline.curvature.core import Core
 from pipeline.curvature.passes import Pass
+from pipeline.curvature.rule_checks import checked_rules
 from pipeline.curvature.requests import BatchWork
 from pipeline.curvature.tensors import (as_dtype, batch_tensor, dense, flat_outputs, row_slices, take_rows,
                                         valid_fraction)
@@ -61,7 +62,7 @@ class LayerProducts:
         once per model, on the first rows that reach it."""
         if self.rules is None:
             found = layer_rules.find_rules(self.core.model, self.core.names)
-            self.rules = self._check_rules(found, raw_inputs) if found else []
+            self.rules = checked_rules(self.core, found, raw_inputs) if found else []
         covered = {k for rule in self.rules for k in rule.positions}
         return {name: "layer rule" if k in covered else "per-example" for k, name in enumerate(self.core.names)}
 
@@ -272,98 +273,3 @@ class LayerProducts:
         if with_gradient:
             part.sums["gradient"] = gradient[0]
         part.sums["sum_grad_squared"] = total[0]
-
-    def _check_rules(self, rules, raw_inputs) -> list:
-        """The rules that are right for this model, checked on its first rows (see
-        ``layer_rules``), on batches of 3 and of 5 rows (the first rows, repeated when the batch
-        is shorter: two sizes no model axis can both share):
-
-        - the model's output for a row must not depend on the other rows of its batch (else no
-          rule: per-example products compute each example alone);
-        - with the layers tapped, the model's outputs are unchanged;
-        - per rule: its tensors have one row per example; the sum of its per-example gradients
-          equals the tape's batch gradient of its variables; no op outside its calls reads
-          them (a tied weight, found from the traced graph, whatever the data); its shapes are
-          the ones it assumes.
-
-        When the rules together cannot be traced or change the outputs, each is checked alone."""
-        n = len(raw_inputs[0])
-        batches = [[batch_tensor(np.asarray(a)[np.arange(size) % n], self.core.dtype) for a in raw_inputs]
-                   for size in (3, 5)]
-        # Row 0 replaced by row 1: rows 1-4 must give the same outputs.
-        swapped = [batch_tensor(np.asarray(a)[np.array([1, 1, 2, 3, 4]) % n], self.core.dtype) for a in raw_inputs]
-        specs = self.core.specs(raw_inputs, [])[0]
-        outputs = tf.function(lambda a: flat_outputs(self.core.adapter.forward(list(a))[0], self.core.dtype),
-                              input_signature=(specs,))
-        tolerance = 1e-9 if self.core.dtype == tf.float64 else 1e-4
-        try:
-            alone, mixed = outputs(batches[1]).numpy()[1:], outputs(swapped).numpy()[1:]
-        except (ValueError, TypeError, NotImplementedError, LookupError, tf.errors.OpError):
-            return []
-        if np.max(np.abs(alone - mixed), initial=0.0) > tolerance * max(np.max(np.abs(alone), initial=0.0), 1e-30):
-            return []
-        kept = self._checked(rules, batches, specs, tolerance)
-        if kept is None:
-            kept = [rule for rule in rules if self._checked([rule], batches, specs, tolerance)]
-        return kept
-
-    def _checked(self, rules, batches, specs, tolerance):
-        """``_check_rules`` for one set of rules: the ones that pass, or None when the set fails
-        to trace or changes the model's outputs."""
-        facts: list = []
-        handles = {k: v.handle for k, v in enumerate(self.core.variables)}
-
-        def check(inputs):
-            plain = flat_outputs(self.core.adapter.forward(list(inputs))[0], self.core.dtype)
-            graph = tf.compat.v1.get_default_graph()
-            start = len(graph.get_operations())
-            with layer_rules.Taps(rules) as taps:
-                with tf.GradientTape() as tape:
-                    outputs, _ = self.core.adapter.forward(list(inputs))
-                    flat = flat_outputs(outputs, self.core.dtype)
-                    end = len(graph.get_operations())
-                    # Any fixed, non-trivial cotangent: the check compares two routes to one number.
-                    index = tf.cast(tf.reshape(tf.range(tf.size(flat)), tf.shape(flat)), self.core.dtype)
-                    value = tf.reduce_sum(flat * tf.cos(0.7 * index + 0.3))
-            shared = layer_rules.reads_elsewhere(rules, graph, graph.get_operations()[start:end], handles)
-            tapped = taps.outputs()
-            grads = tape.gradient(value, tapped + self.core.variables,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            truth = dense(grads[len(tapped):])
-            out = []
-            facts.clear()
-            for rule, dzs in zip(rules, taps.split(grads[:len(tapped)])):
-                usable = bool(rule.records) and rule.shapes_fit() and id(rule) not in shared
-                facts.append((usable, len(rule.records) == 1 and rule.records[0].x.shape.rank == 2))
-                if not usable:
-                    out.append(([], [], tf.zeros([0], tf.int32)))
-                    continue
-                summed = rule.summed([tf.cast(d, self.core.dtype) for d in dzs])
-                sizes = tf.stack([tf.shape(r.x)[0] for r in rule.records] + [tf.shape(r.z)[0] for r in rule.records])
-                out.append(([tf.cast(summed[a], self.core.dtype) for a, _ in rule.variables],
-                            [tf.cast(truth[k], self.core.dtype) for _, k in rule.variables], sizes))
-            return tf.reduce_max(tf.abs(flat - plain)), tf.reduce_max(tf.abs(plain)), out
-
-        traced = tf.function(check, input_signature=(specs,))
-        try:
-            results = [traced(batch) for batch in batches]
-        except (ValueError, TypeError, NotImplementedError, LookupError, tf.errors.OpError):
-            return None
-        if any(float(changed) > tolerance * max(float(scale), 1e-30) for changed, scale, _ in results):
-            return None
-        kept = []
-        for number, (rule, (usable, plain)) in enumerate(zip(rules, facts)):
-            if not usable:
-                continue
-            right = True
-            for batch, (_, _, out) in zip(batches, results):
-                summed, truth, sizes = out[number]
-                right = right and np.all(sizes.numpy() == int(batch[0].shape[0])) and all(
-                    np.max(np.abs(a.numpy() - b.numpy()), initial=0.0)
-                    <= tolerance * max(np.max(np.abs(b.numpy()), initial=0.0), 1e-30)
-                    for a, b in zip(summed, truth))
-            if right:
-                # One call on [B, n_in] inputs: a Dense's squares need no per-example gradient.
-                rule.materialises = not (rule.kind == "dense" and plain)
-                kept.append(rule)
-        return kept

@@ -134,11 +134,9 @@ def top_eigenvalues(matvec: Matvec, size: int, top: int = 5, which: str = "large
     return drive(top_eigenvalues_steps(size, top, which, iterations, tol, seed, block, eigenvectors, start), matvec)
 
 
-def top_eigenvalues_steps(size: int, top: int = 5, which: str = "largest", iterations: int = 100,
-                          tol: float = 1e-6, seed: int = 0, block: int | None = None,
-                          eigenvectors: bool = True, start: np.ndarray | None = None) -> Steps[EigenResult]:
-    """``top_eigenvalues`` step by step (``pipeline.spectrum._base.Steps``): yields each block of
-    vectors to multiply by ``H`` and returns the ``EigenResult``."""
+def _checked(size: int, top: int, which: str, iterations: int, tol: float, block: int | None):
+    """``(size, top, iterations, width)`` of a Lanczos run as integers, ``top`` and the block
+    ``width`` at most ``size``; a ``ValueError`` for an argument out of its range."""
     size, top, iterations = int(size), int(top), int(iterations)
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
@@ -150,6 +148,15 @@ def top_eigenvalues_steps(size: int, top: int = 5, which: str = "largest", itera
     if width < 1:
         raise ValueError(f"block must be positive, got {block}")
     top, width = min(top, size), min(width, size)
+    return size, top, iterations, width
+
+
+def top_eigenvalues_steps(size: int, top: int = 5, which: str = "largest", iterations: int = 100,
+                          tol: float = 1e-6, seed: int = 0, block: int | None = None,
+                          eigenvectors: bool = True, start: np.ndarray | None = None) -> Steps[EigenResult]:
+    """``top_eigenvalues`` step by step (``pipeline.spectrum._base.Steps``): yields each block of
+    vectors to multiply by ``H`` and returns the ``EigenResult``."""
+    size, top, iterations, width = _checked(size, top, which, iterations, tol, block)
     operator = CountingOperator(None, size)
 
     def draw(first: int, count: int) -> np.ndarray:

@@ -151,37 +151,7 @@ def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[
     sizes = _sizes(variables, shapes)
     total = int(sizes.sum())
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    fs, inner = resolve_filesystem(path)
-    try:
-        schema = pq.read_schema(inner, filesystem=fs)
-    except FileNotFoundError as err:
-        raise InputError(f"vectors file {path} not found: check quantities.hvp.vectors") from err
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"cannot read vectors file {path} as Parquet ({str(err).splitlines()[0]}): {fix}") from err
-    missing = [c for c in VECTOR_COLUMNS if c not in schema.names]
-    if missing:
-        raise InputError(f"vectors file {path} lacks column(s) {', '.join(missing)} (needs "
-                         f"{', '.join(VECTOR_COLUMNS)}): {fix}")
-    try:
-        table = pq.read_table(inner, filesystem=fs, columns=list(VECTOR_COLUMNS))
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"cannot read vectors file {path} ({str(err).splitlines()[0]}): {fix}") from err
-    if table.num_rows == 0:
-        raise InputError(f"vectors file {path} has no rows: {fix}")
-
-    expected = {"vector": pa.types.is_integer, "index": pa.types.is_integer,
-                "value": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
-                "variable": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
-                or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))}
-    columns = {}
-    for name, accepts in expected.items():
-        column = table.column(name).combine_chunks()
-        if not accepts(column.type):
-            raise InputError(f"vectors file {path}: column '{name}' has type {column.type}: {fix}")
-        if column.null_count:
-            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
-            raise InputError(f"vectors file {path}: column '{name}' is null at row {row}: {fix}")
-        columns[name] = column
+    columns = _vector_columns(path, fix)
 
     vector = columns["vector"].to_numpy().astype(np.int64)
     index = columns["index"].to_numpy().astype(np.int64)
@@ -224,6 +194,43 @@ def read_vectors(path: str, variables: Sequence[str], shapes: Sequence[Sequence[
                          f"(every parameter of every vector is needed): {fix}")
     result[position] = value
     return result.reshape(len(ids), total)
+
+
+def _vector_columns(path: str, fix: str) -> dict:
+    """The four ``VECTOR_COLUMNS`` of the vectors file at ``path``, each one chunk of a type it
+    accepts, without nulls; else an ``InputError`` naming what is wrong and ending in ``fix``."""
+    fs, inner = resolve_filesystem(path)
+    try:
+        schema = pq.read_schema(inner, filesystem=fs)
+    except FileNotFoundError as err:
+        raise InputError(f"vectors file {path} not found: check quantities.hvp.vectors") from err
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"cannot read vectors file {path} as Parquet ({str(err).splitlines()[0]}): {fix}") from err
+    missing = [c for c in VECTOR_COLUMNS if c not in schema.names]
+    if missing:
+        raise InputError(f"vectors file {path} lacks column(s) {', '.join(missing)} (needs "
+                         f"{', '.join(VECTOR_COLUMNS)}): {fix}")
+    try:
+        table = pq.read_table(inner, filesystem=fs, columns=list(VECTOR_COLUMNS))
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"cannot read vectors file {path} ({str(err).splitlines()[0]}): {fix}") from err
+    if table.num_rows == 0:
+        raise InputError(f"vectors file {path} has no rows: {fix}")
+
+    expected = {"vector": pa.types.is_integer, "index": pa.types.is_integer,
+                "value": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
+                "variable": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                or (pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))}
+    columns = {}
+    for name, accepts in expected.items():
+        column = table.column(name).combine_chunks()
+        if not accepts(column.type):
+            raise InputError(f"vectors file {path}: column '{name}' has type {column.type}: {fix}")
+        if column.null_count:
+            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"vectors file {path}: column '{name}' is null at row {row}: {fix}")
+        columns[name] = column
+    return columns
 
 
 def eigenvectors_table(blocks: Sequence[tuple[str, Sequence[str], Sequence[Sequence[int]], np.ndarray]]) -> pa.Table:

@@ -75,3 +75,57 @@ def test_nightly_job_and_kuberay_manifest():
     gpu = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+# ------------------------------------------------------------------------------ the shard policy, pure
+def test_shard_decisions_retry_back_up_give_up_and_add_each_shard_once():
+    from pipeline.cluster import policy
+    from pipeline.cluster.policy import Decision, ShardStatus, make_decision
+
+    fresh = ShardStatus(4)
+    assert make_decision(fresh, policy.RESULT, workers=2) is Decision.DONE
+    assert make_decision(ShardStatus(4, finished=True), policy.RESULT, workers=2) is Decision.NOOP  # added once
+    assert make_decision(fresh, policy.ERROR, workers=2) is Decision.RETRY
+    assert make_decision(ShardStatus(4, attempts=policy.SHARD_RETRIES - 1), policy.LOST, 1) is Decision.RETRY
+    assert make_decision(ShardStatus(4, attempts=policy.SHARD_RETRIES), policy.LOST, 1) is Decision.GIVE_UP
+    assert make_decision(fresh, policy.ERROR, workers=0) is Decision.GIVE_UP  # no worker left to move it to
+    # A failed copy of a shard whose other copy finished it, or still computes it: nothing to do.
+    assert make_decision(ShardStatus(4, finished=True), policy.ERROR, 2) is Decision.NOOP
+    assert make_decision(ShardStatus(4, running=1), policy.LOST, 2) is Decision.NOOP
+    # Input errors and deterministic failures stop the run whatever the other copies do.
+    assert make_decision(ShardStatus(4, running=1), policy.INPUT, 2) is Decision.GIVE_UP
+    assert make_decision(fresh, policy.DETERMINISTIC, 2) is Decision.GIVE_UP
+    # Back-ups: once per shard, only when late against the pass's slowest shard.
+    assert make_decision(fresh, policy.HELD, 2, 31.0, [10.0, 5.0], 10.0) is Decision.BACKUP
+    assert make_decision(fresh, policy.HELD, 2, 29.0, [10.0, 5.0], 10.0) is Decision.NOOP
+    assert make_decision(fresh, policy.HELD, 2, 1e9, [], 10.0) is Decision.NOOP
+    assert make_decision(ShardStatus(4, backed_up=True), policy.HELD, 2, 99.0, [1.0], 1.0) is Decision.NOOP
+    assert make_decision(ShardStatus(4, finished=True), policy.HELD, 2, 99.0, [1.0], 1.0) is Decision.NOOP
+    assert Decision.GIVE_UP == policy.decide(policy.INPUT, 1, 2)  # the enum speaks decide's words
+
+
+def test_pass_ledger_tracks_each_shards_copies_without_ray():
+    from types import SimpleNamespace
+
+    from pipeline.cluster.ledger import PassLedger, error_line, rows_of
+
+    shards = [SimpleNamespace(index=i, first_row=10 * i, rows=10) for i in range(3)]
+    launched = []
+    ledger = PassLedger(shards, lambda worker, shard: launched.append((worker, shard.index)) or len(launched))
+    ledger.finish(1)  # resumed from staging
+    ledger.finish(1)
+    ledger.queue_unfinished()
+    assert [s.index for s in ledger.pending] == [0, 2]
+    ledger.start(["a", "b", "c"])
+    assert launched == [("a", 0), ("b", 2)] and ledger.idle == ["c"] and not ledger.pending
+    ledger.submit(ledger.idle.pop(0), shards[0])  # a back-up copy of shard 0
+    assert ledger.status[0].running == 2
+    worker, shard, _ = ledger.take(1)
+    assert (worker, shard.index, ledger.status[0].running) == ("a", 0, 1)
+    assert ledger.finished == 1 and not ledger.complete and ledger.missing() == [0, 2]
+    ledger.pending.appendleft(shards[2])
+    ledger.idle.append("a")
+    ledger.fill()
+    assert launched[-1] == ("a", 2) and not ledger.idle
+    assert rows_of(shards[2]) == "rows 20-29"
+    assert error_line(RuntimeError("Traceback ...\n  line\nValueError: bad row\n")) == "ValueError: bad row"
