@@ -19,6 +19,7 @@ import tensorflow as tf
 import jobs
 from pipeline.cluster.worker import ShardResult, ShardWorker
 from pipeline.curvature.requests import BatchWork
+from pipeline.errors import InputError
 from pipeline.job import load_job
 from pipeline.storage.dataset import plan_data
 
@@ -136,3 +137,27 @@ def test_the_changed_piece_of_a_shard_is_found(ray_local, tmp_path):
     pq.write_table(table, path, row_group_size=10)
     assert worker.changed_piece(shard, staged) == 1
     assert worker.changed_piece(shard, staged[:2]) == 1  # the changed one comes before the missing one
+
+
+def test_a_row_whose_loss_overflows_is_an_input_error_naming_it(ray_local, tmp_path):
+    """Finite inputs, a non-finite loss: the worker finds the first row whose own sums are not
+    finite and names it (retrying would fail the same way)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,), dtype="float64"), keras.layers.Dense(3, dtype="float64")])
+    model.save(str(tmp_path / "model.keras"))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 3))
+    x[23] = 1e200  # finite, but its squared error is not
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6),
+                             "y": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), 3)}),
+                   str(tmp_path / "data" / "part-000.parquet"))
+    job = load_job(jobs.job(tmp_path, {"gradient": {}}, loss={"name": "mse"},
+                            data={"labels": "y", "batch_size": 16}))
+    plan = plan_data(job.data, shards=1)
+    worker = ShardWorker(job, plan.uri, 1, False)
+    with pytest.raises(InputError) as info:
+        worker.compute(plan.shards[0], BatchWork(gradient=True))
+    message = str(info.value)
+    assert message.startswith("non-finite ") and "in shard 0 (rows 16-31), first at row 23 (its inputs are finite)" \
+        in message, message
