@@ -157,3 +157,17 @@ def test_the_watchdog_as_its_own_process(started, tmp_path):
     driver.wait()
     assert dog.wait(timeout=20) == 0
     assert _gone(raylet.pid)
+
+
+def test_start_watchdog_ends_the_ray_processes_once_its_driver_exits(started, tmp_path):
+    """A driver (a Python child here) starts the watchdog and exits without shutting its Ray
+    down: the watchdog, in a session of its own, ends the processes it was given."""
+    raylet = started(["sleep", "30"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([paths.REPO, os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys, time; from pipeline.cluster.processes import start_watchdog; "
+            "start_watchdog([int(sys.argv[1])], sys.argv[2]); time.sleep(1.0)")
+    driver = started([sys.executable, "-c", code, str(raylet.pid), str(tmp_path)], env=env)
+    assert _until(lambda: len(children([driver.pid])) == 1)  # the watchdog, while the driver lives
+    assert running(raylet.pid)
+    assert driver.wait(timeout=30) == 0
+    assert _gone(raylet.pid)
