@@ -78,6 +78,8 @@ def test_descendants_go_below_the_children(started):
     assert shell.pid in below and set(grandchildren) <= set(below)
     assert set(descendants([shell.pid])) == set(grandchildren)
     assert descendants([]) == []
+    end(grandchildren)  # the fixture ends the shell only
+    assert all(_gone(pid) for pid in grandchildren)
 
 
 def test_end_kills_and_a_zombie_is_not_running(started):
