@@ -149,7 +149,7 @@ def test_the_full_hessian_is_shard_invariant_symmetric_and_read_back(published):
 
 @pytest.mark.slow
 def test_report_draws_a_heat_map_and_eigenvalue_histogram_per_block(published, tmp_path):
-    from test_report import check_plots
+    from plots import check_plots
 
     _, runs = published
     report = write_report(runs["head"], out=str(tmp_path / "r"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import struct
 import subprocess
 import sys
 
@@ -13,11 +12,11 @@ import numpy as np
 import pytest
 
 import published
-from pipeline.storage import tables
+from plots import check_plots, image_sources, synthetic_run
 from pipeline.read.run import load
 from pipeline.cli import main
 from pipeline.storage.publish import RunPublisher
-from pipeline.read.report import PLOT_PIXELS, plot_diagonals, write_report
+from pipeline.read.report import plot_diagonals, write_report
 from pipeline.read.show import show_run
 
 pytestmark = pytest.mark.slow
@@ -32,25 +31,6 @@ def runs(tmp_path_factory):
     """Two real runs of the same model (``tests/published.py``): the run and its baseline."""
     made = published.two_runs(tmp_path_factory)
     return made["main"].run_dir, made["base"].run_dir
-
-
-def png_size(path) -> tuple[int, int]:
-    """Width and height from the PNG header (signature, then the IHDR chunk)."""
-    with open(path, "rb") as handle:
-        head = handle.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", path
-    return struct.unpack(">II", head[16:24])
-
-
-def image_sources(html_path) -> list[str]:
-    return re.findall(r'<img src="([^"]+)"', open(html_path, encoding="utf-8").read())
-
-
-def check_plots(out_dir, names):
-    for name in names:
-        path = os.path.join(out_dir, name)
-        assert os.path.getsize(path) > 5000, name  # a drawn plot, not an empty canvas
-        assert png_size(path) == PLOT_PIXELS, name
 
 
 def test_every_plot_and_the_html_page_from_a_real_run(runs, tmp_path):
@@ -98,22 +78,9 @@ def test_default_out_is_a_folder_in_the_current_directory_and_errors_exit_2(runs
         assert err.getvalue().startswith("error:") and problem in err.getvalue() and err.getvalue().count("\n") == 1
 
 
-def _synthetic_run(root, values: np.ndarray, quantities=("hessian_diagonal",)) -> str:
-    """A published run holding only diagonals (no Ray, no TensorFlow)."""
-    shapes = [(len(values),)]
-    columns = {q: values for q in quantities}
-    manifest = {"run_id": "synthetic", "date": "2026-01-01", "status": "complete", "examples": 1, "loss": 0.0,
-                "parameters": len(values), "job": {"name": "synthetic", "quantities": {q: {} for q in quantities}},
-                "variables": [{"name": "w", "shape": [len(values)]}]}
-    with RunPublisher(str(root), "synthetic", "synthetic", "2026-01-01") as publisher:
-        publisher.write_table("diagonals.parquet", tables.diagonals_table(["w"], shapes, columns), {})
-        publisher.write_table("summary.parquet", tables.summary_table(["w"], shapes, columns), {})
-        return publisher.publish(manifest)
-
-
 def test_signed_diagonals_are_counted_apart_and_zeros_named(tmp_path):
     values = np.array([1e-3, 2e-3, 5e-1, -1e-4, -3e-2, 0.0, 0.0])
-    run = load(_synthetic_run(tmp_path, values))
+    run = load(synthetic_run(tmp_path, values))
     figure = plot_diagonals(run, "w")
     ax = figure.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Hessian: 3 positive, 2 negative, 2 zero"]

@@ -472,9 +472,9 @@ def test_output_that_overlaps_the_data_or_a_published_run_cli(root, tmp_path, wh
 
 
 def test_report_into_a_published_run_is_refused_cli(tmp_path):
-    from test_report import _synthetic_run
+    from plots import synthetic_run
 
-    run_dir = _synthetic_run(tmp_path, np.array([1.0, 2.0]))
+    run_dir = synthetic_run(tmp_path, np.array([1.0, 2.0]))
     before = sorted(os.listdir(run_dir))
     for out in (run_dir, os.path.join(run_dir, "plots")):
         message = cli("report", run_dir, "--out", out)
