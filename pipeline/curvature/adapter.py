@@ -45,6 +45,7 @@ from __future__ import annotations
 import inspect
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import InputError
@@ -133,7 +134,14 @@ class ModelAdapter:
         graph_op = op is not None and not isinstance(tensor, tf.__internal__.EagerTensor) and len(op.inputs) == 1
         behind = getattr(tensor, "_keras_logits", None)
         if behind is not None:
-            return behind, (op.type if graph_op and op.type in ("Softmax", "Sigmoid") else ops[0])
+            if graph_op and op.type in ("Softmax", "Sigmoid"):
+                return behind, op.type
+            if len(ops) > 1 and isinstance(tensor, tf.__internal__.EagerTensor):
+                # An eager tensor keeps no op: which activation made it is read from its values
+                # (a focal loss on a sigmoid output, called outside a tf.function).
+                sigmoid = tf.sigmoid(tf.cast(behind, tensor.dtype))
+                return behind, "Sigmoid" if np.allclose(sigmoid, tensor, rtol=1e-5, atol=1e-6) else "Softmax"
+            return behind, ops[0]
         if graph_op and op.type in ops:
             return op.inputs[0], op.type
         return None, None

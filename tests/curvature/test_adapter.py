@@ -129,10 +129,6 @@ def test_a_focal_loss_on_a_sigmoid_is_kerass_own_when_compiled():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: called eagerly (probe, the docstring's example), ModelAdapter reads the "
-                                       "logits behind a sigmoid output from _keras_logits but cannot see the op of an "
-                                       "eager tensor and falls back to 'Softmax' (_logits_behind): a focal loss is "
-                                       "then applied to softmax(logits), not sigmoid(logits)")
 def test_a_focal_loss_on_a_sigmoid_is_kerass_own_when_eager():
     got, expected, flags = _focal("sigmoid", "binary_focal_crossentropy", BITS, compiled=False)
     np.testing.assert_allclose(got, expected, rtol=1e-12)  # off by up to ~0.15 on this batch
