@@ -220,3 +220,19 @@ def test_only_the_products_own_warnings_reach_stderr_and_an_error_stands_alone(m
             warnings.simplefilter("always")
             status = cli_module.main(["show", "somewhere"], out=out, err=err)
         assert (status, err.getvalue()) == (2 if fail else 0, expected)
+
+
+def test_a_run_that_ends_before_its_driver_leaves_ctrl_c_unblocked(tmp_path):
+    """``main(["run", ...])`` holds Ctrl-C and SIGTERM until its driver has started Ray; a bad
+    job file ended it before, and they stayed blocked in the calling process (a notebook, a
+    test worker) and in every process it started afterwards: their Ctrl-C was never taken."""
+    import io
+    import signal
+
+    from pipeline.cli import main
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    err = io.StringIO()
+    assert main(["run", str(tmp_path / "missing.yaml")], io.StringIO(), err) == 2
+    assert err.getvalue().startswith("error: ")
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
