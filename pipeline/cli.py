@@ -559,15 +559,7 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         finally:
             _end_prestarted(args)
             if args.command == "run":
-                _release_held()
-
-
-def _release_held() -> None:
-    """Unblocks Ctrl-C and SIGTERM if ``run`` ended before its driver released them (a bad job
-    file): a process that calls ``main`` (a notebook, a test) and the processes it starts
-    afterwards would otherwise never take Ctrl-C. One that arrived meanwhile is dropped: the
-    command has already ended."""
-    try:
-        interrupts.release()
-    except KeyboardInterrupt:
-        pass
+                # A run that ended before its driver released them (a bad job file): a process
+                # that calls main (a notebook, a test) and the processes it starts afterwards
+                # would otherwise never take Ctrl-C.
+                interrupts.release_dropping()

@@ -42,6 +42,20 @@ def hold() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
 
 
+def holding() -> bool:
+    """Whether ``hold`` holds them now."""
+    return _holding.is_set()
+
+
+def release_dropping() -> None:
+    """``release``, where one that arrived meanwhile is dropped: the caller is already ending
+    with an error that says more."""
+    try:
+        release()
+    except KeyboardInterrupt:
+        pass
+
+
 def release() -> None:
     """Unblocks them; one that arrived while they were held is delivered now."""
     if threading.current_thread() is threading.main_thread():

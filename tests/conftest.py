@@ -21,3 +21,20 @@ def ray_local():
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def signals_left_as_found():
+    """Every test leaves Ctrl-C and SIGTERM unblocked if it found them so. A call that held them
+    and returned (``pipeline.cli.main(["run", ...])`` with a bad job file, ``connect`` failing)
+    left them blocked in this worker process, and every process a later test started inherited
+    the mask: their Ctrl-C tests failed far from the cause. This names the cause."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = held & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    after = held & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if after != before:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, after - before)  # the next tests start clean
+        pytest.fail(f"the test left {sorted(s.name for s in after - before)} blocked in the test process")

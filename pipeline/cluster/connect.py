@@ -82,7 +82,21 @@ def connect(address: str | None, quiet: bool = False) -> bool:
     level = "ERROR" if quiet else "WARNING"
     if not address or address == "local":
         check_ray_temp_space()  # before the signals are held: an error here leaves them as they were
+    held_by_caller = interrupts.holding()
     interrupts.hold()
+    try:
+        return _start_or_join(address, level, env)
+    except BaseException:
+        if not held_by_caller:
+            # A library caller (no command line holding them): its signals as they were, else every
+            # process it starts afterwards inherits them blocked. The error says what happened.
+            interrupts.release_dropping()
+        raise
+
+
+def _start_or_join(address: str | None, level: str, env: dict) -> bool:
+    """``ray.init`` with the signals held: a cluster at ``address`` joined under a deadline, or a
+    local instance started (and its processes watched); True (this process owns a Ray)."""
     if address and address != "local":
         with _Watch(address, CONNECT_SECONDS) as watch:
             target = reachable(address, watch)
