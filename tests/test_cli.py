@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import jobs
+import shell
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -102,7 +103,7 @@ def test_a_new_run_records_its_phases_and_workers_and_plans_as_its_dry_run(job_f
     and each worker's rows; its plan's passes equal the dry run's and its time is within 1.5x."""
     dry = cli("run", str(job_file), "--dry-run", "--output", str(tmp_path / "out"))
     assert dry.returncode == 0, dry.stderr
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
+    process = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
                                 str(tmp_path / "out"), "--workers", "2"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=ENV)
     out, err = process.communicate(timeout=600)
@@ -123,7 +124,7 @@ def test_a_new_run_records_its_phases_and_workers_and_plans_as_its_dry_run(job_f
 def test_an_input_error_after_the_early_start_leaves_no_ray(job_file, tmp_path):
     """A new run starts Ray before its plan: a bad input found by the plan (a column the data
     lacks) is still one error line and exit 2, and the Ray it started is gone."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
+    process = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
                                 str(tmp_path / "out"), "--set", "data.labels=no_such_column"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     out, err = process.communicate(timeout=600)
@@ -182,7 +183,7 @@ def test_ctrl_c_during_start_up_is_one_error_line(job_file, tmp_path, seconds):
     import signal
     import time
 
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
+    driver = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "run", str(job_file), "--output",
                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=ENV)
     time.sleep(seconds)

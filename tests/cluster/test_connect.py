@@ -18,6 +18,7 @@ import time
 import pytest
 
 import paths
+import shell
 from pipeline.cluster import connect
 from pipeline.errors import InputError
 
@@ -61,7 +62,7 @@ def test_ctrl_c_while_joining_a_cluster_is_one_line_at_once(tmp_path):
         silent.listen(16)
         silent.settimeout(120)
         port = silent.getsockname()[1]
-        driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", EXAMPLE, "--address",
+        driver = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "run", EXAMPLE, "--address",
                                    f"127.0.0.1:{port}", "--run-id", "joining", "--output", str(tmp_path / "out")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=_env(HESSIAN_PIPELINE_CONNECT_SECONDS="300"))
@@ -233,7 +234,7 @@ def test_a_killed_driver_takes_its_local_ray_with_it(tmp_path):
     spec = jobs.job(tmp_path, {"gradient": {}}, shards=6, workers=1)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     output = tmp_path / "out"
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--run-id",
+    driver = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--run-id",
                                "killed", "--output", str(output)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=_env(HESSIAN_PIPELINE_FAULT="delay:seconds=2"))
     try:

@@ -25,6 +25,7 @@ import yaml
 
 import jobs
 import paths
+import shell
 from pipeline.driver import run
 from pipeline.errors import InputError
 from pipeline.job import load_job
@@ -285,7 +286,7 @@ def test_ctrl_c_in_validate_says_nothing_about_resuming(tmp_path):
     spec = jobs.job(tmp_path, {"gradient": {}}, model={"builder": "slow_builder:build"})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     env = {**ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), ENV.get("PYTHONPATH")) if p)}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "validate", str(tmp_path / "job.yaml")],
+    process = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "validate", str(tmp_path / "job.yaml")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(8)  # TensorFlow imported, the builder's child process running
     process.send_signal(signal.SIGINT)
@@ -335,7 +336,7 @@ def test_a_run_stopped_after_it_was_published_is_complete_and_leaves_no_partials
     jobs.write_model(str(tmp_path / "model.keras"))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(jobs.job(tmp_path, {"gradient": {}})))
     env = {**ENV, "HESSIAN_PIPELINE_FAULT": "pause-after-publish:seconds=300"}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--run-id", "late"],
+    process = subprocess.Popen(preexec_fn=shell.like_a_terminal, args=[sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--run-id", "late"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("results/test-job/date=*/run=late/manifest.json")) and time.monotonic() < deadline:
