@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.blocks import ALL
 from pipeline.errors import InputError
 
 
@@ -38,6 +39,11 @@ class Change:
     def as_dict(self) -> dict:
         return {"variable": self.variable, "quantity": self.quantity, "statistic": self.statistic, "a": self.a,
                 "b": self.b, "change": self.change, "relative_change": self.relative_change}
+
+
+def series_name(name: str, block: str) -> str:
+    """A ``history`` series of one block of H: ``name`` for all of it, ``name[BLOCK]`` otherwise."""
+    return name if block == ALL else f"{name}[{block}]"
 
 
 def as_float(value) -> float:

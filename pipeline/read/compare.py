@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.blocks import ALL
-from pipeline.read.changes import Change
+from pipeline.read.changes import Change, as_float
 from pipeline.read.run import Run
 from pipeline.read.views import VIEWS
 
@@ -60,10 +60,6 @@ def _short(text) -> str:
     return str(text)[:12] if text else "?"
 
 
-def _float(value) -> float:
-    return math.nan if value is None else float(value)
-
-
 # ---------------------------------------------------------------------------------- comparing
 def compare_runs(run_a: str, run_b: str) -> Comparison:
     """Compares two complete runs (local directories or URIs); ``InputError`` if one is not a run.
@@ -74,8 +70,8 @@ def compare_runs(run_a: str, run_b: str) -> Comparison:
     loaded_a, loaded_b = Run(run_a), Run(run_b)
     result = Comparison(run_a, run_b, loaded_a.manifest, loaded_b.manifest)
     _provenance_warnings(result)
-    result.changes.append(Change(ALL, LOSS, "value", _float(result.manifest_a.get(LOSS)),
-                                 _float(result.manifest_b.get(LOSS))))
+    result.changes.append(Change(ALL, LOSS, "value", as_float(result.manifest_a.get(LOSS)),
+                                 as_float(result.manifest_b.get(LOSS))))
     files_a, files_b = set(loaded_a.files), set(loaded_b.files)
     only: list[str] = []
     for view in VIEWS:

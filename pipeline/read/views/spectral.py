@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.blocks import ALL
 from pipeline.errors import InputError
 from pipeline.read import pages
-from pipeline.read.changes import Change, as_float, shared_blocks
+from pipeline.read.changes import Change, as_float, series_name, shared_blocks
 from pipeline.read.figures import (BASELINE_COLOR, BLOCK_COLORS, RUN_COLOR, SHOWN_BLOCKS, default_style, fmt, label,
                                    new_figure, runs)
 from pipeline.read.text import aligned, number
@@ -98,10 +98,6 @@ def per_block(rows: list[dict]) -> int:
     return int(any(r["block"] != ALL for r in rows))
 
 
-def _key(name: str, block: str) -> str:
-    return name if block == ALL else f"{name}[{block}]"
-
-
 class SpectralView(View):
     files = (f"{EIGENVALUES}.parquet", f"{EIGENVECTORS}.parquet", f"{SPECTRUM}.parquet")
     compared = (f"{EIGENVALUES}.parquet",)
@@ -171,12 +167,12 @@ class SpectralView(View):
         floors: dict[str, float] = {}
         if run.has(EIGENVALUES):
             for row in run.eigenvalues.to_dict("records"):
-                key = _key(f"eigenvalue_{int(row['rank'])}", row["block"])
+                key = series_name(f"eigenvalue_{int(row['rank'])}", row["block"])
                 values[key] = float(row["eigenvalue"])
                 residual = float(row["residual"])
                 floors[key] = residual if math.isfinite(residual) else 0.0
             for block, sharpness in run.sharpness().items():
-                values[_key("sharpness", block)] = sharpness
+                values[series_name("sharpness", block)] = sharpness
         return values, floors
 
     def figures(self, run, baseline, context):

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.blocks import ALL
 from pipeline.errors import InputError
 from pipeline.read import pages
-from pipeline.read.changes import Change, as_float, shared_blocks
+from pipeline.read.changes import Change, as_float, series_name, shared_blocks
 from pipeline.read.figures import BASELINE_COLOR, RUN_COLOR, default_style, fmt, new_figure, runs
 from pipeline.read.text import aligned, number
 from pipeline.read.views._base import Figure, Section, Shown, View
@@ -70,7 +70,7 @@ class TraceView(View):
         values = {}
         if run.has(TRACE):
             for row in run.trace.to_dict("records"):
-                values[TRACE if row["block"] == ALL else f"{TRACE}[{row['block']}]"] = float(row["estimate"])
+                values[series_name(TRACE, row["block"])] = float(row["estimate"])
         return values, {}
 
     def figures(self, run, baseline, context):
