@@ -79,8 +79,10 @@ class RunTables:
         return f"{table.removesuffix('.parquet')}.parquet" in self.files
 
     def tables(self) -> list[str]:
-        """The names of the tables the run published, in the manifest's order."""
-        return [f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet")]
+        """The names of the tables the run published, in the manifest's order. The parts of a
+        folder (``per_example/part-00000.parquet``) are one output, read by the view that claims
+        the folder, not tables of their own."""
+        return [f.removesuffix(".parquet") for f in self.files if f.endswith(".parquet") and "/" not in f]
 
     @cached_property
     def variables(self) -> list[tuple[str, tuple[int, ...]]]:

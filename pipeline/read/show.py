@@ -25,10 +25,21 @@ def _facts(run: Run) -> str:
         ("parameters", manifest.get("parameters")), ("variables", variables or "-"),
         ("shards", manifest.get("shards")),
         ("workers", manifest.get("workers")), ("passes", manifest.get("passes")),
-        ("seconds", manifest.get("seconds")), ("files", ", ".join(manifest.get("files", []))),
+        ("seconds", manifest.get("seconds")), ("files", _files(manifest.get("files", []))),
     ]
     width = max(len(k) for k, _ in facts)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in facts) + "\n"
+
+
+def _files(files: list[str]) -> str:
+    """The run's files, a folder of parts (one per shard, maybe thousands) as one entry."""
+    folders: dict[str, int] = {}
+    for name in files:
+        if "/" in name:
+            folder = name.split("/", 1)[0] + "/"
+            folders[folder] = folders.get(folder, 0) + 1
+    listed = dict.fromkeys(name if "/" not in name else name.split("/", 1)[0] + "/" for name in files)
+    return ", ".join(f"{name} ({folders[name]} files)" if name in folders else name for name in listed)
 
 
 def show_run(run_dir: str) -> str:

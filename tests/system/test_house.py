@@ -5,7 +5,7 @@
 - the run layout's ``date=`` is built and taken apart only in ``pipeline/storage/layout.py``;
 - no function over 80 lines, no class over 300; ``engine.py`` at most 400 lines and
   ``WorkerPool.map_shards`` at most 60;
-- every table a quantity publishes has exactly one view;
+- every table a quantity publishes has exactly one view (a folder of parts: the view claiming it);
 - tests mirror the package: every subpackage has ``tests/<subpackage>/``, and every module is
   imported by at least one test.
 """
@@ -18,7 +18,7 @@ import re
 
 import paths
 from pipeline.quantities.registry import FILES, REGISTRY
-from pipeline.read.views import VIEWS, on_page
+from pipeline.read.views import VIEWS, claims, on_page
 from pipeline.read.views.generic import GenericView
 
 ROOT = paths.REPO
@@ -96,10 +96,14 @@ def test_the_engine_and_the_pools_loop_stay_small():
 
 
 def test_every_published_table_has_exactly_one_view():
+    # A file under a folder (``per_example/part-00000.parquet``) belongs to the view that claims
+    # the folder (``per_example/``): ``views.claims``.
     families = [view for view in VIEWS if not isinstance(view, GenericView)]
     for name in FILES:
-        owners = [type(view).__name__ for view in families if name in view.files]
+        owners = [type(view).__name__ for view in families if claims(view.files, name)]
         assert len(owners) == 1, f"{name}: {owners}"
+    owners = [type(view).__name__ for view in families if claims(view.files, "per_example/part-00003.parquet")]
+    assert owners == ["ExamplesView"], owners
     assert isinstance(VIEWS[-1], GenericView) and len(on_page()) == len(VIEWS)
 
 

@@ -8,8 +8,9 @@ generic view (``show`` prints it). ``ACCESSORS`` are the views' mixins that ``Ru
 
 from __future__ import annotations
 
-from pipeline.read.views._base import Figure, Section, Shown, View
+from pipeline.read.views._base import Figure, Section, Shown, View, claims
 from pipeline.read.views.diagonals import DiagonalsView
+from pipeline.read.views.examples import ExamplesView
 from pipeline.read.views.generic import GenericView
 from pipeline.read.views.hessian_blocks import HessianView
 from pipeline.read.views.kronecker import KroneckerView
@@ -24,6 +25,7 @@ _FAMILIES: tuple[View, ...] = (
     SpectralView(),
     KroneckerView(),
     HessianView(),
+    ExamplesView(),
 )
 VIEWS: tuple[View, ...] = _FAMILIES + (GenericView({name for view in _FAMILIES for name in view.files}),)
 ACCESSORS: tuple[type, ...] = tuple(view.access for view in _FAMILIES)
@@ -34,4 +36,4 @@ def on_page() -> list[View]:
     return sorted(VIEWS, key=lambda view: view.page)
 
 
-__all__ = ["ACCESSORS", "VIEWS", "Figure", "Section", "Shown", "View", "on_page"]
+__all__ = ["ACCESSORS", "VIEWS", "Figure", "Section", "Shown", "View", "claims", "on_page"]

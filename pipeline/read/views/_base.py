@@ -39,10 +39,18 @@ class Section:
     html: str
 
 
+def claims(files, name: str) -> bool:
+    """Whether a view's ``files`` claim the published file ``name``: it is listed, or it lies
+    under a folder listed with its trailing slash (``per_example/`` claims
+    ``per_example/part-00000.parquet``), since a folder of parts is one output."""
+    return name in files or any(f.endswith("/") and name.startswith(f) for f in files)
+
+
 class View:
     """One family of published tables and how each read command presents it.
 
-    ``files``: the tables it reads (``show`` gives any other table to the generic view);
+    ``files``: the tables it reads (``show`` gives any other table to the generic view), a
+    folder of parts named with its trailing slash (``claims``);
     ``compared``: those whose numbers ``compare`` pairs.
     ``access``: a mixin class whose methods ``Run`` gains (``run.kfac(layer)``), so the Python API
     of a family lives with its view. ``page``: its place on the report's page and among

@@ -5,7 +5,7 @@ changes to the read side."""
 from __future__ import annotations
 
 from pipeline.read.text import aligned, number
-from pipeline.read.views._base import Shown, View
+from pipeline.read.views._base import Shown, View, claims
 
 # A table without a view of its own is shown in full up to this many rows.
 OTHER_ROWS = 20
@@ -32,7 +32,7 @@ class GenericView(View):
         return bool(self._others(run))
 
     def _others(self, run) -> list[str]:
-        return sorted(f for f in set(run.files) - self.claimed if f.endswith(".parquet"))
+        return sorted(f for f in set(run.files) if f.endswith(".parquet") and not claims(self.claimed, f))
 
     def show(self, run) -> Shown:
         shown = Shown()
