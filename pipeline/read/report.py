@@ -3,10 +3,11 @@
 Every registered view (``pipeline.read.views``) draws its plots (``View.figures``) and writes
 its sections of the page (``View.sections``), in page order: the trace, the top eigenvalues,
 per block of H, the spectral density, dense Hessian blocks, Kronecker factors, the diagonals,
-Hessian-vector products, the summary; then the run's provenance. Every plot is an 800 x 450
-pixel PNG (``PLOT_PIXELS``, ``pipeline.read.figures``); ``index.html`` references each PNG by
-its file name, so the folder is the report and works wherever it is copied. With a baseline
-run every plot overlays the two: the run in solid lines, the baseline dashed.
+Hessian-vector products, influence and self-influence, the summary; then the run's
+provenance. Every plot is an 800 x 450 pixel PNG (``PLOT_PIXELS``, ``pipeline.read.figures``);
+``index.html`` references each PNG by its file name, so the folder is the report and works
+wherever it is copied. With a baseline run every plot overlays the two: the run in solid
+lines, the baseline dashed.
 
 The plots are functions that return a matplotlib ``Figure`` (for notebooks), each in its
 view's module and importable from here: ``plot_diagonals``, ``plot_variables``,

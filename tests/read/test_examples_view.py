@@ -166,3 +166,27 @@ def test_what_is_drawn_as_an_image():
     Figure(figsize=(0.2, 0.1), dpi=100).savefig(png, format="png")
     assert as_image(png.getvalue()).shape[:2] == (10, 20)
     assert as_image(b"not an image") is None
+
+
+# ------------------------------------------------------------------------------ the docs' recipes
+def _recipe(fence: str) -> str:
+    """The ```FENCE block of docs/reading.md's per-example section (not run by test_docs: the
+    bundled example computes no influence)."""
+    import paths
+
+    text = open(os.path.join(paths.REPO, "docs", "reading.md"), encoding="utf-8").read()
+    section = text.split("## Per-example outputs and influence", 1)[1]
+    return section.split(f"```{fence}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_reading_pages_recipes_run_on_a_hand_made_run(run, tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    data = os.path.join(str(tmp_path), "data")
+    sql = _recipe("sql").replace("RUN", run.run_dir).replace("data/train/", f"{data}/")
+    rows = duckdb.sql(sql).fetchall()
+    assert [(row, label) for row, *_, label in rows][:3] == [(5, 2), (7, 1), (6, 0)]
+    namespace = {"RUN": run.run_dir}
+    exec(_recipe("text").replace("data/train/", f"{data}/"), namespace)
+    assert namespace["mislabeled"]["row"].tolist()[:3] == [5, 7, 6]
+    query = namespace["query"]
+    assert query["row"].tolist() == [1, 2, 7, 5, 3, 4] and query["label"].tolist() == [1, 2, 1, 2, 0, 1]
