@@ -68,7 +68,8 @@ class Run(*ACCESSORS, RunTables):
     ``arrays(quantity)`` give numpy arrays in each variable's own shape (C order, as the
     contract flattens them), read back by the quantity unit that published them
     (``Quantity.read_array``). Matrices: ``hessian(block)``, ``layer_inputs(layer)``,
-    ``kfac(layer)``, ``kfac_curvature(layer)``, ``kfac_eigen(layer)``.
+    ``kfac(layer)``, ``kfac_curvature(layer)``, ``kfac_eigen(layer)``. Per training example:
+    ``per_example(columns)`` (a ``pyarrow.Table``) and ``influence(query)`` (contract 7).
     """
 
     def variable(self, name: str) -> Variable:

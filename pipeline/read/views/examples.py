@@ -144,10 +144,10 @@ class ExamplesView(View):
     # ------------------------------------------------------------------ report
     def figures(self, run, baseline, context):
         facts = context.setdefault(PER_EXAMPLE, report_facts(run))
-        for number_, query in enumerate(facts["queries"], start=1):
+        for position, query in enumerate(facts["queries"], start=1):
             images = facts["images"].get(query)
             if images:
-                yield Figure(f"influence-{number_:02d}-query-{query}.png",
+                yield Figure(f"influence-{position:02d}-query-{query}.png",
                              f"query {query}: its most helpful (top) and most harmful (bottom) training rows",
                              plot_influence_rows(query, images))
         if facts["distribution"] is not None:
@@ -233,9 +233,9 @@ def _show_per_example(run, shown: Shown) -> None:
     top = table.sort_values([by, "row"], ascending=[False, True], kind="stable").head(SHOWN_ROWS)
     has_id = "id" in table.columns
     header = ["file"] + (["id"] if has_id else []) + ["row", "file_row"] + [c for c in DISTRIBUTED if c in table]
-    rows_ = [[r["file"]] + ([r["id"]] if has_id else []) + [int(r["row"]), int(r["file_row"])] +
+    largest = [[r["file"]] + ([r["id"]] if has_id else []) + [int(r["row"]), int(r["file_row"])] +
              [number(r[c]) for c in DISTRIBUTED if c in table] for _, r in top.iterrows()]
-    shown.tables.append((f"{PER_EXAMPLE}: largest {by}", aligned(rows_, header, text_columns=2 if has_id else 1)))
+    shown.tables.append((f"{PER_EXAMPLE}: largest {by}", aligned(largest, header, text_columns=2 if has_id else 1)))
 
 
 # ------------------------------------------------------------------------------ the training data
@@ -266,7 +266,9 @@ def read_rows(data: dict, picks: list[tuple[str, int]]) -> dict[tuple[str, int],
     """``{(file, file_row): {"label": value, "features": value}}`` for some rows of a Parquet
     dataset (``data``: the job's ``data`` mapping, ``path``, ``labels``, ``features``), reading
     each file's needed columns once. ``{}`` when the data cannot be read here (moved, another
-    format, no credentials): the report then goes without labels and thumbnails."""
+    format, no credentials): the report then goes without labels and thumbnails. Cost: the
+    label and features columns of each file holding a pick, read whole (the report picks at
+    most ``2 * SHOWN_ROWS * REPORT_QUERIES + REPORT_TOP`` rows)."""
     if not picks or data.get("format", "parquet") != "parquet" or not isinstance(data.get("path"), str):
         return {}
     labels = _label_columns(data.get("labels"))
@@ -382,13 +384,13 @@ def _influence_html(run, facts: dict, named: dict) -> str:
     if not facts["labels"]:
         parts.append(" Labels were not read: the training data named by the job could not be read here.")
     parts.append("</p>\n")
-    for number_, query in enumerate(facts["queries"], start=1):
+    for position, query in enumerate(facts["queries"], start=1):
         top = facts["tops"][query]
         name = f" (id {pages.escape(top['query_id'].iloc[0])})" if "query_id" in top.columns else ""
         parts.append(f"<h3>Query {query}{name}</h3>\n")
         parts.append(_training_rows_html(top, ["kind", "rank", "row", "file", "file_row", "id", "label", "loss",
                                                "score"]))
-        figure = named.get(f"influence-{number_:02d}-query-{query}.png")
+        figure = named.get(f"influence-{position:02d}-query-{query}.png")
         if figure is not None:
             parts.append(pages.figures([(figure.name, figure.caption)]))
     return "".join(parts)
