@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import __version__, faults, interrupts, memory
+from pipeline import __version__, faults, interrupts, memory, rows_pass
 from pipeline.quantities import registry
 from pipeline.cluster import connect
 from pipeline.cluster.pool import StartedWorkers, WorkerPool
@@ -28,6 +28,8 @@ from pipeline.cluster.processes import local_ray_processes
 from pipeline.curvature.requests import BatchWork
 from pipeline.errors import ComputeError, InputError
 from pipeline.plan import Plan, make_plan, new_run_id
+from pipeline.quantities.influence import DENSE_FILE
+from pipeline.quantities.per_example import FOLDER as PER_EXAMPLE_FOLDER
 from pipeline.reduce import Sums
 from pipeline.storage.publish import RunPublisher, check_output_location, published, published_any_date, read_manifest
 from pipeline.storage.staging import PartialStore
@@ -129,7 +131,8 @@ def run(job, *, output: str | None = None, run_id: str | None = None, address: s
         with publisher:
             store.open(plan, now)
             stream.write(plan.describe() + "\n")
-            results, extra, pool = _compute_in_pool(plan, stream, store, owns_ray, early_workers, warm_start, clock)
+            results, extra, pool = _compute_in_pool(plan, stream, store, owns_ray, early_workers, warm_start, clock,
+                                                    now.isoformat(timespec="seconds"))
             manifest = _manifest(plan, results, pool.passes, extra, started, now.isoformat(timespec="seconds"),
                                  pool.names)
             outcome = RunResult(run_dir=_publish(publisher, plan, results, manifest), manifest=manifest,
@@ -224,14 +227,16 @@ def _open_run(job, output: str | None, run_id: str, now):
     return store, publisher, now
 
 
-def _compute_in_pool(plan: Plan, stream, store, owns_ray: bool, early_workers, warm_start, clock):
+def _compute_in_pool(plan: Plan, stream, store, owns_ray: bool, early_workers, warm_start, clock,
+                     started_at: str = ""):
     """``(results, extra, pool)``: every pass of ``plan`` on a ``WorkerPool`` (closed after),
     with the manifest's worker figures in ``extra``."""
     try:
         pool = WorkerPool(plan, stream, raylets=local_ray_processes() if owns_ray else None, started=early_workers)
         clock.lap("workers_start")
         try:
-            results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None, clock)
+            results, extra = _compute(plan, pool, stream, store, warm_start[1] if warm_start else None, clock,
+                                      started_at)
             if warm_start:
                 extra["warm_start"] = warm_start[0]
             extra["worker_peak_bytes"] = pool.peak_memory()
@@ -310,9 +315,10 @@ class _Clock:
 
 
 def _compute(plan: Plan, pool: WorkerPool, stream, store=None, warm_start: dict | None = None,
-             clock: _Clock | None = None) -> tuple[dict, dict]:
+             clock: _Clock | None = None, started_at: str = "") -> tuple[dict, dict]:
     """The main pass (every quantity's per-batch sums, staged shard by shard so that it can be
-    resumed), then each quantity's driver-side algorithm over passes of HVPs."""
+    resumed), then each quantity's driver-side algorithm over passes of HVPs, then the rows pass
+    of per-example outputs and influence (``rows_pass``, staged too)."""
     clock = clock or _Clock()
     job = plan.job
     context = plan.context(stream)
@@ -338,6 +344,10 @@ def _compute(plan: Plan, pool: WorkerPool, stream, store=None, warm_start: dict 
     finally:
         operator.progress.close()
     clock.lap("hvp_passes")
+    if rows_pass.asked(job.quantities):
+        provenance = rows_pass.provenance_of(plan, started_at, _versions())
+        results.update(rows_pass.run(plan, pool, results, store, stream, provenance))
+        clock.lap("rows_pass")
     return results, {"examples": reducer.total.examples, "weight_sum": reducer.total.weight_sum}
 
 
@@ -403,6 +413,8 @@ def _manifest(plan: Plan, results: dict, passes: int, extra: dict, started: floa
         "per_worker": list(extra.get("per_worker", [])),
         # The quantities' own entries (layer_inputs and kfac: each layer's positions per example).
         **registry.manifest(job.quantities, results),
+        # The per-example parts (``per_example``, or influence's self-influence alone).
+        **(results["per_example"]["entry"] if "per_example" in results else {}),
     }
 
 
@@ -423,3 +435,9 @@ def _write_tables(publisher, plan: Plan, results: dict, manifest: dict) -> None:
                                            "data", "versions", "started_at")}
     for filename, table in registry.tables(plan.job.quantities, results, plan.context()).items():
         publisher.write_table(filename, table, provenance)
+    # What the workers wrote as they went (contract 7): the per-example parts, the dense scores.
+    if "per_example" in results:
+        publisher.add_parts(PER_EXAMPLE_FOLDER, results["per_example"]["parts"])
+    dense = (results.get("influence") or {}).get("dense")
+    if dense:
+        publisher.write_parts_table(DENSE_FILE, dense, provenance)

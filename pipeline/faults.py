@@ -9,8 +9,9 @@
                                        ordinary exception, as from a flaky file system)
 ``delay:seconds=0.5``                  every shard takes this much longer (to widen the window
                                        for a test that removes a node mid-run)
-``kill-driver:shards=2``               the driver dies after it has staged 2 shards of this
-                                       invocation's main pass
+``kill-driver:shards=2[:pass=rows]``   the driver dies after it has staged 2 shards of this
+                                       invocation's main pass (of its rows pass: per-example
+                                       outputs and influence)
 ``publish-before-rename``              the driver dies after the run's files and manifest are
                                        staged, just before the rename that publishes them
 ``disk-full``                          writing a result table raises ``OSError(ENOSPC)``, as a

@@ -107,6 +107,7 @@ class DataSpec:
     format: str = "parquet"  # parquet | tfrecord (contract 5.4)
     schema: dict | None = None  # tfrecord: feature -> {dtype, shape, default}, as tf.io.parse_example reads it
     transform: str | None = None  # "pkg.module:function" applied to each batch's columns in the workers
+    id: str | None = None  # a column naming each row (contract 7.1): carried to the per-example outputs
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class JobSpec:
                 "format": self.data.format,
                 "schema": copy.deepcopy(self.data.schema),
                 "transform": self.data.transform,
+                "id": self.data.id,
             },
             "shards": self.shards,
             "workers": self.workers,
@@ -250,7 +252,7 @@ _TOP_KEYS = ("name", "model", "loss", "data", "shards", "workers", "include_regu
              "precision", "seed", "variables", "quantities", "output", "limits")
 _MODEL_KEYS = ("builder", "weights")
 _DATA_KEYS = ("path", "features", "labels", "weights", "batch_size", "limit", "pad_value", "format", "schema",
-              "transform")
+              "transform", "id")
 DATA_FORMATS = ("parquet", "tfrecord")
 SCHEMA_DTYPES = ("float32", "int64", "string")  # the value kinds a tf.train.Example feature can hold
 _LIMITS_KEYS = ("hours", "memory_gib", "force")
@@ -283,6 +285,8 @@ def _keys_table() -> dict[str, Key]:
                            "is a variable-length feature", None),
         "data.transform": Key('"pkg.module:function" called on each batch\'s columns (dict of numpy arrays -> dict) '
                               "before features and labels are taken", None),
+        "data.id": Key("a column that names each row (any type): carried into per_example/ and the influence "
+                       "tables, to join them with the training data", None),
         "shards": Key("number of shards, or auto", "auto"),
         "workers": Key("worker actors; auto = one per GPU, else one per CPU slot", "auto"),
         "include_regularization": Key("add model.losses to the objective", False),
@@ -782,35 +786,43 @@ def _parse_columns(value: Any, key: str, allow_mapping: bool, what: str = "input
 
 def _parse_data(raw: dict, base_dir: str) -> DataSpec:
     data = _required(raw, "data", "", "add data: {path: ..., features: ..., labels: ...}")
-    data = _mapping(data, "data", "{path: data/train/, features: x, labels: y}")
-    check_keys(data, _DATA_KEYS, "data")
-    path = _required(data, "path", "data", "set it to a Parquet file, directory or glob")
-    features = _required(data, "features", "data", "name the column(s) that feed the model")
-    labels = _required(data, "labels", "data", "name the column(s) of the labels")
+    return parse_data_spec(data, "data", base_dir)
+
+
+def parse_data_spec(data: Any, where: str, base_dir: str) -> DataSpec:
+    """A dataset mapping with the keys of ``data`` (``where``: its key in the job file, ``data``
+    or ``quantities.influence.queries``), checked and resolved against ``base_dir``."""
+    data = _mapping(data, where, "{path: data/train/, features: x, labels: y}")
+    check_keys(data, _DATA_KEYS, where)
+    path = _required(data, "path", where, "set it to a Parquet file, directory or glob")
+    features = _required(data, "features", where, "name the column(s) that feed the model")
+    labels = _required(data, "labels", where, "name the column(s) of the labels")
     weights = data.get("weights", DEFAULTS["data.weights"])
     limit = data.get("limit", DEFAULTS["data.limit"])
-    data_format = choice(*DATA_FORMATS)(data.get("format", DEFAULTS["data.format"]), "data.format")
+    identity = data.get("id", DEFAULTS["data.id"])
+    data_format = choice(*DATA_FORMATS)(data.get("format", DEFAULTS["data.format"]), f"{where}.format")
     schema = data.get("schema", DEFAULTS["data.schema"])
     if data_format == "tfrecord":
-        schema = _schema(_required(data, "schema", "data", "give each feature's dtype and shape, e.g. "
+        schema = _schema(_required(data, "schema", where, "give each feature's dtype and shape, e.g. "
                                    "schema: {x: {dtype: float32, shape: [64]}, y: {dtype: int64, shape: []}}"),
-                         "data.schema")
+                         f"{where}.schema")
     elif schema is not None:
-        raise InputError("data.schema describes TFRecord features, but data.format is parquet (Parquet files carry "
-                         "their own schema): remove data.schema or set data.format: tfrecord")
+        raise InputError(f"{where}.schema describes TFRecord features, but {where}.format is parquet (Parquet files "
+                         f"carry their own schema): remove {where}.schema or set {where}.format: tfrecord")
     transform = data.get("transform", DEFAULTS["data.transform"])
     return DataSpec(
-        path=resolved_path(base_dir, "the data")(path, "data.path"),
-        features=_parse_columns(features, "data.features", allow_mapping=True),
-        labels=_parse_columns(labels, "data.labels", allow_mapping=True, what="output"),
-        weights=None if weights is None else column_name(weights, "data.weights"),
+        path=resolved_path(base_dir, "the data")(path, f"{where}.path"),
+        features=_parse_columns(features, f"{where}.features", allow_mapping=True),
+        labels=_parse_columns(labels, f"{where}.labels", allow_mapping=True, what="output"),
+        weights=None if weights is None else column_name(weights, f"{where}.weights"),
         batch_size=positive_int(256)(data.get("batch_size", DEFAULTS["data.batch_size"]),
-                                      "data.batch_size"),
-        limit=None if limit is None else positive_int(1000)(limit, "data.limit"),
-        pad_value=_pad_value(data.get("pad_value", DEFAULTS["data.pad_value"]), "data.pad_value"),
+                                      f"{where}.batch_size"),
+        limit=None if limit is None else positive_int(1000)(limit, f"{where}.limit"),
+        pad_value=_pad_value(data.get("pad_value", DEFAULTS["data.pad_value"]), f"{where}.pad_value"),
         format=data_format,
         schema=schema,
-        transform=None if transform is None else _callable(transform, "data.transform"),
+        transform=None if transform is None else _callable(transform, f"{where}.transform"),
+        id=None if identity is None else column_name(identity, f"{where}.id"),
     )
 
 

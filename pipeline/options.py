@@ -60,6 +60,15 @@ def positive_int(example: int) -> Check:
     return check
 
 
+def non_negative_int(example: int) -> Check:
+    def check(value: Any, key: str) -> int:
+        if not is_int(value) or value < 0:
+            fail(key, "an integer of 0 or more", value, f"set it to e.g. {example}")
+        return value
+
+    return check
+
+
 def auto_or_positive_int(example: int) -> Check:
     """``"auto"`` or a positive integer."""
     def check(value: Any, key: str) -> int | str:

@@ -24,6 +24,10 @@ key                        shape       sum over examples i (rows r for Monte Car
 =========================  ==========  =================================================
 
 ``w_r = s_i / M`` for each of the M label samples of example i.
+
+The rows pass (contract 7) also carries ``tops``: per kind (``helpful``, ``harmful``) the top-k
+training rows per query (``pipeline.influence.topk.Top``), which add by an exact merge (ties
+by the smaller row), not a sum: the merged selection does not depend on the sharding either.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Partial:
     weight_sum: float = 0.0
     batches: int = 0
     sums: dict[str, np.ndarray] = field(default_factory=dict)
+    tops: dict = field(default_factory=dict)  # kind -> topk.Top (the rows pass)
 
     def add(self, other: "Partial") -> "Partial":
         """Adds ``other`` into ``self`` in place and returns ``self``.
@@ -61,6 +66,8 @@ class Partial:
                 self.sums[key] += value
             else:
                 self.sums[key] = np.array(value, dtype=np.float64, copy=True)
+        for kind, top in other.tops.items():
+            self.tops[kind] = top.merged(self.tops[kind]) if kind in self.tops else top.copy()
         return self
 
     def __add__(self, other: "Partial") -> "Partial":

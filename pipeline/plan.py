@@ -62,7 +62,8 @@ class Plan:
 
     def context(self, log=None) -> registry.Context:
         """What the quantity units see while this plan runs."""
-        return registry.Context(signature=self.signature, seed=self.job.seed, inputs=self.inputs, log=log)
+        return registry.Context(signature=self.signature, seed=self.job.seed, inputs=self.inputs, log=log,
+                                factor_layers=self.workload.factor_layers if self.workload is not None else ())
 
     def describe(self) -> str:
         batches = self.batches
@@ -120,7 +121,8 @@ def probe_data(job, engine, data):
     batch = first_rows(data, job.data, engine.signature, PROBE_ROWS, job.precision)
     check_batch(batch, "the first rows", job.data, engine.loss, engine.signature, columns, data.locate)
     report = probe(engine, batch, columns, routes=registry.routes(job.quantities),
-                   output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)),
+                   output_derivatives=bool({"fisher_diagonal", "ggn_diagonal"} & set(job.quantities)) or
+                   job.quantities.get("influence", {}).get("curvature", "identity") != "identity",
                    factors=registry.per_layer(job.quantities))
     if job.data.batch_size > len(batch) and data.rows > len(batch):
         batch = first_rows(data, job.data, engine.signature, job.data.batch_size, job.precision)

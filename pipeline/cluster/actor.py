@@ -37,6 +37,12 @@ class WorkerActor:
     def compute(self, shard, work):
         return self.worker.compute(shard, work)
 
+    def rows(self, shard, argument):
+        return self.worker.rows(shard, argument)
+
+    def query_gradients(self, argument):
+        return self.worker.query_gradients(argument)
+
     def changed_piece(self, shard, digests):
         return self.worker.changed_piece(shard, digests)
 

@@ -101,6 +101,7 @@ class WorkerPool:
         self._starting: dict = {}
         self.passes = 0
         self.resumed: list[int] = []  # shards of the main pass taken from staging
+        self.last_resumed: list[int] = []  # those of the last pass that had a store
         # Per worker, over every pass: shards and rows computed and the seconds they took in the
         # worker (the manifest's ``per_worker``: each node's throughput on a cluster).
         self.throughput: dict[str, dict] = {}
@@ -171,7 +172,9 @@ class WorkerPool:
         for index, partial in sorted(staged.items()):
             reducer.add(partial)
             ledger.finish(index)
-        self.resumed = sorted(staged)
+        if self.passes == 0:  # the manifest's resumed shards are the main pass's
+            self.resumed = sorted(staged)
+        self.last_resumed = sorted(staged)
         if staged:
             stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
                          f"computing {len(shards) - len(staged)}\n")
@@ -181,6 +184,8 @@ class WorkerPool:
     def _keeper(self, ledger: PassLedger, reducer: Reducer, progress: Progress, store):
         """``keep(result, shard)``: stages (with ``store``) and adds the first result of a shard."""
         kill_driver = faults.active("kill-driver") if store is not None else None
+        if kill_driver is not None and kill_driver.get("pass", "main") != (store.prefix.rstrip("-") or "main"):
+            kill_driver = None  # the fault names another staged pass (``pass=rows``)
 
         def keep(result, shard) -> None:
             if store is not None:

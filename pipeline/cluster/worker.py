@@ -27,8 +27,10 @@ from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.errors import InputError
 from pipeline.faults import worker_faults
+from pipeline.influence.shard_rows import ShardRows
 from pipeline.partial import Partial
-from pipeline.storage.dataset import read_shard, shard_digests, tensor_columns
+from pipeline.storage import parts, tables
+from pipeline.storage.dataset import plan_data, read_shard, shard_digests, tensor_columns
 from pipeline.storage.uri import local_copy
 
 
@@ -129,6 +131,66 @@ class ShardWorker:
             # writable, and a copy would hold a second [K, P] of per-probe sums at the peak.
             total = part if total.batches == 0 else total.add(part)
         return ShardResult(shard.index, total, time.perf_counter() - start, self.name, tuple(digests), self.node_id)
+
+    def rows(self, shard, argument) -> ShardResult:
+        """The rows pass (contract 7): each example's outputs (``engine.rows``), written as the
+        shard's ``per_example/`` part under ``folder`` (and its dense scores under
+        ``folder/influence_scores``), with its top-k rows per query in the result's partial.
+        ``argument``: ``(RowsRequest, folder, provenance)``."""
+        request, folder, provenance = argument
+        worker_faults(shard.index, self.node_id)
+        start = time.perf_counter()
+        names = dict(request.files)
+        gathered = ShardRows(request.top_k, request.dense_scores, request.projection_dtype)
+        total = Partial()
+        digests: list[str] = []
+        where = f"shard {shard.index}"
+        for batch in self._batches(shard, digests):
+            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns, shard.locate)
+            try:
+                got = self.engine.rows(batch.inputs, batch.labels, request)
+            except Exception as exc:  # noqa: BLE001 - as in ``compute``
+                if not deterministic(exc):
+                    raise
+                raise model_refused(exc, batch, where) from None
+            bad = [name for name, value in got.items() if not np.all(np.isfinite(value))]
+            if bad:
+                first = int(batch.rows[np.flatnonzero(~np.isfinite(got[bad[0]]).reshape(len(batch.rows), -1)
+                                                      .all(axis=1))[0]])
+                raise InputError(f"non-finite {' and '.join(bad)} in {where}, first at row {first} "
+                                 f"({shard.locate(first)}): check that row and the model's weights, or try "
+                                 "precision: float64")
+            files, file_rows = shard.origins(batch.rows)
+            gathered.add(batch.rows, [names.get(f, f) for f in files], file_rows, batch.ids, batch.weights, got)
+            total.examples += len(batch.rows)
+            total.weight_sum += float(np.sum(batch.weights)) if batch.weights is not None else float(len(batch.rows))
+            total.batches += 1
+        if request.write:
+            parts.write_part(f"{folder}/per_example", shard.index, tables.per_example_table(gathered.columns()),
+                             provenance)
+        dense = gathered.dense()
+        if dense is not None:
+            parts.write_part(f"{folder}/influence_scores", shard.index, tables.dense_scores_table(dense), provenance)
+        total.tops = gathered.tops
+        return ShardResult(shard.index, total, time.perf_counter() - start, self.name, tuple(digests), self.node_id)
+
+    def query_gradients(self, argument) -> dict:
+        """The query set's per-example gradients (influence): ``{gradients [Q, P], loss [Q],
+        ids [Q] or None}``, read whole by this worker. ``argument``: ``(DataSpec, RowsRequest)``."""
+        spec, request = argument
+        planned = plan_data(spec, 1, 1)
+        out: dict = {"gradients": [], "loss": [], "ids": []}
+        for shard in planned.shards:
+            for batch in read_shard(shard, spec, self.signature, planned.uri, spec.batch_size,
+                                    dtype=self.job.precision):
+                check_batch(batch, f"query rows {int(batch.rows[0])}-{int(batch.rows[-1])}", spec, self.engine.loss,
+                            self.signature, tensor_columns(spec, self.signature), shard.locate)
+                got = self.engine.rows(batch.inputs, batch.labels, request)
+                out["gradients"].append(got["gradients"])
+                out["loss"].append(got["loss"])
+                out["ids"].append(batch.ids)
+        ids = None if spec.id is None else np.concatenate(out["ids"])
+        return {"gradients": np.concatenate(out["gradients"]), "loss": np.concatenate(out["loss"]), "ids": ids}
 
     def changed_piece(self, shard, digests) -> int | None:
         """The first of ``shard``'s pieces whose bytes differ from ``digests`` (those it was

@@ -44,7 +44,9 @@ import tensorflow as tf
 
 from pipeline.curvature.adapter import model_signature
 from pipeline.curvature.core import Core
+from pipeline.curvature import dense_ggn
 from pipeline.curvature.cotangents import cotangents, joined
+from pipeline.curvature.example_rows import ExampleRows
 from pipeline.curvature.example_products import ExampleProducts
 from pipeline.curvature.exact_blocks import ExactBlocks
 from pipeline.curvature.hvp_products import HvpProducts, XlaTrial
@@ -69,6 +71,7 @@ FAMILIES = (
     (lambda work: True, "_curvature"),  # the loss, the gradient, HVPs, exact diagonal and blocks
     (lambda work: bool(work.sum_grad_squared or work.ggn_diagonal), "_outer_products"),
     (lambda work: bool(work.kronecker), "_kronecker"),
+    (lambda work: work.ggn_matrix, "_dense_ggn"),
 )
 
 
@@ -128,6 +131,7 @@ class CurvatureEngine:
         self.layers = LayerProducts(core, enabled=layer_rule)
         self.kronecker = KroneckerFactors(core)
         self.outer = OuterProducts(core, self.examples, self.layers)
+        self.example_rows = ExampleRows(core, self.kronecker)
         self.routes = RouteChooser(core, self.exact.hessian_rows, self.examples.sum_sq_vjp)
         # Why each route was kept or dropped after its check on the first rows.
         self.route_checks = self.routes.checks
@@ -333,6 +337,19 @@ class CurvatureEngine:
                     columns = joined(columns)  # S's standard error needs each example's S_i whole
             self.kronecker.answer(part, batch, request, columns)
 
+    def _dense_ggn(self, part: Partial, batch: Pass, work: BatchWork) -> None:
+        """The dense GGN (``dense_ggn``) on the per-example route decided for the model."""
+        self.route_for(self.core.objective, batch.specs, batch.batch, needs=("per_example_route",))
+        dense_ggn.answer(self.core, self.examples, part, batch)
+
+    def rows(self, inputs, labels, request) -> dict[str, np.ndarray]:
+        """Per-example arrays of one batch (``ExampleRows.rows``, contract 7): ``loss``,
+        ``gradient_norm`` and what ``request`` (a ``RowsRequest``) asks, each ``[B, ...]``
+        float64; on the per-example route decided for the model."""
+        x, y, s = self.core.cast_batch(inputs, labels, None)
+        self.route_for(self.core.objective, self.core.specs(inputs, labels), (x, y, s), needs=("per_example_route",))
+        return self.example_rows.rows(inputs, labels, request)
+
     def route_for(self, objective, specs, batch=None, needs=ROUTES) -> str:
         """``RouteChooser.choose``: the exact family's route, "vectorised" or "loop" (and the
         per-example family's), decided once per model; those in ``needs`` checked on ``batch``."""
@@ -351,5 +368,6 @@ def _curvature_asked(work: BatchWork) -> set[str]:
     asked = {"fisher": work.sum_grad_squared, "hessian_diagonal": bool(work.hessian_diagonal),
              "hessian_blocks": bool(work.hessian_blocks), f"ggn_{work.ggn_diagonal}": bool(work.ggn_diagonal),
              "hvp": work.hvp_vectors is not None and len(work.hvp_vectors) > 0,
-             "probes": work.probes is not None and len(work.probes) > 0, "kronecker": bool(work.kronecker)}
+             "probes": work.probes is not None and len(work.probes) > 0, "kronecker": bool(work.kronecker),
+             "ggn_matrix": work.ggn_matrix}
     return {name for name, wanted in asked.items() if wanted}

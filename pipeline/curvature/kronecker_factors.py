@@ -189,7 +189,7 @@ class KroneckerFactors:
         rules = self._taps()
         with layer_rules.Taps(rules):
             self.core.adapter.forward([batch_tensor(a, self.core.dtype) for a in inputs])
-            return {info.path: sum(int(self._rows(info, rule.layer, r.x).shape[1]) for r in rule.records)
+            return {info.path: sum(int(self.rows_of(info, rule.layer, r.x).shape[1]) for r in rule.records)
                     for (info, _), rule in zip(self.layers(), rules)}
 
     def answer(self, part: Partial, batch: Pass, request: KroneckerRequest, columns=()) -> None:
@@ -254,7 +254,7 @@ class KroneckerFactors:
         return max(1, min(n, self.core.vjp_budget // held)) if held else max(1, n)
 
     @staticmethod
-    def _one_position(info: FactorLayer, rule) -> bool:
+    def one_position(info: FactorLayer, rule) -> bool:
         """One call on ``[B, d_in]`` inputs (read while tracing): one position per example."""
         return info.kind != "conv" and len(rule.records) == 1 and rule.records[0].x.shape.rank == 2
 
@@ -276,7 +276,7 @@ class KroneckerFactors:
         append = {info.path: request.bias if request.kind == "layer_inputs" else info.bias for info, _ in layers}
         rows = {}
         for (info, layer), rule in zip(layers, rules):
-            xs = [self._rows(info, layer, record.x) for record in rule.records]
+            xs = [self.rows_of(info, layer, record.x) for record in rule.records]
             x = tf.concat(xs, axis=1)  # [B, R, d_in]: every call's positions
             if append[info.path]:
                 x = tf.concat([x, tf.ones(tf.concat([tf.shape(x)[:2], [1]], 0), x.dtype)], axis=2)
@@ -297,7 +297,7 @@ class KroneckerFactors:
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             w = row_weights[:, m]
             for (info, layer), rule, dzs in zip(layers, rules, taps.split(grads)):
-                g = tf.concat([self._outputs(info, layer, tf.cast(d, self.core.dtype)) for d in dzs], axis=1)
+                g = tf.concat([self.outputs_of(info, layer, tf.cast(d, self.core.dtype)) for d in dzs], axis=1)
                 if request.kind == "kfac":
                     right = tf.reduce_sum(g, axis=1, keepdims=True) if request.reduction == "reduce" else g
                     name = request.key(info.path, "S")
@@ -312,7 +312,7 @@ class KroneckerFactors:
                     x_a = tf.einsum("brd,da->bra", rows[info.path], q_a)
                     g_s = tf.einsum("brk,kc->brc", g, q_s)
                     name = request.key(info.path, "eigen")
-                    if self._one_position(info, rule):
+                    if self.one_position(info, rule):
                         # One position: the squared outer product is the outer product of the
                         # squares, summed over the batch by one matrix product (no [B, d_A, d_S]).
                         value = tf.linalg.matmul(tf.square(x_a[:, 0]) * w[:, None], tf.square(g_s[:, 0]),
@@ -330,7 +330,7 @@ class KroneckerFactors:
         del tape
         return out
 
-    def _rows(self, info: FactorLayer, layer, x):
+    def rows_of(self, info: FactorLayer, layer, x):
         """A call's input as ``[B, R, d_in]``: its positions, each a row (a convolution's patches)."""
         x = tf.cast(x, self.core.dtype)
         if info.kind == "conv":
@@ -339,7 +339,7 @@ class KroneckerFactors:
             x = tf.transpose(x, _einsum_layout(layer, info.path)[0])
         return tf.reshape(x, [tf.shape(x)[0], -1, info.inputs])
 
-    def _outputs(self, info: FactorLayer, layer, dz):
+    def outputs_of(self, info: FactorLayer, layer, dz):
         """A call's output gradient as ``[B, R, d_out]``."""
         if info.kind == "einsum":
             dz = tf.transpose(dz, _einsum_layout(layer, info.path)[2])

@@ -112,9 +112,15 @@ def probe(engine: CurvatureEngine, batch, columns, routes: tuple[str, ...] = (),
         rule_rows = engine.rule_rows(1 << 30) if routes else 0
         factor_layers = ()
         if factors:
-            positions = engine.kronecker.positions(batch.inputs)
+            try:
+                found = engine.kronecker.layers()
+            except InputError:
+                if factors != "optional":  # per-example outputs and influence work without any
+                    raise
+                found = []
+            positions = engine.kronecker.positions(batch.inputs) if found else {}
             factor_layers = tuple((info.path, info.inputs, info.outputs, positions[info.path], info.bias)
-                                  for info, _ in engine.kronecker.layers())
+                                  for info, _ in found)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001

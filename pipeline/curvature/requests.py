@@ -28,7 +28,8 @@ class BatchWork:
     - ``hessian_blocks``: ``sum_i s_i (H_i)_bb`` for each block ``b``, given as the positions of
       its variables among the engine's (their entries in flat order), as ``hessian_block_<k>``;
     - ``kronecker``: per-layer Kronecker factors and layer-input moments, one
-      ``KroneckerRequest`` per quantity that asks (requests of several quantities add up).
+      ``KroneckerRequest`` per quantity that asks (requests of several quantities add up);
+    - ``ggn_matrix``: the dense GGN ``sum_i s_i J_i^T Lambda_i J_i`` ``[P, P]`` (``dense_ggn``).
     """
 
     gradient: bool = True
@@ -40,6 +41,7 @@ class BatchWork:
     sum_grad_squared: bool = False
     hessian_blocks: tuple[tuple[int, ...], ...] = ()  # variable positions of each dense block
     kronecker: tuple = ()  # KroneckerRequest, one per asking quantity
+    ggn_matrix: bool = False  # the dense GGN, sum_i s_i J_i^T Lambda_i J_i [P, P] (influence: ggn)
     seed: int = 0
 
     def merged(self, **asked) -> "BatchWork":
@@ -106,3 +108,38 @@ def _same(a, b) -> bool:
 
 _DEFAULTS = {f.name: f.default for f in fields(BatchWork)}
 
+
+
+@dataclass(frozen=True)
+class RowsRequest:
+    """What the rows pass computes for each example i (contract 7; ``pipeline.curvature.
+    example_rows``), never summed over examples:
+
+    - always ``loss`` (``l_i``, unweighted, a masked sequence's masked sum) and ``gradient_norm``
+      (``|g_i|`` over the selected variables);
+    - ``projection`` > 0: ``Phi g_i`` (``pipeline.influence.projection``, drawn from ``seed``);
+    - ``arrays`` with ``PATH/QA``, ``PATH/QS``, ``PATH/M`` per factored layer and
+      ``__rest__/diagonal`` or ``__rest__/dense`` (``Preconditioner.worker_arrays``), and
+      ``self_influence``: ``g_i^T (C + lambda I)^-1 g_i``;
+    - ``vectors`` ``[Q, P]`` (the preconditioned query gradients ``v_q``): the scores ``g_i . v_q``,
+      kept per shard as the ``top_k`` best per query and kind, and all of them with ``dense_scores``;
+    - ``gradients``: ``g_i`` itself ``[B, P]`` (the query set's gradients; no layer route).
+
+    ``structured``: whether factored layers take the layer route (``g_i`` never formed; False for
+    the dense GGN, whose preconditioner acts on whole gradients).
+    """
+
+    projection: int = 0
+    projection_dtype: str = "float32"
+    seed: int = 0
+    self_influence: bool = False
+    structured: bool = True
+    gradients: bool = False
+    top_k: int = 0
+    dense_scores: bool = False
+    # Written to ``per_example/`` (the rows pass of the training data; False for the query set).
+    write: bool = True
+    # Data files as the ``file`` column names them (relative to ``data.path``), in plan order.
+    files: tuple = field(default=(), compare=False, hash=False)
+    arrays: dict = field(default_factory=dict, compare=False, hash=False)
+    vectors: np.ndarray | None = field(default=None, compare=False, hash=False)

@@ -55,6 +55,8 @@ class Context:
     # A series of checkpoints: the previous checkpoint's Ritz vectors by block of H ([k, block
     # size]), Lanczos' start block (``eigenvalues``); empty otherwise.
     warm_start: dict[str, np.ndarray] = field(default_factory=dict)
+    # The plan's factored layers, ``(path, d_in, d_out, positions, bias)`` (``Workload.factor_layers``).
+    factor_layers: tuple = ()
 
     @property
     def parameters(self) -> int:
@@ -106,9 +108,10 @@ class Quantity:
         return options
 
     # -------------------------------------------------------------------- the plan
-    def per_layer(self, options: dict) -> bool:
+    def per_layer(self, options: dict) -> bool | str:
         """Whether it needs the layers with Kronecker factors (the plan finds them, with their
-        widths and positions, on the first rows: ``Workload.factor_layers``)."""
+        widths and positions, on the first rows: ``Workload.factor_layers``); "optional" when it
+        uses them where the model has them and works without."""
         return False
 
     def manifest(self, options: dict, result: Any) -> dict:

@@ -139,6 +139,17 @@ def s_stderr(sums: Sums) -> dict[str, np.ndarray]:
     return out
 
 
+def ekfac_eigenvalues(means: dict, weight: float, operator, request_of) -> dict[str, np.ndarray]:
+    """EK-FAC's eigenvalues ``{layer path: [d_A, d_S]}``: one pass over the data summing the
+    squared per-example gradients in the eigenbases of ``means`` (``factor_means``: ``A``, ``S``;
+    ``numpy.linalg.eigh``, ascending), divided by ``weight`` (``sum_i s_i``); ``request_of(bases)``
+    gives the pass's ``KroneckerRequest`` of kind ``kfac_eigen``."""
+    bases = {path: (np.linalg.eigh(means["A"][path])[1], np.linalg.eigh(means["S"][path])[1]) for path in means["A"]}
+    eigen_sums = operator.kronecker(request_of(bases))
+    return {path: eigen.reshape(len(bases[path][0]), len(bases[path][1])) / weight
+            for path, eigen in layer_sums(eigen_sums, "kfac_eigen", "eigen").items()}
+
+
 def symmetric(matrix: np.ndarray) -> np.ndarray:
     """``(M + M^T) / 2``: a sum of outer products, symmetric up to float rounding."""
     return (matrix + matrix.T) / 2
@@ -213,12 +224,8 @@ class Kfac(Quantity):
         result = self._means(options, sums)
         if result is None:
             return None
-        bases = {path: (np.linalg.eigh(result["A"][path])[1], np.linalg.eigh(result["S"][path])[1])
-                 for path in result["A"]}
-        eigen_sums = operator.kronecker(self._request(options, "kfac_eigen", bases))
-        weight = float(sums.raw("kfac/weight"))
-        result["eigen"] = {path: eigen.reshape(len(bases[path][0]), len(bases[path][1])) / weight
-                           for path, eigen in layer_sums(eigen_sums, "kfac_eigen", "eigen").items()}
+        result["eigen"] = ekfac_eigenvalues(result, float(sums.raw("kfac/weight")), operator,
+                                            lambda bases: self._request(options, "kfac_eigen", bases))
         context.say(f"kfac: EK-FAC eigenvalues of {len(result['eigen'])} layers in one more pass")
         return result
 

@@ -23,7 +23,7 @@ from pipeline.reduce import Sums
 from pipeline.storage import tables as storage_tables
 
 REGISTRY = ("hessian_diagonal", "ggn_diagonal", "fisher_diagonal", "gradient", "hvp", "trace", "eigenvalues",
-            "spectrum", "hessian", "layer_inputs", "kfac")
+            "spectrum", "hessian", "layer_inputs", "kfac", "per_example", "influence")
 
 UNITS: dict[str, Quantity] = {name: importlib.import_module(f"pipeline.quantities.{name}").UNIT for name in REGISTRY}
 
@@ -64,9 +64,11 @@ def routes(quantities: dict) -> tuple[str, ...]:
     return tuple(name for name in ("route", "per_example_route") if name in taken)
 
 
-def per_layer(quantities: dict) -> bool:
-    """Whether any quantity needs the layers with Kronecker factors (``Quantity.per_layer``)."""
-    return any(unit.per_layer(options) for unit, options in _asked(quantities))
+def per_layer(quantities: dict) -> bool | str:
+    """Whether any quantity needs the layers with Kronecker factors (``Quantity.per_layer``):
+    True when one cannot do without them, "optional" when they are only used where found."""
+    wanted = [unit.per_layer(options) for unit, options in _asked(quantities)]
+    return True if True in wanted else ("optional" if "optional" in wanted else False)
 
 
 def manifest(quantities: dict, results: dict) -> dict:

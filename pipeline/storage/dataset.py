@@ -62,6 +62,18 @@ class Shard:
     rows: int
     pieces: tuple[Piece, ...]
 
+    def origins(self, rows) -> tuple[list[str], np.ndarray]:
+        """Each global row's file and its row in that file (from 0): ``([file], [file_row])``."""
+        offsets = np.asarray(rows, np.int64) - self.first_row
+        lengths = np.array([p.stop - p.start for p in self.pieces], np.int64)
+        ends = np.cumsum(lengths)
+        which = np.searchsorted(ends, offsets, side="right")
+        if len(which) and (which.max() >= len(self.pieces) or offsets.min() < 0):
+            raise ValueError(f"rows outside shard {self.index}")
+        starts = ends - lengths
+        file_rows = np.array([p.start for p in self.pieces], np.int64)[which] + offsets - starts[which]
+        return [self.pieces[k].file for k in which], file_rows
+
     def locate(self, row: int) -> str:
         """``FILE, its row N`` for global row ``row`` of this shard (N from 0 in that file): a
         message about a value names the file to fix, not only the dataset's row."""
@@ -95,6 +107,15 @@ class DataPlan:
     uri: str
     notes: tuple[str, ...] = ()
     file_stamps: tuple[tuple[int, int], ...] = ()
+    # Each file's name as the per-example outputs give it (contract 7.1): relative to data.path,
+    # its own name when data.path is a file.
+    names: tuple[str, ...] = ()
+
+    def origins(self, rows) -> tuple[list[str], np.ndarray]:
+        """Each global row's file, as ``names`` gives it, and its row in that file (``Shard.origins``)."""
+        files, file_rows = _cut_shards(self.files, self.file_rows, self.rows, 1)[0].origins(rows)
+        named = dict(zip(self.files, self.names or self.files))
+        return [named[f] for f in files], file_rows
 
     def locate(self, row: int) -> str:
         """``FILE, its row N`` for global row ``row`` (``Shard.locate``)."""
@@ -113,6 +134,8 @@ class Batch:
     labels: list[np.ndarray]
     weights: np.ndarray | None
     rows: np.ndarray
+    # The ``data.id`` column's values (numbers or strings), when the job names one.
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -333,6 +356,7 @@ def plan_data(data_spec, shards: int | str = "auto", workers: int = 1) -> DataPl
         uri=uri,
         notes=notes,
         file_stamps=tuple(stamps[f] for f in files),
+        names=tuple(relative(f) for f in files),
     )
 
 
@@ -420,14 +444,16 @@ class _Layout:
     inputs: tuple[_Tensor, ...]
     labels: tuple[_Tensor, ...]
     weights: str | None
+    id: str | None = None  # data.id: carried to the per-example outputs, never to the model
 
     @property
     def columns(self) -> list[str]:
         seen: dict[str, None] = {}
         for tensor in self.inputs + self.labels:
             seen.update(dict.fromkeys(tensor.columns))
-        if self.weights is not None:
-            seen[self.weights] = None
+        for extra in (self.weights, self.id):
+            if extra is not None:
+                seen[extra] = None
         return list(seen)
 
 
@@ -498,7 +524,10 @@ def _layout(data_spec, signature: ModelSignature) -> _Layout:
     weights = data_spec.weights
     if weights is not None and not isinstance(weights, str):
         raise InputError(f"data.weights must be a column name or null, got {weights!r}: fix data.weights")
-    return _Layout(in_tensors, out_tensors, weights)
+    identity = getattr(data_spec, "id", None)
+    if identity is not None and not isinstance(identity, str):
+        raise InputError(f"data.id must be a column name or null, got {identity!r}: fix data.id")
+    return _Layout(in_tensors, out_tensors, weights, identity)
 
 
 def _output_label(signature: ModelSignature, index: int) -> str:
@@ -563,6 +592,8 @@ def _check_layout(schema: pa.Schema, layout: _Layout) -> None:
             _target_shape(tensor.spec, 1, tensor.columns[0], tensor.key, "model input")
     if layout.weights is not None:
         _check_column(schema, layout.weights, "data.weights", scalar_only=True)
+    if layout.id is not None:
+        _check_column(schema, layout.id, "data.id", scalar_only=True, text=True)
 
 
 def tensor_columns(data_spec, signature: ModelSignature) -> tuple[list[str], list[str]]:
@@ -768,11 +799,18 @@ def _to_batch(columns: dict[str, np.ndarray], layout: _Layout, rows: np.ndarray,
         if weights.ndim != 1:
             raise InputError(f"column '{layout.weights}' holds {weights.shape[1:]} values per row, not one: "
                              "fix data.weights")
+    ids = None
+    if layout.id is not None:
+        if layout.id not in columns:
+            raise InputError(f"the data has no column '{layout.id}' (columns: {_column_list(list(columns))}): fix "
+                             "data.id")
+        ids = np.asarray(columns[layout.id])
     return Batch(
         inputs=[_input_array(columns, t, rows, float_dtype, pad_value, locate) for t in layout.inputs],
         labels=[_label_array(columns, t, rows, float_dtype, pad_value) for t in layout.labels],
         weights=weights,
         rows=rows,
+        ids=ids,
     )
 
 

@@ -163,6 +163,8 @@ class RunPublisher:
         self._probe_writable(root)
         self._staging_path = f"{self._date_path}/.staging-run={run_id}-{secrets.token_hex(6)}"
         self._written: set[str] = set()
+        self._moved: list[tuple[str, str]] = []  # parts moved into staging: (from, to), to move back on abort
+        self._copies: list[tuple[str, str]] = []  # parts copied at publish (object storage): (from, name)
         self._published = False
         self._created_staging = False
 
@@ -220,6 +222,46 @@ class RunPublisher:
                        filesystem=self._fs)
         self._written.add(filename)
 
+    def add_parts(self, folder: str, sources: list[str]) -> None:
+        """Publishes ``sources`` (the parts workers staged, file system paths on this output's
+        file system: ``parts.list_parts``) as ``folder/<name>`` in the run, listed in the manifest's
+        ``files``. Local: moved into the staging folder now (one rename each, no copy) and moved
+        back if the run is aborted, so that a resumed run still has them; object storage: copied
+        at publish. Cost: one rename (or copy) per part."""
+        self._check_open(folder)
+        self._ensure_staging()
+        if self._local:
+            os.makedirs(f"{self._staging_path}/{folder}", exist_ok=True)
+        for source in sources:
+            name = f"{folder}/{posixpath.basename(source)}"
+            if self._local:
+                os.rename(source, f"{self._staging_path}/{name}")
+                self._moved.append((source, f"{self._staging_path}/{name}"))
+            else:
+                self._copies.append((source, name))
+            self._written.add(name)
+
+    def write_parts_table(self, filename: str, sources: list[str], provenance: dict) -> None:
+        """One Parquet table ``filename`` made of the tables ``sources`` (parts on this output's
+        file system, same schema), in order, streamed part by part: memory of one part."""
+        self._check_open(filename)
+        self._ensure_staging()
+        writer = None
+        try:
+            for source in sources:
+                table = pq.read_table(source, filesystem=self._fs)
+                if writer is None:
+                    metadata = dict(table.schema.metadata or {})
+                    metadata[PROVENANCE_KEY] = _dumps(provenance, sort_keys=True).encode()
+                    schema = table.schema.with_metadata(metadata)
+                    writer = pq.ParquetWriter(f"{self._staging_path}/{filename}", schema, filesystem=self._fs)
+                writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:
+            self._written.add(filename)
+
     def publish(self, manifest: dict) -> str:
         """Write ``manifest.json`` last and make the run visible; returns ``final_dir``."""
         self._check_open(MANIFEST)
@@ -255,8 +297,10 @@ class RunPublisher:
     def _publish_copy(self, text: str) -> None:
         self._remove_stale()
         self._fs.create_dir(self._final_path, recursive=True)
+        copied = dict((name, source) for source, name in self._copies)
         for filename in sorted(self._written):
-            self._fs.copy_file(f"{self._staging_path}/{filename}", f"{self._final_path}/{filename}")
+            source = copied.get(filename, f"{self._staging_path}/{filename}")
+            self._fs.copy_file(source, f"{self._final_path}/{filename}")
         _fault("publish-before-manifest")
         with self._fs.open_output_stream(f"{self._final_path}/{MANIFEST}") as stream:
             stream.write(text.encode())
@@ -306,6 +350,12 @@ class RunPublisher:
         empty (best effort: called while something else failed). Nothing else is touched."""
         if self._published:
             return
+        for source, moved in reversed(self._moved):  # the staged parts go back for a resumed run
+            try:
+                os.rename(moved, source)
+            except OSError:
+                pass
+        self._moved = []
         if self._created_staging:
             try:
                 self._fs.delete_dir(self._staging_path)

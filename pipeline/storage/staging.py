@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 
 from pipeline import __version__
 from pipeline.errors import ComputeError, InputError
+from pipeline.influence.topk import Top
 from pipeline.partial import Partial
 from pipeline.storage.layout import output_root_of, partials_dir, plain_name
 from pipeline.storage.uri import first_line, resolve_filesystem
@@ -88,6 +89,14 @@ _WHAT = {"model_sha256": "the model file", "data_fingerprint": "the data files",
          "inputs_sha256": "the quantities' input files (HVP vectors)", "version": "the hessian-pipeline version"}
 
 
+def _tops(data) -> dict:
+    """The rows pass's top-k selections of a staged shard (``Partial.tops``)."""
+    kinds = {key[4:-5] for key in data.files if key.startswith("top_") and key.endswith("_rows")}
+    return {kind: Top(kind, np.array(data[f"top_{kind}_rows"]), np.array(data[f"top_{kind}_scores"]),
+                      np.array(data[f"top_{kind}_ids"]) if f"top_{kind}_ids" in data.files else None)
+            for kind in kinds}
+
+
 @dataclass
 class StagedShard:
     """A finished shard found in staging. ``digests``: sha256 of the bytes each of its pieces
@@ -110,7 +119,7 @@ class PartialStore:
     >>> store.remove()             # after the run is published
     """
 
-    def __init__(self, output_root: str, name: str, run_id: str):
+    def __init__(self, output_root: str, name: str, run_id: str, prefix: str = ""):
         plain_name(run_id, "run id", "--run-id")
         plain_name(name, "job name", "name in the job file")
         root = output_root_of(output_root)
@@ -120,6 +129,20 @@ class PartialStore:
         self._path = partials_dir(fs_root, name, run_id)
         self._state: dict | None = None
         self._stamps: dict[str, tuple[int, int]] = {}
+        self.prefix = prefix  # a pass after the main pass stages its shards beside it (``for_pass``)
+
+    def for_pass(self, name: str) -> "PartialStore":
+        """The same run's staging for a later pass (``rows``: per-example outputs and influence):
+        its shards are ``NAME-shard-00003.npz`` beside the main pass's, under the same state."""
+        other = PartialStore.__new__(PartialStore)
+        other.__dict__.update(self.__dict__)
+        other.prefix = f"{name}-"
+        return other
+
+    @property
+    def folder(self) -> str:
+        """Where workers may stage files of this run (the per-example parts): a path or URI."""
+        return self.location
 
     # ------------------------------------------------------------------------ files
     def _read(self, path: str) -> bytes | None:
@@ -185,7 +208,7 @@ class PartialStore:
 
     # ------------------------------------------------------------------------ partials
     def _shard_path(self, index: int) -> str:
-        return f"{self._path}/shard-{index:05d}.npz"
+        return f"{self._path}/{self.prefix}shard-{index:05d}.npz"
 
     def _piece_stamps(self, shard) -> np.ndarray:
         return np.array([self._stamps.get(piece.file, (-1, -1)) for piece in shard.pieces],
@@ -195,6 +218,10 @@ class PartialStore:
         """Stages ``shard``'s partial with ``digests`` (the bytes it was read from, one per piece)
         and the planned size and modification time of each piece's file."""
         arrays = {f"sum_{key}": np.asarray(value, dtype=np.float64) for key, value in partial.sums.items()}
+        for kind, top in partial.tops.items():
+            arrays.update({f"top_{kind}_rows": top.rows, f"top_{kind}_scores": top.scores})
+            if top.ids is not None:
+                arrays[f"top_{kind}_ids"] = top.ids
         buffer = io.BytesIO()
         np.savez(buffer, examples=np.int64(partial.examples), weight_sum=np.float64(partial.weight_sum),
                  batches=np.int64(partial.batches), first_row=np.int64(shard.first_row),
@@ -227,7 +254,8 @@ class PartialStore:
                     partial = Partial(
                         examples=int(data["examples"]), weight_sum=float(data["weight_sum"]),
                         batches=int(data["batches"]),
-                        sums={key[4:]: np.array(data[key]) for key in data.files if key.startswith("sum_")})
+                        sums={key[4:]: np.array(data[key]) for key in data.files if key.startswith("sum_")},
+                        tops=_tops(data))
                     digests = tuple(str(d) for d in data["digests"]) if "digests" in data.files else ()
                     stamps = np.array(data["stamps"]) if "stamps" in data.files else None
                     found[shard.index] = StagedShard(partial, digests, self._stale(shard, digests, stamps))

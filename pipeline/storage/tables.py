@@ -374,3 +374,66 @@ def eigen_table(blocks: Sequence[tuple[str, np.ndarray]]) -> pa.Table:
     return pa.table({"block": pa.array(names, pa.string()),
                      "index": pa.array(_joined(indices, np.int64), pa.int64()),
                      "value": pa.array(_joined(values, np.float64), pa.float64())})
+
+
+def per_example_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """A ``per_example/`` part (contract 7.1) from its columns in order: ``row``, ``file``,
+    ``file_row``, ``id`` (any type), ``weight``, ``loss``, ``gradient_norm``, ``self_influence``
+    (float64 [N]) and ``projection`` ([N, k] float32 or float16: a fixed-size list)."""
+    data = {}
+    for name, values in columns.items():
+        if name == "projection":
+            values = np.ascontiguousarray(values)
+            kind = pa.float16() if values.dtype == np.float16 else pa.float32()
+            data[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), kind), values.shape[1])
+        elif name in ("row", "file_row"):
+            data[name] = pa.array(np.asarray(values, np.int64), pa.int64())
+        elif name == "file":
+            data[name] = pa.array(list(values), pa.string())
+        elif name == "id":
+            data[name] = pa.array(values.tolist() if np.asarray(values).dtype.kind in "OSU" else values)
+        else:
+            data[name] = pa.array(np.asarray(values, np.float64), pa.float64())
+    return pa.table(data)
+
+
+def influence_topk_table(topk: dict) -> pa.Table:
+    """``influence_topk.parquet`` (contract 7.2) from the rows pass's merged selection:
+    ``topk`` holds ``tops`` (kind -> ``Top``: rows and scores [Q, k], best first), ``names``
+    and ``file_rows`` (each row's file and row in it, by row), ``query_ids`` [Q] or None; rows
+    of -1 (fewer training rows than k) are left out."""
+    parts = []
+    for kind in ("helpful", "harmful"):
+        top = topk["tops"][kind]
+        queries, k = top.rows.shape
+        query = np.repeat(np.arange(queries, dtype=np.int64), k)
+        rank = np.tile(np.arange(1, k + 1, dtype=np.int32), queries)
+        keep = top.rows.ravel() >= 0
+        parts.append({"query": query[keep], "rank": rank[keep], "row": top.rows.ravel()[keep],
+                      "score": top.scores.ravel()[keep], "kind": np.full(int(keep.sum()), kind, object),
+                      "id": None if top.ids is None else top.ids.ravel()[keep]})
+    query = np.concatenate([p["query"] for p in parts])
+    rows = np.concatenate([p["row"] for p in parts])
+    file_of, file_row = topk["origins"](rows)
+    data = {"query": pa.array(query, pa.int64())}
+    if topk.get("query_ids") is not None:
+        ids = np.asarray(topk["query_ids"])[query]
+        data["query_id"] = pa.array(ids.tolist() if ids.dtype.kind in "OSU" else ids)
+    data["kind"] = pa.array(np.concatenate([p["kind"] for p in parts]).tolist(), pa.string())
+    data["rank"] = pa.array(np.concatenate([p["rank"] for p in parts]), pa.int32())
+    data["row"] = pa.array(rows, pa.int64())
+    data["file"] = pa.array(list(file_of), pa.string())
+    data["file_row"] = pa.array(file_row, pa.int64())
+    if parts[0]["id"] is not None:
+        ids = np.concatenate([p["id"] for p in parts])
+        data["id"] = pa.array(ids.tolist() if ids.dtype.kind in "OSU" else ids)
+    data["score"] = pa.array(np.concatenate([p["score"] for p in parts]), pa.float64())
+    table = pa.table(data)
+    order = pc.sort_indices(table, [("query", "ascending"), ("kind", "descending"), ("rank", "ascending")])
+    return table.take(order)
+
+
+def dense_scores_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """A part of ``influence.parquet``: ``query`` int64, ``row`` int64, ``score`` float64."""
+    return pa.table({"query": pa.array(columns["query"], pa.int64()), "row": pa.array(columns["row"], pa.int64()),
+                     "score": pa.array(columns["score"], pa.float64())})
