@@ -73,6 +73,7 @@ class ShardWorker:
         # files on every pass (slower, never more memory than planned).
         self.cache_bytes = 0
         self._cache: dict[int, list] = {}
+        self._read_digests: dict[int, tuple[str, ...]] = {}  # of each cached shard's pieces
         self._cached_bytes = 0
 
     def keep_shards(self, cache_bytes: int) -> None:
@@ -87,6 +88,8 @@ class ShardWorker:
         """The shard's batches: from memory if cached, else streamed from Parquet (``digests``
         then receives each piece's digest)."""
         if shard.index in self._cache:
+            if digests is not None:  # those of the bytes it was read from: a later staged pass needs them
+                digests.extend(self._read_digests.get(shard.index, ()))
             yield from self._cache[shard.index]
             return
         keep, size = [], 0
@@ -101,6 +104,7 @@ class ShardWorker:
             yield batch
         if keep is not None:
             self._cache[shard.index] = keep
+            self._read_digests[shard.index] = tuple(digests or ())
             self._cached_bytes += size
 
     def compute(self, shard, work) -> ShardResult:

@@ -7,6 +7,8 @@ throughout: 1e-8 (contract 7, issue "Which training rows")."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+import yaml
 
 import jobs
 import pipeline
@@ -41,12 +44,16 @@ def _write(folder, rows, seed, name="part"):
 
 
 def _job(root, influence: dict, per_example=None, **extra):
+    return load_job(_mapping(root, influence, per_example, **extra))
+
+
+def _mapping(root, influence: dict, per_example=None, **extra):
     quantities = {"influence": {"queries": {"path": str(root / "queries"), "features": "x", "labels": "label",
                                             "id": "key"}, "damping": DAMPING, "top_k": 5, **influence}}
     if per_example is not None:
         quantities["per_example"] = per_example
     quantities.update(extra.pop("quantities", {}))
-    return load_job(jobs.job(root, quantities, data={"id": "key", **extra.pop("data", {})}, **extra))
+    return jobs.job(root, quantities, data={"id": "key", **extra.pop("data", {})}, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +230,37 @@ def test_the_plan_states_the_passes_and_refuses_dense_ggn_and_dense_scores_above
     monkeypatch.setattr(influence, "DENSE_LIMIT", QUERIES * ROWS - 1)
     with pytest.raises(InputError, match="scores: topk"):
         make_plan(_job(root, {"scores": "dense"}), None, "p", 1, {"CPU": 2})
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_rows_pass_resumes_and_rewrites_no_finished_part(setup, tmp_path):
+    root = setup[0]
+    output = tmp_path / "out"
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(_mapping(root, {"curvature": "ekfac"}, {"projection": K}, shards=4, workers=1,
+                                                 output=str(output))))
+    log = tmp_path / "log"
+    log.mkdir()
+    env = {**os.environ, "HESSIAN_PIPELINE_FAULT": "kill-driver:shards=2:pass=rows",
+           "HESSIAN_PIPELINE_FAULT_DIR": str(log)}
+    command = [sys.executable, "-m", "pipeline", "run", str(job_file), "--run-id", "again"]
+    killed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == 1 and "error:" not in killed.stderr, killed.stderr
+    staged = output / "test-job" / ".partials" / "run=again" / "per_example"
+    before = {name: os.stat(staged / name) for name in sorted(os.listdir(staged))}
+    assert len(before) == 2
+    env.pop("HESSIAN_PIPELINE_FAULT")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resumed 4 of 4 shards" in done.stderr and "resumed 2 of 4 shards" in done.stderr
+    run = pipeline.load(done.stdout.strip().splitlines()[-1])
+    for name, stat in before.items():  # moved into the run, never written again
+        now = os.stat(os.path.join(run.run_dir, "per_example", name))
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert run.manifest["per_example"]["resumed_parts"] == 2
+    whole = pipeline.load(_run(root, _job(root, {"curvature": "ekfac"}, {"projection": K}), "whole").run_dir)
+    a, b = run.per_example().to_pandas(), whole.per_example().to_pandas()
+    for column in ("loss", "gradient_norm", "self_influence"):
+        _close(a[column], b[column], 1e-10)
+    _close(run.influence()["score"], whole.influence()["score"], 1e-10)
+    assert not (output / "test-job" / ".partials").exists()
