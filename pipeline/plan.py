@@ -185,7 +185,8 @@ def make_plan(job, output: str | None = None, run_id: str | None = None, workers
                                  per_example_route=trial.per_example_route, layer_routes=trial.layer_routes,
                                  variable_sizes=dict(zip(engine.names, engine.sizes)),
                                  route_checks=trial.route_checks, factor_layers=trial.factor_layers,
-                                 predictive=engine.loss.family is not None)
+                                 predictive=engine.loss.family is not None, rows=data.rows,
+                                 variable_shapes=tuple(tuple(v) for v in signature.variable_shapes))
     plan.notes.extend(registry.notes(job.quantities, facts))
     # Estimated and checked before anything of the quantities' size is built (random vectors
     # are drawn only when the main pass asks for them).

@@ -100,8 +100,8 @@ class WorkerPool:
         # Replacements for lost workers until they have loaded the model: info ref -> (actor, started).
         self._starting: dict = {}
         self.passes = 0
-        self.resumed: list[int] = []  # shards of the main pass taken from staging
-        self.last_resumed: list[int] = []  # those of the last pass that had a store
+        # Shards taken from staging: the main pass's (the manifest's), and the last staged pass's.
+        self.resumed, self.last_resumed = [], []
         # Per worker, over every pass: shards and rows computed and the seconds they took in the
         # worker (the manifest's ``per_worker``: each node's throughput on a cluster).
         self.throughput: dict[str, dict] = {}
@@ -172,9 +172,7 @@ class WorkerPool:
         for index, partial in sorted(staged.items()):
             reducer.add(partial)
             ledger.finish(index)
-        if self.passes == 0:  # the manifest's resumed shards are the main pass's
-            self.resumed = sorted(staged)
-        self.last_resumed = sorted(staged)
+        self.resumed, self.last_resumed = (self.resumed if self.passes else sorted(staged)), sorted(staged)
         if staged:
             stream.write(f"resumed {len(staged)} of {len(shards)} shards from {store.location}; "
                          f"computing {len(shards) - len(staged)}\n")
@@ -184,8 +182,7 @@ class WorkerPool:
     def _keeper(self, ledger: PassLedger, reducer: Reducer, progress: Progress, store):
         """``keep(result, shard)``: stages (with ``store``) and adds the first result of a shard."""
         kill_driver = faults.active("kill-driver") if store is not None else None
-        if kill_driver is not None and kill_driver.get("pass", "main") != (store.prefix.rstrip("-") or "main"):
-            kill_driver = None  # the fault names another staged pass (``pass=rows``)
+        kill_driver = kill_driver if kill_driver and kill_driver.get("pass", "main") == store.pass_name else None
 
         def keep(result, shard) -> None:
             if store is not None:

@@ -28,6 +28,7 @@ from pipeline.curvature.model import hide_gpus, load_model, model_builder
 from pipeline.errors import InputError
 from pipeline.faults import worker_faults
 from pipeline.influence.shard_rows import ShardRows
+from pipeline.quantities.influence import about_queries
 from pipeline.partial import Partial
 from pipeline.storage import parts, tables
 from pipeline.storage.dataset import plan_data, read_shard, shard_digests, tensor_columns
@@ -182,6 +183,10 @@ class ShardWorker:
         """The query set's per-example gradients (influence): ``{gradients [Q, P], loss [Q],
         ids [Q] or None}``, read whole by this worker. ``argument``: ``(DataSpec, RowsRequest)``."""
         spec, request = argument
+        with about_queries():
+            return self._query_gradients(spec, request)
+
+    def _query_gradients(self, spec, request) -> dict:
         planned = plan_data(spec, 1, 1)
         out: dict = {"gradients": [], "loss": [], "ids": []}
         for shard in planned.shards:

@@ -41,6 +41,8 @@ class PlanFacts:
     factor_layers: tuple = ()
     # Whether the loss has a predictive distribution to draw labels from (Monte Carlo methods).
     predictive: bool = True
+    rows: int = 0  # rows of the dataset (the per-example outputs' size)
+    variable_shapes: tuple = ()  # the selected variables' shapes, in variable_sizes' order
 
 
 @dataclass

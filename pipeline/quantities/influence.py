@@ -27,7 +27,9 @@ and Liang (2017), "Understanding black-box predictions via influence functions";
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 
 import numpy as np
 
@@ -45,11 +47,14 @@ from pipeline.storage import tables
 #: Dense scores (queries x training rows) refused above this many (contract 7.2).
 DENSE_LIMIT = 10 ** 8
 CURVATURES = ("ekfac", "kfac", "ggn", "identity")
+QUERIES_KEY = "quantities.influence.queries"
 TOPK_FILE, DENSE_FILE = "influence_topk.parquet", "influence.parquet"
 
 
 def _queries(value, key: str):
     """The query set's mapping, as ``data`` takes it; checked by ``Influence.parse``."""
+    if value is None:
+        return None  # required: ``Influence.parse`` says so
     if not isinstance(value, dict):
         raise InputError(f"{key} must be a mapping like data (path, features, labels, ...), got {value!r}: write "
                          f"e.g. queries: {{path: data/test/, features: pixels, labels: label}}")
@@ -78,8 +83,8 @@ class Influence(Quantity):
         parsed = super().parse(options, where, base_dir)
         if parsed["queries"] is None:
             raise InputError(f"{where}.queries is required: the query set, e.g. queries: {{path: data/test/, "
-                             "features: pixels, labels: label}}")
-        # Lazy: pipeline.job imports the registry of quantities, this module among them.
+                             "features: pixels, labels: label}")
+        # lazy: pipeline.job imports the registry of quantities, this module among them
         from pipeline.job import parse_data_spec
 
         spec = parse_data_spec(parsed["queries"], f"{where}.queries", base_dir)
@@ -99,8 +104,9 @@ class Influence(Quantity):
         from pipeline.storage.dataset import check_schema, plan_data  # lazy: see parse
 
         spec = query_spec(options)
-        planned = plan_data(spec, 1, 1)
-        check_schema(planned.schema, spec, signature)
+        with about_queries():
+            planned = plan_data(spec, 1, 1)
+            check_schema(planned.schema, spec, signature)
         digits = [int(planned.fingerprint[i:i + 8], 16) for i in range(0, min(len(planned.fingerprint), 32), 8)]
         return np.array([planned.rows] + digits, dtype=np.float64)
 
@@ -112,8 +118,18 @@ class Influence(Quantity):
         passes = {"ekfac": "factors in the main pass, EK-FAC eigenvalues (1 pass), ",
                   "kfac": "factors in the main pass, ", "ggn": "the dense GGN in the main pass, ",
                   "identity": ""}[curvature]
-        return [f"{self.name}: {curvature} (damping {options['damping']:g}): {passes}query gradients (the query "
-                f"set, one worker), then one scoring pass keeping the top {options['top_k']} rows per query and kind"]
+        queries = query_rows(options)
+        memory = 2 * 8.0 * queries * facts.parameters
+        lines = [f"{self.name}: {curvature} (damping {options['damping']:g}): {passes}query gradients ({queries:,} "
+                 f"queries, one worker), then one scoring pass keeping the top {options['top_k']} rows per query and "
+                 f"kind; the preconditioned query gradients V ({queries:,} x {facts.parameters:,}) take "
+                 f"{gib(memory)} in each worker"]
+        if options["scores"] == "dense":
+            lines.append(f"{self.name}: scores: dense writes {queries * facts.rows:,} scores (influence.parquet, "
+                         f"{gib(24.0 * queries * facts.rows)} before compression)")
+        if options["self"] and facts.rows:
+            lines.append(f"{self.name}: self: true adds self_influence to per_example/ ({facts.rows:,} rows)")
+        return lines
 
     def cost(self, options, w, m, asked, prepared=None):
         queries = int(prepared[0]) if prepared is not None else 1
@@ -211,6 +227,25 @@ class Influence(Quantity):
 
     def tables(self, options, result, context):
         return {TOPK_FILE: tables.influence_topk_table(result["topk"])} if "topk" in result else {}
+
+
+@contextlib.contextmanager
+def about_queries():
+    """Input errors found in the query set name its keys (``quantities.influence.queries.path``),
+    not the training data's (``data.path``), which the dataset layer's messages name."""
+    try:
+        yield
+    except InputError as err:
+        raise InputError(re.sub(r"\bdata\.(?=[a-z_])", QUERIES_KEY + ".", str(err)).replace(
+            "data path", "query data path")) from None
+
+
+def query_rows(options) -> int:
+    """Rows of the query set (its files' footers: no data read)."""
+    from pipeline.storage.dataset import plan_data  # lazy: see Influence.parse
+
+    with about_queries():
+        return plan_data(query_spec(options), 1, 1).rows
 
 
 def query_spec(options):

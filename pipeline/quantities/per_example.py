@@ -43,20 +43,21 @@ class PerExample(Quantity):
         "seed": Option(non_negative_int(0), 0, "seed of the projection Phi"),
     }
     # Its outputs are a folder of parts the workers write (``rows_pass``), not tables built here.
-    files = (FOLDER,)
+    files = (FOLDER + "/",)
 
     def per_layer(self, options):
         return "optional" if options["projection"] > 0 else False
 
     def notes(self, options, facts):
         k = options["projection"]
+        disk = f"{gib(self.disk_bytes(options, facts.rows))} on disk for {facts.rows:,} rows (before compression)"
         if not k:
-            return [f"{self.name}: loss and gradient norm of each of the examples, one part per shard"]
+            return [f"{self.name}: loss and gradient norm of each example, one part per shard; {disk}"]
         layout = Layout.of(tuple(facts.variable_sizes), _shapes(facts), facts.factor_layers)
         shares = projections.shares(layout, k)
         shown = ", ".join(f"{s.name} {s.k_in}x{s.k_out}" if s.k_out > 1 else f"{s.name} {s.k}" for s in shares)
         return [f"{self.name}: projection of {k:,} ({options['projection_dtype']}) per example: {shown} "
-                f"(Phi: +{gib(projections.bytes_held(layout, k))} per worker)"]
+                f"(Phi: +{gib(projections.bytes_held(layout, k))} per worker); {disk}"]
 
     def cost(self, options, w, m, asked, prepared=None):
         k = options["projection"]
@@ -77,8 +78,8 @@ class PerExample(Quantity):
 
 
 def _shapes(facts) -> list[tuple[int, ...]]:
-    """The variables' shapes as far as the plan's facts give them (sizes: flat shapes suffice)."""
-    return [(size,) for size in facts.variable_sizes.values()]
+    """The variables' shapes (flat ones where the facts give only sizes: they suffice)."""
+    return list(facts.variable_shapes) or [(size,) for size in facts.variable_sizes.values()]
 
 
 UNIT = PerExample()

@@ -140,6 +140,11 @@ class PartialStore:
         return other
 
     @property
+    def pass_name(self) -> str:
+        """``main``, or the later pass's name (``for_pass``)."""
+        return self.prefix.rstrip("-") or "main"
+
+    @property
     def folder(self) -> str:
         """Where workers may stage files of this run (the per-example parts): a path or URI."""
         return self.location

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import cases
 from pipeline.curvature.engine import CurvatureEngine
+from pipeline.curvature.example_rows import ExampleRows
 from pipeline.curvature.losses import resolve_loss
 from pipeline.curvature.requests import RowsRequest
 from pipeline.influence import projection
@@ -87,6 +88,7 @@ def test_rows_equal_per_example_gradients_taken_one_at_a_time(name):
     model, x, y, masked = CASES[name]()
     x, y = (x[0], y[0]) if isinstance(x, list) else (x, y)
     engine = CurvatureEngine(model, resolve_loss(LOSS), precision="float64")
+    assert isinstance(engine.example_rows, ExampleRows)
     g, losses = reference(model, x, y, masked)
     layout = engine.example_rows.layout(True)[0]
     assert layout.layers and (layout.rest_size > 0) == (name != "cnn")
