@@ -139,11 +139,15 @@ def test_minimal_job_takes_the_documented_defaults():
 
 
 def test_every_quantity_default_as_documented():
-    spec = load_job(with_("quantities", {q: None for q in pipeline.quantities.registry.REGISTRY
-                                         if q != "hvp"}))
+    # hvp and influence have a required option (the vectors, the query set): given here.
+    asked = {q: None for q in pipeline.quantities.registry.REGISTRY if q not in ("hvp", "influence")}
+    asked["influence"] = {"queries": {"path": "q.parquet", "features": "x", "labels": "y"}}
+    spec = load_job(with_("quantities", asked))
     for quantity, options in spec.quantities.items():
         for option, value in options.items():
-            assert DEFAULTS[f"quantities.{quantity}.{option}"] == value
+            if (quantity, option) != ("influence", "queries"):
+                assert DEFAULTS[f"quantities.{quantity}.{option}"] == value
+    assert spec.quantities["influence"]["queries"]["features"] == "x"
     assert spec.quantities["trace"] == {"method": "hutch++", "probes": 100, "blocks": "full"}
     assert spec.quantities["eigenvalues"]["tol"] == 1e-6
 

@@ -164,6 +164,30 @@ def test_each_quantity_alone_matches_the_reference(name, precision, quantity):
     assert error <= TOLERANCE[precision], f"{name} ({precision}) {quantity} alone: relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("name,precision", _params([run for run in RUNS if run not in ISOLATED]))
+def test_per_example_rows_match_the_references_per_example_gradients(name, precision):
+    """Contract 7 on every kind: each example's loss, gradient norm, scores against vectors,
+    identity self-influence and projection (``engine.rows``) from the reference's per-example
+    gradients ``g_i`` (each example alone, by a tape of the hand-written loss)."""
+    from pipeline.curvature.requests import RowsRequest
+    from pipeline.influence import projection
+
+    case = zoo_models.get_case(name)
+    ref = zoo_models.get_reference(name)
+    engine = CurvatureEngine(case.model, resolve_loss(case.loss.spec), precision=precision, builder=case.builder)
+    g = ref.gradients
+    vectors = np.random.default_rng(0).normal(size=(3, g.shape[1]))
+    got = engine.rows(case.inputs, case.labels, RowsRequest(projection=16, self_influence=True, vectors=vectors))
+    norms = np.linalg.norm(g, axis=1)
+    layout = engine.example_rows.layout(True)[0]
+    for what, value, want in (("loss", got["loss"], ref.per_example), ("gradient_norm", got["gradient_norm"], norms),
+                              ("scores", got["scores"], g @ vectors.T),
+                              ("self_influence", got["self_influence"], norms ** 2),
+                              ("projection", got["projection"], projection.project(layout, 16, 0, g))):
+        error = _max(value - want) / max(_max(want), 1e-300)
+        assert error <= TOLERANCE[precision], f"{name} ({precision}) {what}: relative error {error:.3g}"
+
+
 def test_variable_length_batches_through_one_engine():
     """Case 13's masked LSTM engine (the one its own test used, when it ran) takes its batch
     padded to 5 and then another padded to 8: each matches its own reference."""

@@ -828,13 +828,16 @@ def reference(case: Case, inputs=None, labels=None, weights=None) -> SimpleNames
     assert hessian.shape == (P, P)
     fisher = np.zeros(P)
     ggn = np.zeros(P)
+    gradients = []
     for i in range(len(weights)):
         li, g, J, lam = (t.numpy() for t in one([t[i:i + 1] for t in x], [t[i:i + 1] for t in y]))
         np.testing.assert_allclose(li, per[i], rtol=1e-12, atol=1e-300)  # one example alone = in the batch
         fisher += weights[i] * g * g
         ggn += weights[i] * np.einsum("cp,cd,dp->p", J, lam, J)
+        gradients.append(g)
     return SimpleNamespace(per_example=per, loss=float(total), gradient=grad, hessian=hessian, fisher=fisher,
-                           ggn=ggn, weight_sum=float(np.sum(weights * positions(case, inputs))))
+                           ggn=ggn, weight_sum=float(np.sum(weights * positions(case, inputs))),
+                           gradients=np.array(gradients))
 
 
 def positions(case: Case, inputs=None) -> np.ndarray:
