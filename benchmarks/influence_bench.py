@@ -72,13 +72,16 @@ def _counts(text: str) -> list[int]:
 
 # ---------------------------------------------------------------------------- the runs
 class Bench:
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, kind: str = "mlp"):
         import scale_bench
 
         self.folder = folder
+        self.kind = kind
+        self.feature = scale_bench.FEATURES[kind][0]
+        self.batch = scale_bench.BATCH[kind]
         self.scale = scale_bench
-        self.model = os.path.join(folder, "mlp.keras")
-        scale_bench.make_model("mlp", self.model)
+        self.model = os.path.join(folder, f"{kind}.keras")
+        scale_bench.make_model(kind, self.model)
         self.queries = os.path.join(folder, "queries")
         self._write_queries()
         self.data: dict[int, str] = {}
@@ -87,15 +90,15 @@ class Bench:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        x, y = self.scale.make_rows("mlp", QUERIES, seed=1000)  # rows no training file holds
+        x, y = self.scale.make_rows(self.kind, QUERIES, seed=1000)  # rows no training file holds
         os.makedirs(self.queries, exist_ok=True)
-        pq.write_table(pa.table({"pixels": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]),
+        pq.write_table(pa.table({self.feature: pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]),
                                  "label": pa.array(y)}), os.path.join(self.queries, "queries.parquet"))
 
     def rows(self, count: int) -> str:
         if count not in self.data:
             self.data[count] = os.path.dirname(
-                self.scale.write_parquet(os.path.join(self.folder, f"data-{count}"), "mlp", count)[0])
+                self.scale.write_parquet(os.path.join(self.folder, f"data-{count}"), self.kind, count)[0])
         return self.data[count]
 
     def drop(self, count: int) -> None:
@@ -108,7 +111,8 @@ class Bench:
         output = os.path.join(self.folder, "results")
         job = {"name": label, "model": self.model,
                "loss": {"name": "sparse_categorical_crossentropy", "from_logits": True},
-               "data": {"path": self.rows(rows), "features": "pixels", "labels": "label", "batch_size": BATCH},
+               "data": {"path": self.rows(rows), "features": self.feature, "labels": "label",
+                        "batch_size": self.batch},
                "workers": "auto", "shards": "auto", "precision": "float32", "seed": 0,
                "quantities": {"gradient": {}, **quantities}, "output": output}
         stream = io.StringIO()
@@ -128,7 +132,7 @@ class Bench:
 
 def influence_spec(bench: Bench, curvature: str) -> dict:
     return {"influence": {"curvature": curvature, "self": False, "top_k": 10,
-                          "queries": {"path": bench.queries, "features": "pixels", "labels": "label"}}}
+                          "queries": {"path": bench.queries, "features": bench.feature, "labels": "label"}}}
 
 
 # ---------------------------------------------------------------------------- (d) the kernels
@@ -244,6 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default="10000,100000,1000000",
                         help="row counts of the store-pass runs (a) and the memory series (c)")
     parser.add_argument("--influence-rows", type=int, default=100000, help="rows of the scoring runs (b)")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="scale_bench.py's MLP (P = 2,410, batch 256) or CNN (P = 684,490, batch 128) for "
+                             "(a)-(c); (d) is always the MLP")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -257,15 +264,17 @@ def main(argv=None) -> int:
     env = _common.environment(args.quick)
     _common.print_header("influence", env, " (small row counts: the passes are mostly start-up and tracing; "
                                            "quote full runs only)")
-    print(f"  model: scale_bench.py's MLP 64-32-10 (P = 2,410), float32, batch {BATCH}; one local Ray (2 CPUs), "
-          "workers auto, shards auto", flush=True)
+    title = ("MLP 64-32-10 (P = 2,410), batch 256" if args.model == "mlp"
+             else "CNN 32x32x3 of engine_bench.py (P = 684,490), batch 128")
+    print(f"  model: scale_bench.py's {title}, float32; one local Ray (2 CPUs), workers auto, shards auto",
+          flush=True)
     began = time.perf_counter()
     figures: dict = {"environment": env}
     with tempfile.TemporaryDirectory(prefix="influence-bench-") as folder:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
         try:
-            bench = Bench(folder)
+            bench = Bench(folder, args.model)
             store = []
             for count in counts:
                 store.append(bench.run("store", count, {"per_example": {"projection": PROJECTION}}))
