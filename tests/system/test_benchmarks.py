@@ -32,6 +32,7 @@ CASES = [
     (["large_bench.py", "--only", "gradient", "--rows", "8", "--batch", "8"], "gradient "),
     (["series_bench.py", "--quick"], "passes after the first checkpoint, warm / cold"),
     (["scale_bench.py", "--quick"], "where the time went"),
+    (["influence_bench.py", "--quick"], "store pass / gradient pass at 4,000 rows"),
 ]
 
 
