@@ -150,34 +150,44 @@ class ShardWorker:
         total = Partial()
         digests: list[str] = []
         where = f"shard {shard.index}"
-        for batch in self._batches(shard, digests):
-            check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns, shard.locate)
-            try:
-                got = self.engine.rows(batch.inputs, batch.labels, request)
-            except Exception as exc:  # noqa: BLE001 - as in ``compute``
-                if not deterministic(exc):
-                    raise
-                raise model_refused(exc, batch, where) from None
-            bad = [name for name, value in got.items() if not np.all(np.isfinite(value))]
-            if bad:
-                first = int(batch.rows[np.flatnonzero(~np.isfinite(got[bad[0]]).reshape(len(batch.rows), -1)
-                                                      .all(axis=1))[0]])
-                raise InputError(f"non-finite {' and '.join(bad)} in {where}, first at row {first} "
-                                 f"({shard.locate(first)}): check that row and the model's weights, or try "
-                                 "precision: float64")
-            files, file_rows = shard.origins(batch.rows)
-            gathered.add(batch.rows, [names.get(f, f) for f in files], file_rows, batch.ids, batch.weights, got)
-            total.examples += len(batch.rows)
-            total.weight_sum += float(np.sum(batch.weights)) if batch.weights is not None else float(len(batch.rows))
-            total.batches += 1
-        if request.write:
-            parts.write_part(f"{folder}/per_example", shard.index, tables.per_example_table(gathered.columns()),
-                             provenance)
-        dense = gathered.dense()
-        if dense is not None:
-            parts.write_part(f"{folder}/influence_scores", shard.index, tables.dense_scores_table(dense), provenance)
+        # Each batch is written as it comes (one row group each): a worker holds one batch of rows.
+        with parts.PartWriter(f"{folder}/per_example", shard.index, provenance) as rows_part, \
+                parts.PartWriter(f"{folder}/influence_scores", shard.index, provenance) as scores_part:
+            for batch in self._batches(shard, digests):
+                check_batch(batch, where, self.job.data, self.engine.loss, self.signature, self.columns, shard.locate)
+                got = self._rows_of(batch, request, shard, where)
+                files, file_rows = shard.origins(batch.rows)
+                columns, scores = gathered.add(batch.rows, [names.get(f, f) for f in files], file_rows, batch.ids,
+                                               batch.weights, got)
+                if request.write:
+                    rows_part.write(tables.per_example_table(columns))
+                if scores is not None:
+                    scores_part.write(tables.dense_scores_table(scores))
+                total.examples += len(batch.rows)
+                total.weight_sum += float(np.sum(batch.weights if batch.weights is not None else len(batch.rows)))
+                total.batches += 1
+            rows_part.close()
+            scores_part.close()
         total.tops = gathered.tops
         return ShardResult(shard.index, total, time.perf_counter() - start, self.name, tuple(digests), self.node_id)
+
+    def _rows_of(self, batch, request, shard, where: str) -> dict:
+        """``engine.rows`` of one batch; a model that refuses the data, or a non-finite number,
+        is an input error naming the row (as in ``compute``)."""
+        try:
+            got = self.engine.rows(batch.inputs, batch.labels, request)
+        except Exception as exc:  # noqa: BLE001 - as in ``compute``
+            if not deterministic(exc):
+                raise
+            raise model_refused(exc, batch, where) from None
+        bad = [name for name, value in got.items() if not np.all(np.isfinite(value))]
+        if bad:
+            rows_bad = ~np.isfinite(got[bad[0]]).reshape(len(batch.rows), -1).all(axis=1)
+            first = int(batch.rows[np.flatnonzero(rows_bad)[0]])
+            raise InputError(f"non-finite {' and '.join(bad)} in {where}, first at row {first} "
+                             f"({shard.locate(first)}): check that row and the model's weights, or try "
+                             "precision: float64")
+        return got
 
     def query_gradients(self, argument) -> dict:
         """The query set's per-example gradients (influence): ``{gradients [Q, P], loss [Q],

@@ -49,6 +49,7 @@ class ExampleRows:
         self._layouts: dict = {}
         self._phi: dict = {}
         self._positions = None
+        self._converted = None  # (request, its arrays as tensors): ``_tensors``
 
     # ------------------------------------------------------------------ the blocks
     def layout(self, structured: bool) -> tuple[Layout, list]:
@@ -88,7 +89,7 @@ class ExampleRows:
         key = ("rows", request, loop, tuple(sorted((n, tuple(v.shape)) for n, v in params.items())))
         fn = self.core.compiled(key, lambda a, b, p: self._rows(a, b, p, request, lay, found, loop),
                                 (in_specs, label_specs, param_specs))
-        tensors = {name: as_dtype(value, dtype) for name, value in params.items()}
+        tensors = self._tensors(request, params)
         n = len(np.asarray(inputs[0]))
         chunk = self._chunk(lay, found, n, inputs, request)
         out: dict[str, list] = {}
@@ -98,8 +99,9 @@ class ExampleRows:
             got = fn(x if whole else [batch_tensor(np.asarray(a)[pick], dtype) for a in inputs],
                      y if whole else [batch_tensor(np.asarray(a)[pick], dtype) if np.asarray(a).dtype.kind == "f"
                                       else tf.constant(np.asarray(a)[pick]) for a in labels], tensors)
-            for name, value in got.items():
-                out.setdefault(name, []).append(value.numpy().astype(np.float64))
+            for name, value in got.items():  # the projection stays in the compute dtype: it is stored in 32 or 16 bits
+                out.setdefault(name, []).append(value.numpy() if name == "projection" else
+                                                value.numpy().astype(np.float64))
         result = {name: np.concatenate(parts, axis=0) for name, parts in out.items()}
         result["gradient_norm"] = np.sqrt(np.maximum(result.pop("squared_norm"), 0.0))
         return result
@@ -114,11 +116,18 @@ class ExampleRows:
             params.update({f"pre/{name}": value for name, value in request.arrays.items()})
         if request.vectors is not None and len(request.vectors):
             vectors = np.asarray(request.vectors, np.float64)
-            for layer in lay.layers:
-                params[f"v/{layer.path}"] = lay.matrix(vectors, layer)
+            for layer in lay.layers:  # as [d_A, Q, d_S]: x_i times V is then one matrix product
+                params[f"v/{layer.path}"] = np.ascontiguousarray(lay.matrix(vectors, layer).transpose(1, 0, 2))
             if lay.rest_size:
                 params[f"v/{REST}"] = lay.rest_of(vectors)
         return params
+
+    def _tensors(self, request: RowsRequest, params: dict) -> dict:
+        """``params`` as tensors of the compute dtype, converted once per request (a shard's
+        batches share it; converting V and Phi per batch cost as much as a gradient)."""
+        if self._converted is None or self._converted[0] is not request:
+            self._converted = (request, {name: as_dtype(value, self.core.dtype) for name, value in params.items()})
+        return self._converted[1]
 
     def _chunk(self, lay: Layout, found, n: int, inputs, request: RowsRequest) -> int:
         """Rows per call: ``rows x held`` under ``vjp_budget``, ``held`` the larger of the rest's
@@ -160,9 +169,12 @@ class ExampleRows:
                     squared += tf.reduce_sum(tf.square(formed), [1, 2])
                 name = layer.path
                 if f"v/{name}" in params:
-                    v = params[f"v/{name}"]  # [Q, d_A, d_S]
-                    part = (tf.einsum("ba,qac,bc->bq", x[:, 0], v, s[:, 0]) if one
-                            else tf.einsum("bac,qac->bq", formed, v))
+                    v = params[f"v/{name}"]  # [d_A, Q, d_S]
+                    if one:  # x_i^T V_q s_i: one product with V as [d_A, Q d_S], then a dot with s_i
+                        xv = tf.reshape(x[:, 0] @ tf.reshape(v, [layer.d_a, -1]), [batch, -1, layer.d_s])
+                        part = tf.reduce_sum(xv * s[:, 0, None, :], axis=2)
+                    else:
+                        part = tf.einsum("bac,aqc->bq", formed, v)
                     scores = part if scores is None else scores + part
                 if f"phi/{name}/in" in params:
                     left = tf.einsum("bra,ak->brk", x, params[f"phi/{name}/in"])

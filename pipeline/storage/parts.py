@@ -31,18 +31,69 @@ def write_part(folder: str, shard: int, table: pa.Table, provenance: dict) -> st
     """Writes ``table`` as ``folder/part-SSSSS.parquet`` (``folder`` a path or URI), atomically,
     with ``provenance`` in its schema metadata; returns its path. ``ComputeError`` when the
     storage refuses (the shard is retried, then the run stops and can be resumed)."""
-    fs, path = resolve_filesystem(folder)
-    target = f"{path.rstrip('/')}/{part_name(shard)}"
-    temporary = f"{path.rstrip('/')}/.tmp-{secrets.token_hex(6)}-{part_name(shard)}"
-    metadata = dict(table.schema.metadata or {})
-    metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True, default=str).encode()
-    try:
-        fs.create_dir(path, recursive=True)
-        pq.write_table(table.replace_schema_metadata(metadata), temporary, filesystem=fs)
-        fs.move(temporary, target)
-    except (pa.ArrowException, OSError) as err:
-        raise ComputeError(f"cannot write {part_name(shard)} under {folder}: {first_line(err)}") from err
-    return target
+    with PartWriter(folder, shard, provenance) as writer:
+        writer.write(table)
+        return writer.close()
+
+
+class PartWriter:
+    """A part written batch by batch (one row group each), so that a worker holds one batch of
+    rows, never its whole shard: ``write(table)`` per batch, then ``close()`` moves it to
+    ``folder/part-SSSSS.parquet`` at once; ``discard()`` (or a failure inside ``with``) leaves
+    nothing. Nothing is created before the first ``write``."""
+
+    def __init__(self, folder: str, shard: int, provenance: dict):
+        self.folder, self.shard = folder, shard
+        self._fs, path = resolve_filesystem(folder)
+        self._path = path.rstrip("/")
+        self._temporary = f"{self._path}/.tmp-{secrets.token_hex(6)}-{part_name(shard)}"
+        self._metadata = {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str).encode()}
+        self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        try:
+            if self._writer is None:
+                self._fs.create_dir(self._path, recursive=True)
+                schema = table.schema.with_metadata({**(table.schema.metadata or {}), **self._metadata})
+                self._writer = pq.ParquetWriter(self._temporary, schema, filesystem=self._fs)
+            self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
+        except (pa.ArrowException, OSError) as err:
+            self.discard()
+            raise ComputeError(f"cannot write {part_name(self.shard)} under {self.folder}: {first_line(err)}") from err
+
+    def close(self) -> str | None:
+        """Publishes the part in its folder; returns its path (None when nothing was written)."""
+        if self._writer is None:
+            return None
+        try:
+            self._writer.close()
+            self._writer = None
+            target = f"{self._path}/{part_name(self.shard)}"
+            self._fs.move(self._temporary, target)
+            return target
+        except (pa.ArrowException, OSError) as err:
+            self.discard()
+            raise ComputeError(f"cannot write {part_name(self.shard)} under {self.folder}: {first_line(err)}") from err
+
+    def discard(self) -> None:
+        """Removes the unfinished part (best effort)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except (pa.ArrowException, OSError):
+                pass
+            self._writer = None
+        try:
+            self._fs.delete_file(self._temporary)
+        except (pa.ArrowException, OSError):
+            pass
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.discard()
 
 
 def list_parts(folder: str) -> list[str]:
