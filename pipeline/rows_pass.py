@@ -11,6 +11,7 @@ pass's request. Orchestration only (Ray through the pool, NumPy): no TensorFlow 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from pipeline.curvature.requests import RowsRequest
@@ -56,7 +57,7 @@ def run(plan, pool, results: dict, store, stream, provenance: dict) -> dict:
         vectors = pre.apply(queries["gradients"])
         stream.write(f"influence: {len(vectors):,} query gradients, preconditioned ({pre.curvature}) in "
                      f"{time.perf_counter() - began:.1f} s\n")
-        request = RowsRequest(**{**request.__dict__, "vectors": vectors})
+        request = dataclasses.replace(request, vectors=vectors)
     rows_store = store.for_pass("rows")
     folder = store.folder
     reducer = pool.map_shards("rows", (request, folder, provenance), f"{job.name} (per example)", stream,

@@ -150,7 +150,7 @@ class ShardWorker:
         total = Partial()
         digests: list[str] = []
         where = f"shard {shard.index}"
-        # Each batch is written as it comes (one row group each): a worker holds one batch of rows.
+        # Written as the batches come (row groups of ``parts.ROW_GROUP_BYTES``): memory stays bounded.
         with parts.PartWriter(f"{folder}/per_example", shard.index, provenance) as rows_part, \
                 parts.PartWriter(f"{folder}/influence_scores", shard.index, provenance) as scores_part:
             for batch in self._batches(shard, digests):
