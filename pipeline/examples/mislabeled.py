@@ -47,7 +47,7 @@ def build(folder: str, rows: int = digits.ROWS, queries: int = QUERIES, fraction
     """Writes ``folder/model.keras`` (trained on the flipped labels), ``folder/data/`` (training
     rows with the flipped labels), ``folder/queries/`` (held-out rows, true labels) and
     ``folder/flipped.json``; returns the flipped rows."""
-    import keras
+    import keras  # lazy: the counting helpers and the command line's --help need no TensorFlow
 
     os.makedirs(folder, exist_ok=True)
     # One draw of rows + queries: the same prototypes (the generator draws them first).
@@ -113,8 +113,8 @@ def table(found: list[dict], total: int) -> str:
 
 def run_example(folder: str, rows: int = digits.ROWS, queries: int = QUERIES, stream=None, **options) -> dict:
     """Builds, runs and counts; returns ``{"flipped", "counts", "table", "run_dir"}``."""
-    import pipeline
-    from pipeline.job import load_job
+    import pipeline  # lazy: as in build
+    from pipeline.job import load_job  # lazy: as in build
 
     flipped = build(folder, rows, queries, **options)
     published = pipeline.run(load_job(job(folder)), run_id="mislabeled", stream=stream or open(os.devnull, "w"))
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=digits.ROWS, help="training rows (default 4,000)")
     parser.add_argument("--queries", type=int, default=QUERIES, help="held-out query rows (default 100)")
     args = parser.parse_args(argv)
-    from pipeline import quiet
+    from pipeline import quiet  # lazy: TensorFlow's noise is silenced before anything imports it
 
     quiet.import_tensorflow()
     result = run_example(args.folder, args.rows, args.queries, stream=sys.stderr)

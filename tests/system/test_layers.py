@@ -5,6 +5,7 @@ files unchanged by a reorganisation (``tests/golden/example.json``)."""
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import os
 import subprocess
@@ -222,13 +223,19 @@ def test_the_bundled_example_publishes_what_it_published_before_the_refactor(tmp
                            "--workers", "1", "--set", "data.limit=1024", "--output", str(tmp_path),
                            "--run-id", "layers"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
-    with open(os.path.join(paths.TESTS, "golden", "example.json"), encoding="utf-8") as handle:
-        golden = json.load(handle)
     got = canonical.canonical(done.stdout.strip().splitlines()[-1])
     # The float32 Lanczos and Hutchinson chains (eigenvalues, spectrum, trace) round differently on
     # CPUs whose oneDNN kernels differ: the golden lists the bytes each machine the project ran on
-    # gave, from the same code (the 2026-12-07 machine added the second digest at 9e56a3c).
-    for name, entry in golden["files"].items():
-        if isinstance(entry["sha256"], list) and got["files"].get(name, {}).get("sha256") in entry["sha256"]:
-            entry["sha256"] = got["files"][name]["sha256"]
-    assert got == golden
+    # gave, from the same code (the 2026-12-07 machine added the second digest at 9e56a3c). The
+    # 2026-12-08 machine's float32 loss itself differs in its 9th digit (every file's provenance
+    # with it): its whole run, recorded from the code of 88efa8c, is a golden of its own. The run
+    # must equal one of them exactly.
+    goldens = []
+    for path in sorted(glob.glob(os.path.join(paths.TESTS, "golden", "example*.json"))):
+        with open(path, encoding="utf-8") as handle:
+            golden = json.load(handle)
+        for name, entry in golden["files"].items():
+            if isinstance(entry["sha256"], list) and got["files"].get(name, {}).get("sha256") in entry["sha256"]:
+                entry["sha256"] = got["files"][name]["sha256"]
+        goldens.append(golden)
+    assert got in goldens, goldens[0]

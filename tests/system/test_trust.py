@@ -105,7 +105,10 @@ def test_a_vectorised_route_that_disagrees_with_its_loop_is_dropped():
     engine = CurvatureEngine(model, cases.resolved("sparse_categorical_crossentropy", from_logits=True),
                              precision="float32")
     assert engine.vectorisation_routes([x], [y])[0] == "loop"
-    assert "disagreed with the loop" in engine.route_checks["route"], engine.route_checks
+    # Where the CPU's oneDNN kernels make pfor's Jacobian wrong, the check says it disagreed; on
+    # the 2026-12-08 machine pfor fails outright (InvalidArgumentError): dropped all the same.
+    said = engine.route_checks["route"]
+    assert "disagreed with the loop" in said or "failed (InvalidArgumentError)" in said, engine.route_checks
     # A model pfor gets right keeps the vectorised route, and says it was checked.
     plain = CurvatureEngine(cases.mlp(dtype="float32"), cases.resolved("sparse_categorical_crossentropy",
                                                                        from_logits=True), precision="float32")
