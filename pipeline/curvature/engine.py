@@ -348,7 +348,7 @@ class CurvatureEngine:
         float64; on the per-example route decided for the model."""
         x, y, s = self.core.cast_batch(inputs, labels, None)
         self.route_for(self.core.objective, self.core.specs(inputs, labels), (x, y, s), needs=("per_example_route",))
-        return self.example_rows.rows(inputs, labels, request)
+        return self.example_rows.rows(inputs, labels, request, (x, y))
 
     def route_for(self, objective, specs, batch=None, needs=ROUTES) -> str:
         """``RouteChooser.choose``: the exact family's route, "vectorised" or "loop" (and the

@@ -35,7 +35,8 @@ from pipeline.curvature import layer_rules
 from pipeline.curvature.core import Core
 from pipeline.curvature.kronecker_factors import KroneckerFactors
 from pipeline.curvature.requests import RowsRequest
-from pipeline.curvature.tensors import as_dtype, batch_tensor, dense
+from pipeline.curvature.tensors import as_dtype, dense
+from pipeline.errors import InputError
 from pipeline.influence import projection
 from pipeline.influence.layout import REST, Layout
 
@@ -55,10 +56,9 @@ class ExampleRows:
     def layout(self, structured: bool) -> tuple[Layout, list]:
         """``(Layout, [(FactorLayer, keras layer)] of its layer blocks, in order)``."""
         if structured not in self._layouts:
-            found = []
             try:
                 found = self.kronecker.layers() if structured else []
-            except Exception:  # noqa: BLE001 - no factored layer: every variable is the rest's
+            except InputError:  # none, or none it can factor (grouped, int8, LoRA): all are the rest's
                 found = []
             facts = [(info.path, info.inputs, info.outputs, 1, info.bias) for info, _ in found]
             lay = Layout.of(self.core.names, self.core.shapes, facts, structured)
@@ -75,30 +75,29 @@ class ExampleRows:
         return self._phi[key]
 
     # ------------------------------------------------------------------ per batch
-    def rows(self, inputs, labels, request: RowsRequest) -> dict[str, np.ndarray]:
-        """Per-example arrays of the batch (``inputs``/``labels`` as the engine takes them):
-        ``loss`` [B], ``gradient_norm`` [B], and as asked ``projection`` [B, k],
-        ``self_influence`` [B], ``scores`` [B, Q], ``gradients`` [B, P]; float64."""
+    def rows(self, inputs, labels, request: RowsRequest, cast=None) -> dict[str, np.ndarray]:
+        """Per-example arrays of the batch (``inputs``/``labels`` as the engine takes them,
+        ``cast`` their tensors ``(x, y)`` when the caller has them): ``loss`` [B],
+        ``gradient_norm`` [B], and as asked ``projection`` [B, k], ``self_influence`` [B],
+        ``scores`` [B, Q], ``gradients`` [B, P]; float64."""
         lay, found = self.layout(request.structured and not request.gradients)
-        dtype = self.core.dtype
-        params = self._params(request, lay)
-        x, y, _ = self.core.cast_batch(inputs, labels, None)
+        tensors = self._tensors(request, lay)
+        x, y = cast if cast is not None else self.core.cast_batch(inputs, labels, None)[:2]
         in_specs, label_specs, _ = self.core.specs(inputs, labels)
-        param_specs = {name: tf.TensorSpec(value.shape, dtype) for name, value in params.items()}
+        param_specs = {name: tf.TensorSpec(value.shape, self.core.dtype) for name, value in tensors.items()}
         loop = self.core.routes.per_example == "loop"
-        key = ("rows", request, loop, tuple(sorted((n, tuple(v.shape)) for n, v in params.items())))
+        key = ("rows", request, loop, tuple(sorted((n, tuple(v.shape)) for n, v in tensors.items())))
         fn = self.core.compiled(key, lambda a, b, p: self._rows(a, b, p, request, lay, found, loop),
                                 (in_specs, label_specs, param_specs))
-        tensors = self._tensors(request, params)
         n = len(np.asarray(inputs[0]))
         chunk = self._chunk(lay, found, n, inputs, request)
         out: dict[str, list] = {}
         for start in range(0, n, chunk):
             pick = slice(start, start + chunk)
-            whole = chunk >= n
-            got = fn(x if whole else [batch_tensor(np.asarray(a)[pick], dtype) for a in inputs],
-                     y if whole else [batch_tensor(np.asarray(a)[pick], dtype) if np.asarray(a).dtype.kind == "f"
-                                      else tf.constant(np.asarray(a)[pick]) for a in labels], tensors)
+            if chunk < n:  # the pass's own tensors when one call takes the batch: no second copy
+                x, y, _ = self.core.cast_batch([np.asarray(a)[pick] for a in inputs],
+                                               [np.asarray(a)[pick] for a in labels], None)
+            got = fn(x, y, tensors)
             for name, value in got.items():  # the projection stays in the compute dtype: it is stored in 32 or 16 bits
                 out.setdefault(name, []).append(value.numpy() if name == "projection" else
                                                 value.numpy().astype(np.float64))
@@ -122,11 +121,12 @@ class ExampleRows:
                 params[f"v/{REST}"] = lay.rest_of(vectors)
         return params
 
-    def _tensors(self, request: RowsRequest, params: dict) -> dict:
-        """``params`` as tensors of the compute dtype, converted once per request (a shard's
-        batches share it; converting V and Phi per batch cost as much as a gradient)."""
+    def _tensors(self, request: RowsRequest, lay: Layout) -> dict:
+        """``_params`` as tensors of the compute dtype, laid out and converted once per request
+        (a shard's batches share it; doing it per batch cost as much as a gradient)."""
         if self._converted is None or self._converted[0] is not request:
-            self._converted = (request, {name: as_dtype(value, self.core.dtype) for name, value in params.items()})
+            self._converted = (request, {name: as_dtype(value, self.core.dtype)
+                                         for name, value in self._params(request, lay).items()})
         return self._converted[1]
 
     def _chunk(self, lay: Layout, found, n: int, inputs, request: RowsRequest) -> int:
