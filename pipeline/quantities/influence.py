@@ -152,7 +152,7 @@ class Influence(Quantity):
             worker += 8.0 * p * p * 2 + 8.0 * w.vjp_budget
             driver += 8.0 * p * p * 4
         elif curvature in ("ekfac", "kfac"):
-            append = lambda layer: bool(layer[4])  # noqa: E731 - the bias row, as kfac's
+            append = kfac_unit.bias_row
             kfac_unit.check_widths(self.name, w.factor_layers, append, options["max_dimension"])
             columns = {"empirical": 1, "mc": options["samples"], "exact": w.outputs}[options["fisher_type"]]
             factors = kfac_unit.factor_cost(self.name, w, m, kfac_unit.FORWARD_GRADIENTS + 1.0 + columns * 0.8, 2,

@@ -161,7 +161,8 @@ def symmetric(matrix: np.ndarray) -> np.ndarray:
 COLUMN_GRADIENTS = 0.8
 
 
-def _bias(layer) -> bool:
+def bias_row(layer) -> bool:
+    """Whether a factored layer's ``A`` has the bias's trailing 1 (its bias is selected)."""
     return bool(layer[4])
 
 
@@ -188,16 +189,16 @@ class Kfac(Quantity):
         if options["fisher_type"] == "mc" and not facts.predictive:
             raise InputError("quantities.kfac: fisher_type mc draws labels from the loss's predictive distribution, "
                              "and this loss has none (crossentropy and mse have): use fisher_type: empirical or exact")
-        return layer_lines(self.name, facts.factor_layers, _bias, "AS")
+        return layer_lines(self.name, facts.factor_layers, bias_row, "AS")
 
     def cost(self, options, w, m, asked, prepared=None):
-        check_widths(self.name, w.factor_layers, _bias, options["max_dimension"])
+        check_widths(self.name, w.factor_layers, bias_row, options["max_dimension"])
         columns = {"empirical": 1, "mc": options["samples"], "exact": w.outputs}[options["fisher_type"]]
         main = FORWARD_GRADIENTS + 1.0 + columns * COLUMN_GRADIENTS
         # The EK-FAC pass repeats the factors' passes and adds the rotated products: its time is
         # counted here (a pass's own unit is one gradient).
         eigen = options["eigen_correction"]
-        return factor_cost(self.name, w, m, main * (2 if eigen else 1), 2, _bias, passes=1 if eigen else 0)
+        return factor_cost(self.name, w, m, main * (2 if eigen else 1), 2, bias_row, passes=1 if eigen else 0)
 
     def _request(self, options, kind="kfac", bases=None) -> KroneckerRequest:
         return KroneckerRequest(kind, fisher_type=options["fisher_type"], samples=options["samples"],
