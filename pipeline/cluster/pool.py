@@ -220,7 +220,7 @@ class WorkerPool:
             if isinstance(cause, (InputError, ComputeError)):
                 kind = policy.INPUT if isinstance(cause, InputError) else policy.DETERMINISTIC
                 if policy.make_decision(status, kind, len(self.actors)) is Decision.GIVE_UP:
-                    raise type(cause)(" ".join(str(cause).split())) from None
+                    raise _one_line(cause) from None
             self._failed(ledger, shard, error_line(err), policy.ERROR)
             ledger.idle.append(actor)
             return
@@ -337,10 +337,7 @@ class WorkerPool:
 
     def call_one(self, method: str, argument):
         """One call on one worker (the regularization term), with the passes' liveness checks."""
-        ref = getattr(self._ready()[0], method).remote(argument)
-        while not ray.wait([ref], timeout=LIVENESS_SECONDS)[0]:
-            self._check_live(True, 0, 0)
-        return ray.get(ref)
+        return _result_of(getattr(self._ready()[0], method).remote(argument), lambda: self._check_live(True, 0, 0))
 
     def close(self):
         for actor in self.actors:
@@ -424,6 +421,25 @@ def prestart(job, workers: int | None, quiet: bool) -> StartedWorkers:
         raise
     started.began = began
     return started
+
+
+def _one_line(cause: Exception) -> Exception:
+    """A worker's ``InputError`` or ``ComputeError`` as one line (the command line's ``error:``)."""
+    return type(cause)(" ".join(str(cause).split()))
+
+
+def _result_of(ref, check_live):
+    """``ray.get(ref)`` once ready, ``check_live()`` every ``LIVENESS_SECONDS`` meanwhile; a
+    worker's input or compute error comes out as itself, without Ray's traceback around it."""
+    while not ray.wait([ref], timeout=LIVENESS_SECONDS)[0]:
+        check_live()
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, (InputError, ComputeError)):
+            raise _one_line(cause) from None
+        raise
 
 
 def _waiting_line(inflight: dict, since: float) -> str:

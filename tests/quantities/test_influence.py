@@ -264,3 +264,21 @@ def test_a_run_killed_in_its_rows_pass_resumes_and_rewrites_no_finished_part(set
         _close(a[column], b[column], 1e-10)
     _close(run.influence()["score"], whole.influence()["score"], 1e-10)
     assert not (output / "test-job" / ".partials").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_label_in_the_query_set_is_one_input_error_naming_its_file_and_leaves_nothing(setup, tmp_path):
+    root = setup[0]
+    rng = np.random.default_rng(3)
+    os.makedirs(tmp_path / "bad")
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=18)), 6),
+                             "label": pa.array([0, 7, 1]), "key": pa.array(["a", "b", "c"])}),
+                   str(tmp_path / "bad" / "queries.parquet"))
+    mapping = _mapping(root, {"curvature": "identity"}, output=str(tmp_path / "out"))
+    mapping["quantities"]["influence"]["queries"]["path"] = str(tmp_path / "bad")
+    with pytest.raises(InputError) as raised:  # found by the worker that reads the query set
+        pipeline.run(load_job(mapping), run_id="bad", stream=open(os.devnull, "w"))
+    said = str(raised.value)
+    assert "\n" not in said and "ray::" not in said and "Traceback" not in said, said
+    assert "outside the valid range" in said and "queries.parquet, its row 1" in said
+    assert not [f for _, _, files in os.walk(tmp_path / "out") for f in files]
